@@ -1,0 +1,66 @@
+"""`lorafleet` command line: train, bench."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..common.configio import ConfigError
+
+
+def _split_config_and_overrides(items: list[str]) -> tuple[str | None, list[str]]:
+    config = None
+    overrides = []
+    for item in items:
+        if "=" in item:
+            overrides.append(item)
+        elif config is None:
+            config = item
+        else:
+            raise ConfigError(f"expected one CONFIG.yaml and key=value overrides, got {item!r}")
+    return config, overrides
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from ..common.config import load_train_config
+    from .trainer import Trainer
+
+    path, overrides = _split_config_and_overrides(args.items)
+    Trainer(load_train_config(path, overrides)).run()
+
+
+def cmd_bench(args: argparse.Namespace) -> None:
+    from .bench import bench_rollout
+
+    path, overrides = _split_config_and_overrides(args.items)
+    bench_rollout(path, overrides)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lorafleet", description="RL fine-tuning of language models with LoRA on Ray."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    train = sub.add_parser(
+        "train", help="run a training job (default: the embedded tiny-model PPO job)"
+    )
+    train.add_argument("items", nargs="*", metavar="CONFIG.yaml | key=value")
+    train.set_defaults(func=cmd_train)
+    bench = sub.add_parser("bench", help="benchmarks; `bench rollout` measures the rollout fleet")
+    bench.add_argument("what", choices=["rollout"])
+    bench.add_argument("items", nargs="*", metavar="CONFIG.yaml | key=value")
+    bench.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except ConfigError as exc:
+        print(f"lorafleet: config error: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

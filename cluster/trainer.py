@@ -1,0 +1,256 @@
+"""The driver: starts or joins Ray, places the actors, runs the synchronous PPO loop, verifies
+every adapter sync, checkpoints, and writes the run directory."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..common.config import TINY, TrainConfig
+from ..common.configio import save_config
+from ..common.data import PromptStream, encode_prompts
+from ..common.metrics import MetricsSink, plot_reward_curve
+from ..common.progress import progress
+from ..common.records import Prompt, Rollout, ScoredRollout
+from .placement import Placement, place_actors
+
+# Zero-copy tensors through the object store: the adapter reaches every worker without copies.
+RUNTIME_ENV = {"env_vars": {"RAY_ENABLE_ZERO_COPY_TORCH_TENSORS": "1"}}
+
+
+def resolve_model(cfg: TrainConfig) -> str:
+    """The model directory or hub name every actor loads; builds the embedded model if asked."""
+    if cfg.model.name_or_path != TINY:
+        return cfg.model.name_or_path
+    from ..common.tiny_model import build_tiny_model
+
+    return str(build_tiny_model(cfg.task, cfg.model.tiny))
+
+
+def sync_tolerance(cfg: TrainConfig) -> float:
+    if cfg.rollout.sync_tolerance is not None:
+        return cfg.rollout.sync_tolerance
+    return 1e-3 if cfg.model.dtype == "float32" else 5e-2
+
+
+def connect_ray(cfg: TrainConfig) -> bool:
+    """Join $RAY_ADDRESS / ray.address, else start a local cluster. True if we started it."""
+    import ray
+
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    if ray.is_initialized():
+        return False
+    if address:
+        ray.init(address=address, runtime_env=RUNTIME_ENV)
+        return False
+    ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=False, runtime_env=RUNTIME_ENV)
+    return True
+
+
+@dataclass
+class Fleet:
+    """Handles of the running actors."""
+
+    placement: Placement
+    learner: object
+    workers: list
+    reward_actors: list
+
+    def kill(self) -> None:
+        import ray
+        from ray.util.placement_group import remove_placement_group
+
+        for actor in [self.learner, *self.workers, *self.reward_actors]:
+            ray.kill(actor)
+        remove_placement_group(self.placement.group)
+
+
+def start_fleet(cfg: TrainConfig, model_path: str, pad_token_id: int) -> Fleet:
+    import ray
+
+    from ..learner.ppo_learner import PPOLearner
+    from ..reward.rules import get_reward_fn
+    from ..reward.pool import RewardWorker
+    from ..rollout.worker import RolloutWorker
+
+    reward_fn = cfg.reward.fn or cfg.task.reward_fn
+    get_reward_fn(reward_fn)  # fail here, naming the function, not inside an actor
+    placement = place_actors(cfg)
+    learner = ray.remote(PPOLearner).options(
+        num_cpus=cfg.learner.cpus, scheduling_strategy=placement.strategy(placement.learner),
+        name="lorafleet-learner",
+    ).remote(
+        model_path, cfg.lora, cfg.algo, dtype=cfg.model.dtype, seed=cfg.seed,
+        threads=cfg.learner.threads, pad_token_id=pad_token_id,
+    )
+    workers = [
+        ray.remote(RolloutWorker).options(
+            num_cpus=cfg.rollout.cpus_per_worker, scheduling_strategy=placement.strategy(bundle),
+            name=f"lorafleet-rollout-{i}",
+        ).remote(
+            model_path, dtype=cfg.model.dtype, max_model_len=cfg.model.max_model_len,
+            max_lora_rank=cfg.lora.rank, seed=cfg.seed, kv_cache_gib=cfg.rollout.kv_cache_gib,
+            threads=cfg.rollout.threads_per_worker, worker_id=i,
+        )
+        for i, bundle in enumerate(placement.rollout)
+    ]
+    reward_actors = [
+        ray.remote(RewardWorker).options(
+            num_cpus=cfg.reward.cpus_per_actor, scheduling_strategy=placement.strategy(bundle),
+            name=f"lorafleet-reward-{i}",
+        ).remote(reward_fn)
+        for i, bundle in enumerate(placement.reward)
+    ]
+    # Surface construction errors (bad model path, vLLM start failure) before the loop.
+    ray.get([w.__ray_ready__.remote() for w in [learner, *workers, *reward_actors]])
+    return Fleet(placement, learner, workers, reward_actors)
+
+
+def shard(items: list, parts: int) -> list[list]:
+    """Contiguous, near-equal shards (every item in exactly one shard)."""
+    size, extra = divmod(len(items), parts)
+    shards, start = [], 0
+    for i in range(parts):
+        end = start + size + (1 if i < extra else 0)
+        shards.append(items[start:end])
+        start = end
+    return shards
+
+
+def check_exactly_once(prompts: list[Prompt], rollouts: list[Rollout], n: int) -> None:
+    """Every prompt of the batch came back with exactly n samples; nothing lost or doubled."""
+    counts: dict[int, int] = {}
+    for r in rollouts:
+        counts[r.prompt.index] = counts.get(r.prompt.index, 0) + 1
+    expected = {p.index: n for p in prompts}
+    if counts != expected:
+        wrong = sorted(i for i in expected.keys() | counts.keys() if counts.get(i) != n)
+        raise RuntimeError(f"rollouts do not match the prompts (n={n} each) for {wrong[:10]}")
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig) -> None:
+        self.cfg = cfg
+        self.run_dir = Path(cfg.run_dir)
+
+    # -- one phase each -------------------------------------------------------------------
+    def sync_adapter(self, fleet: Fleet, probe_ids: list[list[int]]) -> tuple[float, float]:
+        """Publish once, hot-swap on every worker, verify with the probe.
+        Returns (publish->all-serving seconds, max probe log-prob gap)."""
+        import ray
+
+        start = time.perf_counter()
+        snapshot = fleet.learner.publish.remote()  # stored once in the object store
+        ray.get([w.load_snapshot.remote(snapshot) for w in fleet.workers])
+        seconds = time.perf_counter() - start
+        probes = ray.get([
+            w.probe.remote(probe_ids, self.cfg.rollout.max_new_tokens) for w in fleet.workers
+        ])
+        gap = ray.get(fleet.learner.check_probe.remote(probes, sync_tolerance(self.cfg)))
+        return seconds, gap
+
+    def generate(
+        self, fleet: Fleet, prompts: list[Prompt], *, n: int, temperature: float, seed: int
+    ) -> list[Rollout]:
+        import ray
+
+        parts = shard(prompts, len(fleet.workers))
+        results = ray.get([
+            w.generate.remote(
+                part, n=n, temperature=temperature, max_tokens=self.cfg.rollout.max_new_tokens,
+                seed=seed,
+            )
+            for w, part in zip(fleet.workers, parts) if part
+        ])
+        rollouts = [r for part in results for r in part]
+        check_exactly_once(prompts, rollouts, n)
+        return rollouts
+
+    def evaluate(self, fleet: Fleet, pool, prompts: list[Prompt]) -> float:
+        rollouts = self.generate(fleet, prompts, n=1, temperature=0.0, seed=0)
+        scored = pool.score(rollouts)
+        return sum(s.reward for s in scored) / len(scored)
+
+    # -- the loop -------------------------------------------------------------------------
+    def run(self) -> Path:
+        import ray
+        from transformers import AutoTokenizer
+
+        from ..reward.pool import RewardPool
+
+        cfg = self.cfg
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if (self.run_dir / "metrics.jsonl").exists():
+            raise FileExistsError(
+                f"{self.run_dir} already holds a run; pick another run_dir=... or delete it"
+            )
+        save_config(cfg, self.run_dir / "config.yaml")
+        model_path = resolve_model(cfg)
+        tokenizer = AutoTokenizer.from_pretrained(model_path)
+        limit = cfg.model.max_model_len - cfg.rollout.max_new_tokens
+        train = encode_prompts(cfg.task.examples("train"), tokenizer, limit)
+        held_out = encode_prompts(cfg.task.examples("eval"), tokenizer, limit)
+        stream = PromptStream(train, cfg.seed)
+        probe_ids = [p.token_ids for p in held_out[: cfg.rollout.probe_prompts]]
+
+        started_ray = connect_ray(cfg)
+        fleet = start_fleet(cfg, model_path, tokenizer.pad_token_id)
+        pool = RewardPool(fleet.reward_actors, cfg.reward.batch_size)
+        sink = MetricsSink(self.run_dir)
+        n = cfg.rollout.samples_per_prompt
+        try:
+            bar = progress(range(cfg.iterations), desc="PPO", unit="iter")
+            for it in bar:
+                iter_start = time.perf_counter()
+                sync_s, probe_gap = self.sync_adapter(fleet, probe_ids)
+                eval_reward = None
+                if it == 0 or (cfg.eval_every and it % cfg.eval_every == 0):
+                    eval_reward = self.evaluate(fleet, pool, held_out)
+                gen_start = time.perf_counter()
+                prompts = stream.next_batch(cfg.prompts_per_iteration)
+                rollouts = self.generate(
+                    fleet, prompts, n=n, temperature=cfg.rollout.temperature,
+                    seed=cfg.seed * 7919 + it * 104729,
+                )
+                gen_s = time.perf_counter() - gen_start
+                tokens = sum(len(r.response_ids) for r in rollouts)
+                scored: list[ScoredRollout] = pool.score(rollouts)
+                stats = ray.get(fleet.learner.train_step.remote(scored))
+                step_s = time.perf_counter() - iter_start
+                rewards = [s.reward for s in scored]
+                row = {
+                    "iteration": it,
+                    "adapter_version": stats.adapter_version,
+                    "reward_mean": sum(rewards) / len(rewards),
+                    "eval_reward": eval_reward,
+                    "kl": stats.kl,
+                    "rollout_tokens_per_s": tokens / gen_s,
+                    "step_seconds": step_s,
+                    "sync_seconds": sync_s,
+                    "probe_max_logprob_gap": probe_gap,
+                    "response_tokens": tokens,
+                    "prompt_cursor": stream.cursor,
+                    **{k: v for k, v in vars(stats).items() if k not in ("adapter_version", "kl")},
+                }
+                sink.log(row)
+                bar.set_postfix(
+                    reward=f"{row['reward_mean']:.3f}", kl=f"{stats.kl:.4f}", refresh=False
+                )
+                if cfg.checkpoint_every and (it + 1) % cfg.checkpoint_every == 0:
+                    ckpt = self.run_dir / "checkpoints" / f"iter_{it + 1:05d}"
+                    ray.get(fleet.learner.save.remote(str(ckpt)))
+            self.sync_adapter(fleet, probe_ids)
+            final_eval = self.evaluate(fleet, pool, held_out)
+            summary = {"iterations": cfg.iterations, "final_eval_reward": final_eval}
+            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+            ray.get(fleet.learner.save.remote(str(self.run_dir / "adapter")))
+        finally:
+            fleet.kill()
+            if started_ray:
+                ray.shutdown()
+        plot_reward_curve(self.run_dir)
+        print(f"run directory: {self.run_dir}  (held-out reward at the end: {final_eval:.3f})")
+        return self.run_dir

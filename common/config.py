@@ -1,0 +1,126 @@
+"""The run configuration: dataclasses with defaults that run the embedded default job.
+
+Load with `load_train_config(path, ["rollout.num_workers=1", ...])`; unknown keys and wrong
+types raise `ConfigError` naming the key (see `configio`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from .configio import ConfigError, load_config
+from .tasks import AdditionTask
+from .tiny_model import TinyModelSpec
+
+TINY = "tiny"
+
+
+@dataclass
+class ModelConfig:
+    # "tiny" builds (once, cached) the embedded offline model from `tiny` + the task; anything
+    # else is a HF hub name or a local path, loaded the same way by the learner and vLLM.
+    name_or_path: str = TINY
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    max_model_len: int = 128
+    tiny: TinyModelSpec = field(default_factory=TinyModelSpec)
+
+
+@dataclass
+class LoRAConfig:
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: list[str] = field(
+        default_factory=lambda: [
+            "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+        ]
+    )
+
+    def validate(self) -> None:
+        if self.rank not in (8, 16, 32, 64, 128, 256):
+            raise ConfigError(f"lora.rank: vLLM supports 8, 16, 32, 64, 128, 256; got {self.rank}")
+
+
+@dataclass
+class RolloutConfig:
+    num_workers: int = 2
+    samples_per_prompt: int = 4
+    temperature: float = 1.0
+    max_new_tokens: int = 6
+    cpus_per_worker: float = 0.5  # Ray scheduling share; fractional so the default fits 2 cores
+    threads_per_worker: int = 1  # torch/OpenMP threads inside the engine
+    kv_cache_gib: int = 1
+    probe_prompts: int = 4  # prompts of the fixed probe that verifies every adapter sync
+    # max |vLLM - learner| logprob on the probe; None picks by dtype (1e-3 f32, 5e-2 half)
+    sync_tolerance: float | None = None
+
+    def validate(self) -> None:
+        if self.num_workers < 1 or self.samples_per_prompt < 1:
+            raise ConfigError("rollout.num_workers and rollout.samples_per_prompt must be >= 1")
+
+
+@dataclass
+class RewardConfig:
+    num_actors: int = 2
+    fn: str | None = None  # a name in reward.rules.REWARD_FNS; None = the task's own reward
+    batch_size: int = 64  # rollouts per scoring call (the unit of load balancing)
+    cpus_per_actor: float = 0.1
+
+
+@dataclass
+class PPOConfig:
+    name: Literal["ppo"] = "ppo"
+    policy_lr: float = 2e-3
+    value_lr: float = 5e-3
+    epochs: int = 2  # passes over each iteration's batch
+    minibatch_size: int = 64
+    clip_eps: float = 0.2
+    value_clip_eps: float = 0.2
+    gamma: float = 1.0
+    lam: float = 0.95
+    kl_coef: float = 0.02
+    # "reward": -kl_coef * k1 per token folded into the rewards (InstructGPT/OpenRLHF);
+    # "loss": kl_coef * k3 added to the policy loss (GRPO-style), rewards left unshaped.
+    kl_mode: Literal["reward", "loss"] = "reward"
+    whiten_advantages: bool = True
+    max_grad_norm: float = 1.0
+
+
+@dataclass
+class LearnerConfig:
+    cpus: float = 0.8
+    threads: int = 2  # the learner runs while rollout workers idle in the synchronous loop
+
+
+@dataclass
+class RayConfig:
+    address: str | None = None  # None: $RAY_ADDRESS if set, else start a local cluster
+    num_cpus: int | None = None  # for a local cluster; None = all cores
+
+
+@dataclass
+class TrainConfig:
+    run_dir: str = "runs/default"
+    seed: int = 0
+    iterations: int = 40
+    prompts_per_iteration: int = 32
+    eval_every: int = 10  # greedy accuracy on the held-out split; 0 = only at start and end
+    checkpoint_every: int = 10
+    task: AdditionTask = field(default_factory=AdditionTask)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    algo: PPOConfig = field(default_factory=PPOConfig)
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+    def validate(self) -> None:
+        if self.iterations < 1 or self.prompts_per_iteration < 1:
+            raise ConfigError("iterations and prompts_per_iteration must be >= 1")
+
+
+def load_train_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
+    return load_config(TrainConfig, path, list(overrides))

@@ -1,0 +1,54 @@
+"""Prompt streams: tokenised task examples served in a seeded, reproducible order."""
+
+from __future__ import annotations
+
+import random
+
+from .records import Prompt
+from .tasks import TaskExample
+
+
+def encode_prompts(
+    examples: list[TaskExample], tokenizer, max_prompt_tokens: int, first_index: int = 0
+) -> list[Prompt]:
+    """Tokenise with the model's own special tokens; a prompt over the limit is an error that
+    names it (it would not leave room for the response within max_model_len)."""
+    prompts = []
+    for i, ex in enumerate(examples):
+        ids = tokenizer(ex.prompt).input_ids
+        if len(ids) > max_prompt_tokens:
+            raise ValueError(
+                f"prompt {first_index + i} ({ex.prompt[:60]!r}...) has {len(ids)} tokens; the "
+                f"limit is {max_prompt_tokens} (model.max_model_len - rollout.max_new_tokens)"
+            )
+        prompts.append(Prompt(first_index + i, ex.prompt, ids, ex.answer))
+    return prompts
+
+
+class PromptStream:
+    """Epochs over the examples, each in a seeded shuffle; `cursor` counts prompts served, and
+    the prompt served at position c always has index c (exactly-once accounting)."""
+
+    def __init__(self, prompts: list[Prompt], seed: int) -> None:
+        if not prompts:
+            raise ValueError("the prompt dataset is empty")
+        self.prompts = prompts
+        self.seed = seed
+        self.cursor = 0
+        self._epoch_order: tuple[int, list[int]] = (-1, [])
+
+    def _order(self, epoch: int) -> list[int]:
+        if self._epoch_order[0] != epoch:
+            order = list(range(len(self.prompts)))
+            random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
+            self._epoch_order = (epoch, order)
+        return self._epoch_order[1]
+
+    def next_batch(self, size: int) -> list[Prompt]:
+        batch = []
+        for position in range(self.cursor, self.cursor + size):
+            epoch, offset = divmod(position, len(self.prompts))
+            src = self.prompts[self._order(epoch)[offset]]
+            batch.append(Prompt(position, src.text, src.token_ids, src.reference))
+        self.cursor += size
+        return batch

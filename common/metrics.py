@@ -1,0 +1,50 @@
+"""The run directory's metrics: one JSON object per iteration, and the reward curve."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+
+class MetricsSink:
+    def __init__(self, run_dir: Path) -> None:
+        self.path = run_dir / "metrics.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def log(self, row: dict[str, float | int | None]) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    with (run_dir / "metrics.jsonl").open() as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def plot_reward_curve(run_dir: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_metrics(run_dir)
+    it = [r["iteration"] for r in rows]
+    fig, (ax_r, ax_kl) = plt.subplots(1, 2, figsize=(10, 3.8))
+    ax_r.plot(it, [r["reward_mean"] for r in rows], label="train reward (sampled)")
+    evals = [(r["iteration"], r["eval_reward"]) for r in rows if r.get("eval_reward") is not None]
+    summary = run_dir / "summary.json"
+    if summary.exists():  # the held-out reward of the final adapter
+        final = json.loads(summary.read_text())
+        evals.append((final["iterations"], final["final_eval_reward"]))
+    if evals:
+        ax_r.plot(*zip(*evals), "o-", label="held-out reward (greedy)")
+    ax_r.set(xlabel="iteration", ylabel="reward", title="reward")
+    ax_r.legend()
+    ax_kl.plot(it, [r["kl"] if r["kl"] is not None else math.nan for r in rows], color="C2")
+    ax_kl.set(xlabel="iteration", ylabel="KL(policy || reference)", title="KL")
+    fig.tight_layout()
+    out = run_dir / "reward_curve.png"
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out

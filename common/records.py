@@ -1,0 +1,127 @@
+"""Typed records that cross role boundaries (driver, rollout, reward, learner).
+
+Everything here is a plain dataclass of Python scalars, lists and (for adapters) CPU tensors, so
+Ray serialises it without custom code and tests can build records by hand.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """One prompt of the dataset; `index` is its position in the data stream (exactly-once
+    accounting), `reference` is what a rule-based reward checks against."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    reference: str
+
+
+@dataclass(frozen=True)
+class Rollout:
+    """One sampled response, tagged with the adapter version that produced it."""
+
+    prompt: Prompt
+    sample_index: int  # 0..n-1 among the samples drawn for this prompt
+    response_ids: list[int]
+    response_text: str
+    logprobs: list[float]  # vLLM's per-token logprobs of response_ids (raw, pre-temperature)
+    finish_reason: str  # "stop" (EOS) or "length"
+    adapter_version: int
+    worker_id: int
+
+    @property
+    def sample_id(self) -> str:
+        return f"prompt {self.prompt.index} sample {self.sample_index}"
+
+
+@dataclass(frozen=True)
+class ScoredRollout:
+    rollout: Rollout
+    reward: float
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    """Greedy tokens and vLLM logprobs that a worker produced for the fixed sync probe."""
+
+    worker_id: int
+    adapter_version: int
+    prompt_ids: list[list[int]]
+    response_ids: list[list[int]]
+    logprobs: list[list[float]]
+
+
+@dataclass
+class AdapterSnapshot:
+    """A published LoRA adapter: PEFT's adapter_config.json content plus its state dict under
+    PEFT's tensor names (`base_model.model....lora_A.weight`), stamped with a version."""
+
+    version: int
+    peft_config: dict
+    tensors: dict[str, Tensor]
+    checksum: str = field(default="")
+
+    def __post_init__(self) -> None:
+        if not self.checksum:
+            self.checksum = tensors_checksum(self.tensors)
+
+    def verify(self) -> None:
+        """Raise if the tensors are not the ones that were published (a torn or wrong transfer)."""
+        actual = tensors_checksum(self.tensors)
+        if actual != self.checksum:
+            raise ValueError(
+                f"adapter v{self.version}: checksum {actual} != published {self.checksum}"
+            )
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """PEFT format: loadable by `PeftModel.from_pretrained` and by vLLM from disk."""
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "adapter_config.json").write_text(json.dumps(self.peft_config, indent=2))
+        tensors = {k: v.contiguous() for k, v in self.tensors.items()}
+        save_file(tensors, directory / "adapter_model.safetensors", metadata={
+            "format": "pt", "lorafleet_version": str(self.version), "checksum": self.checksum,
+        })
+        return directory
+
+
+def tensors_checksum(tensors: dict[str, Tensor]) -> str:
+    import torch
+
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().contiguous().cpu()
+        digest.update(name.encode())
+        digest.update(str(tensor.dtype).encode())
+        digest.update(tensor.view(-1).view(dtype=torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class TrainStats:
+    """What one learner update reports; the driver adds rollout/reward figures around it."""
+
+    adapter_version: int  # the version trained on; the learner is at adapter_version + 1 after
+    policy_loss: float
+    value_loss: float
+    kl: float  # mean per-token KL(policy || adapter-off reference), k3 estimator
+    entropy: float
+    clip_fraction: float
+    value_clip_fraction: float
+    approx_kl: float
+    grad_norm: float
+    logprob_diff_vllm: float  # mean |learner old logprob - vLLM logprob| over response tokens
+    train_seconds: float

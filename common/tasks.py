@@ -1,0 +1,59 @@
+"""Verifiable tasks: prompt text, the gold answer, and the SFT corpus that warm-starts a model.
+
+A task is data only; the reward that checks an answer lives in `reward/` and is named by
+`Task.reward_fn`.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Iterator
+
+
+@dataclass(frozen=True)
+class TaskExample:
+    prompt: str
+    answer: str
+
+
+@dataclass(frozen=True)
+class AdditionTask:
+    """`a+b=` -> `a+b` in decimal, operands in [0, max_operand].
+
+    A fixed, seeded share of the operand pairs is held out for evaluation and never trained on.
+    """
+
+    max_operand: int = 49
+    eval_fraction: float = 0.1
+    seed: int = 1234
+    name: str = "addition"
+    reward_fn: str = "exact_match"
+
+    def _pairs(self) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+        pairs = [(a, b) for a in range(self.max_operand + 1) for b in range(self.max_operand + 1)]
+        random.Random(self.seed).shuffle(pairs)
+        n_eval = max(1, int(len(pairs) * self.eval_fraction))
+        return pairs[n_eval:], pairs[:n_eval]
+
+    def examples(self, split: str) -> list[TaskExample]:
+        train, held_out = self._pairs()
+        pairs = {"train": train, "eval": held_out}.get(split)
+        if pairs is None:
+            raise ValueError(f"unknown split {split!r}; allowed: 'train', 'eval'")
+        return [TaskExample(f"{a}+{b}=", str(a + b)) for a, b in pairs]
+
+    def tokenizer_corpus(self) -> Iterator[str]:
+        """Every string the tokenizer must cover (prompts and answers of both splits)."""
+        for split in ("train", "eval"):
+            for ex in self.examples(split):
+                yield ex.prompt + ex.answer
+
+
+TASKS = {"addition": AdditionTask}
+
+
+def get_task(name: str, **kwargs: object) -> AdditionTask:
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}; allowed: {sorted(TASKS)}")
+    return TASKS[name](**kwargs)  # type: ignore[arg-type]

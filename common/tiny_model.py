@@ -1,0 +1,165 @@
+"""The embedded default model, built offline: a `tokenizers`-trained tokenizer, a small
+Llama-architecture causal LM, and a short full-parameter SFT warm start so it can do the task
+at all. The result is saved with `save_pretrained` and cached by the hash of its recipe, so
+vLLM, PEFT and HF all load it like any hub model.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .progress import progress
+from .tasks import AdditionTask
+
+RECIPE_VERSION = 1  # bump when the build code changes what it produces
+
+
+@dataclass(frozen=True)
+class TinyModelSpec:
+    hidden_size: int = 128
+    num_layers: int = 4
+    num_heads: int = 4  # head_dim 32: the smallest head size vLLM's CPU attention supports
+    intermediate_size: int = 384
+    max_position_embeddings: int = 256
+    sft_steps: int = 500
+    sft_batch_size: int = 64
+    sft_lr: float = 3e-3
+    seed: int = 0
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("LORAFLEET_CACHE", Path.home() / ".cache" / "lorafleet"))
+
+
+def build_tokenizer(corpus: list[str]):
+    """A byte-level BPE tokenizer (GPT-2 style, so any text round-trips) over the task's corpus;
+    digits stay single tokens so numbers compose."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "</s>", "<unk>"]
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True),
+         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]
+    )
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=384, special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(corpus, trainer)
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+        unk_token="<unk>", clean_up_tokenization_spaces=False,
+    )
+
+
+def _init_model(spec: TinyModelSpec, tokenizer):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(spec.seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=spec.hidden_size,
+        intermediate_size=spec.intermediate_size, num_hidden_layers=spec.num_layers,
+        num_attention_heads=spec.num_heads, num_key_value_heads=spec.num_heads,
+        max_position_embeddings=spec.max_position_embeddings, tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, torch_dtype="float32",
+    )
+    model = LlamaForCausalLM(config)
+    # HF's std-0.02 init leaves a tiny model's logits near uniform-flat; a wider output layer
+    # gives sampling at temperature 1 a distribution that RL can sharpen.
+    torch.nn.init.normal_(model.lm_head.weight, std=spec.hidden_size**-0.5)
+    return model
+
+
+def sft_batches(tokenizer, examples, batch_size: int, seed: int):
+    """Endless shuffled batches of (input_ids, attention_mask, labels); loss on the answer only."""
+    import random
+
+    import torch
+
+    rng = random.Random(seed)
+    rows = []
+    for ex in examples:
+        prompt = tokenizer(ex.prompt).input_ids
+        answer = tokenizer(ex.answer, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+        rows.append((prompt + answer, [-100] * len(prompt) + answer))
+    while True:
+        rng.shuffle(rows)
+        for start in range(0, len(rows) - batch_size + 1, batch_size):
+            chunk = rows[start : start + batch_size]
+            width = max(len(ids) for ids, _ in chunk)
+            ids = torch.full((batch_size, width), tokenizer.pad_token_id)
+            labels = torch.full((batch_size, width), -100)
+            mask = torch.zeros((batch_size, width), dtype=torch.long)
+            for i, (row_ids, row_labels) in enumerate(chunk):
+                ids[i, : len(row_ids)] = torch.tensor(row_ids)
+                labels[i, : len(row_labels)] = torch.tensor(row_labels)
+                mask[i, : len(row_ids)] = 1
+            yield ids, mask, labels
+
+
+def warm_start(model, tokenizer, task: AdditionTask, spec: TinyModelSpec) -> float:
+    """Short full-parameter SFT on the task's training split; returns the last loss."""
+    import torch
+
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=spec.sft_lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, spec.sft_lr, total_steps=spec.sft_steps)
+    batches = sft_batches(tokenizer, task.examples("train"), spec.sft_batch_size, spec.seed)
+    bar = progress(range(spec.sft_steps), desc="warm-start SFT", unit="step")
+    loss = torch.tensor(float("nan"))
+    for _ in bar:
+        ids, mask, labels = next(batches)
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+    model.eval()
+    return float(loss.item())
+
+
+def recipe_hash(task: AdditionTask, spec: TinyModelSpec) -> str:
+    recipe = {"version": RECIPE_VERSION, "task": asdict(task), "spec": asdict(spec)}
+    return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def build_tiny_model(task: AdditionTask, spec: TinyModelSpec, root: Path | None = None) -> Path:
+    """Returns the directory of the built model, building it once per recipe (file-locked)."""
+    root = root or cache_root()
+    target = root / "models" / f"tiny-{task.name}-{recipe_hash(task, spec)}"
+    if (target / "config.json").exists():
+        return target
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / ".build.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (target / "config.json").exists():  # another process built it while we waited
+            return target
+        tokenizer = build_tokenizer(list(task.tokenizer_corpus()))
+        model = _init_model(spec, tokenizer)
+        final_loss = warm_start(model, tokenizer, task, spec)
+        staging = Path(tempfile.mkdtemp(dir=root, prefix=".staging-"))
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        recipe = {"task": asdict(task), "spec": asdict(spec), "sft_final_loss": final_loss}
+        (staging / "lorafleet_recipe.json").write_text(json.dumps(recipe, indent=2))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(target, ignore_errors=True)
+        staging.rename(target)
+    return target

@@ -1,0 +1,1 @@
+"""Learner side of lorafleet: losses, algorithms and the training step."""

@@ -1,0 +1,1 @@
+"""RL algorithm math (pure torch functions)."""

@@ -1,0 +1,167 @@
+"""A vLLM engine that serves the policy as a LoRA adapter swapped in memory.
+
+`load_snapshot` hands the adapter's tensors straight to vLLM's worker-side LoRA manager through
+`collective_rpc` (no file, no engine restart). This touches vLLM internals
+(`model_runner.lora_manager._adapter_manager`), so pyproject pins the vLLM range and
+tests/test_hot_swap.py proves a swap changes the outputs and equals loading from disk.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ..common.records import AdapterSnapshot, Prompt, ProbeResult, Rollout
+
+if TYPE_CHECKING:
+    from vllm import LLM
+    from vllm.lora.request import LoRARequest
+
+POLICY_LORA_ID = 1  # one slot, replaced in place on every publish
+
+
+def configure_vllm_env(kv_cache_gib: int, threads: int) -> None:
+    """Must run before `import vllm`: CPU vLLM reads these at import/engine start."""
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib))
+    # In-process engine: starts in ~2 s instead of ~18 s and does not take a core for itself.
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("VLLM_CACHE_ROOT", str(Path.home() / ".cache" / "lorafleet" / "vllm"))
+    # Ray pins OMP_NUM_THREADS=1 in 1-CPU actors; set the engine's share on purpose instead.
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+
+
+def _swap_lora_in_worker(worker, lora_id: int, tensors: dict, peft_config: dict) -> int:
+    """Runs inside the vLLM worker: replace adapter `lora_id` by these tensors, in memory.
+
+    Mirrors `LRUCacheWorkerLoRAManager.add_adapter` with `from_lora_tensors` in place of the
+    disk read."""
+    from vllm.lora.lora_model import LoRAModel
+    from vllm.lora.peft_helper import PEFTHelper
+
+    manager = worker.model_runner.lora_manager
+    adapters = manager._adapter_manager
+    helper = PEFTHelper.from_dict(peft_config)
+    helper.validate_legal(manager.lora_config)
+    mapper = getattr(adapters.model, "hf_to_vllm_mapper", None)
+    lora = LoRAModel.from_lora_tensors(
+        lora_model_id=lora_id, tensors=tensors, peft_helper=helper, device="cpu",
+        dtype=manager.lora_config.lora_dtype, model_vocab_size=manager.vocab_size,
+        weights_mapper=mapper.get_rename_mapper() if mapper is not None else None,
+    )
+    supported = set(adapters.supported_lora_modules)
+    for packed in adapters.packed_modules_mapping.values():
+        supported.update(packed)
+    unknown = sorted(name for name in lora.loras if name.rsplit(".", 1)[-1] not in supported)
+    if unknown:  # vLLM would silently skip them: a partial (wrong) policy
+        raise ValueError(f"adapter targets modules vLLM cannot apply LoRA to: {unknown[:5]}")
+    adapters.remove_adapter(lora_id)
+    adapters.add_adapter(lora)
+    adapters.activate_adapter(lora_id)
+    return len(lora.loras)
+
+
+class RolloutWorker:
+    """One vLLM engine with LoRA enabled. The driver runs it as a Ray actor
+    (`ray.remote(RolloutWorker)`); tests use it in-process."""
+
+    def __init__(
+        self, model_path: str, *, dtype: str, max_model_len: int, max_lora_rank: int,
+        seed: int, kv_cache_gib: int = 1, threads: int = 1, worker_id: int = 0,
+    ) -> None:
+        configure_vllm_env(kv_cache_gib, threads)
+        import torch
+        from vllm import LLM
+
+        torch.set_num_threads(threads)
+        self.worker_id = worker_id
+        self.llm: LLM = LLM(
+            model=model_path, dtype=dtype, max_model_len=max_model_len, seed=seed,
+            enable_lora=True, max_lora_rank=max_lora_rank, max_loras=1,
+            # Above the adapters in use, so vLLM's LRU never evicts the in-memory adapter
+            # (an evicted one would be re-read from its placeholder path).
+            max_cpu_loras=2,
+            enable_prefix_caching=True,
+        )
+        self.tokenizer = self.llm.get_tokenizer()
+        self.adapter_version = -1  # -1: base model only
+        self._lora: LoRARequest | None = None
+
+    # -- adapters -------------------------------------------------------------------------
+    def load_snapshot(self, snapshot: AdapterSnapshot) -> float:
+        """Hot-swap the policy adapter in memory; returns the seconds it took."""
+        from vllm.lora.request import LoRARequest
+
+        start = time.perf_counter()
+        snapshot.verify()
+        # vLLM scales lora_B in place while loading: hand it copies, never the snapshot's own
+        # tensors (in-process they would be corrupted; from the object store they are shared).
+        tensors = {name: t.clone() for name, t in snapshot.tensors.items()}
+        self.llm.collective_rpc(
+            _swap_lora_in_worker, args=(POLICY_LORA_ID, tensors, snapshot.peft_config)
+        )
+        # Cached KV blocks were computed by the previous adapter: drop them.
+        self.llm.reset_prefix_cache()
+        # A distinct name/path per version keeps any per-LoRA cache key distinct too.
+        self._lora = LoRARequest(
+            f"policy-v{snapshot.version}", POLICY_LORA_ID, f"mem://policy/v{snapshot.version}"
+        )
+        self.adapter_version = snapshot.version
+        return time.perf_counter() - start
+
+    def lora_from_disk(self, directory: str | Path, lora_id: int) -> LoRARequest:
+        """A request that makes vLLM read an adapter directory itself (for comparisons)."""
+        from vllm.lora.request import LoRARequest
+
+        return LoRARequest(f"disk-{lora_id}", lora_id, str(directory))
+
+    # -- generation -----------------------------------------------------------------------
+    def generate(
+        self, prompts: list[Prompt], *, n: int, temperature: float, max_tokens: int, seed: int,
+        lora: LoRARequest | None = None, use_policy: bool = True,
+    ) -> list[Rollout]:
+        """n samples per prompt with vLLM's logprob of every sampled token.
+
+        Each prompt gets its own sampling seed (seed + prompt.index), so a prompt's samples do
+        not depend on which worker or batch it landed in."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        lora = lora if lora is not None else (self._lora if use_policy else None)
+        params = [
+            SamplingParams(
+                n=n, temperature=temperature, max_tokens=max_tokens, logprobs=0,
+                seed=seed + p.index, skip_special_tokens=True,
+            )
+            for p in prompts
+        ]
+        outputs = self.llm.generate(
+            [TokensPrompt(prompt_token_ids=p.token_ids) for p in prompts], params,
+            lora_request=lora, use_tqdm=False,
+        )
+        version = self.adapter_version if (lora is not None and lora is self._lora) else -1
+        rollouts = []
+        for prompt, output in zip(prompts, outputs):
+            for k, completion in enumerate(output.outputs):
+                ids = list(completion.token_ids)
+                logprobs = [step[tok].logprob for tok, step in zip(ids, completion.logprobs)]
+                rollouts.append(Rollout(
+                    prompt=prompt, sample_index=k, response_ids=ids,
+                    response_text=completion.text, logprobs=logprobs,
+                    finish_reason=completion.finish_reason or "length",
+                    adapter_version=version, worker_id=self.worker_id,
+                ))
+        return rollouts
+
+    def probe(self, prompt_ids: list[list[int]], max_tokens: int) -> ProbeResult:
+        """Greedy continuation of the fixed probe under the current adapter."""
+        prompts = [Prompt(i, "", ids, "") for i, ids in enumerate(prompt_ids)]
+        rollouts = self.generate(prompts, n=1, temperature=0.0, max_tokens=max_tokens, seed=0)
+        return ProbeResult(
+            worker_id=self.worker_id, adapter_version=self.adapter_version,
+            prompt_ids=prompt_ids, response_ids=[r.response_ids for r in rollouts],
+            logprobs=[r.logprobs for r in rollouts],
+        )
