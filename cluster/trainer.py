@@ -12,7 +12,7 @@ from pathlib import Path
 from ..common.config import TINY, TrainConfig
 from ..common.configio import save_config
 from ..common.data import PromptStream, encode_prompts
-from ..common.metrics import MetricsSink, plot_reward_curve
+from ..common.metrics import MetricsSink, plot_reward_curve, read_metrics, summarize
 from ..common.progress import progress
 from ..common.records import Prompt, Rollout, ScoredRollout
 from .placement import Placement, place_actors
@@ -72,8 +72,8 @@ def start_fleet(cfg: TrainConfig, model_path: str, pad_token_id: int) -> Fleet:
     import ray
 
     from ..learner.ppo_learner import PPOLearner
-    from ..reward.rules import get_reward_fn
     from ..reward.pool import RewardWorker
+    from ..reward.rules import get_reward_fn
     from ..rollout.worker import RolloutWorker
 
     reward_fn = cfg.reward.fn or cfg.task.reward_fn
@@ -120,6 +120,18 @@ def shard(items: list, parts: int) -> list[list]:
     return shards
 
 
+def fresh_run_dir(path: Path) -> Path:
+    """`path`, or `path-2`, `path-3`, ... if it already holds a run: never overwrite one."""
+    candidate, k = path, 1
+    while candidate.exists() and any(candidate.iterdir()):
+        k += 1
+        candidate = path.with_name(f"{path.name}-{k}")
+    if candidate != path:
+        print(f"{path} already holds a run; writing to {candidate}")
+    candidate.mkdir(parents=True, exist_ok=True)
+    return candidate
+
+
 def check_exactly_once(prompts: list[Prompt], rollouts: list[Rollout], n: int) -> None:
     """Every prompt of the batch came back with exactly n samples; nothing lost or doubled."""
     counts: dict[int, int] = {}
@@ -129,6 +141,19 @@ def check_exactly_once(prompts: list[Prompt], rollouts: list[Rollout], n: int) -
     if counts != expected:
         wrong = sorted(i for i in expected.keys() | counts.keys() if counts.get(i) != n)
         raise RuntimeError(f"rollouts do not match the prompts (n={n} each) for {wrong[:10]}")
+
+
+def print_summary(run_dir: Path, summary: dict) -> None:
+    w = summary["window"]
+    print(f"\nrun directory: {run_dir}")
+    print(f"  train reward, first {w} iterations : {summary['reward_first_iterations']:.3f}")
+    print(f"  train reward, last {w} iterations  : {summary['reward_last_iterations']:.3f}")
+    if summary["initial_eval_reward"] is not None:
+        print(f"  held-out reward (greedy), start   : {summary['initial_eval_reward']:.3f}")
+    print(f"  held-out reward (greedy), end     : {summary['final_eval_reward']:.3f}")
+    print(f"  KL to reference, last {w} iter.    : {summary['kl_last_iterations']:.3f}")
+    print(f"  iteration time / wall time        : {summary['mean_step_seconds']:.2f} s / "
+          f"{summary['wall_seconds']:.0f} s")
 
 
 class Trainer:
@@ -163,7 +188,7 @@ class Trainer:
                 part, n=n, temperature=temperature, max_tokens=self.cfg.rollout.max_new_tokens,
                 seed=seed,
             )
-            for w, part in zip(fleet.workers, parts) if part
+            for w, part in zip(fleet.workers, parts, strict=True) if part
         ])
         rollouts = [r for part in results for r in part]
         check_exactly_once(prompts, rollouts, n)
@@ -182,11 +207,9 @@ class Trainer:
         from ..reward.pool import RewardPool
 
         cfg = self.cfg
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        if (self.run_dir / "metrics.jsonl").exists():
-            raise FileExistsError(
-                f"{self.run_dir} already holds a run; pick another run_dir=... or delete it"
-            )
+        run_start = time.perf_counter()
+        self.run_dir = fresh_run_dir(self.run_dir)
+        cfg.run_dir = str(self.run_dir)
         save_config(cfg, self.run_dir / "config.yaml")
         model_path = resolve_model(cfg)
         tokenizer = AutoTokenizer.from_pretrained(model_path)
@@ -244,7 +267,11 @@ class Trainer:
                     ray.get(fleet.learner.save.remote(str(ckpt)))
             self.sync_adapter(fleet, probe_ids)
             final_eval = self.evaluate(fleet, pool, held_out)
-            summary = {"iterations": cfg.iterations, "final_eval_reward": final_eval}
+            summary = {
+                "iterations": cfg.iterations, "final_eval_reward": final_eval,
+                "wall_seconds": time.perf_counter() - run_start,
+                **summarize(read_metrics(self.run_dir)),
+            }
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
             ray.get(fleet.learner.save.remote(str(self.run_dir / "adapter")))
         finally:
@@ -252,5 +279,5 @@ class Trainer:
             if started_ray:
                 ray.shutdown()
         plot_reward_curve(self.run_dir)
-        print(f"run directory: {self.run_dir}  (held-out reward at the end: {final_eval:.3f})")
+        print_summary(self.run_dir, summary)
         return self.run_dir

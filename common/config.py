@@ -72,7 +72,7 @@ class RewardConfig:
 @dataclass
 class PPOConfig:
     name: Literal["ppo"] = "ppo"
-    policy_lr: float = 2e-3
+    policy_lr: float = 1e-3
     value_lr: float = 5e-3
     epochs: int = 2  # passes over each iteration's batch
     minibatch_size: int = 64
@@ -104,8 +104,8 @@ class RayConfig:
 class TrainConfig:
     run_dir: str = "runs/default"
     seed: int = 0
-    iterations: int = 40
-    prompts_per_iteration: int = 32
+    iterations: int = 80
+    prompts_per_iteration: int = 64
     eval_every: int = 10  # greedy accuracy on the held-out split; 0 = only at start and end
     checkpoint_every: int = 10
     task: AdditionTask = field(default_factory=AdditionTask)

@@ -22,6 +22,26 @@ def read_metrics(run_dir: Path) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def summarize(rows: list[dict], window: int = 10) -> dict[str, float]:
+    """Headline figures of a run: reward of the first vs last `window` iterations, held-out
+    reward at the start, timing."""
+    window = max(1, min(window, len(rows) // 2))
+
+    def mean(key: str, part: list[dict]) -> float:
+        return sum(r[key] for r in part) / len(part)
+
+    return {
+        "reward_first_iterations": mean("reward_mean", rows[:window]),
+        "reward_last_iterations": mean("reward_mean", rows[-window:]),
+        "window": window,
+        "initial_eval_reward": rows[0].get("eval_reward"),
+        "kl_last_iterations": mean("kl", rows[-window:]),
+        "mean_step_seconds": mean("step_seconds", rows[1:] or rows),
+        "mean_rollout_tokens_per_s": mean("rollout_tokens_per_s", rows[1:] or rows),
+        "mean_sync_seconds": mean("sync_seconds", rows[1:] or rows),
+    }
+
+
 def plot_reward_curve(run_dir: Path) -> Path:
     import matplotlib
 
@@ -38,7 +58,7 @@ def plot_reward_curve(run_dir: Path) -> Path:
         final = json.loads(summary.read_text())
         evals.append((final["iterations"], final["final_eval_reward"]))
     if evals:
-        ax_r.plot(*zip(*evals), "o-", label="held-out reward (greedy)")
+        ax_r.plot(*zip(*evals, strict=True), "o-", label="held-out reward (greedy)")
     ax_r.set(xlabel="iteration", ylabel="reward", title="reward")
     ax_r.legend()
     ax_kl.plot(it, [r["kl"] if r["kl"] is not None else math.nan for r in rows], color="C2")

@@ -117,7 +117,7 @@ class TrainStats:
     adapter_version: int  # the version trained on; the learner is at adapter_version + 1 after
     policy_loss: float
     value_loss: float
-    kl: float  # mean per-token KL(policy || adapter-off reference), k3 estimator
+    kl: float  # per-token KL(sampling policy || adapter-off reference), k3 on its own samples
     entropy: float
     clip_fraction: float
     value_clip_fraction: float

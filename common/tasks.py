@@ -7,8 +7,8 @@ A task is data only; the reward that checks an answer lives in `reward/` and is 
 from __future__ import annotations
 
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 
 @dataclass(frozen=True)
@@ -22,10 +22,14 @@ class AdditionTask:
     """`a+b=` -> `a+b` in decimal, operands in [0, max_operand].
 
     A fixed, seeded share of the operand pairs is held out for evaluation and never trained on.
+    The warm-start demonstrations come from a noisy teacher: with probability
+    `demo_error_rate` its answer is a near miss (off by 1 or 10), as imperfect human
+    demonstrations are. SFT imitates that noise; RL against the exact-match reward removes it.
     """
 
     max_operand: int = 49
     eval_fraction: float = 0.1
+    demo_error_rate: float = 0.5
     seed: int = 1234
     name: str = "addition"
     reward_fn: str = "exact_match"
@@ -42,6 +46,12 @@ class AdditionTask:
         if pairs is None:
             raise ValueError(f"unknown split {split!r}; allowed: 'train', 'eval'")
         return [TaskExample(f"{a}+{b}=", str(a + b)) for a, b in pairs]
+
+    def demonstration(self, example: TaskExample, rng: random.Random) -> str:
+        """The noisy teacher's answer to `example` (fresh noise on every call)."""
+        if rng.random() >= self.demo_error_rate:
+            return example.answer
+        return str(abs(int(example.answer) + rng.choice((-10, -1, 1, 10))))
 
     def tokenizer_corpus(self) -> Iterator[str]:
         """Every string the tokenizer must cover (prompts and answers of both splits)."""

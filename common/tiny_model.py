@@ -28,7 +28,7 @@ class TinyModelSpec:
     num_heads: int = 4  # head_dim 32: the smallest head size vLLM's CPU attention supports
     intermediate_size: int = 384
     max_position_embeddings: int = 256
-    sft_steps: int = 500
+    sft_steps: int = 1000
     sft_batch_size: int = 64
     sft_lr: float = 3e-3
     seed: int = 0
@@ -85,30 +85,32 @@ def _init_model(spec: TinyModelSpec, tokenizer):
     return model
 
 
-def sft_batches(tokenizer, examples, batch_size: int, seed: int):
-    """Endless shuffled batches of (input_ids, attention_mask, labels); loss on the answer only."""
+def sft_batches(tokenizer, task: AdditionTask, batch_size: int, seed: int):
+    """Endless shuffled batches of (input_ids, attention_mask, labels) of the task's training
+    prompts with the teacher's (noisy) answers; the loss covers the answer only."""
     import random
 
     import torch
 
     rng = random.Random(seed)
-    rows = []
-    for ex in examples:
-        prompt = tokenizer(ex.prompt).input_ids
-        answer = tokenizer(ex.answer, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
-        rows.append((prompt + answer, [-100] * len(prompt) + answer))
+    examples = task.examples("train")
+    prompts = [tokenizer(ex.prompt).input_ids for ex in examples]
+    order = list(range(len(examples)))
     while True:
-        rng.shuffle(rows)
-        for start in range(0, len(rows) - batch_size + 1, batch_size):
-            chunk = rows[start : start + batch_size]
-            width = max(len(ids) for ids, _ in chunk)
+        rng.shuffle(order)
+        for start in range(0, len(order) - batch_size + 1, batch_size):
+            rows = []
+            for i in order[start : start + batch_size]:
+                answer = tokenizer(task.demonstration(examples[i], rng), add_special_tokens=False)
+                rows.append((prompts[i], answer.input_ids + [tokenizer.eos_token_id]))
+            width = max(len(p) + len(a) for p, a in rows)
             ids = torch.full((batch_size, width), tokenizer.pad_token_id)
             labels = torch.full((batch_size, width), -100)
             mask = torch.zeros((batch_size, width), dtype=torch.long)
-            for i, (row_ids, row_labels) in enumerate(chunk):
-                ids[i, : len(row_ids)] = torch.tensor(row_ids)
-                labels[i, : len(row_labels)] = torch.tensor(row_labels)
-                mask[i, : len(row_ids)] = 1
+            for row, (p, a) in enumerate(rows):
+                ids[row, : len(p) + len(a)] = torch.tensor(p + a)
+                labels[row, len(p) : len(p) + len(a)] = torch.tensor(a)
+                mask[row, : len(p) + len(a)] = 1
             yield ids, mask, labels
 
 
@@ -119,7 +121,7 @@ def warm_start(model, tokenizer, task: AdditionTask, spec: TinyModelSpec) -> flo
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=spec.sft_lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, spec.sft_lr, total_steps=spec.sft_steps)
-    batches = sft_batches(tokenizer, task.examples("train"), spec.sft_batch_size, spec.seed)
+    batches = sft_batches(tokenizer, task, spec.sft_batch_size, spec.seed)
     bar = progress(range(spec.sft_steps), desc="warm-start SFT", unit="step")
     loss = torch.tensor(float("nan"))
     for _ in bar:

@@ -40,14 +40,14 @@ def collate(prompt_ids: list[list[int]], response_ids: list[list[int]], pad_id: 
     if any(len(r) == 0 for r in response_ids):
         raise ValueError("a response has no tokens; the learner needs at least one per sample")
     rows = len(prompt_ids)
-    width = max(len(p) + len(r) for p, r in zip(prompt_ids, response_ids))
+    width = max(len(p) + len(r) for p, r in zip(prompt_ids, response_ids, strict=True))
     t_max = max(len(r) for r in response_ids)
     input_ids = torch.full((rows, width), pad_id, dtype=torch.long)
     attention = torch.zeros((rows, width), dtype=torch.long)
     positions = torch.zeros((rows, t_max), dtype=torch.long)
     responses = torch.full((rows, t_max), pad_id, dtype=torch.long)
     mask = torch.zeros((rows, t_max))
-    for b, (p, r) in enumerate(zip(prompt_ids, response_ids)):
+    for b, (p, r) in enumerate(zip(prompt_ids, response_ids, strict=True)):
         input_ids[b, : len(p) + len(r)] = torch.tensor(p + r)
         attention[b, : len(p) + len(r)] = 1
         positions[b, : len(r)] = torch.arange(len(p) - 1, len(p) - 1 + len(r))
@@ -94,7 +94,8 @@ class PolicyValueModel:
         self.model = get_peft_model(base, config, adapter_name=POLICY)
         self.model.add_adapter(VALUE, config)
         self.value_head = torch.nn.Linear(base.config.hidden_size, 1, dtype=dtype)
-        torch.nn.init.zeros_(self.value_head.weight)
+        # Small non-zero weights: a zero head would block the value LoRA's first gradients.
+        torch.nn.init.normal_(self.value_head.weight, std=1 / (base.config.hidden_size + 1))
         torch.nn.init.zeros_(self.value_head.bias)
         self.model.eval()  # no dropout by default; lora.dropout still applies via train()
 
@@ -102,8 +103,6 @@ class PolicyValueModel:
         params = [p for n, p in self.model.named_parameters() if f".{name}." in n]
         if name == VALUE:
             params += list(self.value_head.parameters())
-        for p in params:
-            p.requires_grad_(True)
         return params
 
     def _decoder(self):
@@ -126,11 +125,12 @@ class PolicyValueModel:
 
     def values(self, batch: TokenBatch) -> Tensor:
         """V(state before response token k) from the value adapter + head ([B, T])."""
+        # set_adapter also makes only the active adapter trainable, so each forward activates
+        # its own adapter and leaves it active until its backward has run.
         self.model.set_adapter(VALUE)
         hidden = self._decoder()(
             input_ids=batch.input_ids, attention_mask=batch.attention_mask
         ).last_hidden_state
-        self.model.set_adapter(POLICY)
         return self.value_head(_gather_positions(hidden, batch.positions)).squeeze(-1)
 
     def snapshot(self, name: str, version: int) -> AdapterSnapshot:

@@ -100,8 +100,11 @@ class PPOLearner:
             for b, s in enumerate(scored):
                 vllm_logp[b, : len(s.rollout.logprobs)] = torch.tensor(s.rollout.logprobs)
             logprob_gap = masked_mean((old_logp - vllm_logp).abs(), mask)
+            # On-policy KL of the policy that sampled this batch (k3: unbiased, >= 0).
+            kl_sampled = masked_mean(kl_penalty(old_logp, ref_logp, "k3"), mask)
             kl_in_reward = algo.kl_coef if algo.kl_mode == "reward" else 0.0
-            rewards = token_rewards(scores, kl_penalty(old_logp, ref_logp, "k1"), mask, kl_in_reward)
+            kl_old = kl_penalty(old_logp, ref_logp, "k1")
+            rewards = token_rewards(scores, kl_old, mask, kl_in_reward)
             advantages, returns = gae_advantages(rewards, old_values, mask, algo.gamma, algo.lam)
             if algo.whiten_advantages:
                 advantages = masked_whiten(advantages, mask)
@@ -116,8 +119,10 @@ class PPOLearner:
                 pg_loss, clip_frac, approx_kl = ppo_policy_loss(
                     logp, old_logp[chunk], advantages[chunk], mb.mask, algo.clip_eps
                 )
-                kl = masked_mean(kl_penalty(logp, ref_logp[chunk], "k3"), mb.mask)
-                loss = pg_loss + (algo.kl_coef * kl if algo.kl_mode == "loss" else 0.0)
+                loss = pg_loss
+                if algo.kl_mode == "loss":
+                    kl = masked_mean(kl_penalty(logp, ref_logp[chunk], "k3"), mb.mask)
+                    loss = loss + algo.kl_coef * kl
                 grad_norm = self._step(loss, self.policy_params, self.policy_opt)
                 values = self.net.values(mb)
                 v_loss, v_clip = ppo_value_loss(
@@ -125,23 +130,26 @@ class PPOLearner:
                 )
                 self._step(v_loss, self.value_params, self.value_opt)
                 step = {
-                    "policy_loss": pg_loss, "value_loss": v_loss, "kl": kl,
+                    "policy_loss": pg_loss, "value_loss": v_loss,
                     "entropy": masked_mean(entropy, mb.mask), "clip_fraction": clip_frac,
                     "value_clip_fraction": v_clip, "approx_kl": approx_kl, "grad_norm": grad_norm,
                 }
                 for key, value in step.items():
-                    totals[key] = totals.get(key, 0.0) + float(value)
+                    totals[key] = totals.get(key, 0.0) + float(value.detach())
                 n_updates += 1
         trained_version = self.version
         self.version += 1
         return TrainStats(
             adapter_version=trained_version,
+            kl=float(kl_sampled),
             **{key: value / n_updates for key, value in totals.items()},
             logprob_diff_vllm=float(logprob_gap),
             train_seconds=time.perf_counter() - start,
         )
 
-    def _step(self, loss: torch.Tensor, params: list, optimizer: torch.optim.Optimizer) -> torch.Tensor:
+    def _step(
+        self, loss: torch.Tensor, params: list, optimizer: torch.optim.Optimizer
+    ) -> torch.Tensor:
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, self.algo.max_grad_norm)

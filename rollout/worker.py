@@ -10,14 +10,19 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..common.records import AdapterSnapshot, Prompt, ProbeResult, Rollout
+from ..common.records import AdapterSnapshot, ProbeResult, Prompt, Rollout
+from ..common.tiny_model import cache_root
 
 if TYPE_CHECKING:
     from vllm import LLM
     from vllm.lora.request import LoRARequest
+
+# Zero-copy tensors from the object store are read-only views; we only ever clone them.
+warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
 
 POLICY_LORA_ID = 1  # one slot, replaced in place on every publish
 
@@ -27,7 +32,7 @@ def configure_vllm_env(kv_cache_gib: int, threads: int) -> None:
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib))
     # In-process engine: starts in ~2 s instead of ~18 s and does not take a core for itself.
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    os.environ.setdefault("VLLM_CACHE_ROOT", str(Path.home() / ".cache" / "lorafleet" / "vllm"))
+    os.environ.setdefault("VLLM_CACHE_ROOT", str(cache_root() / "vllm"))
     # Ray pins OMP_NUM_THREADS=1 in 1-CPU actors; set the engine's share on purpose instead.
     os.environ["OMP_NUM_THREADS"] = str(threads)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -144,10 +149,11 @@ class RolloutWorker:
         )
         version = self.adapter_version if (lora is not None and lora is self._lora) else -1
         rollouts = []
-        for prompt, output in zip(prompts, outputs):
+        for prompt, output in zip(prompts, outputs, strict=True):
             for k, completion in enumerate(output.outputs):
                 ids = list(completion.token_ids)
-                logprobs = [step[tok].logprob for tok, step in zip(ids, completion.logprobs)]
+                steps = zip(ids, completion.logprobs, strict=True)
+                logprobs = [step[tok].logprob for tok, step in steps]
                 rollouts.append(Rollout(
                     prompt=prompt, sample_index=k, response_ids=ids,
                     response_text=completion.text, logprobs=logprobs,

@@ -1,0 +1,86 @@
+"""`lorafleet bench rollout`: the rollout fleet against raw vLLM, measured in one run.
+
+1. Baseline: one in-process vLLM engine with the fleet's whole thread budget generates the
+   training workload (same prompts, n, max tokens), with the base model and with a LoRA active.
+2. Fleet: a short training run through the real actors; its per-iteration rollout tokens/s
+   and publish->all-workers-serving latency come from metrics.jsonl.
+Prints the ratios; nothing here is asserted.
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from ..common.config import load_train_config
+from ..common.data import PromptStream, encode_prompts
+from ..common.metrics import read_metrics
+from .trainer import Trainer, resolve_model
+
+WARMUP_ITERATIONS = 2  # engine warm-up (first compiles, allocator growth) is not steady state
+
+
+def raw_vllm_tokens_per_s(cfg, model_path: str, repeats: int = 3) -> tuple[float, float]:
+    """(base model tok/s, LoRA tok/s) of one engine given all the fleet's threads."""
+    from transformers import AutoTokenizer
+
+    from ..learner.ppo_learner import PPOLearner
+    from ..rollout.worker import RolloutWorker
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    limit = cfg.model.max_model_len - cfg.rollout.max_new_tokens
+    stream = PromptStream(encode_prompts(cfg.task.examples("train"), tokenizer, limit), cfg.seed)
+    threads = cfg.rollout.num_workers * cfg.rollout.threads_per_worker
+    engine = RolloutWorker(
+        model_path, dtype=cfg.model.dtype, max_model_len=cfg.model.max_model_len,
+        max_lora_rank=cfg.lora.rank, seed=cfg.seed, kv_cache_gib=cfg.rollout.kv_cache_gib,
+        threads=threads,
+    )
+    learner = PPOLearner(
+        model_path, cfg.lora, cfg.algo, dtype=cfg.model.dtype, seed=cfg.seed, threads=threads,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    engine.load_snapshot(learner.publish())
+
+    def rate(use_policy: bool) -> float:
+        rates = []
+        for i in range(repeats + 1):
+            prompts = stream.next_batch(cfg.prompts_per_iteration)
+            start = time.perf_counter()
+            rollouts = engine.generate(
+                prompts, n=cfg.rollout.samples_per_prompt, temperature=cfg.rollout.temperature,
+                max_tokens=cfg.rollout.max_new_tokens, seed=i, use_policy=use_policy,
+            )
+            seconds = time.perf_counter() - start
+            if i:  # the first call warms the engine up
+                rates.append(sum(len(r.response_ids) for r in rollouts) / seconds)
+        return statistics.median(rates)
+
+    return rate(use_policy=False), rate(use_policy=True)
+
+
+def bench_rollout(path: str | None, overrides: list[str]) -> None:
+    cfg = load_train_config(path, overrides)
+    if cfg.iterations <= WARMUP_ITERATIONS:
+        cfg.iterations = WARMUP_ITERATIONS + 6
+    model_path = resolve_model(cfg)
+    base_tps, lora_tps = raw_vllm_tokens_per_s(cfg, model_path)
+    with tempfile.TemporaryDirectory(prefix="lorafleet-bench-") as tmp:
+        cfg.run_dir = str(Path(tmp) / "run")
+        cfg.checkpoint_every = 0
+        Trainer(cfg).run()
+        rows = read_metrics(Path(cfg.run_dir))[WARMUP_ITERATIONS:]
+    fleet_tps = statistics.median(r["rollout_tokens_per_s"] for r in rows)
+    sync_s = statistics.median(r["sync_seconds"] for r in rows)
+    step_s = statistics.median(r["step_seconds"] for r in rows)
+    print(f"\nrollout benchmark ({len(rows)} steady iterations; model {cfg.model.name_or_path}, "
+          f"{cfg.rollout.num_workers} workers, {cfg.prompts_per_iteration} prompts x "
+          f"{cfg.rollout.samples_per_prompt} samples x <= {cfg.rollout.max_new_tokens} tokens)")
+    print(f"  raw vLLM, base model, one engine     : {base_tps:9.0f} tok/s")
+    print(f"  raw vLLM, LoRA active, one engine    : {lora_tps:9.0f} tok/s")
+    print(f"  fleet during training (end to end)   : {fleet_tps:9.0f} tok/s")
+    print(f"  fleet / raw vLLM with LoRA           : {fleet_tps / lora_tps:9.2f}x")
+    print(f"  adapter publish -> all serving       : {sync_s * 1000:9.1f} ms "
+          f"({sync_s / step_s:.1%} of a {step_s:.2f} s iteration)")

