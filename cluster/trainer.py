@@ -148,9 +148,11 @@ def print_summary(run_dir: Path, summary: dict) -> None:
     print(f"\nrun directory: {run_dir}")
     print(f"  train reward, first {w} iterations : {summary['reward_first_iterations']:.3f}")
     print(f"  train reward, last {w} iterations  : {summary['reward_last_iterations']:.3f}")
-    if summary["initial_eval_reward"] is not None:
-        print(f"  held-out reward (greedy), start   : {summary['initial_eval_reward']:.3f}")
-    print(f"  held-out reward (greedy), end     : {summary['final_eval_reward']:.3f}")
+    for name, key in (("sampled", "eval_reward"), ("greedy", "eval_greedy")):
+        start = summary[f"initial_{key}"]
+        start_text = "  n/a" if start is None else f"{start:.3f}"
+        print(f"  held-out reward ({name:7s}) start -> end: {start_text} -> "
+              f"{summary[f'final_{key}']:.3f}")
     print(f"  KL to reference, last {w} iter.    : {summary['kl_last_iterations']:.3f}")
     print(f"  iteration time / wall time        : {summary['mean_step_seconds']:.2f} s / "
           f"{summary['wall_seconds']:.0f} s")
@@ -194,10 +196,20 @@ class Trainer:
         check_exactly_once(prompts, rollouts, n)
         return rollouts
 
-    def evaluate(self, fleet: Fleet, pool, prompts: list[Prompt]) -> float:
-        rollouts = self.generate(fleet, prompts, n=1, temperature=0.0, seed=0)
-        scored = pool.score(rollouts)
-        return sum(s.reward for s in scored) / len(scored)
+    def evaluate(self, fleet: Fleet, pool, prompts: list[Prompt]) -> dict[str, float]:
+        """Held-out prompts: mean reward of samples drawn as in training (the quantity RL
+        maximises), and of greedy answers (accuracy)."""
+        rollout = self.cfg.rollout
+        result = {}
+        for key, n, temperature in (
+            ("eval_reward", rollout.samples_per_prompt, rollout.temperature),
+            ("eval_greedy", 1, 0.0),
+        ):
+            scored = pool.score(
+                self.generate(fleet, prompts, n=n, temperature=temperature, seed=self.cfg.seed)
+            )
+            result[key] = sum(s.reward for s in scored) / len(scored)
+        return result
 
     # -- the loop -------------------------------------------------------------------------
     def run(self) -> Path:
@@ -229,9 +241,9 @@ class Trainer:
             for it in bar:
                 iter_start = time.perf_counter()
                 sync_s, probe_gap = self.sync_adapter(fleet, probe_ids)
-                eval_reward = None
+                evals = {"eval_reward": None, "eval_greedy": None}
                 if it == 0 or (cfg.eval_every and it % cfg.eval_every == 0):
-                    eval_reward = self.evaluate(fleet, pool, held_out)
+                    evals = self.evaluate(fleet, pool, held_out)
                 gen_start = time.perf_counter()
                 prompts = stream.next_batch(cfg.prompts_per_iteration)
                 rollouts = self.generate(
@@ -248,7 +260,7 @@ class Trainer:
                     "iteration": it,
                     "adapter_version": stats.adapter_version,
                     "reward_mean": sum(rewards) / len(rewards),
-                    "eval_reward": eval_reward,
+                    **evals,
                     "kl": stats.kl,
                     "rollout_tokens_per_s": tokens / gen_s,
                     "step_seconds": step_s,
@@ -266,9 +278,9 @@ class Trainer:
                     ckpt = self.run_dir / "checkpoints" / f"iter_{it + 1:05d}"
                     ray.get(fleet.learner.save.remote(str(ckpt)))
             self.sync_adapter(fleet, probe_ids)
-            final_eval = self.evaluate(fleet, pool, held_out)
+            final_eval = {f"final_{k}": v for k, v in self.evaluate(fleet, pool, held_out).items()}
             summary = {
-                "iterations": cfg.iterations, "final_eval_reward": final_eval,
+                "iterations": cfg.iterations, **final_eval,
                 "wall_seconds": time.perf_counter() - run_start,
                 **summarize(read_metrics(self.run_dir)),
             }

@@ -35,6 +35,7 @@ def summarize(rows: list[dict], window: int = 10) -> dict[str, float]:
         "reward_last_iterations": mean("reward_mean", rows[-window:]),
         "window": window,
         "initial_eval_reward": rows[0].get("eval_reward"),
+        "initial_eval_greedy": rows[0].get("eval_greedy"),
         "kl_last_iterations": mean("kl", rows[-window:]),
         "mean_step_seconds": mean("step_seconds", rows[1:] or rows),
         "mean_rollout_tokens_per_s": mean("rollout_tokens_per_s", rows[1:] or rows),
@@ -52,13 +53,14 @@ def plot_reward_curve(run_dir: Path) -> Path:
     it = [r["iteration"] for r in rows]
     fig, (ax_r, ax_kl) = plt.subplots(1, 2, figsize=(10, 3.8))
     ax_r.plot(it, [r["reward_mean"] for r in rows], label="train reward (sampled)")
-    evals = [(r["iteration"], r["eval_reward"]) for r in rows if r.get("eval_reward") is not None]
-    summary = run_dir / "summary.json"
-    if summary.exists():  # the held-out reward of the final adapter
-        final = json.loads(summary.read_text())
-        evals.append((final["iterations"], final["final_eval_reward"]))
-    if evals:
-        ax_r.plot(*zip(*evals, strict=True), "o-", label="held-out reward (greedy)")
+    summary_path = run_dir / "summary.json"
+    final = json.loads(summary_path.read_text()) if summary_path.exists() else None
+    for key, label in (("eval_reward", "held-out (sampled)"), ("eval_greedy", "held-out (greedy)")):
+        points = [(r["iteration"], r[key]) for r in rows if r.get(key) is not None]
+        if final is not None:  # the final adapter, evaluated after the last update
+            points.append((final["iterations"], final[f"final_{key}"]))
+        if points:
+            ax_r.plot(*zip(*points, strict=True), "o-", label=label)
     ax_r.set(xlabel="iteration", ylabel="reward", title="reward")
     ax_r.legend()
     ax_kl.plot(it, [r["kl"] if r["kl"] is not None else math.nan for r in rows], color="C2")

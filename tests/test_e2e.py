@@ -56,7 +56,7 @@ def test_default_job_reward_rises(ray_cluster, tmp_path, tiny_model_path):
     base = AutoModelForCausalLM.from_pretrained(tiny_model_path)
     model = PeftModel.from_pretrained(base, str(run_dir / "adapter")).eval()
     assert hf_greedy_reward(model, cfg, tiny_model_path) == pytest.approx(
-        summary["final_eval_reward"], abs=0.02
+        summary["final_eval_greedy"], abs=0.02
     )
 
 
