@@ -63,7 +63,7 @@ def plot_reward_curve(run_dir: Path) -> Path:
             ax_r.plot(*zip(*points, strict=True), "o-", label=label)
     ax_r.set(xlabel="iteration", ylabel="reward", title="reward")
     ax_r.legend()
-    ax_kl.plot(it, [r["kl"] if r["kl"] is not None else math.nan for r in rows], color="C2")
+    ax_kl.plot(it, [r["kl"] if r["kl"] is not None else math.nan for r in rows], color="C3")
     ax_kl.set(xlabel="iteration", ylabel="KL(policy || reference)", title="KL")
     fig.tight_layout()
     out = run_dir / "reward_curve.png"
