@@ -26,7 +26,7 @@ def raw_vllm_tokens_per_s(cfg, model_path: str, repeats: int = 3) -> tuple[float
     """(base model tok/s, LoRA tok/s) of one engine given all the fleet's threads."""
     from transformers import AutoTokenizer
 
-    from ..learner.ppo_learner import PPOLearner
+    from ..learner import learner_class
     from ..rollout.worker import RolloutWorker
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
@@ -38,7 +38,7 @@ def raw_vllm_tokens_per_s(cfg, model_path: str, repeats: int = 3) -> tuple[float
         max_lora_rank=cfg.lora.rank, seed=cfg.seed, kv_cache_gib=cfg.rollout.kv_cache_gib,
         threads=threads,
     )
-    learner = PPOLearner(
+    learner = learner_class(cfg.algo.name)(
         model_path, cfg.lora, cfg.algo, dtype=cfg.model.dtype, seed=cfg.seed, threads=threads,
         pad_token_id=tokenizer.pad_token_id,
     )

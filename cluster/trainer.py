@@ -71,7 +71,7 @@ class Fleet:
 def start_fleet(cfg: TrainConfig, model_path: str, pad_token_id: int) -> Fleet:
     import ray
 
-    from ..learner.ppo_learner import PPOLearner
+    from ..learner import learner_class
     from ..reward.pool import RewardWorker
     from ..reward.rules import get_reward_fn
     from ..rollout.worker import RolloutWorker
@@ -79,7 +79,7 @@ def start_fleet(cfg: TrainConfig, model_path: str, pad_token_id: int) -> Fleet:
     reward_fn = cfg.reward.fn or cfg.task.reward_fn
     get_reward_fn(reward_fn)  # fail here, naming the function, not inside an actor
     placement = place_actors(cfg)
-    learner = ray.remote(PPOLearner).options(
+    learner = ray.remote(learner_class(cfg.algo.name)).options(
         num_cpus=cfg.learner.cpus, scheduling_strategy=placement.strategy(placement.learner),
         name="lorafleet-learner",
     ).remote(
@@ -237,7 +237,7 @@ class Trainer:
         sink = MetricsSink(self.run_dir)
         n = cfg.rollout.samples_per_prompt
         try:
-            bar = progress(range(cfg.iterations), desc="PPO", unit="iter")
+            bar = progress(range(cfg.iterations), desc=cfg.algo.name.upper(), unit="iter")
             for it in bar:
                 iter_start = time.perf_counter()
                 sync_s, probe_gap = self.sync_adapter(fleet, probe_ids)

@@ -69,23 +69,43 @@ class RewardConfig:
     cpus_per_actor: float = 0.1
 
 
+ALGORITHMS = ("ppo", "grpo", "rloo", "spr", "best_of_n")
+
+
 @dataclass
-class PPOConfig:
-    name: Literal["ppo"] = "ppo"
+class AlgoConfig:
+    """One section for every algorithm; each reads the keys it needs (comments say which).
+
+    ppo: GAE + clipped policy/value losses with a LoRA critic. grpo / rloo: group-normalised /
+    leave-one-out advantages on the clipped objective, no critic. spr: weighted SFT on the
+    samples with w = n * softmax(r / beta), no critic, no reference needed. best_of_n: SFT on
+    each prompt's best sample (SPR's beta -> 0 limit; ReST/RAFT).
+    """
+
+    name: Literal["ppo", "grpo", "rloo", "spr", "best_of_n"] = "ppo"
     policy_lr: float = 1e-3
-    value_lr: float = 5e-3
+    value_lr: float = 5e-3  # ppo
     epochs: int = 2  # passes over each iteration's batch
     minibatch_size: int = 64
     clip_eps: float = 0.2
     value_clip_eps: float = 0.2
     gamma: float = 1.0
     lam: float = 0.95
-    kl_coef: float = 0.02
-    # "reward": -kl_coef * k1 per token folded into the rewards (InstructGPT/OpenRLHF);
+    kl_coef: float = 0.02  # ppo, grpo, rloo
+    # "reward": -kl_coef * k1 per token folded into the rewards (InstructGPT/OpenRLHF; for
+    # grpo/rloo the sequence sum is subtracted from the score before the group baseline);
     # "loss": kl_coef * k3 added to the policy loss (GRPO-style), rewards left unshaped.
     kl_mode: Literal["reward", "loss"] = "reward"
-    whiten_advantages: bool = True
+    whiten_advantages: bool = True  # ppo
+    grpo_scale_by_std: bool = True  # grpo: False = mean baseline only (Dr. GRPO)
+    beta: float = 0.5  # spr temperature: -> 0 is best-of-N SFT, -> inf is plain SFT
+    max_weight: float | None = 4.0  # spr: clip sample weights (None: no clipping)
+    length_normalize: bool = False  # spr / best_of_n: per-token mean log-likelihood
     max_grad_norm: float = 1.0
+
+    def validate(self) -> None:
+        if self.beta <= 0:
+            raise ConfigError(f"algo.beta must be > 0, got {self.beta}")
 
 
 @dataclass
@@ -113,13 +133,15 @@ class TrainConfig:
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
-    algo: PPOConfig = field(default_factory=PPOConfig)
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
     learner: LearnerConfig = field(default_factory=LearnerConfig)
     ray: RayConfig = field(default_factory=RayConfig)
 
     def validate(self) -> None:
         if self.iterations < 1 or self.prompts_per_iteration < 1:
             raise ConfigError("iterations and prompts_per_iteration must be >= 1")
+        if self.algo.name == "rloo" and self.rollout.samples_per_prompt < 2:
+            raise ConfigError("algo.name=rloo needs rollout.samples_per_prompt >= 2")
 
 
 def load_train_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:

@@ -115,13 +115,14 @@ class TrainStats:
     """What one learner update reports; the driver adds rollout/reward figures around it."""
 
     adapter_version: int  # the version trained on; the learner is at adapter_version + 1 after
-    policy_loss: float
-    value_loss: float
     kl: float  # per-token KL(sampling policy || adapter-off reference), k3 on its own samples
-    entropy: float
-    clip_fraction: float
-    value_clip_fraction: float
-    approx_kl: float
+    policy_loss: float
     grad_norm: float
     logprob_diff_vllm: float  # mean |learner old logprob - vLLM logprob| over response tokens
     train_seconds: float
+    entropy: float | None = None
+    clip_fraction: float | None = None  # PPO, GRPO, RLOO
+    approx_kl: float | None = None
+    value_loss: float | None = None  # PPO only
+    value_clip_fraction: float | None = None
+    weight_max: float | None = None  # SPR / best-of-N: largest sample weight (after clipping)

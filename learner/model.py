@@ -2,7 +2,7 @@
 
 - policy    = base + LoRA "policy"
 - reference = the same base with every adapter disabled (no second model copy)
-- value     = base + LoRA "value" + a scalar head on its last hidden state
+- value     = base + LoRA "value" + a scalar head on its last hidden state (PPO only)
 """
 
 from __future__ import annotations
@@ -80,7 +80,9 @@ def _jsonable(value: object) -> object:
 
 
 class PolicyValueModel:
-    def __init__(self, model_path: str, lora: object, dtype: torch.dtype, seed: int) -> None:
+    def __init__(
+        self, model_path: str, lora: object, dtype: torch.dtype, seed: int, with_value: bool
+    ) -> None:
         from peft import LoraConfig, get_peft_model
         from transformers import AutoModelForCausalLM
 
@@ -92,11 +94,13 @@ class PolicyValueModel:
             target_modules=list(lora.target_modules), task_type="CAUSAL_LM",
         )
         self.model = get_peft_model(base, config, adapter_name=POLICY)
-        self.model.add_adapter(VALUE, config)
-        self.value_head = torch.nn.Linear(base.config.hidden_size, 1, dtype=dtype)
-        # Small non-zero weights: a zero head would block the value LoRA's first gradients.
-        torch.nn.init.normal_(self.value_head.weight, std=1 / (base.config.hidden_size + 1))
-        torch.nn.init.zeros_(self.value_head.bias)
+        self.value_head: torch.nn.Linear | None = None
+        if with_value:  # critic-free algorithms carry no value adapter at all (memory)
+            self.model.add_adapter(VALUE, config)
+            self.value_head = torch.nn.Linear(base.config.hidden_size, 1, dtype=dtype)
+            # Small non-zero weights: a zero head would block the value LoRA's first gradients.
+            torch.nn.init.normal_(self.value_head.weight, std=1 / (base.config.hidden_size + 1))
+            torch.nn.init.zeros_(self.value_head.bias)
         self.model.eval()  # no dropout by default; lora.dropout still applies via train()
 
     def adapter_parameters(self, name: str) -> list[torch.nn.Parameter]:

@@ -6,14 +6,14 @@ import math
 
 import torch
 
-from lorafleet.common.config import LoRAConfig, PPOConfig
+from lorafleet.common.config import AlgoConfig, LoRAConfig
 from lorafleet.learner.ppo_learner import PPOLearner
 
 
 def perturbed_learner(model_path: str, pad_id: int, seed: int = 0) -> PPOLearner:
     """A learner whose policy adapter is not the identity (PEFT inits lora_B to zero)."""
     learner = PPOLearner(
-        model_path, LoRAConfig(), PPOConfig(), dtype="float32", seed=seed, threads=2,
+        model_path, LoRAConfig(), AlgoConfig(), dtype="float32", seed=seed, threads=2,
         pad_token_id=pad_id,
     )
     perturb_policy(learner, seed + 1)

@@ -8,7 +8,7 @@ import pytest
 from helpers import perturb_policy, perturbed_learner
 from lorafleet.common.records import Prompt
 from lorafleet.common.tasks import AdditionTask
-from lorafleet.learner.ppo_learner import SyncError
+from lorafleet.learner.base import SyncError
 
 pytestmark = pytest.mark.slow
 

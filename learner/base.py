@@ -1,0 +1,155 @@
+"""What every learner shares: the base model with its adapters, publishing and sync checks,
+stale-rollout refusal, the old/reference log-probs of a batch, optimiser steps, saving."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from ..common.config import AlgoConfig, LoRAConfig
+from ..common.records import AdapterSnapshot, ProbeResult, ScoredRollout, TrainStats
+from .algorithms.ppo import kl_penalty, masked_mean
+from .model import POLICY, VALUE, PolicyValueModel, TokenBatch, collate, collate_scored
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class SyncError(RuntimeError):
+    """A rollout worker serves something other than the learner's published adapter."""
+
+
+@dataclass
+class BatchContext:
+    """A scored batch as the learner sees it before any update (all tensors detached)."""
+
+    batch: TokenBatch
+    scores: Tensor  # [B]
+    old_logp: Tensor  # [B, T], recomputed by the learner (exact for importance ratios)
+    ref_logp: Tensor  # [B, T], adapters disabled
+    logprob_gap: float  # mean |old_logp - vLLM logprob| over response tokens
+    kl: float  # per-token k3 KL(sampling policy || reference) on the batch's own samples
+
+
+class LearnerBase:
+    with_value = False
+
+    def __init__(
+        self, model_path: str, lora: LoRAConfig, algo: AlgoConfig, *, dtype: str, seed: int,
+        threads: int, pad_token_id: int,
+    ) -> None:
+        torch.set_num_threads(threads)
+        self.algo = algo
+        self.pad_id = pad_token_id
+        self.net = PolicyValueModel(model_path, lora, DTYPES[dtype], seed, self.with_value)
+        self.policy_params = self.net.adapter_parameters(POLICY)
+        self.policy_opt = torch.optim.AdamW(self.policy_params, lr=algo.policy_lr, weight_decay=0)
+        self.generator = torch.Generator().manual_seed(seed)
+        self.version = 0  # the adapter the policy weights are at; bumped by every update
+
+    # -- publishing and sync verification -------------------------------------------------
+    def publish(self) -> AdapterSnapshot:
+        return self.net.snapshot(POLICY, self.version)
+
+    @torch.no_grad()
+    def check_probe(self, results: list[ProbeResult], tolerance: float) -> float:
+        """Raise SyncError unless every worker's probe log-probs match ours; returns max gap."""
+        worst = 0.0
+        for result in results:
+            if result.adapter_version != self.version:
+                raise SyncError(
+                    f"rollout worker {result.worker_id} reports adapter v{result.adapter_version},"
+                    f" learner published v{self.version}"
+                )
+            batch = collate(result.prompt_ids, result.response_ids, self.pad_id)
+            gap = float(((self.net.logprobs(batch) - padded(result.logprobs, batch)).abs()
+                         * batch.mask).max())
+            if gap > tolerance:
+                raise SyncError(
+                    f"rollout worker {result.worker_id} claims adapter v{result.adapter_version}"
+                    f" but its probe log-probs differ from the learner's by {gap:.3g} (tolerance"
+                    f" {tolerance:g}): the adapter swap did not take effect"
+                )
+            worst = max(worst, gap)
+        return worst
+
+    # -- shared pieces of an update -----------------------------------------------------------
+    @torch.no_grad()
+    def prepare(self, scored: list[ScoredRollout]) -> BatchContext:
+        stale = [s.rollout for s in scored if s.rollout.adapter_version != self.version]
+        if stale:
+            r = stale[0]
+            raise SyncError(
+                f"{len(stale)} rollouts are stale: {r.sample_id} came from adapter "
+                f"v{r.adapter_version} on worker {r.worker_id}, learner is at v{self.version}"
+            )
+        batch = collate_scored(scored, self.pad_id)
+        old_logp = self.net.logprobs(batch)
+        ref_logp = self.net.reference_logprobs(batch)
+        vllm_logp = padded([s.rollout.logprobs for s in scored], batch)
+        return BatchContext(
+            batch=batch, scores=torch.tensor([s.reward for s in scored]), old_logp=old_logp,
+            ref_logp=ref_logp,
+            logprob_gap=float(masked_mean((old_logp - vllm_logp).abs(), batch.mask)),
+            kl=float(masked_mean(kl_penalty(old_logp, ref_logp, "k3"), batch.mask)),
+        )
+
+    def minibatches(self, size: int):
+        """`epochs` shuffled passes of row-index chunks."""
+        for _ in range(self.algo.epochs):
+            yield from torch.randperm(size, generator=self.generator).split(
+                self.algo.minibatch_size
+            )
+
+    def step(self, loss: Tensor, params: list, optimizer: torch.optim.Optimizer) -> Tensor:
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, self.algo.max_grad_norm)
+        optimizer.step()
+        return grad_norm
+
+    def finish(
+        self, ctx: BatchContext, totals: dict[str, float], start: float, **extra: float
+    ) -> TrainStats:
+        """Close an update: bump the version, average the minibatch metrics."""
+        trained_version = self.version
+        self.version += 1
+        count = totals.pop("_count")
+        return TrainStats(
+            adapter_version=trained_version, kl=ctx.kl, logprob_diff_vllm=ctx.logprob_gap,
+            train_seconds=time.perf_counter() - start,
+            **{key: value / count for key, value in totals.items()}, **extra,
+        )
+
+    # -- persistence ------------------------------------------------------------------------
+    def save(self, directory: str) -> str:
+        """Policy adapter in PEFT format at `directory`; value adapter + head under value/."""
+        from safetensors.torch import save_file
+
+        path = Path(directory)
+        self.publish().save_pretrained(path)
+        if self.with_value:
+            self.net.snapshot(VALUE, self.version).save_pretrained(path / "value")
+            save_file(
+                {k: v.detach().contiguous() for k, v in self.net.value_head.state_dict().items()},
+                path / "value" / "value_head.safetensors",
+            )
+        return str(path)
+
+
+def accumulate(totals: dict[str, float], step: dict[str, Tensor]) -> None:
+    """Running sums of per-minibatch metrics; `_count` counts minibatches."""
+    for key, value in step.items():
+        totals[key] = totals.get(key, 0.0) + float(value.detach())
+    totals["_count"] = totals.get("_count", 0.0) + 1
+
+
+def padded(rows: list[list[float]], batch: TokenBatch) -> Tensor:
+    """Per-token values of ragged rows laid out like the batch's response tensors."""
+    out = torch.zeros_like(batch.mask)
+    for b, values in enumerate(rows):
+        out[b, : len(values)] = torch.tensor(values)
+    return out

@@ -1,0 +1,89 @@
+"""Critic-free learners on the same actors: GRPO and RLOO (group baselines on the clipped
+objective) and SPR / best-of-N SFT (re-weighted supervised learning). None of them carries a
+value adapter; SPR and best-of-N need no reference either (its KL is only logged)."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from ..common.records import ScoredRollout, TrainStats
+from .algorithms.critic_free import (
+    best_of_n_weights,
+    grpo_advantages,
+    rloo_advantages,
+    sequence_advantage_loss,
+    spr_weights,
+    weighted_nll,
+)
+from .algorithms.ppo import kl_penalty, masked_mean
+from .base import LearnerBase, accumulate
+
+
+def group_rewards(scored: list[ScoredRollout]) -> torch.Tensor:
+    """[prompts, n] view of the scores; the batch must hold each prompt's n samples in a row."""
+    n = 1
+    while n < len(scored) and scored[n].rollout.prompt.index == scored[0].rollout.prompt.index:
+        n += 1
+    if len(scored) % n:
+        raise ValueError(f"{len(scored)} rollouts do not split into groups of {n} per prompt")
+    for start in range(0, len(scored), n):
+        group = scored[start : start + n]
+        if [s.rollout.sample_index for s in group] != list(range(n)) or len(
+            {s.rollout.prompt.index for s in group}
+        ) != 1:
+            raise ValueError(
+                f"rollouts {start}..{start + n - 1} are not the {n} samples of one prompt in "
+                "order; group-based algorithms need prompt-major batches"
+            )
+    return torch.tensor([s.reward for s in scored]).view(-1, n)
+
+
+class CriticFreeLearner(LearnerBase):
+    def train_step(self, scored: list[ScoredRollout]) -> TrainStats:
+        start = time.perf_counter()
+        algo = self.algo
+        ctx = self.prepare(scored)
+        rewards = group_rewards(scored)
+        totals: dict[str, float] = {}
+        if algo.name in ("spr", "best_of_n"):
+            if algo.name == "spr":
+                weights = spr_weights(rewards, algo.beta, algo.max_weight)
+            else:
+                weights = best_of_n_weights(rewards)
+            weights = weights.reshape(-1)
+            for chunk in self.minibatches(len(scored)):
+                mb = ctx.batch.select(chunk)
+                logp, entropy = self.net.logprobs(mb, with_entropy=True)
+                loss = weighted_nll(logp, mb.mask, weights[chunk], algo.length_normalize)
+                grad_norm = self.step(loss, self.policy_params, self.policy_opt)
+                accumulate(totals, {
+                    "policy_loss": loss, "entropy": masked_mean(entropy, mb.mask),
+                    "grad_norm": grad_norm,
+                })
+            return self.finish(ctx, totals, start, weight_max=float(weights.max()))
+
+        if algo.kl_mode == "reward":  # RLOO-style: the sequence KL lowers the score
+            seq_kl = (kl_penalty(ctx.old_logp, ctx.ref_logp, "k1") * ctx.batch.mask).sum(-1)
+            rewards = rewards - algo.kl_coef * seq_kl.view_as(rewards)
+        if algo.name == "grpo":
+            advantages = grpo_advantages(rewards, scale_by_std=algo.grpo_scale_by_std)
+        else:
+            advantages = rloo_advantages(rewards)
+        advantages = advantages.reshape(-1)
+        for chunk in self.minibatches(len(scored)):
+            mb = ctx.batch.select(chunk)
+            logp, entropy = self.net.logprobs(mb, with_entropy=True)
+            loss, clip_frac, approx_kl = sequence_advantage_loss(
+                logp, ctx.old_logp[chunk], advantages[chunk], mb.mask, algo.clip_eps
+            )
+            if algo.kl_mode == "loss":
+                kl = masked_mean(kl_penalty(logp, ctx.ref_logp[chunk], "k3"), mb.mask)
+                loss = loss + algo.kl_coef * kl
+            grad_norm = self.step(loss, self.policy_params, self.policy_opt)
+            accumulate(totals, {
+                "policy_loss": loss, "entropy": masked_mean(entropy, mb.mask),
+                "clip_fraction": clip_frac, "approx_kl": approx_kl, "grad_norm": grad_norm,
+            })
+        return self.finish(ctx, totals, start)
