@@ -1,4 +1,4 @@
-"""`lorafleet` command line: train, bench."""
+"""`lorafleet` command line: train, compare, bench."""
 
 from __future__ import annotations
 
@@ -30,10 +30,24 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
+    if args.what == "memory":
+        from .bench_memory import bench_memory
+
+        bench_memory()
+        return
     from .bench import bench_rollout
 
     path, overrides = _split_config_and_overrides(args.items)
     bench_rollout(path, overrides)
+
+
+def cmd_compare(args: argparse.Namespace) -> None:
+    from .compare import compare
+
+    configs = [i for i in args.items if "=" not in i]
+    overrides = [i for i in args.items if "=" in i]
+    seeds = [int(s) for s in args.seeds.split(",")]
+    compare(configs, seeds, overrides, args.out)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,10 +60,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("items", nargs="*", metavar="CONFIG.yaml | key=value")
     train.set_defaults(func=cmd_train)
-    bench = sub.add_parser("bench", help="benchmarks; `bench rollout` measures the rollout fleet")
-    bench.add_argument("what", choices=["rollout"])
+    bench = sub.add_parser(
+        "bench", help="`bench rollout`: the rollout fleet vs raw vLLM; `bench memory`: learner "
+        "memory per algorithm",
+    )
+    bench.add_argument("what", choices=["rollout", "memory"])
     bench.add_argument("items", nargs="*", metavar="CONFIG.yaml | key=value")
     bench.set_defaults(func=cmd_bench)
+    comp = sub.add_parser(
+        "compare", help="run several algorithm configs over seeds; plot reward vs samples"
+    )
+    comp.add_argument(
+        "items", nargs="*", metavar="CONFIG.yaml | key=value",
+        help="configs to compare (default: deploy/configs/{default,grpo,rloo,spr}.yaml); "
+        "overrides apply to all",
+    )
+    comp.add_argument("--seeds", default="0,1", help="comma-separated seeds (default 0,1)")
+    comp.add_argument("--out", default="runs/compare", help="output directory")
+    comp.set_defaults(func=cmd_compare)
     return parser
 
 
