@@ -46,44 +46,43 @@ class CriticFreeLearner(LearnerBase):
         algo = self.algo
         ctx = self.prepare(scored)
         rewards = group_rewards(scored)
-        totals: dict[str, float] = {}
+        extra: dict[str, float] = {}
         if algo.name in ("spr", "best_of_n"):
             if algo.name == "spr":
-                weights = spr_weights(rewards, algo.beta, algo.max_weight)
+                weights = spr_weights(rewards, algo.beta, algo.max_weight).reshape(-1)
             else:
-                weights = best_of_n_weights(rewards)
-            weights = weights.reshape(-1)
-            for chunk in self.minibatches(len(scored)):
-                mb = ctx.batch.select(chunk)
-                logp, entropy = self.net.logprobs(mb, with_entropy=True)
-                loss = weighted_nll(logp, mb.mask, weights[chunk], algo.length_normalize)
-                grad_norm = self.step(loss, self.policy_params, self.policy_opt)
-                accumulate(totals, {
-                    "policy_loss": loss, "entropy": masked_mean(entropy, mb.mask),
-                    "grad_norm": grad_norm,
-                })
-            return self.finish(ctx, totals, start, weight_max=float(weights.max()))
+                weights = best_of_n_weights(rewards).reshape(-1)
+            extra["weight_max"] = float(weights.max())
 
-        if algo.kl_mode == "reward":  # RLOO-style: the sequence KL lowers the score
-            seq_kl = (kl_penalty(ctx.old_logp, ctx.ref_logp, "k1") * ctx.batch.mask).sum(-1)
-            rewards = rewards - algo.kl_coef * seq_kl.view_as(rewards)
-        if algo.name == "grpo":
-            advantages = grpo_advantages(rewards, scale_by_std=algo.grpo_scale_by_std)
+            def objective(mb, chunk, logp):
+                return weighted_nll(logp, mb.mask, weights[chunk], algo.length_normalize), {}
         else:
-            advantages = rloo_advantages(rewards)
-        advantages = advantages.reshape(-1)
+            if algo.kl_mode == "reward":  # RLOO-style: the sequence KL lowers the score
+                seq_kl = (kl_penalty(ctx.old_logp, ctx.ref_logp, "k1") * ctx.batch.mask).sum(-1)
+                rewards = rewards - algo.kl_coef * seq_kl.view_as(rewards)
+            if algo.name == "grpo":
+                advantages = grpo_advantages(rewards, scale_by_std=algo.grpo_scale_by_std)
+            else:
+                advantages = rloo_advantages(rewards)
+            advantages = advantages.reshape(-1)
+
+            def objective(mb, chunk, logp):
+                loss, clip_frac, approx_kl = sequence_advantage_loss(
+                    logp, ctx.old_logp[chunk], advantages[chunk], mb.mask, algo.clip_eps
+                )
+                if algo.kl_mode == "loss":
+                    kl = masked_mean(kl_penalty(logp, ctx.ref_logp[chunk], "k3"), mb.mask)
+                    loss = loss + algo.kl_coef * kl
+                return loss, {"clip_fraction": clip_frac, "approx_kl": approx_kl}
+
+        totals: dict[str, float] = {}
         for chunk in self.minibatches(len(scored)):
             mb = ctx.batch.select(chunk)
             logp, entropy = self.net.logprobs(mb, with_entropy=True)
-            loss, clip_frac, approx_kl = sequence_advantage_loss(
-                logp, ctx.old_logp[chunk], advantages[chunk], mb.mask, algo.clip_eps
-            )
-            if algo.kl_mode == "loss":
-                kl = masked_mean(kl_penalty(logp, ctx.ref_logp[chunk], "k3"), mb.mask)
-                loss = loss + algo.kl_coef * kl
+            loss, metrics = objective(mb, chunk, logp)
             grad_norm = self.step(loss, self.policy_params, self.policy_opt)
             accumulate(totals, {
                 "policy_loss": loss, "entropy": masked_mean(entropy, mb.mask),
-                "clip_fraction": clip_frac, "approx_kl": approx_kl, "grad_norm": grad_norm,
+                "grad_norm": grad_norm, **metrics,
             })
-        return self.finish(ctx, totals, start)
+        return self.finish(ctx, totals, start, **extra)

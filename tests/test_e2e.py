@@ -21,16 +21,20 @@ WINDOW = 10
 MIN_REWARD_GAIN = 0.07
 
 
+def run_short_job(config: str, tmp_path, checkpoint_every: int):
+    """`ITERATIONS` iterations of a shipped config, evaluated at the start and the end only."""
+    cfg = load_train_config(config, [
+        f"run_dir={tmp_path / 'run'}", f"iterations={ITERATIONS}",
+        f"checkpoint_every={checkpoint_every}", "eval_every=0",
+    ])
+    return cfg, Trainer(cfg).run()
+
+
 def test_default_job_reward_rises(ray_cluster, tmp_path, tiny_model_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    cfg = load_train_config(
-        "deploy/configs/default.yaml",
-        [f"run_dir={tmp_path / 'run'}", f"iterations={ITERATIONS}", "checkpoint_every=10",
-         "eval_every=0"],
-    )
-    run_dir = Trainer(cfg).run()
+    cfg, run_dir = run_short_job("deploy/configs/default.yaml", tmp_path, checkpoint_every=10)
 
     rows = read_metrics(run_dir)
     assert [r["iteration"] for r in rows] == list(range(ITERATIONS))
@@ -69,12 +73,7 @@ SPR_MIN_REWARD_GAIN = 0.07
 
 
 def test_spr_job_reward_rises(ray_cluster, tmp_path):
-    cfg = load_train_config(
-        "deploy/configs/spr.yaml",
-        [f"run_dir={tmp_path / 'spr'}", f"iterations={ITERATIONS}", "checkpoint_every=0",
-         "eval_every=0"],
-    )
-    run_dir = Trainer(cfg).run()
+    _, run_dir = run_short_job("deploy/configs/spr.yaml", tmp_path, checkpoint_every=0)
     rows = read_metrics(run_dir)
     assert all(r["value_loss"] is None and r["weight_max"] <= 4.0 for r in rows)
     assert_reward_rises(rows, SPR_MIN_REWARD_GAIN)
