@@ -120,10 +120,12 @@ def one_variant(variant: str, model_path: str, steps: int = 3) -> dict:
 
 
 def _full_ppo_update(model_path: str, scored, pad: int):
-    """Full-parameter PPO: policy, value (+ head) and reference are three full model copies."""
+    """Full-parameter PPO: policy, value (+ head) and reference are three full model copies;
+    same losses and default hyper-parameters as PPOLearner."""
     import torch
     from transformers import AutoModelForCausalLM
 
+    from ..common.config import AlgoConfig
     from ..learner.algorithms.ppo import (
         gae_advantages,
         masked_whiten,
@@ -131,7 +133,7 @@ def _full_ppo_update(model_path: str, scored, pad: int):
         ppo_value_loss,
         token_rewards,
     )
-    from ..learner.model import _gather_positions, _token_logprobs, collate_scored
+    from ..learner.model import collate_scored, gather_positions, token_logprobs
 
     def load():
         return AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
@@ -143,26 +145,29 @@ def _full_ppo_update(model_path: str, scored, pad: int):
     value_opt = torch.optim.AdamW([*value.parameters(), *head.parameters()], lr=1e-5)
     batch = collate_scored(scored, pad)
     scores = torch.tensor([s.reward for s in scored])
+    algo = AlgoConfig()
 
     def values_of() -> torch.Tensor:
         hidden = value.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
-        return head(_gather_positions(hidden.last_hidden_state, batch.positions)).squeeze(-1)
+        return head(gather_positions(hidden.last_hidden_state, batch.positions)).squeeze(-1)
 
     def logp_of(model) -> torch.Tensor:
         logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-        return _token_logprobs(logits, batch, False)
+        return token_logprobs(logits, batch, False)
 
     def update() -> None:
         with torch.no_grad():
             old_logp, ref_logp, old_values = logp_of(policy), logp_of(reference), values_of()
-            rewards = token_rewards(scores, old_logp - ref_logp, batch.mask, 0.02)
-            adv, returns = gae_advantages(rewards, old_values, batch.mask, 1.0, 0.95)
+            rewards = token_rewards(scores, old_logp - ref_logp, batch.mask, algo.kl_coef)
+            adv, returns = gae_advantages(rewards, old_values, batch.mask, algo.gamma, algo.lam)
             adv = masked_whiten(adv, batch.mask)
-        loss, _, _ = ppo_policy_loss(logp_of(policy), old_logp, adv, batch.mask, 0.2)
+        loss, _, _ = ppo_policy_loss(logp_of(policy), old_logp, adv, batch.mask, algo.clip_eps)
         policy_opt.zero_grad(set_to_none=True)
         loss.backward()
         policy_opt.step()
-        v_loss, _ = ppo_value_loss(values_of(), old_values, returns, batch.mask, 0.2)
+        v_loss, _ = ppo_value_loss(
+            values_of(), old_values, returns, batch.mask, algo.value_clip_eps
+        )
         value_opt.zero_grad(set_to_none=True)
         v_loss.backward()
         value_opt.step()

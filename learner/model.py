@@ -63,7 +63,7 @@ def collate_scored(scored: list[ScoredRollout], pad_id: int) -> TokenBatch:
     )
 
 
-def _gather_positions(x: Tensor, positions: Tensor) -> Tensor:
+def gather_positions(x: Tensor, positions: Tensor) -> Tensor:
     """x: [B, L, ...] -> [B, T, ...] at the response positions."""
     index = positions.view(*positions.shape, *([1] * (x.dim() - 2))).expand(
         -1, -1, *x.shape[2:]
@@ -117,7 +117,7 @@ class PolicyValueModel:
         """Log-probs of the response tokens under the active policy adapter ([B, T])."""
         self.model.set_adapter(POLICY)
         logits = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-        return _token_logprobs(logits, batch, with_entropy)
+        return token_logprobs(logits, batch, with_entropy)
 
     @torch.no_grad()
     def reference_logprobs(self, batch: TokenBatch) -> Tensor:
@@ -125,7 +125,7 @@ class PolicyValueModel:
             logits = self.model(
                 input_ids=batch.input_ids, attention_mask=batch.attention_mask
             ).logits
-        return _token_logprobs(logits, batch, False)
+        return token_logprobs(logits, batch, False)
 
     def values(self, batch: TokenBatch) -> Tensor:
         """V(state before response token k) from the value adapter + head ([B, T])."""
@@ -135,7 +135,7 @@ class PolicyValueModel:
         hidden = self._decoder()(
             input_ids=batch.input_ids, attention_mask=batch.attention_mask
         ).last_hidden_state
-        return self.value_head(_gather_positions(hidden, batch.positions)).squeeze(-1)
+        return self.value_head(gather_positions(hidden, batch.positions)).squeeze(-1)
 
     def snapshot(self, name: str, version: int) -> AdapterSnapshot:
         from peft import get_peft_model_state_dict
@@ -146,8 +146,8 @@ class PolicyValueModel:
         return AdapterSnapshot(version=version, peft_config=config, tensors=tensors)
 
 
-def _token_logprobs(logits: Tensor, batch: TokenBatch, with_entropy: bool):
-    picked = _gather_positions(logits, batch.positions).float()  # [B, T, V]
+def token_logprobs(logits: Tensor, batch: TokenBatch, with_entropy: bool):
+    picked = gather_positions(logits, batch.positions).float()  # [B, T, V]
     log_probs = torch.log_softmax(picked, dim=-1)
     token_logp = log_probs.gather(-1, batch.response_ids.unsqueeze(-1)).squeeze(-1)
     if not with_entropy:
