@@ -1,4 +1,4 @@
-"""`lorafleet` command line: train, compare, bench."""
+"""`lorafleet` command line: train, compare, bench, make-data."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from ..common.configio import ConfigError
+from ..common.corpora import DatasetError
 
 
 def _split_config_and_overrides(items: list[str]) -> tuple[str | None, list[str]]:
@@ -50,6 +51,18 @@ def cmd_compare(args: argparse.Namespace) -> None:
     compare(configs, seeds, overrides, args.out)
 
 
+def cmd_make_data(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from ..common.config import load_train_config
+    from ..common.corpora import write_jsonl
+
+    path, overrides = _split_config_and_overrides(args.items)
+    task = load_train_config(path, overrides).task
+    rows = task.sft_rows(args.split) if args.kind == "sft" else task.preference_rows(args.split)
+    print(f"wrote {len(rows)} {args.kind} rows to {write_jsonl(rows, Path(args.out))}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lorafleet", description="RL fine-tuning of language models with LoRA on Ray."
@@ -78,6 +91,16 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--seeds", default="0,1", help="comma-separated seeds (default 0,1)")
     comp.add_argument("--out", default="runs/compare", help="output directory")
     comp.set_defaults(func=cmd_compare)
+    data = sub.add_parser(
+        "make-data", help="write the task's SFT pairs or preference pairs as JSONL (the format "
+        "the sft / dpo stages read)",
+    )
+    data.add_argument("kind", choices=["sft", "preferences"])
+    data.add_argument("out", help="output .jsonl path")
+    data.add_argument("--split", default="train", choices=["train", "eval"])
+    data.add_argument("items", nargs="*", metavar="CONFIG.yaml | key=value",
+                      help="the task comes from this config (default: the default task)")
+    data.set_defaults(func=cmd_make_data)
     return parser
 
 
@@ -87,6 +110,9 @@ def main(argv: list[str] | None = None) -> None:
         args.func(args)
     except ConfigError as exc:
         print(f"lorafleet: config error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except DatasetError as exc:
+        print(f"lorafleet: dataset error: {exc}", file=sys.stderr)
         sys.exit(2)
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Literal
 
 from .configio import ConfigError, load_config
+from .corpora import DatasetConfig
 from .tasks import AdditionTask
 from .tiny_model import TinyModelSpec
 
@@ -100,12 +101,42 @@ class AlgoConfig:
     grpo_scale_by_std: bool = True  # grpo: False = mean baseline only (Dr. GRPO)
     beta: float = 0.5  # spr temperature: -> 0 is best-of-N SFT, -> inf is plain SFT
     max_weight: float | None = 4.0  # spr: clip sample weights (None: no clipping)
+    # spr: "group" normalises each prompt's weights over its n samples; "learned" fits V(x)
+    # (LoRA + scalar head regression on the rewards, AWR-style) for w = exp((r - V(x)) / beta),
+    # the paper's variant for one sample per prompt.
+    spr_normalizer: Literal["group", "learned"] = "group"
     length_normalize: bool = False  # spr / best_of_n: per-token mean log-likelihood
     max_grad_norm: float = 1.0
 
     def validate(self) -> None:
         if self.beta <= 0:
             raise ConfigError(f"algo.beta must be > 0, got {self.beta}")
+
+
+@dataclass
+class SFTConfig:
+    """The `sft` stage: supervised fine-tuning of the policy adapter on prompt/response rows."""
+
+    data: DatasetConfig = field(default_factory=DatasetConfig)
+    epochs: int = 3
+    batch_size: int = 32
+    lr: float = 1e-3
+
+
+@dataclass
+class DPOConfig:
+    """The `dpo` stage: offline preference optimisation; the reference is the base model with
+    the adapters off (no second model copy)."""
+
+    data: DatasetConfig = field(default_factory=DatasetConfig)
+    epochs: int = 1
+    batch_size: int = 32
+    lr: float = 2e-3
+    beta: float = 0.5
+
+    def validate(self) -> None:
+        if self.beta <= 0:
+            raise ConfigError(f"dpo.beta must be > 0, got {self.beta}")
 
 
 @dataclass
@@ -128,20 +159,34 @@ class TrainConfig:
     prompts_per_iteration: int = 64
     eval_every: int = 10  # greedy accuracy on the held-out split; 0 = only at start and end
     checkpoint_every: int = 10
+    # Stages run in order on the same adapter, with a held-out evaluation after each: "sft"
+    # (section sft), "dpo" (section dpo), "rl" (`iterations` of algo.name), e.g. [sft, rl].
+    stages: list[Literal["sft", "dpo", "rl"]] = field(default_factory=lambda: ["rl"])
     task: AdditionTask = field(default_factory=AdditionTask)
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     algo: AlgoConfig = field(default_factory=AlgoConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
     learner: LearnerConfig = field(default_factory=LearnerConfig)
     ray: RayConfig = field(default_factory=RayConfig)
 
     def validate(self) -> None:
         if self.iterations < 1 or self.prompts_per_iteration < 1:
             raise ConfigError("iterations and prompts_per_iteration must be >= 1")
+        if not self.stages:
+            raise ConfigError("stages is empty; allowed entries: sft, dpo, rl")
         if self.algo.name == "rloo" and self.rollout.samples_per_prompt < 2:
             raise ConfigError("algo.name=rloo needs rollout.samples_per_prompt >= 2")
+        if (self.algo.name, self.algo.spr_normalizer, self.rollout.samples_per_prompt) == (
+            "spr", "group", 1
+        ):
+            raise ConfigError(
+                "algo.name=spr with rollout.samples_per_prompt=1 gives every sample weight 1 "
+                "(plain SFT); use algo.spr_normalizer=learned or samples_per_prompt >= 2"
+            )
 
 
 def load_train_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:

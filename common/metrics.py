@@ -17,9 +17,14 @@ class MetricsSink:
             f.write(json.dumps(row) + "\n")
 
 
-def read_metrics(run_dir: Path) -> list[dict]:
-    with (run_dir / "metrics.jsonl").open() as f:
-        return [json.loads(line) for line in f if line.strip()]
+def read_metrics(run_dir: Path, stage: str = "rl") -> list[dict]:
+    """The rows one stage logged (RL iterations by default; rows predating stages count as rl)."""
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    with path.open() as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    return [r for r in rows if r.get("stage", "rl") == stage]
 
 
 def summarize(rows: list[dict], window: int = 10) -> dict[str, float]:

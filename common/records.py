@@ -126,3 +126,34 @@ class TrainStats:
     value_loss: float | None = None  # PPO only
     value_clip_fraction: float | None = None
     weight_max: float | None = None  # SPR / best-of-N: largest sample weight (after clipping)
+
+
+@dataclass(frozen=True)
+class SFTExample:
+    """A tokenised prompt/response row of an SFT stage; `index` is its row in the source."""
+
+    index: int
+    prompt_ids: list[int]
+    response_ids: list[int]  # ends with EOS
+
+
+@dataclass(frozen=True)
+class PreferencePair:
+    """A tokenised preference row (DPO, reward-model training)."""
+
+    index: int
+    prompt_ids: list[int]
+    chosen_ids: list[int]
+    rejected_ids: list[int]
+
+
+@dataclass(frozen=True)
+class OfflineStats:
+    """One optimiser step of an offline stage (SFT or DPO) on one minibatch."""
+
+    adapter_version: int  # the version this step produced
+    loss: float
+    grad_norm: float
+    rows: int
+    preference_accuracy: float | None = None  # DPO: share of pairs with a positive margin
+    reward_margin: float | None = None  # DPO: mean beta * log-ratio margin, chosen - rejected

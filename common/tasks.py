@@ -51,7 +51,27 @@ class AdditionTask:
         """The noisy teacher's answer to `example` (fresh noise on every call)."""
         if rng.random() >= self.demo_error_rate:
             return example.answer
+        return self.near_miss(example, rng)
+
+    def near_miss(self, example: TaskExample, rng: random.Random) -> str:
+        """The noisy teacher's slip: off by 1 or 10 (|5 - 10| = 5 is the one slip that lands on
+        the gold answer; kept, since the embedded model's recipe depends on it)."""
         return str(abs(int(example.answer) + rng.choice((-10, -1, 1, 10))))
+
+    def sft_rows(self, split: str) -> list[dict[str, str]]:
+        """A prompt/response dataset with the gold answers (the `sft.data.path=task` stage)."""
+        return [{"prompt": ex.prompt, "response": ex.answer} for ex in self.examples(split)]
+
+    def preference_rows(self, split: str, seed: int = 0) -> list[dict[str, str]]:
+        """Preference pairs: chosen = gold answer, rejected = a seeded near miss."""
+        rng = random.Random(seed)
+        rows = []
+        for ex in self.examples(split):
+            rejected = self.near_miss(ex, rng)
+            if rejected == ex.answer:
+                rejected = str(int(ex.answer) + 1)
+            rows.append({"prompt": ex.prompt, "chosen": ex.answer, "rejected": rejected})
+        return rows
 
     def tokenizer_corpus(self) -> Iterator[str]:
         """Every string the tokenizer must cover (prompts and answers of both splits)."""

@@ -11,7 +11,16 @@ import torch
 from torch import Tensor
 
 from ..common.config import AlgoConfig, LoRAConfig
-from ..common.records import AdapterSnapshot, ProbeResult, ScoredRollout, TrainStats
+from ..common.records import (
+    AdapterSnapshot,
+    OfflineStats,
+    PreferencePair,
+    ProbeResult,
+    ScoredRollout,
+    SFTExample,
+    TrainStats,
+)
+from .algorithms.critic_free import dpo_loss
 from .algorithms.ppo import kl_penalty, masked_mean
 from .model import POLICY, VALUE, PolicyValueModel, TokenBatch, collate, collate_scored
 
@@ -46,7 +55,10 @@ class LearnerBase:
         self.pad_id = pad_token_id
         self.net = PolicyValueModel(model_path, lora, DTYPES[dtype], seed, self.with_value)
         self.policy_params = self.net.adapter_parameters(POLICY)
-        self.policy_opt = torch.optim.AdamW(self.policy_params, lr=algo.policy_lr, weight_decay=0)
+        self.start_stage(algo.policy_lr)
+        if self.with_value:
+            self.value_params = self.net.adapter_parameters(VALUE)
+            self.value_opt = torch.optim.AdamW(self.value_params, lr=algo.value_lr, weight_decay=0)
         self.generator = torch.Generator().manual_seed(seed)
         self.version = 0  # the adapter the policy weights are at; bumped by every update
 
@@ -75,6 +87,41 @@ class LearnerBase:
                 )
             worst = max(worst, gap)
         return worst
+
+    def start_stage(self, lr: float) -> None:
+        """A fresh policy optimiser: each stage (sft, dpo, rl) starts its own Adam moments."""
+        self.policy_opt = torch.optim.AdamW(self.policy_params, lr=lr, weight_decay=0)
+
+    # -- offline stages: one optimiser step per call, on one minibatch ----------------------
+    def sft_step(self, examples: list[SFTExample]) -> OfflineStats:
+        """Token-mean negative log-likelihood of the responses under the policy adapter."""
+        batch = collate(
+            [e.prompt_ids for e in examples], [e.response_ids for e in examples], self.pad_id
+        )
+        loss = -masked_mean(self.net.logprobs(batch), batch.mask)
+        grad_norm = self.step(loss, self.policy_params, self.policy_opt)
+        self.version += 1
+        return OfflineStats(self.version, loss.item(), float(grad_norm), len(examples))
+
+    def dpo_step(self, pairs: list[PreferencePair], beta: float) -> OfflineStats:
+        """DPO against the adapter-off reference: chosen and rejected rows in one forward."""
+        batch = collate(
+            [p.prompt_ids for p in pairs] * 2,
+            [p.chosen_ids for p in pairs] + [p.rejected_ids for p in pairs], self.pad_id,
+        )
+        seq_logp = (self.net.logprobs(batch) * batch.mask).sum(-1)
+        ref_seq_logp = (self.net.reference_logprobs(batch) * batch.mask).sum(-1)
+        n = len(pairs)
+        loss, margin = dpo_loss(
+            seq_logp[:n], seq_logp[n:], ref_seq_logp[:n], ref_seq_logp[n:], beta
+        )
+        grad_norm = self.step(loss, self.policy_params, self.policy_opt)
+        self.version += 1
+        return OfflineStats(
+            self.version, loss.item(), float(grad_norm), n,
+            preference_accuracy=float((margin > 0).float().mean()),
+            reward_margin=float(margin.mean()),
+        )
 
     # -- shared pieces of an update -----------------------------------------------------------
     @torch.no_grad()

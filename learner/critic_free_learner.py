@@ -10,6 +10,7 @@ import torch
 
 from ..common.records import ScoredRollout, TrainStats
 from .algorithms.critic_free import (
+    awr_weights,
     best_of_n_weights,
     grpo_advantages,
     rloo_advantages,
@@ -18,7 +19,8 @@ from .algorithms.critic_free import (
     weighted_nll,
 )
 from .algorithms.ppo import kl_penalty, masked_mean
-from .base import LearnerBase, accumulate
+from .base import BatchContext, LearnerBase, accumulate
+from .model import TokenBatch
 
 
 def group_rewards(scored: list[ScoredRollout]) -> torch.Tensor:
@@ -48,10 +50,7 @@ class CriticFreeLearner(LearnerBase):
         rewards = group_rewards(scored)
         extra: dict[str, float] = {}
         if algo.name in ("spr", "best_of_n"):
-            if algo.name == "spr":
-                weights = spr_weights(rewards, algo.beta, algo.max_weight).reshape(-1)
-            else:
-                weights = best_of_n_weights(rewards).reshape(-1)
+            weights = self.sample_weights(ctx, rewards)
             extra["weight_max"] = float(weights.max())
 
             def objective(mb, chunk, logp):
@@ -83,6 +82,38 @@ class CriticFreeLearner(LearnerBase):
             grad_norm = self.step(loss, self.policy_params, self.policy_opt)
             accumulate(totals, {
                 "policy_loss": loss, "entropy": masked_mean(entropy, mb.mask),
-                "grad_norm": grad_norm, **metrics,
+                "grad_norm": grad_norm, **metrics, **self.fit_normalizer(mb, ctx.scores[chunk]),
             })
         return self.finish(ctx, totals, start, **extra)
+
+    def sample_weights(self, ctx: BatchContext, rewards: torch.Tensor) -> torch.Tensor:
+        """SPR / best-of-N weights per sample ([batch], prompt-major)."""
+        if self.algo.name == "best_of_n":
+            return best_of_n_weights(rewards).reshape(-1)
+        return spr_weights(rewards, self.algo.beta, self.algo.max_weight).reshape(-1)
+
+    def fit_normalizer(self, mb: TokenBatch, rewards: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Hook for a learned normaliser's regression step; group normalisation has none."""
+        return {}
+
+
+class LearnedNormalizerSPRLearner(CriticFreeLearner):
+    """SPR with one sample per prompt: V(x) from a value LoRA + scalar head, regressed on the
+    rewards, replaces the group normaliser. Weights use V as fitted on earlier batches (a
+    baseline independent of the sample it weighs); V is then fitted on this batch."""
+
+    with_value = True
+
+    def prompt_values(self, batch: TokenBatch) -> torch.Tensor:
+        """V(x): the value at the position that predicts the first response token ([B])."""
+        return self.net.values(batch)[:, 0]
+
+    def sample_weights(self, ctx: BatchContext, rewards: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            values = self.prompt_values(ctx.batch)
+        return awr_weights(rewards.reshape(-1), values, self.algo.beta, self.algo.max_weight)
+
+    def fit_normalizer(self, mb: TokenBatch, rewards: torch.Tensor) -> dict[str, torch.Tensor]:
+        loss = torch.nn.functional.mse_loss(self.prompt_values(mb), rewards)
+        self.step(loss, self.value_params, self.value_opt)
+        return {"value_loss": loss}

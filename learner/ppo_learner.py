@@ -22,18 +22,10 @@ from .algorithms.ppo import (
     token_rewards,
 )
 from .base import LearnerBase, accumulate
-from .model import VALUE
 
 
 class PPOLearner(LearnerBase):
     with_value = True
-
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.value_params = self.net.adapter_parameters(VALUE)
-        self.value_opt = torch.optim.AdamW(
-            self.value_params, lr=self.algo.value_lr, weight_decay=0
-        )
 
     def train_step(self, scored: list[ScoredRollout]) -> TrainStats:
         start = time.perf_counter()

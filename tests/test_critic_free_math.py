@@ -10,6 +10,7 @@ import torch
 from torch.testing import assert_close
 
 from lorafleet.learner.algorithms.critic_free import (
+    awr_weights,
     best_of_n_weights,
     dpo_loss,
     grpo_advantages,
@@ -77,14 +78,25 @@ def test_weighted_nll():
 
 def test_dpo_loss():
     # margin = 0.5 * ((-1 - -2) - (-3 - -2)) = 0.5 * (1 + 1) = 1 -> -log sigmoid(1) = 0.31326
-    loss, acc = dpo_loss(torch.tensor([-1.0]), torch.tensor([-3.0]), torch.tensor([-2.0]),
-                         torch.tensor([-2.0]), beta=0.5)
+    loss, margin = dpo_loss(torch.tensor([-1.0]), torch.tensor([-3.0]), torch.tensor([-2.0]),
+                            torch.tensor([-2.0]), beta=0.5)
     assert_close(loss, torch.tensor(0.31326), atol=1e-5, rtol=0)
-    assert acc.item() == 1.0
+    assert_close(margin, torch.tensor([1.0]))
     # equal policy and reference: margin 0 -> log 2
-    loss, acc = dpo_loss(*(torch.tensor([-1.0]),) * 4, beta=0.1)
+    loss, margin = dpo_loss(*(torch.tensor([-1.0]),) * 4, beta=0.1)
     assert_close(loss, torch.tensor(math.log(2)))
-    assert acc.item() == 0.0
+    assert margin.item() == 0.0
+
+
+def test_awr_weights_hand_computed():
+    rewards = torch.tensor([1.0, 0.0, 1.0])
+    values = torch.tensor([0.5, 0.5, 1.0])
+    # exp((1 - .5) / .5) = e, exp(-.5 / .5) = 1/e, exp(0) = 1
+    assert_close(awr_weights(rewards, values, beta=0.5), torch.tensor([math.e, 1 / math.e, 1.0]))
+    # clipping caps only the large weight; a learned V equal to r gives weight 1 (plain SFT)
+    assert_close(awr_weights(rewards, values, 0.5, max_weight=2.0),
+                 torch.tensor([2.0, 1 / math.e, 1.0]))
+    assert_close(awr_weights(rewards, rewards, 0.1), torch.ones(3))
 
 
 def test_sequence_advantage_loss_broadcasts_over_tokens():

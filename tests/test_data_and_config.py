@@ -36,6 +36,19 @@ def test_overrides_and_errors_name_the_key():
         load_train_config(None, ["lora.rank=12"])
 
 
+def test_stage_chain_config_and_its_errors():
+    cfg = load_train_config(None, ["stages=[sft, dpo, rl]", "sft.data.path=my.jsonl"])
+    assert cfg.stages == ["sft", "dpo", "rl"] and cfg.sft.data.path == "my.jsonl"
+    with pytest.raises(ConfigError, match="stages.*'sft', 'dpo', 'rl'"):
+        load_train_config(None, ["stages=[sft, ppo]"])
+    with pytest.raises(ConfigError, match="stages is empty"):
+        load_train_config(None, ["stages=[]"])
+    with pytest.raises(ConfigError, match="spr_normalizer=learned"):
+        load_train_config(None, ["algo.name=spr", "rollout.samples_per_prompt=1"])
+    with pytest.raises(ConfigError, match="dpo.beta"):
+        load_train_config(None, ["dpo.beta=0"])
+
+
 def test_addition_task_splits_are_disjoint_and_correct():
     task = AdditionTask(max_operand=9)
     train, held_out = task.examples("train"), task.examples("eval")

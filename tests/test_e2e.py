@@ -4,6 +4,7 @@ in-memory LoRA swaps, reward pool, PEFT learner. The reward must clearly rise.""
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
@@ -101,3 +102,31 @@ def hf_greedy_reward(model, cfg, model_path: str) -> float:
             texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
             correct += sum(t.strip() == e.answer for t, e in zip(texts, chunk, strict=True))
     return correct / len(examples)
+
+
+# deploy/configs/sft_spr.yaml's SFT stage (3 epochs on the gold answers) measured held-out
+# sampled reward 0.235 -> 0.404 (greedy 0.472 -> 0.548).
+SFT_MIN_EVAL_GAIN = 0.08
+
+
+def test_sft_then_spr_chain_from_one_config(ray_cluster, tmp_path):
+    cfg = load_train_config("deploy/configs/sft_spr.yaml", [
+        f"run_dir={tmp_path / 'run'}", "iterations=6", "eval_every=0", "checkpoint_every=0",
+    ])
+    run_dir = Trainer(cfg).run()
+    sft_rows, rl_rows = read_metrics(run_dir, "sft"), read_metrics(run_dir)
+    steps_per_epoch = math.ceil(len(cfg.task.examples("train")) / cfg.sft.batch_size)
+    assert len(sft_rows) == cfg.sft.epochs * steps_per_epoch
+    assert sum(r["rows"] for r in sft_rows) == cfg.sft.epochs * len(cfg.task.examples("train"))
+    assert sft_rows[-1]["loss"] < sft_rows[0]["loss"]
+    # One adapter through the chain: SPR's first update trains the version SFT ended at.
+    assert [r["adapter_version"] for r in rl_rows] == [
+        sft_rows[-1]["adapter_version"] + i for i in range(6)
+    ]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    evals = {row["stage"]: row for row in summary["stage_evals"]}
+    assert list(evals) == ["start", "sft", "rl"]
+    gain = evals["sft"]["eval_reward"] - evals["start"]["eval_reward"]
+    assert gain > SFT_MIN_EVAL_GAIN, f"SFT stage moved held-out reward by {gain:.3f}"
+    assert summary["final_eval_reward"] == evals["rl"]["eval_reward"]
+    assert (run_dir / "checkpoints" / "stage1_sft" / "adapter_model.safetensors").exists()

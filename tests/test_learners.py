@@ -55,3 +55,51 @@ def test_learner_prefers_rewarded_samples(name, tiny_model_path, tokenizer):
     if name in ("spr", "best_of_n"):
         assert stats.weight_max == (2.0 if name == "best_of_n" else pytest.approx(1.7616, abs=1e-3))
         # spr: 2 * softmax([1, 0] / 0.5)[0] = 2 * e^2 / (e^2 + 1) = 1.7616
+
+
+def make_learner(name, tiny_model_path, tokenizer, **algo):
+    return learner_class(name, algo.get("spr_normalizer", "group"))(
+        tiny_model_path, LoRAConfig(), AlgoConfig(name=name, minibatch_size=32, **algo),
+        dtype="float32", seed=0, threads=2, pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def test_single_sample_spr_learns_its_normaliser(tiny_model_path, tokenizer):
+    """N=1: each prompt's one sample is weighted by exp((r - V(x)) / beta) with a learned V."""
+    learner = make_learner("spr", tiny_model_path, tokenizer, spr_normalizer="learned")
+    assert learner.net.value_head is not None
+
+    def single():  # the rewarded sample of each prompt, as if N=1
+        batch = contrast_batch(tokenizer, learner.version)
+        return [s for s in batch if s.rollout.sample_index == 0]
+
+    rows = collate_scored(single(), tokenizer.pad_token_id)
+    with torch.no_grad():
+        v_before = float(learner.prompt_values(rows).mean())
+    before = margin(learner, tokenizer)
+    for _ in range(3):
+        stats = learner.train_step(single())
+    # V regresses towards the reward of 1.0, so the weights exp((1 - V) / 0.5) shrink
+    with torch.no_grad():
+        v_after = float(learner.prompt_values(rows).mean())
+    assert abs(1.0 - v_after) < abs(1.0 - v_before), (v_before, v_after)
+    assert stats.value_loss is not None and stats.weight_max <= 4.0
+    assert margin(learner, tokenizer) > before
+
+
+def test_sft_and_dpo_steps(tiny_model_path, tokenizer):
+    from lorafleet.common.corpora import DatasetConfig, load_preferences, load_sft
+
+    task = AdditionTask()
+    learner = make_learner("spr", tiny_model_path, tokenizer)
+    examples = load_sft(DatasetConfig(max_rows=32), task, tokenizer, 64).items
+    losses = [learner.sft_step(examples).loss for _ in range(5)]
+    assert losses[-1] < losses[0] and learner.version == 5
+    # DPO: the preference margin against the adapter-off reference grows from 0
+    pairs = load_preferences(DatasetConfig(max_rows=32), task, tokenizer, 64).items
+    fresh = make_learner("spr", tiny_model_path, tokenizer)
+    fresh.start_stage(2e-3)
+    stats = [fresh.dpo_step(pairs, beta=0.5) for _ in range(5)]
+    assert stats[0].reward_margin == pytest.approx(0.0, abs=1e-6)  # adapter starts as identity
+    assert stats[-1].reward_margin > 0.05 and stats[-1].preference_accuracy > 0.5
+    assert stats[-1].loss < stats[0].loss

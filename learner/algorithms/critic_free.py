@@ -62,10 +62,20 @@ def dpo_loss(
     ref_rejected_logp: Tensor, beta: float,
 ) -> tuple[Tensor, Tensor]:
     """DPO (Rafailov et al. 2023) on sequence log-probs [batch]:
-    -log sigmoid(beta * ((pi_c - ref_c) - (pi_r - ref_r))). Returns (loss, reward accuracy)."""
+    -log sigmoid(m), m = beta * ((pi_c - ref_c) - (pi_r - ref_r)). Returns (loss, m detached);
+    the share of m > 0 is DPO's "reward accuracy"."""
     margin = beta * ((chosen_logp - ref_chosen_logp) - (rejected_logp - ref_rejected_logp))
     loss = -torch.nn.functional.logsigmoid(margin).mean()
-    return loss, (margin > 0).float().mean().detach()
+    return loss, margin.detach()
+
+
+def awr_weights(
+    rewards: Tensor, values: Tensor, beta: float, max_weight: float | None = None
+) -> Tensor:
+    """SPR with a learned normaliser (AWR, Peng et al. 2019): w = exp((r - V(x)) / beta),
+    optionally clipped; for one sample per prompt, where no group normalises the weights."""
+    weights = torch.exp((rewards - values.detach()) / beta)
+    return weights if max_weight is None else weights.clamp(max=max_weight)
 
 
 def sequence_advantage_loss(
