@@ -17,7 +17,8 @@ from pathlib import Path
 from ..common.config import load_train_config
 from ..common.data import PromptStream, encode_prompts
 from ..common.metrics import read_metrics
-from .trainer import Trainer, resolve_model
+from .fleet import resolve_model
+from .trainer import Trainer
 
 WARMUP_ITERATIONS = 2  # engine warm-up (first compiles, allocator growth) is not steady state
 

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from ..common.configio import ConfigError
 from ..common.corpora import DatasetError
+from .checkpoint import ResumeError
 
 
 def _split_config_and_overrides(items: list[str]) -> tuple[str | None, list[str]]:
@@ -27,7 +29,17 @@ def cmd_train(args: argparse.Namespace) -> None:
     from .trainer import Trainer
 
     path, overrides = _split_config_and_overrides(args.items)
-    Trainer(load_train_config(path, overrides)).run()
+    if args.resume is None:
+        Trainer(load_train_config(path, overrides)).run()
+        return
+    if path is not None:
+        raise ConfigError("--resume RUN_DIR takes the run's own config.yaml; give only "
+                          "key=value overrides (e.g. ray.address=...)")
+    run_dir = Path(args.resume)
+    if not (run_dir / "config.yaml").is_file():
+        raise ConfigError(f"--resume {run_dir}: no config.yaml there; not a run directory")
+    cfg = load_train_config(run_dir / "config.yaml", [*overrides, f"run_dir={run_dir}"])
+    Trainer(cfg, resume=True).run()
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
@@ -52,8 +64,6 @@ def cmd_compare(args: argparse.Namespace) -> None:
 
 
 def cmd_make_data(args: argparse.Namespace) -> None:
-    from pathlib import Path
-
     from ..common.config import load_train_config
     from ..common.corpora import write_jsonl
 
@@ -61,6 +71,13 @@ def cmd_make_data(args: argparse.Namespace) -> None:
     task = load_train_config(path, overrides).task
     rows = task.sft_rows(args.split) if args.kind == "sft" else task.preference_rows(args.split)
     print(f"wrote {len(rows)} {args.kind} rows to {write_jsonl(rows, Path(args.out))}")
+
+
+def cmd_validate(args: argparse.Namespace) -> None:
+    from .validate import validate
+
+    if not validate(args.paths):
+        sys.exit(1)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,6 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
         "train", help="run a training job (default: the embedded tiny-model PPO job)"
     )
     train.add_argument("items", nargs="*", metavar="CONFIG.yaml | key=value")
+    train.add_argument(
+        "--resume", metavar="RUN_DIR",
+        help="continue RUN_DIR from its last complete checkpoint (same data order)",
+    )
     train.set_defaults(func=cmd_train)
     bench = sub.add_parser(
         "bench", help="`bench rollout`: the rollout fleet vs raw vLLM; `bench memory`: learner "
@@ -101,6 +122,12 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("items", nargs="*", metavar="CONFIG.yaml | key=value",
                       help="the task comes from this config (default: the default task)")
     data.set_defaults(func=cmd_make_data)
+    check = sub.add_parser(
+        "validate", help="check `ray up` cluster YAMLs (Ray's validator) and KubeRay RayJob "
+        "manifests",
+    )
+    check.add_argument("paths", nargs="+", metavar="PATH")
+    check.set_defaults(func=cmd_validate)
     return parser
 
 
@@ -110,6 +137,9 @@ def main(argv: list[str] | None = None) -> None:
         args.func(args)
     except ConfigError as exc:
         print(f"lorafleet: config error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except ResumeError as exc:
+        print(f"lorafleet: cannot resume: {exc}", file=sys.stderr)
         sys.exit(2)
     except DatasetError as exc:
         print(f"lorafleet: dataset error: {exc}", file=sys.stderr)

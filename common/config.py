@@ -149,6 +149,19 @@ class LearnerConfig:
 class RayConfig:
     address: str | None = None  # None: $RAY_ADDRESS if set, else start a local cluster
     num_cpus: int | None = None  # for a local cluster; None = all cores
+    # Rollout and reward actors that die (preempted node, OOM) are restarted up to this many
+    # times each; lost work is re-sent (rollout workers get the current adapter first).
+    max_actor_restarts: int = 3
+
+
+@dataclass
+class LoggingConfig:
+    """metrics.jsonl is always written; these add sinks."""
+
+    rollouts_parquet: bool = False  # rollouts/stageK_iterNNNNN.parquet: prompt, response, reward
+    wandb: bool = False  # needs `pip install wandb`; offline mode when no API key is set
+    wandb_project: str = "lorafleet"
+    ray_metrics: bool = True  # ray.util.metrics gauges/counters for the dashboard/Prometheus
 
 
 @dataclass
@@ -172,6 +185,7 @@ class TrainConfig:
     dpo: DPOConfig = field(default_factory=DPOConfig)
     learner: LearnerConfig = field(default_factory=LearnerConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def validate(self) -> None:
         if self.iterations < 1 or self.prompts_per_iteration < 1:

@@ -8,13 +8,18 @@ from pathlib import Path
 
 
 class MetricsSink:
+    """Appends rows to run_dir/metrics.jsonl; `lines` counts the rows in the file (a resumed
+    run continues after the rows its checkpoint kept)."""
+
     def __init__(self, run_dir: Path) -> None:
         self.path = run_dir / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.lines = len(self.path.read_text().splitlines()) if self.path.exists() else 0
 
-    def log(self, row: dict[str, float | int | None]) -> None:
+    def log(self, row: dict) -> None:
         with self.path.open("a") as f:
             f.write(json.dumps(row) + "\n")
+        self.lines += 1
 
 
 def read_metrics(run_dir: Path, stage: str = "rl") -> list[dict]:

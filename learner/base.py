@@ -20,6 +20,7 @@ from ..common.records import (
     SFTExample,
     TrainStats,
 )
+from ..common.state_io import load_state, save_state
 from .algorithms.critic_free import dpo_loss
 from .algorithms.ppo import kl_penalty, masked_mean
 from .model import POLICY, VALUE, PolicyValueModel, TokenBatch, collate, collate_scored
@@ -65,6 +66,9 @@ class LearnerBase:
     # -- publishing and sync verification -------------------------------------------------
     def publish(self) -> AdapterSnapshot:
         return self.net.snapshot(POLICY, self.version)
+
+    def get_version(self) -> int:
+        return self.version
 
     @torch.no_grad()
     def check_probe(self, results: list[ProbeResult], tolerance: float) -> float:
@@ -185,6 +189,49 @@ class LearnerBase:
                 path / "value" / "value_head.safetensors",
             )
         return str(path)
+
+
+    def save_checkpoint(self, directory: str) -> str:
+        """Everything to continue training exactly: adapters (PEFT format), value head,
+        optimiser states, RNG states, the adapter version (safetensors + JSON, no pickle)."""
+        path = Path(self.save(directory))
+        state = {
+            "version": self.version,
+            "policy_opt": self.policy_opt.state_dict(),
+            "generator": self.generator.get_state(),
+            "torch_rng": torch.get_rng_state(),
+        }
+        if self.with_value:
+            state["value_opt"] = self.value_opt.state_dict()
+        save_state(state, path, "learner_state")
+        return str(path)
+
+    def load_checkpoint(self, directory: str) -> int:
+        """Restore a `save_checkpoint` directory; returns the adapter version it holds."""
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        path = Path(directory)
+        state = load_state(path, "learner_state")
+        adapters = [(POLICY, path)] + ([(VALUE, path / "value")] if self.with_value else [])
+        for name, adapter_dir in adapters:
+            result = set_peft_model_state_dict(
+                self.net.model, load_file(adapter_dir / "adapter_model.safetensors"),
+                adapter_name=name,
+            )
+            missing = [k for k in result.missing_keys if f".{name}." in k]
+            if missing:
+                raise ValueError(f"{adapter_dir}: adapter {name!r} lacks {missing[:3]}")
+        if self.with_value:
+            self.net.value_head.load_state_dict(
+                load_file(path / "value" / "value_head.safetensors")
+            )
+            self.value_opt.load_state_dict(state["value_opt"])
+        self.policy_opt.load_state_dict(state["policy_opt"])
+        self.generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        self.version = state["version"]
+        return self.version
 
 
 def accumulate(totals: dict[str, float], step: dict[str, Tensor]) -> None:

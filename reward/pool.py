@@ -42,7 +42,7 @@ class RewardPool:
     """Splits rollouts into batches and hands each to the next idle reward actor; results come
     back in input order."""
 
-    def __init__(self, actors: list, batch_size: int) -> None:
+    def __init__(self, actors: list, batch_size: int, on_pending=None) -> None:
         from ray.util import ActorPool
 
         if not actors:
@@ -50,10 +50,19 @@ class RewardPool:
         self.actors = actors
         self.pool = ActorPool(actors)
         self.batch_size = batch_size
+        self.on_pending = on_pending  # callback(batches not yet scored), e.g. a gauge
 
     def score(self, rollouts: list[Rollout]) -> list[ScoredRollout]:
         batches = [
             rollouts[i : i + self.batch_size] for i in range(0, len(rollouts), self.batch_size)
         ]
-        results = self.pool.map(lambda actor, batch: actor.score.remote(batch), batches)
-        return [s for batch in results for s in batch]
+        if self.on_pending is not None:
+            self.on_pending(len(batches))
+        scored = []
+        for done, batch in enumerate(
+            self.pool.map(lambda actor, batch: actor.score.remote(batch), batches), start=1
+        ):
+            scored += batch
+            if self.on_pending is not None:
+                self.on_pending(len(batches) - done)
+        return scored

@@ -30,7 +30,7 @@ def ray_cluster():
     """A real 2-CPU local Ray cluster; tests/ is on the workers' path for test-only rewards."""
     import ray
 
-    from lorafleet.cluster.trainer import RUNTIME_ENV
+    from lorafleet.cluster.fleet import RUNTIME_ENV
 
     path = f"{TESTS_DIR}:{os.environ.get('PYTHONPATH', '')}"
     env = {**RUNTIME_ENV["env_vars"], "PYTHONPATH": path}

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from lorafleet.cluster.trainer import check_exactly_once, shard
+from lorafleet.cluster.fleet import check_exactly_once, shard
 from lorafleet.common.config import TrainConfig, load_train_config
 from lorafleet.common.configio import ConfigError
 from lorafleet.common.data import PromptStream, encode_prompts

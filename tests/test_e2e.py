@@ -51,7 +51,7 @@ def test_default_job_reward_rises(ray_cluster, tmp_path, tiny_model_path):
 
     assert (run_dir / "config.yaml").exists() and (run_dir / "reward_curve.png").exists()
     ckpts = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
-    assert ckpts == ["iter_00010", "iter_00020", "iter_00030", "iter_00040"]
+    assert ckpts == ["iter_00010", "iter_00020", "iter_00030", "iter_00040", "stage1_rl"]
     summary = json.loads((run_dir / "summary.json").read_text())
 
     # The final adapter is plain PEFT; HF greedy decoding with it reproduces the held-out
@@ -130,3 +130,4 @@ def test_sft_then_spr_chain_from_one_config(ray_cluster, tmp_path):
     assert gain > SFT_MIN_EVAL_GAIN, f"SFT stage moved held-out reward by {gain:.3f}"
     assert summary["final_eval_reward"] == evals["rl"]["eval_reward"]
     assert (run_dir / "checkpoints" / "stage1_sft" / "adapter_model.safetensors").exists()
+    assert (run_dir / "checkpoints" / "stage1_sft" / "trainer_state.json").exists()

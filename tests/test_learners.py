@@ -6,23 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from helpers import contrast_batch
 from lorafleet.common.config import AlgoConfig, LoRAConfig
-from lorafleet.common.records import Prompt, Rollout, ScoredRollout
 from lorafleet.common.tasks import AdditionTask
 from lorafleet.learner import learner_class
 from lorafleet.learner.model import collate_scored
-
-
-def contrast_batch(tokenizer, version: int) -> list[ScoredRollout]:
-    """32 prompts x [correct answer (reward 1), near miss (reward 0)], prompt-major."""
-    out = []
-    for i, ex in enumerate(AdditionTask().examples("train")[:32]):
-        prompt = Prompt(i, ex.prompt, tokenizer(ex.prompt).input_ids, ex.answer)
-        for k, (text, reward) in enumerate(((ex.answer, 1.0), (str(int(ex.answer) + 1), 0.0))):
-            ids = tokenizer(text, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
-            rollout = Rollout(prompt, k, ids, text, [0.0] * len(ids), "stop", version, 0)
-            out.append(ScoredRollout(rollout, reward))
-    return out
 
 
 def margin(learner, tokenizer) -> float:

@@ -1,0 +1,232 @@
+"""The actors of a run and keeping them in step: joining Ray, placing and starting the
+learner, rollout workers and reward actors, publishing the adapter to every worker with a
+verified sync, and bringing a restarted rollout worker back before it works again."""
+
+from __future__ import annotations
+
+import os
+import time
+
+from ..common.config import TINY, TrainConfig
+from ..common.records import Prompt, Rollout
+from .placement import Placement, place_actors
+
+RESTART_TIMEOUT_S = 600  # a restarted rollout worker reloads its model and engine
+
+# Zero-copy tensors through the object store: the adapter reaches every worker without copies.
+RUNTIME_ENV = {"env_vars": {"RAY_ENABLE_ZERO_COPY_TORCH_TENSORS": "1"}}
+
+
+def resolve_model(cfg: TrainConfig) -> str:
+    """The model directory or hub name every actor loads; builds the embedded model if asked."""
+    if cfg.model.name_or_path != TINY:
+        return cfg.model.name_or_path
+    from ..common.tiny_model import build_tiny_model
+
+    return str(build_tiny_model(cfg.task, cfg.model.tiny))
+
+
+def sync_tolerance(cfg: TrainConfig) -> float:
+    if cfg.rollout.sync_tolerance is not None:
+        return cfg.rollout.sync_tolerance
+    return 1e-3 if cfg.model.dtype == "float32" else 5e-2
+
+
+def connect_ray(cfg: TrainConfig) -> bool:
+    """Join $RAY_ADDRESS / ray.address (a `ray job submit` job sets it), else start a local
+    cluster bound to loopback. True if we started it."""
+    import ray
+
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    if ray.is_initialized():
+        return False
+    if address:
+        # A submitted job's runtime_env (deploy/runtime_env.yaml) already sets these in our
+        # environment, and Ray refuses to merge duplicate keys: add only what is missing.
+        missing = {k: v for k, v in RUNTIME_ENV["env_vars"].items() if k not in os.environ}
+        ray.init(address=address, runtime_env={"env_vars": missing} if missing else None)
+        return False
+    ray.init(
+        num_cpus=cfg.ray.num_cpus, include_dashboard=False, runtime_env=RUNTIME_ENV,
+        _node_ip_address="127.0.0.1",
+    )
+    return True
+
+
+def shard(items: list, parts: int) -> list[list]:
+    """Contiguous, near-equal shards (every item in exactly one shard)."""
+    size, extra = divmod(len(items), parts)
+    shards, start = [], 0
+    for i in range(parts):
+        end = start + size + (1 if i < extra else 0)
+        shards.append(items[start:end])
+        start = end
+    return shards
+
+
+def check_exactly_once(prompts: list[Prompt], rollouts: list[Rollout], n: int) -> None:
+    """Every prompt of the batch came back with exactly n samples; nothing lost or doubled."""
+    counts: dict[int, int] = {}
+    for r in rollouts:
+        counts[r.prompt.index] = counts.get(r.prompt.index, 0) + 1
+    expected = {p.index: n for p in prompts}
+    if counts != expected:
+        wrong = sorted(i for i in expected.keys() | counts.keys() if counts.get(i) != n)
+        raise RuntimeError(f"rollouts do not match the prompts (n={n} each) for {wrong[:10]}")
+
+
+class Fleet:
+    """Handles of the running actors, the adapter they should serve, and recovery."""
+
+    def __init__(
+        self, cfg: TrainConfig, placement: Placement, learner, workers: list,
+        reward_actors: list, probe_ids: list[list[int]],
+    ) -> None:
+        self.cfg = cfg
+        self.placement = placement
+        self.learner = learner
+        self.workers = workers
+        self.reward_actors = reward_actors
+        self.probe_ids = probe_ids
+        self.snapshot = None  # ObjectRef of the adapter the workers must serve
+        self.worker_restarts = 0
+        self.on_restart = None  # callback(role) for metrics
+
+    # -- calls on every rollout worker, surviving worker deaths -------------------------------
+    def on_workers(self, call, items: list | None = None) -> list:
+        """`call(worker, item)` -> ObjectRef on each worker (item None without `items`); a worker
+        that dies is restarted by Ray, given the current adapter, verified, and its call is
+        sent again. Results in worker order."""
+        import ray
+
+        items = items if items is not None else [None] * len(self.workers)
+        refs = [call(w, item) for w, item in zip(self.workers, items, strict=True)]
+        results = []
+        for i, ref in enumerate(refs):
+            while True:
+                try:
+                    results.append(ray.get(ref))
+                    break
+                except ray.exceptions.RayActorError as exc:
+                    self.recover_worker(i, exc)
+                    ref = call(self.workers[i], items[i])
+        return results
+
+    def recover_worker(self, i: int, exc: Exception) -> None:
+        import ray
+
+        worker = self.workers[i]
+        cause = str(exc).splitlines()[0][:200]
+        print(f"rollout worker {i} died ({cause}); waiting for Ray to restart it", flush=True)
+        start = time.perf_counter()
+        while True:
+            try:
+                ray.get(worker.__ray_ready__.remote())
+                break
+            except ray.exceptions.ActorUnavailableError:  # restarting: calls fail fast
+                if time.perf_counter() - start > RESTART_TIMEOUT_S:
+                    raise RuntimeError(
+                        f"rollout worker {i} did not come back within {RESTART_TIMEOUT_S} s"
+                    ) from exc
+                time.sleep(1.0)
+            except ray.exceptions.RayActorError:
+                raise RuntimeError(
+                    f"rollout worker {i} died and was not restarted (ray.max_actor_restarts="
+                    f"{self.cfg.ray.max_actor_restarts} used up, or its node is gone)"
+                ) from exc
+        if self.snapshot is not None:
+            ray.get(worker.load_snapshot.remote(self.snapshot))
+            probe = ray.get(worker.probe.remote(self.probe_ids, self.cfg.rollout.max_new_tokens))
+            ray.get(self.learner.check_probe.remote([probe], sync_tolerance(self.cfg)))
+        self.worker_restarts += 1
+        if self.on_restart is not None:
+            self.on_restart("rollout")
+        print(f"rollout worker {i} is back ({time.perf_counter() - start:.1f} s) and serves the"
+              " current adapter", flush=True)
+
+    # -- adapter publishing ---------------------------------------------------------------------
+    def sync_adapter(self) -> tuple[float, float, dict[int, int]]:
+        """Publish once, hot-swap on every worker, verify with the probe. Returns (publish ->
+        all-serving seconds, max probe log-prob gap, {worker: adapter version})."""
+        import ray
+
+        start = time.perf_counter()
+        self.snapshot = self.learner.publish.remote()  # stored once in the object store
+        self.on_workers(lambda w, _: w.load_snapshot.remote(self.snapshot))
+        seconds = time.perf_counter() - start
+        max_tokens = self.cfg.rollout.max_new_tokens
+        probes = self.on_workers(lambda w, _: w.probe.remote(self.probe_ids, max_tokens))
+        gap = ray.get(self.learner.check_probe.remote(probes, sync_tolerance(self.cfg)))
+        return seconds, gap, {p.worker_id: p.adapter_version for p in probes}
+
+    def generate(
+        self, prompts: list[Prompt], *, n: int, temperature: float, seed: int
+    ) -> list[Rollout]:
+        max_tokens = self.cfg.rollout.max_new_tokens
+        parts = shard(prompts, len(self.workers))
+        results = self.on_workers(
+            lambda w, part: w.generate.remote(
+                part, n=n, temperature=temperature, max_tokens=max_tokens, seed=seed
+            ),
+            parts,
+        )
+        rollouts = [r for part in results for r in part]
+        check_exactly_once(prompts, rollouts, n)
+        return rollouts
+
+    def kill(self) -> None:
+        import ray
+        from ray.util.placement_group import remove_placement_group
+
+        for actor in [self.learner, *self.workers, *self.reward_actors]:
+            ray.kill(actor, no_restart=True)
+        remove_placement_group(self.placement.group)
+
+
+def start_fleet(
+    cfg: TrainConfig, model_path: str, pad_token_id: int, probe_ids: list[list[int]]
+) -> Fleet:
+    import ray
+
+    from ..learner import learner_class
+    from ..reward.pool import RewardWorker
+    from ..reward.rules import get_reward_fn
+    from ..rollout.worker import RolloutWorker
+
+    reward_fn = cfg.reward.fn or cfg.task.reward_fn
+    get_reward_fn(reward_fn)  # fail here, naming the function, not inside an actor
+    placement = place_actors(cfg)
+    algo = cfg.algo.name if "rl" in cfg.stages else None
+    # The learner holds the only copy of the training state: no restart (resume from the
+    # last checkpoint instead); rollout/reward actors are stateless and restart.
+    learner = ray.remote(learner_class(algo, cfg.algo.spr_normalizer)).options(
+        num_cpus=cfg.learner.cpus, scheduling_strategy=placement.strategy(placement.learner),
+        name="lorafleet-learner", max_restarts=0,
+    ).remote(
+        model_path, cfg.lora, cfg.algo, dtype=cfg.model.dtype, seed=cfg.seed,
+        threads=cfg.learner.threads, pad_token_id=pad_token_id,
+    )
+    restarts = cfg.ray.max_actor_restarts
+    workers = [
+        ray.remote(RolloutWorker).options(
+            num_cpus=cfg.rollout.cpus_per_worker, scheduling_strategy=placement.strategy(bundle),
+            name=f"lorafleet-rollout-{i}", max_restarts=restarts, max_task_retries=0,
+        ).remote(
+            model_path, dtype=cfg.model.dtype, max_model_len=cfg.model.max_model_len,
+            max_lora_rank=cfg.lora.rank, seed=cfg.seed, kv_cache_gib=cfg.rollout.kv_cache_gib,
+            threads=cfg.rollout.threads_per_worker, worker_id=i,
+        )
+        for i, bundle in enumerate(placement.rollout)
+    ]
+    # Scoring is a pure function of the rollout: Ray itself re-runs a lost batch on the
+    # restarted actor (max_task_retries); a reward that raises is not retried.
+    reward_actors = [
+        ray.remote(RewardWorker).options(
+            num_cpus=cfg.reward.cpus_per_actor, scheduling_strategy=placement.strategy(bundle),
+            name=f"lorafleet-reward-{i}", max_restarts=restarts, max_task_retries=restarts,
+        ).remote(reward_fn)
+        for i, bundle in enumerate(placement.reward)
+    ]
+    # Surface construction errors (bad model path, vLLM start failure) before the loop.
+    ray.get([w.__ray_ready__.remote() for w in [learner, *workers, *reward_actors]])
+    return Fleet(cfg, placement, learner, workers, reward_actors, probe_ids)

@@ -1,0 +1,112 @@
+"""Where a run reports besides metrics.jsonl: Ray dashboard metrics (Prometheus), wandb, and a
+Parquet log of every rollout."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from ..common.configio import ConfigError, to_dict
+from ..common.records import ScoredRollout
+from .checkpoint import rollout_file_name
+
+STEP_SECONDS_BOUNDARIES = [0.5, 1, 2, 4, 8, 16, 32, 64, 128]
+
+
+class DashboardMetrics:
+    """`ray.util.metrics` series, exported by every Ray node's metrics agent (Prometheus
+    format, names prefixed `ray_`); the Ray dashboard's Grafana panels can chart them."""
+
+    def __init__(self, run_name: str) -> None:
+        from ray.util.metrics import Counter, Gauge, Histogram
+
+        tags = {"run": run_name}
+
+        def gauge(name: str, doc: str, keys: tuple[str, ...] = ()) -> Gauge:
+            metric = Gauge(f"lorafleet_{name}", doc, tag_keys=("run", *keys))
+            metric.set_default_tags(tags)
+            return metric
+
+        self.tokens_per_s = gauge("rollout_tokens_per_s", "generated tokens/s, last iteration")
+        self.in_flight = gauge("samples_in_flight", "samples requested, not yet returned")
+        self.reward_mean = gauge("reward_mean", "mean reward of the last iteration's samples")
+        self.kl = gauge("kl", "per-token KL(policy || reference), last iteration")
+        self.version = gauge("adapter_version", "adapter version each worker serves", ("worker",))
+        self.version_lag = gauge(
+            "adapter_version_lag", "learner version minus the worker's", ("worker",)
+        )
+        self.reward_queue = gauge("reward_queue_depth", "reward batches waiting to be scored")
+        self.samples = Counter("lorafleet_samples_total", "samples generated", tag_keys=("run",))
+        self.samples.set_default_tags(tags)
+        self.restarts = Counter(
+            "lorafleet_actor_restarts_total", "actor restarts handled", tag_keys=("run", "role")
+        )
+        self.restarts.set_default_tags(tags)
+        self.step_seconds = Histogram(
+            "lorafleet_learner_step_seconds", "learner update time", STEP_SECONDS_BOUNDARIES,
+            tag_keys=("run",),
+        )
+        self.step_seconds.set_default_tags(tags)
+
+    def worker_versions(self, versions: dict[int, int], learner_version: int) -> None:
+        for worker, version in versions.items():
+            self.version.set(version, tags={"worker": str(worker)})
+            self.version_lag.set(learner_version - version, tags={"worker": str(worker)})
+
+    def iteration(self, row: dict) -> None:
+        self.tokens_per_s.set(row["rollout_tokens_per_s"])
+        self.reward_mean.set(row["reward_mean"])
+        self.kl.set(row["kl"])
+        self.samples.inc(row["samples"])
+        self.step_seconds.observe(row["train_seconds"])
+
+
+class WandbLogger:
+    def __init__(self, cfg, run_dir: Path) -> None:
+        try:
+            import wandb
+        except ImportError:
+            raise ConfigError(
+                "logging.wandb=true needs wandb: pip install 'lorafleet[wandb]'"
+            ) from None
+        # No key and no login: record offline under run_dir/wandb (`wandb sync` uploads later).
+        stored_key = getattr(getattr(wandb, "api", None), "api_key", None)
+        logged_in = bool(os.environ.get("WANDB_API_KEY") or stored_key)
+        mode = os.environ.get("WANDB_MODE") or ("online" if logged_in else "offline")
+        self.run = wandb.init(
+            project=cfg.logging.wandb_project, name=run_dir.name, config=to_dict(cfg),
+            dir=str(run_dir), mode=mode, resume="allow", id=f"{run_dir.name}-{cfg.seed}",
+        )
+
+        self.step = -1
+
+    def log(self, row: dict, step: int) -> None:
+        # wandb steps must increase; evaluation rows share their adapter version's step.
+        self.step = max(self.step, step)
+        scalars = {k: v for k, v in row.items() if isinstance(v, int | float)}
+        self.run.log({f"{row.get('stage', 'rl')}/{k}": v for k, v in scalars.items()},
+                     step=self.step)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+def write_rollouts(
+    run_dir: Path, stage_index: int, iteration: int, scored: list[ScoredRollout]
+) -> Path:
+    """One Parquet file per iteration (a crashed run leaves whole files; resume drops the
+    ones after its checkpoint)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{
+        "iteration": iteration, "prompt_index": s.rollout.prompt.index,
+        "prompt": s.rollout.prompt.text, "sample_index": s.rollout.sample_index,
+        "response": s.rollout.response_text, "reward": s.reward,
+        "adapter_version": s.rollout.adapter_version, "worker_id": s.rollout.worker_id,
+        "finish_reason": s.rollout.finish_reason, "response_tokens": len(s.rollout.response_ids),
+    } for s in scored]
+    path = run_dir / "rollouts" / rollout_file_name(stage_index, iteration)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    return path

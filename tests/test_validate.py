@@ -1,0 +1,61 @@
+"""Every shipped cluster file passes `lorafleet validate`; broken ones are rejected with the
+offending key named."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lorafleet.cluster.validate import validate, validate_file
+
+CLUSTER = Path(__file__).parent.parent / "deploy" / "cluster"
+SHIPPED = sorted(CLUSTER.glob("*.yaml"))
+
+
+def test_every_cloud_has_a_file():
+    assert {p.name for p in SHIPPED} >= {
+        "aws.yaml", "gcp.yaml", "local.yaml", "kuberay-rayjob.yaml"
+    }
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_shipped_files_are_valid(path):
+    assert validate_file(path) == []
+
+
+def broken(tmp_path, name: str, edit) -> Path:
+    doc = yaml.safe_load((CLUSTER / name).read_text())
+    edit(doc)
+    out = tmp_path / name
+    out.write_text(yaml.safe_dump(doc))
+    return out
+
+
+BROKEN = [
+    ("aws.yaml", lambda d: d.update(max_workers="four"), "max_workers"),
+    ("aws.yaml", lambda d: d.update(provder={"type": "aws"}), "provder"),
+    ("gcp.yaml", lambda d: d["available_node_types"]["head"].pop("node_config"), "node_config"),
+    ("local.yaml", lambda d: d.update(setup_commands=["pip install torch"]), "lorafleet"),
+    ("kuberay-rayjob.yaml", lambda d: d["spec"].pop("entrypoint"), "spec.entrypoint"),
+    ("kuberay-rayjob.yaml",
+     lambda d: d["spec"]["rayClusterSpec"]["workerGroupSpecs"][0].pop("groupName"),
+     "workerGroupSpecs[0].groupName"),
+    ("kuberay-rayjob.yaml", lambda d: d.update(apiVersion="ray.io/v0"), "apiVersion"),
+]
+
+
+@pytest.mark.parametrize(("name", "edit", "named"), BROKEN)
+def test_broken_files_are_rejected_naming_the_key(name, edit, named, tmp_path):
+    problems = validate_file(broken(tmp_path, name, edit))
+    assert problems and any(named in p for p in problems), problems
+
+
+def test_validate_prints_a_verdict_per_file(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("provider: [unclosed\n")
+    assert validate([str(SHIPPED[0])]) is True
+    assert validate([str(SHIPPED[0]), str(bad)]) is False
+    out = capsys.readouterr().out
+    assert "bad.yaml: INVALID" in out and "cannot read as YAML" in out
