@@ -75,6 +75,12 @@ def check_exactly_once(prompts: list[Prompt], rollouts: list[Rollout], n: int) -
         raise RuntimeError(f"rollouts do not match the prompts (n={n} each) for {wrong[:10]}")
 
 
+def is_actor(exc: Exception, handle) -> bool:
+    """Whether an actor error is about this actor (and not one it depended on)."""
+    actor_id = getattr(exc, "actor_id", None)
+    return actor_id is not None and actor_id == handle._actor_id.hex()
+
+
 class Fleet:
     """Handles of the running actors, the adapter they should serve, and recovery."""
 
@@ -108,6 +114,8 @@ class Fleet:
                     results.append(ray.get(ref))
                     break
                 except ray.exceptions.RayActorError as exc:
+                    if not is_actor(exc, self.workers[i]):  # e.g. the learner behind an arg
+                        raise
                     self.recover_worker(i, exc)
                     ref = call(self.workers[i], items[i])
         return results
@@ -224,7 +232,7 @@ def start_fleet(
         ray.remote(RewardWorker).options(
             num_cpus=cfg.reward.cpus_per_actor, scheduling_strategy=placement.strategy(bundle),
             name=f"lorafleet-reward-{i}", max_restarts=restarts, max_task_retries=restarts,
-        ).remote(reward_fn)
+        ).remote(reward_fn, cfg.reward.on_error == "skip")
         for i, bundle in enumerate(placement.reward)
     ]
     # Surface construction errors (bad model path, vLLM start failure) before the loop.

@@ -15,8 +15,9 @@ from ..common.data import PromptStream, encode_prompts
 from ..common.metrics import MetricsSink, plot_reward_curve, read_metrics, summarize
 from ..common.progress import progress
 from ..common.records import ScoredRollout
-from .checkpoint import TrainerState, latest_checkpoint, rewind
-from .fleet import Fleet, connect_ray, resolve_model, start_fleet
+from ..reward.pool import RewardPool, drop_failed_groups
+from .checkpoint import ResumeError, TrainerState, latest_checkpoint, rewind
+from .fleet import Fleet, connect_ray, is_actor, resolve_model, start_fleet
 from .telemetry import DashboardMetrics, WandbLogger, write_rollouts
 
 EVAL_KEYS = ("eval_reward", "eval_greedy")
@@ -79,6 +80,7 @@ class Trainer:
         self.dashboard: DashboardMetrics | None = None
         self.wandb: WandbLogger | None = None
         self.stage_evals: list[dict] = []
+        self.reward_errors = 0  # failed rewards skipped (reward.on_error=skip)
 
     # -- reporting ----------------------------------------------------------------------------
     def log(self, row: dict, step: int) -> None:
@@ -95,11 +97,23 @@ class Trainer:
             ("eval_reward", rollout.samples_per_prompt, rollout.temperature),
             ("eval_greedy", 1, 0.0),
         ):
-            scored = self.pool.score(self.fleet.generate(
+            scored = self.score(self.fleet.generate(
                 self.held_out, n=n, temperature=temperature, seed=self.cfg.seed
             ))
             result[key] = sum(s.reward for s in scored) / len(scored)
         return result
+
+    def score(self, rollouts: list) -> list[ScoredRollout]:
+        """The reward pool's scores; with reward.on_error=skip, prompts with a failed sample
+        are dropped from the batch and counted (`reward_errors`), never silently."""
+        scored, errors = drop_failed_groups(self.pool.score(rollouts))
+        if errors:
+            self.reward_errors += len(errors)
+            print(f"{len(errors)} rewards failed (reward.on_error=skip), their prompts left "
+                  f"out; first: {errors[0]}", flush=True)
+        if not scored:
+            raise RuntimeError(f"every reward of the batch failed; first: {errors[0]}")
+        return scored
 
     def checkpoint(self, name: str, next_stage: int, next_iteration: int) -> None:
         """Learner state first, then the driver's: the trainer state file marks it complete."""
@@ -171,7 +185,8 @@ class Trainer:
             if self.dashboard:
                 self.dashboard.in_flight.set(0)
             tokens = sum(len(r.response_ids) for r in rollouts)
-            scored: list[ScoredRollout] = self.pool.score(rollouts)
+            errors_before = self.reward_errors
+            scored = self.score(rollouts)
             stats = ray.get(self.fleet.learner.train_step.remote(scored))
             rewards = [s.reward for s in scored]
             row = {
@@ -188,6 +203,7 @@ class Trainer:
                 "probe_max_logprob_gap": probe_gap,
                 "worker_versions": [versions[i] for i in sorted(versions)],
                 "worker_restarts": self.fleet.worker_restarts,
+                "reward_errors": self.reward_errors - errors_before,
                 "response_tokens": tokens,
                 "prompt_cursor": self.stream.cursor,
                 **{k: v for k, v in vars(stats).items() if k not in ("adapter_version", "kl")},
@@ -212,8 +228,15 @@ class Trainer:
         model_path = resolve_model(cfg)
         tokenizer = AutoTokenizer.from_pretrained(model_path)
         limit = cfg.model.max_model_len - cfg.rollout.max_new_tokens
-        train = encode_prompts(cfg.task.examples("train"), tokenizer, limit)
-        self.held_out = encode_prompts(cfg.task.examples("eval"), tokenizer, limit)
+        too_long: list[str] | None = [] if cfg.rollout.too_long_prompts == "skip" else None
+        train = encode_prompts(cfg.task.examples("train"), tokenizer, limit, skipped=too_long)
+        self.held_out = encode_prompts(
+            cfg.task.examples("eval"), tokenizer, limit, skipped=too_long
+        )
+        self.prompts_skipped = len(too_long or [])
+        if self.prompts_skipped:
+            print(f"skipped {self.prompts_skipped} prompts longer than {limit} tokens "
+                  f"(rollout.too_long_prompts=skip), e.g. {too_long[0][:60]!r}")
         stage_data = load_stage_data(cfg, tokenizer)
         self.stream = PromptStream(train, cfg.seed)
         self.position = (0, 0)
@@ -236,8 +259,6 @@ class Trainer:
     def run(self) -> Path:
         import ray
 
-        from ..reward.pool import RewardPool
-
         cfg = self.cfg
         run_start = time.perf_counter()
         model_path, tokenizer, stage_data = self.prepare()
@@ -257,7 +278,7 @@ class Trainer:
         try:
             summary = self.run_stages(stage_data, run_start)
         except ray.exceptions.RayActorError as exc:
-            if not _is_actor(exc, self.fleet.learner):
+            if not is_actor(exc, self.fleet.learner):
                 raise
             raise LearnerDied(self.resume_hint(f"the learner actor died ({exc})")) from exc
         finally:
@@ -299,6 +320,8 @@ class Trainer:
             **{f"final_{k}": self.stage_evals[-1][k] for k in EVAL_KEYS},
             "datasets": {k: v.describe() for k, v in stage_data.items()},
             "worker_restarts": self.fleet.worker_restarts,
+            "reward_errors": self.reward_errors,
+            "prompts_skipped_too_long": self.prompts_skipped,
             "resumed_from": str(self.resume_from) if self.resume else None,
             "wall_seconds": time.perf_counter() - run_start,
             **(summarize(rl_rows) if rl_rows else {}),
@@ -312,10 +335,6 @@ class Trainer:
             directory, _ = latest_checkpoint(self.run_dir)
             return (f"{what}; continue from its last checkpoint ({directory.name}) with:\n"
                     f"  lorafleet train --resume {self.run_dir}")
-        except Exception:
+        except ResumeError:
             return f"{what}; no checkpoint was written yet, so the run must start again"
 
-
-def _is_actor(exc: Exception, handle) -> bool:
-    actor_id = getattr(exc, "actor_id", None)
-    return actor_id is not None and actor_id == handle._actor_id.hex()

@@ -54,6 +54,9 @@ class RolloutConfig:
     threads_per_worker: int = 1  # torch/OpenMP threads inside the engine
     kv_cache_gib: int = 1
     probe_prompts: int = 4  # prompts of the fixed probe that verifies every adapter sync
+    # prompts longer than model.max_model_len - max_new_tokens: "error" names the first;
+    # "skip" leaves them out, counted in the output and summary.json
+    too_long_prompts: Literal["error", "skip"] = "error"
     # max |vLLM - learner| logprob on the probe; None picks by dtype (1e-3 f32, 5e-2 half)
     sync_tolerance: float | None = None
 
@@ -68,6 +71,9 @@ class RewardConfig:
     fn: str | None = None  # a name in reward.rules.REWARD_FNS; None = the task's own reward
     batch_size: int = 64  # rollouts per scoring call (the unit of load balancing)
     cpus_per_actor: float = 0.1
+    # a reward that raises or is not finite: "fail" stops the run naming the sample; "skip"
+    # drops that prompt's whole group from the update, counted per iteration (reward_errors)
+    on_error: Literal["fail", "skip"] = "fail"
 
 
 ALGORITHMS = ("ppo", "grpo", "rloo", "spr", "best_of_n")

@@ -9,17 +9,23 @@ from .tasks import TaskExample
 
 
 def encode_prompts(
-    examples: list[TaskExample], tokenizer, max_prompt_tokens: int, first_index: int = 0
+    examples: list[TaskExample], tokenizer, max_prompt_tokens: int, first_index: int = 0,
+    skipped: list[str] | None = None,
 ) -> list[Prompt]:
-    """Tokenise with the model's own special tokens; a prompt over the limit is an error that
-    names it (it would not leave room for the response within max_model_len)."""
+    """Tokenise with the model's own special tokens. A prompt over the limit (it would leave no
+    room for the response within max_model_len) is an error that names it, or, when a
+    `skipped` list is given, is left out and its text appended there for counting."""
     prompts = []
     for i, ex in enumerate(examples):
         ids = tokenizer(ex.prompt).input_ids
+        if len(ids) > max_prompt_tokens and skipped is not None:
+            skipped.append(ex.prompt)
+            continue
         if len(ids) > max_prompt_tokens:
             raise ValueError(
                 f"prompt {first_index + i} ({ex.prompt[:60]!r}...) has {len(ids)} tokens; the "
-                f"limit is {max_prompt_tokens} (model.max_model_len - rollout.max_new_tokens)"
+                f"limit is {max_prompt_tokens} (model.max_model_len - rollout.max_new_tokens); set "
+                "rollout.too_long_prompts=skip to leave such prompts out"
             )
         prompts.append(Prompt(first_index + i, ex.prompt, ids, ex.answer))
     return prompts

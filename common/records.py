@@ -48,7 +48,8 @@ class Rollout:
 @dataclass(frozen=True)
 class ScoredRollout:
     rollout: Rollout
-    reward: float
+    reward: float  # NaN when `error` is set
+    error: str | None = None  # why the reward failed (reward.on_error=skip only)
 
 
 @dataclass(frozen=True)

@@ -13,29 +13,39 @@ class RewardError(RuntimeError):
 
 
 class RewardWorker:
-    """Scores batches of rollouts with one reward function (run as a Ray actor)."""
+    """Scores batches of rollouts with one reward function (run as a Ray actor). A failing
+    reward raises RewardError naming the sample, or with `skip_errors` comes back as a NaN
+    reward carrying the error for the driver to count and drop."""
 
-    def __init__(self, fn_name: str) -> None:
+    def __init__(self, fn_name: str, skip_errors: bool = False) -> None:
         self.fn_name = fn_name
         self.fn = get_reward_fn(fn_name)
+        self.skip_errors = skip_errors
 
     def score(self, rollouts: list[Rollout]) -> list[ScoredRollout]:
-        scored = []
-        for r in rollouts:
-            try:
-                value = float(self.fn(r.response_text, r.prompt.reference))
-            except Exception as exc:
-                raise RewardError(
-                    f"reward {self.fn_name!r} raised on {r.sample_id} (prompt {r.prompt.text!r},"
-                    f" response {r.response_text!r}): {exc!r}"
-                ) from exc
-            if not math.isfinite(value):
-                raise RewardError(
-                    f"reward {self.fn_name!r} returned {value} for {r.sample_id} (prompt "
-                    f"{r.prompt.text!r}, response {r.response_text!r})"
-                )
-            scored.append(ScoredRollout(r, value))
-        return scored
+        return [self.score_one(r) for r in rollouts]
+
+    def score_one(self, r: Rollout) -> ScoredRollout:
+        where = f"{r.sample_id} (prompt {r.prompt.text!r}, response {r.response_text!r})"
+        try:
+            value = float(self.fn(r.response_text, r.prompt.reference))
+        except Exception as exc:
+            problem, cause = f"reward {self.fn_name!r} raised on {where}: {exc!r}", exc
+        else:
+            if math.isfinite(value):
+                return ScoredRollout(r, value)
+            problem, cause = f"reward {self.fn_name!r} returned {value} for {where}", None
+        if self.skip_errors:
+            return ScoredRollout(r, math.nan, problem)
+        raise RewardError(problem) from cause
+
+
+def drop_failed_groups(scored: list[ScoredRollout]) -> tuple[list[ScoredRollout], list[str]]:
+    """Without every prompt whose samples include a failed reward (group baselines need all n
+    samples); returns (kept, errors of the failed samples)."""
+    errors = [s.error for s in scored if s.error is not None]
+    failed = {s.rollout.prompt.index for s in scored if s.error is not None}
+    return [s for s in scored if s.rollout.prompt.index not in failed], errors
 
 
 class RewardPool:

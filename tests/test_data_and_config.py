@@ -77,8 +77,11 @@ def test_prompt_stream_covers_each_epoch_once_with_running_indices():
 
 def test_too_long_prompt_is_named(tokenizer):
     examples = [TaskExample("1+1=", "2"), TaskExample("1" * 40 + "+1=", "x")]
-    with pytest.raises(ValueError, match=r"prompt 1 .* tokens; the limit is 10"):
+    with pytest.raises(ValueError, match=r"prompt 1 .* tokens; the limit is 10.*=skip"):
         encode_prompts(examples, tokenizer, max_prompt_tokens=10)
+    skipped: list[str] = []  # rollout.too_long_prompts=skip: left out and counted
+    kept = encode_prompts(examples, tokenizer, max_prompt_tokens=10, skipped=skipped)
+    assert [p.text for p in kept] == ["1+1="] and skipped == ["1" * 40 + "+1="]
 
 
 def test_shard_is_a_partition():

@@ -124,3 +124,22 @@ def test_killed_rollout_and_reward_actors_are_replaced(ray_cluster, tmp_path, to
     assert_each_prompt_once(run_dir, cfg, tokenizer)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["worker_restarts"] == 1
+
+
+def test_dead_learner_ends_the_run_with_a_resume_hint(ray_cluster, tmp_path):
+    from lorafleet.cluster.trainer import LearnerDied
+
+    cfg = load_train_config(None, [*SHORT_RUN, f"run_dir={tmp_path / 'run'}"])
+
+    def kill_learner() -> None:
+        marker = tmp_path / "run" / "checkpoints" / "iter_00002" / "trainer_state.json"
+        while not marker.exists():
+            time.sleep(0.05)
+        os.kill(actor_pid("lorafleet-learner"), signal.SIGKILL)
+
+    threading.Thread(target=kill_learner, daemon=True).start()
+    with pytest.raises(LearnerDied) as failure:
+        Trainer(cfg).run()
+    message = str(failure.value)
+    assert "the learner actor died" in message and "(iter_00002)" in message
+    assert f"lorafleet train --resume {tmp_path / 'run'}" in message

@@ -3,10 +3,12 @@ rewards (naming the sample)."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from lorafleet.common.records import Prompt, Rollout
-from lorafleet.reward.pool import RewardPool, RewardWorker
+from lorafleet.reward.pool import RewardPool, RewardWorker, drop_failed_groups
 from lorafleet.reward.rules import exact_match, get_reward_fn
 
 
@@ -31,9 +33,9 @@ def pool_of(ray_cluster):
     """Builds pools of 2 real reward actors; kills them afterwards (they hold CPU shares)."""
     actors = []
 
-    def build(fn: str, batch_size: int = 4) -> RewardPool:
+    def build(fn: str, batch_size: int = 4, skip_errors: bool = False) -> RewardPool:
         remote = ray_cluster.remote(RewardWorker).options(num_cpus=0.1)
-        actors.extend(remote.remote(fn) for _ in range(2))
+        actors.extend(remote.remote(fn, skip_errors) for _ in range(2))
         return RewardPool(actors[-2:], batch_size)
 
     yield build
@@ -56,3 +58,14 @@ def test_raising_reward_names_the_sample(pool_of):
 def test_nan_reward_names_the_sample(pool_of):
     with pytest.raises(Exception, match=r"returned nan for prompt 0 sample 0"):
         pool_of("helpers:reward_nan_when_wrong").score(make_rollouts(5))
+
+
+def test_skipped_reward_errors_are_counted_and_their_groups_dropped(pool_of):
+    rollouts = make_rollouts(10)
+    scored = pool_of("helpers:reward_raises_on_7", skip_errors=True).score(rollouts)
+    failed = [s for s in scored if s.error is not None]
+    assert len(failed) == 1 and "raised on prompt 7 sample 0" in failed[0].error
+    assert math.isnan(failed[0].reward)
+    kept, errors = drop_failed_groups(scored)
+    assert errors == [failed[0].error]
+    assert sorted(s.rollout.prompt.index for s in kept) == [i for i in range(10) if i != 7]
