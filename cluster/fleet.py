@@ -99,16 +99,16 @@ class Fleet:
         self.on_restart = None  # callback(role) for metrics
 
     # -- calls on every rollout worker, surviving worker deaths -------------------------------
-    def on_workers(self, call, items: list | None = None) -> list:
-        """`call(worker, item)` -> ObjectRef on each worker (item None without `items`); a worker
-        that dies is restarted by Ray, given the current adapter, verified, and its call is
-        sent again. Results in worker order."""
+    def on_workers(self, call, items: dict[int, object] | None = None) -> list:
+        """`call(worker, item)` -> ObjectRef for each worker index in `items` (every worker,
+        with item None, by default); a worker that dies is restarted by Ray, given the current
+        adapter, verified, and its call is sent again. Results in the order of `items`."""
         import ray
 
-        items = items if items is not None else [None] * len(self.workers)
-        refs = [call(w, item) for w, item in zip(self.workers, items, strict=True)]
+        items = items if items is not None else dict.fromkeys(range(len(self.workers)))
+        refs = {i: call(self.workers[i], item) for i, item in items.items()}
         results = []
-        for i, ref in enumerate(refs):
+        for i, ref in refs.items():
             while True:
                 try:
                     results.append(ray.get(ref))
@@ -176,7 +176,7 @@ class Fleet:
             lambda w, part: w.generate.remote(
                 part, n=n, temperature=temperature, max_tokens=max_tokens, seed=seed
             ),
-            parts,
+            {i: part for i, part in enumerate(parts) if part},  # fewer prompts than workers
         )
         rollouts = [r for part in results for r in part]
         check_exactly_once(prompts, rollouts, n)
