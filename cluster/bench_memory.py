@@ -16,7 +16,9 @@ import sys
 import time
 from pathlib import Path
 
-VARIANTS = ["sft_lora", "spr", "grpo", "dpo", "ppo_lora", "ppo_full"]
+# ppo_lora_rm: PPO whose learner also holds the reward adapter and scores its batch with it
+# (PERL's one base); rm_actor: what a reward actor with its own base copy costs instead.
+VARIANTS = ["sft_lora", "spr", "grpo", "dpo", "ppo_lora", "ppo_lora_rm", "rm_actor", "ppo_full"]
 SEQ_PROMPT, SEQ_RESPONSE, PROMPTS, N_SAMPLES = 32, 32, 8, 4
 
 
@@ -66,7 +68,8 @@ def one_variant(variant: str, model_path: str, steps: int = 3) -> dict:
     from ..common.config import AlgoConfig, LoRAConfig
     from ..learner import learner_class
     from ..learner.algorithms.critic_free import dpo_loss, weighted_nll
-    from ..learner.model import PolicyValueModel, collate_scored
+    from ..learner.model import REWARD, PolicyValueModel, collate_scored
+    from ..learner.reward_model import score_rows
 
     torch.set_num_threads(2)
     baseline = _rss_mb()
@@ -76,17 +79,27 @@ def one_variant(variant: str, model_path: str, steps: int = 3) -> dict:
     scored = _scored(0, vocab_size)
     pad = 0
 
-    if variant in ("spr", "grpo", "ppo_lora"):
-        name = {"spr": "spr", "grpo": "grpo", "ppo_lora": "ppo"}[variant]
+    rows = [s.rollout.prompt.token_ids + s.rollout.response_ids for s in scored]
+    if variant in ("spr", "grpo", "ppo_lora", "ppo_lora_rm"):
+        name = {"spr": "spr", "grpo": "grpo"}.get(variant, "ppo")
         algo.name = name
         learner = learner_class(name)(
             model_path, lora, algo, dtype="float32", seed=0, threads=2, pad_token_id=pad
         )
+        if variant == "ppo_lora_rm":
+            learner.start_reward_model(1e-4)
 
         def update() -> None:
+            if variant == "ppo_lora_rm":
+                score_rows(learner.net, rows, pad)
             learner.train_step(_scored(learner.version, vocab_size))
+    elif variant == "rm_actor":
+        net = PolicyValueModel(model_path, lora, torch.float32, 0, (REWARD,))
+
+        def update() -> None:
+            score_rows(net, rows, pad)
     elif variant in ("sft_lora", "dpo"):
-        net = PolicyValueModel(model_path, lora, torch.float32, 0, with_value=False)
+        net = PolicyValueModel(model_path, lora, torch.float32, 0)
         params = net.adapter_parameters("policy")
         opt = torch.optim.AdamW(params, lr=1e-4)
         batch = collate_scored(scored, pad)

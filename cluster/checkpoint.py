@@ -22,6 +22,8 @@ class TrainerState:
     metrics_lines: int  # lines of metrics.jsonl that belong before the checkpoint
     stage_evals: list[dict]
     adapter_version: int
+    reward_moments: dict  # reward.normalize=running statistics (RunningMoments.state())
+    rm_eval: dict | None = None  # the rm stage's held-out evaluation, once it has run
 
     @property
     def position(self) -> tuple[int, int]:

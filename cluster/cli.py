@@ -1,4 +1,4 @@
-"""`lorafleet` command line: train, compare, bench, make-data."""
+"""`lorafleet` command line: train, train-rm, compare, bench, make-data, validate."""
 
 from __future__ import annotations
 
@@ -42,15 +42,28 @@ def cmd_train(args: argparse.Namespace) -> None:
     Trainer(cfg, resume=True).run()
 
 
+def cmd_train_rm(args: argparse.Namespace) -> None:
+    from ..common.config import load_train_config
+    from .train_rm import train_reward_model
+
+    path, overrides = _split_config_and_overrides(args.items)
+    train_reward_model(load_train_config(path, overrides))
+
+
 def cmd_bench(args: argparse.Namespace) -> None:
     if args.what == "memory":
         from .bench_memory import bench_memory
 
         bench_memory()
         return
+    path, overrides = _split_config_and_overrides(args.items)
+    if args.what == "reward":
+        from .bench_reward import bench_reward
+
+        bench_reward(path, overrides)
+        return
     from .bench import bench_rollout
 
-    path, overrides = _split_config_and_overrides(args.items)
     bench_rollout(path, overrides)
 
 
@@ -94,11 +107,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="continue RUN_DIR from its last complete checkpoint (same data order)",
     )
     train.set_defaults(func=cmd_train)
+    train_rm = sub.add_parser(
+        "train-rm", help="train a LoRA reward model (Bradley-Terry on preference pairs, section "
+        "rm) and save it for reward.model=DIR",
+    )
+    train_rm.add_argument("items", nargs="*", metavar="CONFIG.yaml | key=value")
+    train_rm.set_defaults(func=cmd_train_rm)
     bench = sub.add_parser(
         "bench", help="`bench rollout`: the rollout fleet vs raw vLLM; `bench memory`: learner "
-        "memory per algorithm",
+        "memory per algorithm; `bench reward`: reward-model scoring, 1 vs 2 reward actors",
     )
-    bench.add_argument("what", choices=["rollout", "memory"])
+    bench.add_argument("what", choices=["rollout", "memory", "reward"])
     bench.add_argument("items", nargs="*", metavar="CONFIG.yaml | key=value")
     bench.set_defaults(func=cmd_bench)
     comp = sub.add_parser(

@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 
 from ..common.config import TINY, TrainConfig
 from ..common.records import Prompt, Rollout
 from .placement import Placement, place_actors
 
+REWARD_MODEL_DIR = "reward_model"  # in the run directory, written by an rm stage
 RESTART_TIMEOUT_S = 600  # a restarted rollout worker reloads its model and engine
 
 # Zero-copy tensors through the object store: the adapter reaches every worker without copies.
@@ -24,6 +26,27 @@ def resolve_model(cfg: TrainConfig) -> str:
     from ..common.tiny_model import build_tiny_model
 
     return str(build_tiny_model(cfg.task, cfg.model.tiny))
+
+
+def reward_model_dir(cfg: TrainConfig) -> str | None:
+    """The reward model the run scores with: reward.model, or the one its rm stage trains."""
+    if "rm" in cfg.stages:
+        return str(Path(cfg.run_dir) / REWARD_MODEL_DIR)
+    return cfg.reward.model
+
+
+def reward_spec(cfg: TrainConfig):
+    """What the reward actors compute (the driver uses the same spec to add the learner's
+    reward-model scores when reward.model_on_learner is set)."""
+    from ..reward.pool import RewardSpec
+
+    reward = cfg.reward
+    return RewardSpec(
+        rule=reward.fn or cfg.task.reward_fn, rule_weight=reward.rule_weight,
+        model=None if reward.model_on_learner else reward_model_dir(cfg),
+        model_weight=reward.model_weight, threads=reward.threads_per_actor,
+        skip_errors=reward.on_error == "skip",
+    )
 
 
 def sync_tolerance(cfg: TrainConfig) -> float:
@@ -201,8 +224,8 @@ def start_fleet(
     from ..reward.rules import get_reward_fn
     from ..rollout.worker import RolloutWorker
 
-    reward_fn = cfg.reward.fn or cfg.task.reward_fn
-    get_reward_fn(reward_fn)  # fail here, naming the function, not inside an actor
+    spec = reward_spec(cfg)
+    get_reward_fn(spec.rule)  # fail here, naming the function, not inside an actor
     placement = place_actors(cfg)
     algo = cfg.algo.name if "rl" in cfg.stages else None
     # The learner holds the only copy of the training state: no restart (resume from the
@@ -232,7 +255,7 @@ def start_fleet(
         ray.remote(RewardWorker).options(
             num_cpus=cfg.reward.cpus_per_actor, scheduling_strategy=placement.strategy(bundle),
             name=f"lorafleet-reward-{i}", max_restarts=restarts, max_task_retries=restarts,
-        ).remote(reward_fn, cfg.reward.on_error == "skip")
+        ).remote(spec)
         for i, bundle in enumerate(placement.reward)
     ]
     # Surface construction errors (bad model path, vLLM start failure) before the loop.

@@ -4,23 +4,37 @@ verifies every adapter sync, checkpoints and resumes, and writes the run directo
 from __future__ import annotations
 
 import json
-import random
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from ..common.config import TrainConfig
 from ..common.configio import save_config
 from ..common.corpora import LoadedDataset, load_preferences, load_sft
-from ..common.data import PromptStream, encode_prompts
+from ..common.data import PromptStream, encode_prompts, epoch_batches, split_held_out
 from ..common.metrics import MetricsSink, plot_reward_curve, read_metrics, summarize
 from ..common.progress import progress
 from ..common.records import ScoredRollout
+from ..reward.normalize import RunningMoments, normalize_rewards
 from ..reward.pool import RewardPool, drop_failed_groups
 from .checkpoint import ResumeError, TrainerState, latest_checkpoint, rewind
-from .fleet import Fleet, connect_ray, is_actor, resolve_model, start_fleet
+from .fleet import (
+    REWARD_MODEL_DIR,
+    Fleet,
+    connect_ray,
+    is_actor,
+    resolve_model,
+    reward_model_dir,
+    reward_spec,
+    start_fleet,
+)
 from .telemetry import DashboardMetrics, WandbLogger, write_rollouts
 
 EVAL_KEYS = ("eval_reward", "eval_greedy")
+
+
+def mean(values: list[float]) -> float:
+    return sum(values) / len(values)
 
 
 def fresh_run_dir(path: Path) -> Path:
@@ -37,6 +51,10 @@ def fresh_run_dir(path: Path) -> Path:
 
 def print_summary(run_dir: Path, summary: dict) -> None:
     print(f"\nrun directory: {run_dir}")
+    if summary.get("reward_model_eval"):
+        rm = summary["reward_model_eval"]["after"]
+        print(f"  reward model, held-out pairs: accuracy {rm['accuracy']:.3f}, mean margin "
+              f"{rm['mean_margin']:.3f} ({rm['pairs']} pairs)")
     print("  held-out reward after each stage   (sampled / greedy):")
     for row in summary["stage_evals"]:
         print(f"    {row['stage']:>5s}: {row['eval_reward']:.3f} / {row['eval_greedy']:.3f}")
@@ -53,7 +71,8 @@ def print_summary(run_dir: Path, summary: dict) -> None:
 
 def load_stage_data(cfg: TrainConfig, tokenizer) -> dict[str, LoadedDataset]:
     """The offline stages' datasets, tokenised and checked before any actor starts."""
-    loaders = {"sft": (load_sft, cfg.sft.data), "dpo": (load_preferences, cfg.dpo.data)}
+    loaders = {"sft": (load_sft, cfg.sft.data), "dpo": (load_preferences, cfg.dpo.data),
+               "rm": (load_preferences, cfg.rm.data)}
     data = {}
     for stage in dict.fromkeys(cfg.stages):
         if stage in loaders:
@@ -81,6 +100,9 @@ class Trainer:
         self.wandb: WandbLogger | None = None
         self.stage_evals: list[dict] = []
         self.reward_errors = 0  # failed rewards skipped (reward.on_error=skip)
+        self.reward_spec = reward_spec(cfg)
+        self.moments = RunningMoments()  # reward.normalize=running statistics
+        self.rm_eval: dict | None = None  # the rm stage's held-out accuracy / margin
 
     # -- reporting ----------------------------------------------------------------------------
     def log(self, row: dict, step: int) -> None:
@@ -90,7 +112,7 @@ class Trainer:
 
     def evaluate(self) -> dict[str, float]:
         """Held-out prompts: mean reward of samples drawn as in training (the quantity RL
-        maximises), and of greedy answers (accuracy)."""
+        maximises), and of greedy answers (accuracy); with a reward model also each part."""
         rollout = self.cfg.rollout
         result = {}
         for key, n, temperature in (
@@ -100,13 +122,28 @@ class Trainer:
             scored = self.score(self.fleet.generate(
                 self.held_out, n=n, temperature=temperature, seed=self.cfg.seed
             ))
-            result[key] = sum(s.reward for s in scored) / len(scored)
+            result[key] = mean([s.reward for s in scored])
+            if self.cfg.uses_reward_model:
+                result[f"{key}_rule"] = mean([s.rule_reward for s in scored])
+                result[f"{key}_model"] = mean([s.model_reward for s in scored])
         return result
 
     def score(self, rollouts: list) -> list[ScoredRollout]:
-        """The reward pool's scores; with reward.on_error=skip, prompts with a failed sample
-        are dropped from the batch and counted (`reward_errors`), never silently."""
-        scored, errors = drop_failed_groups(self.pool.score(rollouts))
+        """The reward pool's scores (plus the learner's reward adapter's, when it holds the
+        reward model); with reward.on_error=skip, prompts with a failed sample are dropped
+        from the batch and counted (`reward_errors`), never silently."""
+        import ray
+
+        scored = self.pool.score(rollouts)
+        if self.cfg.reward.model_on_learner:
+            ok = [s for s in scored if s.error is None]
+            model = iter(ray.get(self.fleet.learner.score_rollouts.remote(
+                [s.rollout for s in ok]
+            )))
+            scored = [s if s.error is not None else
+                      self.reward_spec.combine(s.rollout, s.rule_reward, next(model))
+                      for s in scored]
+        scored, errors = drop_failed_groups(scored)
         if errors:
             self.reward_errors += len(errors)
             print(f"{len(errors)} rewards failed (reward.on_error=skip), their prompts left "
@@ -114,6 +151,26 @@ class Trainer:
         if not scored:
             raise RuntimeError(f"every reward of the batch failed; first: {errors[0]}")
         return scored
+
+    def normalize(self, scored: list[ScoredRollout]) -> tuple[list[ScoredRollout], dict]:
+        """reward.normalize / reward.clip on a training batch; returns the batch the learner
+        sees and the statistics to log."""
+        reward = self.cfg.reward
+        if reward.normalize == "none" and reward.clip is None:
+            return scored, {}
+        raw = [s.reward for s in scored]
+        if reward.normalize == "running":
+            self.moments.update(raw)
+        values = normalize_rewards(
+            raw, self.moments if reward.normalize == "running" else None, reward.clip
+        )
+        stats = {"reward_normalized_mean": mean(values)}
+        if reward.clip is not None:
+            stats["reward_clipped_fraction"] = mean([float(abs(v) == reward.clip) for v in values])
+        if reward.normalize == "running":
+            stats |= {"reward_running_mean": self.moments.mean,
+                      "reward_running_std": self.moments.std}
+        return [replace(s, reward=v) for s, v in zip(scored, values, strict=True)], stats
 
     def checkpoint(self, name: str, next_stage: int, next_iteration: int) -> None:
         """Learner state first, then the driver's: the trainer state file marks it complete."""
@@ -123,36 +180,47 @@ class Trainer:
         ray.get(self.fleet.learner.save_checkpoint.remote(str(directory)))
         TrainerState(
             next_stage, next_iteration, self.stream.cursor, self.sink.lines, self.stage_evals,
-            ray.get(self.fleet.learner.get_version.remote()),
+            ray.get(self.fleet.learner.get_version.remote()), self.moments.state(),
+            self.rm_eval,
         ).write(directory)
 
     # -- stages -----------------------------------------------------------------------------
     def run_offline_stage(self, stage: str, data: LoadedDataset, index: int) -> None:
-        """Shuffled minibatches of the dataset, one learner step each, `epochs` passes."""
+        """Shuffled minibatches of the dataset, one learner step each, `epochs` passes; the rm
+        stage trains the reward adapter on all but its held-out pairs."""
         import ray
 
-        section = self.cfg.sft if stage == "sft" else self.cfg.dpo
+        cfg = self.cfg
+        section = {"sft": cfg.sft, "dpo": cfg.dpo, "rm": cfg.rm}[stage]
         learner = self.fleet.learner
-        ray.get(learner.start_stage.remote(section.lr))
-        batches = []
-        for epoch in range(section.epochs):
-            order = list(range(len(data.items)))
-            random.Random(self.cfg.seed * 1_000_003 + epoch).shuffle(order)
-            batches += [
-                (epoch, order[i : i + section.batch_size])
-                for i in range(0, len(order), section.batch_size)
-            ]
+        items = data.items
+        if stage == "rm":
+            items, held_out = split_held_out(items, cfg.rm.eval_fraction, cfg.seed)
+            ray.get(learner.start_reward_model.remote(section.lr))
+            before = ray.get(learner.rm_evaluate.remote(held_out))
+        else:
+            ray.get(learner.start_stage.remote(section.lr))
+        step_call = {
+            "sft": learner.sft_step.remote,
+            "dpo": lambda batch: learner.dpo_step.remote(batch, cfg.dpo.beta),
+            "rm": learner.rm_step.remote,
+        }[stage]
+        batches = epoch_batches(len(items), section.batch_size, section.epochs, cfg.seed)
         bar = progress(batches, desc=f"stage {index + 1} {stage.upper()}", unit="step")
         for step, (epoch, rows) in enumerate(bar):
-            items = [data.items[i] for i in rows]
-            call = (
-                learner.sft_step.remote(items) if stage == "sft"
-                else learner.dpo_step.remote(items, self.cfg.dpo.beta)
-            )
-            stats = ray.get(call)
+            stats = ray.get(step_call([items[i] for i in rows]))
             self.log({"stage": stage, "step": step, "epoch": epoch, **vars(stats)},
                      stats.adapter_version)
             bar.set_postfix(loss=f"{stats.loss:.4f}", refresh=False)
+        if stage == "rm":
+            after = ray.get(learner.rm_evaluate.remote(held_out))
+            from .train_rm import reward_model_report
+
+            self.rm_eval = reward_model_report(self.run_dir, before, after, data, len(items))
+            ray.get(learner.save_reward_model.remote(
+                str(self.run_dir / REWARD_MODEL_DIR), {"eval": after, "eval_before": before,
+                                                      "data": data.describe()}
+            ))
 
     def run_rl_stage(self, index: int, first_iteration: int) -> None:
         """`iterations` of: sync adapter, (evaluate), generate, score, update, log."""
@@ -187,13 +255,17 @@ class Trainer:
             tokens = sum(len(r.response_ids) for r in rollouts)
             errors_before = self.reward_errors
             scored = self.score(rollouts)
-            stats = ray.get(self.fleet.learner.train_step.remote(scored))
-            rewards = [s.reward for s in scored]
+            normalized, reward_stats = self.normalize(scored)
+            stats = ray.get(self.fleet.learner.train_step.remote(normalized))
+            if cfg.uses_reward_model:
+                reward_stats |= {"reward_rule_mean": mean([s.rule_reward for s in scored]),
+                                 "reward_model_mean": mean([s.model_reward for s in scored])}
             row = {
                 "stage": "rl",
                 "iteration": it,
                 "adapter_version": stats.adapter_version,
-                "reward_mean": sum(rewards) / len(rewards),
+                "reward_mean": mean([s.reward for s in scored]),  # before normalisation
+                **reward_stats,
                 **evals,
                 "kl": stats.kl,
                 "samples": len(scored),
@@ -246,6 +318,8 @@ class Trainer:
             self.stream.cursor = state.prompt_cursor
             self.stage_evals = state.stage_evals
             self.position = state.position
+            self.moments = RunningMoments(**state.reward_moments)
+            self.rm_eval = state.rm_eval
             print(f"resuming {self.run_dir} from {self.resume_from.name}: next stage "
                   f"{state.next_stage + 1} of {len(cfg.stages)}, iteration "
                   f"{state.next_iteration}, {state.prompt_cursor} prompts served")
@@ -299,11 +373,17 @@ class Trainer:
         next_stage, next_iteration = self.position
         if self.resume:
             ray.get(self.fleet.learner.load_checkpoint.remote(str(self.resume_from)))
+        if cfg.reward.model_on_learner and cfg.reward.model is not None:
+            ray.get(self.fleet.learner.load_reward_model.remote(cfg.reward.model))
         self.fleet.sync_adapter()
-        if not self.stage_evals:
-            self.stage_evals = [{"stage": "start", **self.evaluate()}]
         for index in range(next_stage, len(cfg.stages)):
             stage = cfg.stages[index]
+            if stage == "rm":  # trains the reward, not the policy: nothing to evaluate
+                self.run_offline_stage(stage, stage_data[stage], index)
+                self.checkpoint(f"stage{index + 1}_{stage}", index + 1, 0)
+                continue
+            if not self.stage_evals:
+                self.stage_evals = [{"stage": "start", **self.evaluate()}]
             if stage == "rl":
                 self.run_rl_stage(index, next_iteration if index == next_stage else 0)
             else:
@@ -323,6 +403,8 @@ class Trainer:
             "reward_errors": self.reward_errors,
             "prompts_skipped_too_long": self.prompts_skipped,
             "resumed_from": str(self.resume_from) if self.resume else None,
+            "reward_model": reward_model_dir(cfg),
+            "reward_model_eval": self.rm_eval,
             "wall_seconds": time.perf_counter() - run_start,
             **(summarize(rl_rows) if rl_rows else {}),
         }

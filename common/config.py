@@ -74,6 +74,27 @@ class RewardConfig:
     # a reward that raises or is not finite: "fail" stops the run naming the sample; "skip"
     # drops that prompt's whole group from the update, counted per iteration (reward_errors)
     on_error: Literal["fail", "skip"] = "fail"
+    # The reward is rule_weight * rule + model_weight * (learned reward model's score). The
+    # rule is always computed when it has weight or a task reference to log against.
+    rule_weight: float = 1.0
+    # a reward model directory (`lorafleet train-rm` output); with an `rm` stage, leave it
+    # unset: the stage's model (RUN_DIR/reward_model) is used
+    model: str | None = None
+    model_weight: float = 1.0
+    # PERL's memory option: score with a reward adapter on the learner's own base model (one
+    # base for policy, value and reward) instead of a base copy in every reward actor
+    model_on_learner: bool = False
+    threads_per_actor: int = 1  # torch threads of a reward actor that hosts a reward model
+    # "running": (r - mean) / std over every training reward so far (checkpointed); then
+    # clipped to +-clip when set. Evaluations report unnormalised rewards.
+    normalize: Literal["none", "running"] = "none"
+    clip: float | None = None
+
+    def validate(self) -> None:
+        if self.rule_weight == 0 and self.model_weight == 0:
+            raise ConfigError("reward.rule_weight and reward.model_weight are both 0")
+        if self.clip is not None and self.clip <= 0:
+            raise ConfigError(f"reward.clip must be > 0 (or null), got {self.clip}")
 
 
 ALGORITHMS = ("ppo", "grpo", "rloo", "spr", "best_of_n")
@@ -146,6 +167,22 @@ class DPOConfig:
 
 
 @dataclass
+class RewardModelConfig:
+    """The `rm` stage and `lorafleet train-rm`: a LoRA reward adapter + scalar head on the base
+    model (not on the policy adapter), Bradley-Terry loss on preference pairs."""
+
+    data: DatasetConfig = field(default_factory=DatasetConfig)
+    eval_fraction: float = 0.1  # seeded share of the pairs held out for accuracy / margin
+    epochs: int = 2
+    batch_size: int = 32
+    lr: float = 1e-3
+
+    def validate(self) -> None:
+        if not 0 < self.eval_fraction < 1:
+            raise ConfigError(f"rm.eval_fraction must be in (0, 1), got {self.eval_fraction}")
+
+
+@dataclass
 class LearnerConfig:
     cpus: float = 0.8
     threads: int = 2  # the learner runs while rollout workers idle in the synchronous loop
@@ -180,7 +217,9 @@ class TrainConfig:
     checkpoint_every: int = 10
     # Stages run in order on the same adapter, with a held-out evaluation after each: "sft"
     # (section sft), "dpo" (section dpo), "rl" (`iterations` of algo.name), e.g. [sft, rl].
-    stages: list[Literal["sft", "dpo", "rl"]] = field(default_factory=lambda: ["rl"])
+    # "rm" (section rm) trains the reward model the later stages are scored with; it must come
+    # first (it scores every evaluation; it trains on the base, so the chain does not alter it).
+    stages: list[Literal["rm", "sft", "dpo", "rl"]] = field(default_factory=lambda: ["rl"])
     task: AdditionTask = field(default_factory=AdditionTask)
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
@@ -189,6 +228,7 @@ class TrainConfig:
     algo: AlgoConfig = field(default_factory=AlgoConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
+    rm: RewardModelConfig = field(default_factory=RewardModelConfig)
     learner: LearnerConfig = field(default_factory=LearnerConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
@@ -197,7 +237,25 @@ class TrainConfig:
         if self.iterations < 1 or self.prompts_per_iteration < 1:
             raise ConfigError("iterations and prompts_per_iteration must be >= 1")
         if not self.stages:
-            raise ConfigError("stages is empty; allowed entries: sft, dpo, rl")
+            raise ConfigError("stages is empty; allowed entries: rm, sft, dpo, rl")
+        if "rm" in self.stages[1:]:
+            raise ConfigError(
+                f"stages {self.stages}: rm must be the first stage (its reward model scores "
+                "every evaluation; it trains on the base model, so running it first changes "
+                "nothing else)"
+            )
+        if "rm" in self.stages and self.reward.model is not None:
+            raise ConfigError(
+                "reward.model is set and an rm stage trains one: drop one of them (the rm "
+                "stage's model is RUN_DIR/reward_model)"
+            )
+        if self.reward.rule_weight == 0 and not self.uses_reward_model:
+            raise ConfigError(
+                "reward.rule_weight is 0 and there is no reward model (set reward.model to a "
+                "`lorafleet train-rm` output or add an rm stage)"
+            )
+        if self.reward.model_on_learner and not self.uses_reward_model:
+            raise ConfigError("reward.model_on_learner is set but there is no reward model")
         if self.algo.name == "rloo" and self.rollout.samples_per_prompt < 2:
             raise ConfigError("algo.name=rloo needs rollout.samples_per_prompt >= 2")
         if (self.algo.name, self.algo.spr_normalizer, self.rollout.samples_per_prompt) == (
@@ -207,6 +265,10 @@ class TrainConfig:
                 "algo.name=spr with rollout.samples_per_prompt=1 gives every sample weight 1 "
                 "(plain SFT); use algo.spr_normalizer=learned or samples_per_prompt >= 2"
             )
+
+    @property
+    def uses_reward_model(self) -> bool:
+        return "rm" in self.stages or self.reward.model is not None
 
 
 def load_train_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from .records import PreferencePair, SFTExample
 from .tasks import AdditionTask
@@ -34,6 +36,16 @@ class DatasetConfig:
     response_column: str = "response"  # sft
     chosen_column: str = "chosen"  # preference pairs
     rejected_column: str = "rejected"
+    # preference rows in a published layout, mapped to prompt/chosen/rejected (README):
+    # "hh-rlhf" (Anthropic/hh-rlhf: two whole dialogues; the prompt is the shared part up to
+    # the last "Assistant:"), "summarize-from-feedback" (openai/summarize_from_feedback,
+    # config "comparisons": info.post + summaries[choice] vs the other summary)
+    row_format: Literal["columns", "hh-rlhf", "summarize-from-feedback"] = "columns"
+    margin_column: str | None = None  # reward model: per-pair score gap asked for (>= 0)
+    tie_column: str | None = None  # reward model: true when neither response is preferred
+    # path=task preference pairs: the rejected answer is the teacher's "near_miss" (off by 1
+    # or 10) or a "random" wrong sum (AdditionTask.preference_rows)
+    task_rejected: Literal["near_miss", "random"] = "near_miss"
     skip_bad_rows: bool = False  # False: the first bad row is an error; True: skip and count
     max_rows: int | None = None
 
@@ -41,7 +53,9 @@ class DatasetConfig:
 def read_rows(cfg: DatasetConfig, task: AdditionTask, kind: str) -> list[dict]:
     """The raw rows of a source as dicts (`kind` is "sft" or "preference" for task data)."""
     if cfg.path == TASK_SOURCE:
-        return task.sft_rows(cfg.split) if kind == "sft" else task.preference_rows(cfg.split)
+        if kind == "sft":
+            return task.sft_rows(cfg.split)
+        return task.preference_rows(cfg.split, rejected=cfg.task_rejected)
     path = Path(cfg.path)
     if path.suffix in FILE_SUFFIXES:
         if not path.is_file():
@@ -157,22 +171,97 @@ def load_sft(
 def load_preferences(
     cfg: DatasetConfig, task: AdditionTask, tokenizer, max_tokens: int
 ) -> LoadedDataset:
+    columns = (cfg.prompt_column, cfg.chosen_column, cfg.rejected_column)
+    if cfg.row_format != "columns":
+        columns = ("prompt", "chosen", "rejected")
+
     def build(checker: RowChecker, i: int, row: dict) -> PreferencePair | None:
-        prompt = checker.text(row, i, cfg.prompt_column)
-        chosen = prompt and checker.text(row, i, cfg.chosen_column)
-        rejected = chosen and checker.text(row, i, cfg.rejected_column)
+        if cfg.row_format != "columns":
+            row = ROW_FORMATS[cfg.row_format](checker, i, row)
+            if row is None:
+                return None
+        prompt = checker.text(row, i, columns[0])
+        chosen = prompt and checker.text(row, i, columns[1])
+        rejected = chosen and checker.text(row, i, columns[2])
         if not rejected:
             return None
         if chosen == rejected:
             return checker.bad(i, "identical chosen and rejected responses")
+        margin = pair_margin(checker, i, row, cfg.margin_column)
+        tie = pair_tie(checker, i, row, cfg.tie_column)
+        if margin is None or tie is None:
+            return None
         prompt_ids, chosen_ids = encode(tokenizer, prompt, chosen)
         rejected_ids = encode(tokenizer, prompt, rejected)[1]
         longest = len(prompt_ids) + max(len(chosen_ids), len(rejected_ids))
         if not fits(checker, i, longest, max_tokens):
             return None
-        return PreferencePair(i, prompt_ids, chosen_ids, rejected_ids)
+        return PreferencePair(i, prompt_ids, chosen_ids, rejected_ids, margin, tie)
 
     return load_rows(cfg, task, "preference", build)
+
+
+def pair_margin(checker: RowChecker, i: int, row: dict, column: str | None) -> float | None:
+    if column is None:
+        return 0.0
+    value = row.get(column)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+        math.isfinite(value) and value >= 0
+    ):
+        return checker.bad(i, f"column {column!r} is not a finite number >= 0: {value!r}")
+    return float(value)
+
+
+def pair_tie(checker: RowChecker, i: int, row: dict, column: str | None) -> bool | None:
+    if column is None:
+        return False
+    value = row.get(column)
+    if value not in (True, False, 0, 1, "true", "false", "0", "1"):  # CSV/TSV give strings
+        return checker.bad(i, f"column {column!r} is not a boolean: {value!r}")
+    return value in (True, 1, "true", "1")
+
+
+ASSISTANT_TURN = "\n\nAssistant:"
+
+
+def hh_rlhf_row(checker: RowChecker, i: int, row: dict) -> dict | None:
+    """Anthropic HH-RLHF: `chosen` and `rejected` are whole dialogues that differ in the last
+    assistant turn; the prompt is the dialogue up to and including its "Assistant:"."""
+    chosen = checker.text(row, i, "chosen")
+    rejected = chosen and checker.text(row, i, "rejected")
+    if not rejected:
+        return None
+    cut = chosen.rfind(ASSISTANT_TURN)
+    if cut < 0:
+        return checker.bad(i, f"column 'chosen' has no {ASSISTANT_TURN!r} turn")
+    prompt = chosen[: cut + len(ASSISTANT_TURN)]
+    if not rejected.startswith(prompt):
+        return checker.bad(i, "column 'rejected' does not share the dialogue before the last "
+                              "assistant turn of 'chosen'")
+    return {"prompt": prompt, "chosen": chosen[len(prompt):], "rejected": rejected[len(prompt):]}
+
+
+def summarize_feedback_row(checker: RowChecker, i: int, row: dict) -> dict | None:
+    """openai/summarize_from_feedback "comparisons": the post (`info`) with the summary the
+    labeller chose (`summaries[choice]`) against the other one; prompt in the paper's format."""
+    if not isinstance(row, dict):
+        return checker.bad(i, f"not an object: {type(row).__name__}")
+    info, summaries, choice = row.get("info"), row.get("summaries"), row.get("choice")
+    if not isinstance(info, dict) or not (info.get("post") or info.get("article")):
+        return checker.bad(i, "column 'info' has no post or article")
+    if not isinstance(summaries, list) or len(summaries) != 2 or choice not in (0, 1):
+        return checker.bad(i, f"columns 'summaries' / 'choice' are not two summaries and 0 or "
+                              f"1: {choice!r}")
+    if info.get("post"):
+        prompt = (f"SUBREDDIT: r/{info.get('subreddit', '')}\nTITLE: {info.get('title', '')}\n"
+                  f"POST: {info['post']}\n\nTL;DR:")
+    else:  # CNN/DM rows carry an article instead of a post
+        prompt = f"ARTICLE: {info['article']}\n\nTL;DR:"
+    texts = [s.get("text") if isinstance(s, dict) else None for s in summaries]
+    return {"prompt": prompt, "chosen": texts[choice], "rejected": texts[1 - choice]}
+
+
+ROW_FORMATS = {"hh-rlhf": hh_rlhf_row, "summarize-from-feedback": summarize_feedback_row}
 
 
 def fits(checker: RowChecker, index: int, tokens: int, max_tokens: int) -> bool:

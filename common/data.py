@@ -58,3 +58,25 @@ class PromptStream:
             batch.append(Prompt(position, src.text, src.token_ids, src.reference))
         self.cursor += size
         return batch
+
+
+def epoch_batches(
+    rows: int, batch_size: int, epochs: int, seed: int
+) -> list[tuple[int, list[int]]]:
+    """(epoch, row indices) minibatches: each epoch a fresh seeded shuffle of all rows."""
+    batches = []
+    for epoch in range(epochs):
+        order = list(range(rows))
+        random.Random(seed * 1_000_003 + epoch).shuffle(order)
+        batches += [(epoch, order[i : i + batch_size]) for i in range(0, rows, batch_size)]
+    return batches
+
+
+def split_held_out(items: list, fraction: float, seed: int) -> tuple[list, list]:
+    """A seeded (train, held-out) split; the held-out part has at least one item."""
+    order = list(range(len(items)))
+    random.Random(seed).shuffle(order)
+    n_held = max(1, round(len(items) * fraction))
+    if n_held >= len(items):
+        raise ValueError(f"{len(items)} rows are too few to hold out {fraction:.0%} and train")
+    return [items[i] for i in sorted(order[n_held:])], [items[i] for i in sorted(order[:n_held])]

@@ -48,8 +48,10 @@ class Rollout:
 @dataclass(frozen=True)
 class ScoredRollout:
     rollout: Rollout
-    reward: float  # NaN when `error` is set
+    reward: float  # what the learner trains on; NaN when `error` is set
     error: str | None = None  # why the reward failed (reward.on_error=skip only)
+    rule_reward: float | None = None  # the parts `reward` was combined from (for logging)
+    model_reward: float | None = None  # a learned reward model's score
 
 
 @dataclass(frozen=True)
@@ -146,15 +148,19 @@ class PreferencePair:
     prompt_ids: list[int]
     chosen_ids: list[int]
     rejected_ids: list[int]
+    margin: float = 0.0  # reward-model training: the score gap asked for (graded preferences)
+    tie: bool = False  # reward-model training: neither side is preferred
 
 
 @dataclass(frozen=True)
 class OfflineStats:
-    """One optimiser step of an offline stage (SFT or DPO) on one minibatch."""
+    """One optimiser step of an offline stage (SFT, DPO, reward model) on one minibatch."""
 
     adapter_version: int  # the version this step produced
     loss: float
     grad_norm: float
     rows: int
-    preference_accuracy: float | None = None  # DPO: share of pairs with a positive margin
-    reward_margin: float | None = None  # DPO: mean beta * log-ratio margin, chosen - rejected
+    # DPO: share of pairs with a positive margin, and the mean beta * log-ratio margin;
+    # reward model: share of pairs scored the right way round, and mean r_chosen - r_rejected
+    preference_accuracy: float | None = None
+    reward_margin: float | None = None

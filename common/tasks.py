@@ -62,15 +62,24 @@ class AdditionTask:
         """A prompt/response dataset with the gold answers (the `sft.data.path=task` stage)."""
         return [{"prompt": ex.prompt, "response": ex.answer} for ex in self.examples(split)]
 
-    def preference_rows(self, split: str, seed: int = 0) -> list[dict[str, str]]:
-        """Preference pairs: chosen = gold answer, rejected = a seeded near miss."""
+    def preference_rows(
+        self, split: str, seed: int = 0, rejected: str = "near_miss"
+    ) -> list[dict[str, str]]:
+        """Preference pairs: chosen = gold answer, rejected = a seeded near miss (off by 1 or
+        10), or with `rejected="random"` a uniformly drawn wrong sum in [0, 2 * max_operand]."""
+        if rejected not in ("near_miss", "random"):
+            raise ValueError(f"rejected={rejected!r}; allowed: 'near_miss', 'random'")
         rng = random.Random(seed)
         rows = []
         for ex in self.examples(split):
-            rejected = self.near_miss(ex, rng)
-            if rejected == ex.answer:
-                rejected = str(int(ex.answer) + 1)
-            rows.append({"prompt": ex.prompt, "chosen": ex.answer, "rejected": rejected})
+            if rejected == "random":
+                wrong = rng.randrange(2 * self.max_operand)  # [0, 2 max) minus the gold sum
+                answer = str(wrong if wrong < int(ex.answer) else wrong + 1)
+            else:
+                answer = self.near_miss(ex, rng)
+                if answer == ex.answer:
+                    answer = str(int(ex.answer) + 1)
+            rows.append({"prompt": ex.prompt, "chosen": ex.answer, "rejected": answer})
         return rows
 
     def tokenizer_corpus(self) -> Iterator[str]:

@@ -23,7 +23,25 @@ from ..common.records import (
 from ..common.state_io import load_state, save_state
 from .algorithms.critic_free import dpo_loss
 from .algorithms.ppo import kl_penalty, masked_mean
-from .model import POLICY, VALUE, PolicyValueModel, TokenBatch, collate, collate_scored
+from .model import (
+    POLICY,
+    REWARD,
+    VALUE,
+    PolicyValueModel,
+    TokenBatch,
+    collate,
+    collate_scored,
+    load_adapter,
+    save_adapter,
+)
+from .reward_model import (
+    RewardModelTrainer,
+    attach_reward_model,
+    read_reward_model_meta,
+    rollout_rows,
+    save_reward_model,
+    score_rows,
+)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -54,7 +72,11 @@ class LearnerBase:
         torch.set_num_threads(threads)
         self.algo = algo
         self.pad_id = pad_token_id
-        self.net = PolicyValueModel(model_path, lora, DTYPES[dtype], seed, self.with_value)
+        self.model_path, self.lora, self.dtype = model_path, lora, dtype
+        adapters = (POLICY, VALUE) if self.with_value else (POLICY,)
+        self.net = PolicyValueModel(model_path, lora, DTYPES[dtype], seed, adapters)
+        self.reward_trainer: RewardModelTrainer | None = None
+        self.reward_tokenizer = None
         self.policy_params = self.net.adapter_parameters(POLICY)
         self.start_stage(algo.policy_lr)
         if self.with_value:
@@ -127,6 +149,48 @@ class LearnerBase:
             reward_margin=float(margin.mean()),
         )
 
+    # -- the reward adapter (PERL: reward model on the learner's own base) ---------------------
+    def start_reward_model(self, lr: float) -> None:
+        """Add a fresh reward adapter + head (the `rm` stage trains it)."""
+        self.net.add_adapter(REWARD, self.lora)
+        self.reward_trainer = RewardModelTrainer(
+            self.net, lr, self.algo.max_grad_norm, self.pad_id
+        )
+
+    def rm_step(self, pairs: list[PreferencePair]) -> OfflineStats:
+        return self.reward_trainer.step(pairs)
+
+    def rm_evaluate(self, pairs: list[PreferencePair]) -> dict[str, float]:
+        return self.reward_trainer.evaluate(pairs)
+
+    def save_reward_model(self, directory: str, info: dict) -> str:
+        return str(save_reward_model(
+            self.net, Path(directory), self.model_path, self.lora, self.dtype, info
+        ))
+
+    def load_reward_model(self, directory: str) -> dict:
+        """Serve a saved reward model from this base (reward.model_on_learner); it must have
+        been trained on the same base model."""
+        meta = read_reward_model_meta(Path(directory))
+        if meta["base_model"] != self.model_path:
+            raise ValueError(
+                f"reward model {directory} was trained on {meta['base_model']}, the learner "
+                f"holds {self.model_path}: reward.model_on_learner needs the same base"
+            )
+        if REWARD in self.net.heads:  # e.g. restored from a checkpoint
+            load_adapter(self.net, REWARD, Path(directory))
+        else:
+            attach_reward_model(self.net, Path(directory))
+        return meta
+
+    def score_rollouts(self, rollouts: list) -> list[float]:
+        """The reward adapter's scores of finished rollouts (re-tokenised as in training)."""
+        if self.reward_tokenizer is None:
+            from transformers import AutoTokenizer
+
+            self.reward_tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+        return score_rows(self.net, rollout_rows(self.reward_tokenizer, rollouts), self.pad_id)
+
     # -- shared pieces of an update -----------------------------------------------------------
     @torch.no_grad()
     def prepare(self, scored: list[ScoredRollout]) -> BatchContext:
@@ -177,19 +241,15 @@ class LearnerBase:
 
     # -- persistence ------------------------------------------------------------------------
     def save(self, directory: str) -> str:
-        """Policy adapter in PEFT format at `directory`; value adapter + head under value/."""
-        from safetensors.torch import save_file
-
+        """Policy adapter in PEFT format at `directory`; value / reward adapters (+ heads) in
+        sub-directories named after them."""
         path = Path(directory)
-        self.publish().save_pretrained(path)
-        if self.with_value:
-            self.net.snapshot(VALUE, self.version).save_pretrained(path / "value")
-            save_file(
-                {k: v.detach().contiguous() for k, v in self.net.value_head.state_dict().items()},
-                path / "value" / "value_head.safetensors",
-            )
+        for name in self.adapter_names():
+            save_adapter(self.net, name, self.version, path if name == POLICY else path / name)
         return str(path)
 
+    def adapter_names(self) -> list[str]:
+        return [POLICY, *(n for n in (VALUE, REWARD) if n in self.net.heads)]
 
     def save_checkpoint(self, directory: str) -> str:
         """Everything to continue training exactly: adapters (PEFT format), value head,
@@ -203,30 +263,23 @@ class LearnerBase:
         }
         if self.with_value:
             state["value_opt"] = self.value_opt.state_dict()
+        if self.reward_trainer is not None:
+            state["reward_trainer"] = self.reward_trainer.state()
         save_state(state, path, "learner_state")
         return str(path)
 
     def load_checkpoint(self, directory: str) -> int:
         """Restore a `save_checkpoint` directory; returns the adapter version it holds."""
-        from peft import set_peft_model_state_dict
-        from safetensors.torch import load_file
-
         path = Path(directory)
         state = load_state(path, "learner_state")
-        adapters = [(POLICY, path)] + ([(VALUE, path / "value")] if self.with_value else [])
-        for name, adapter_dir in adapters:
-            result = set_peft_model_state_dict(
-                self.net.model, load_file(adapter_dir / "adapter_model.safetensors"),
-                adapter_name=name,
-            )
-            missing = [k for k in result.missing_keys if f".{name}." in k]
-            if missing:
-                raise ValueError(f"{adapter_dir}: adapter {name!r} lacks {missing[:3]}")
+        if "reward_trainer" in state and REWARD not in self.net.heads:
+            self.start_reward_model(self.algo.policy_lr)  # lr comes back with the state
+        for name in self.adapter_names():
+            load_adapter(self.net, name, path if name == POLICY else path / name)
         if self.with_value:
-            self.net.value_head.load_state_dict(
-                load_file(path / "value" / "value_head.safetensors")
-            )
             self.value_opt.load_state_dict(state["value_opt"])
+        if "reward_trainer" in state:
+            self.reward_trainer.load_state(state["reward_trainer"])
         self.policy_opt.load_state_dict(state["policy_opt"])
         self.generator.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])

@@ -3,6 +3,8 @@
 - policy    = base + LoRA "policy"
 - reference = the same base with every adapter disabled (no second model copy)
 - value     = base + LoRA "value" + a scalar head on its last hidden state (PPO only)
+- reward    = base + LoRA "reward" + a scalar head on the last token (a learned reward model,
+              trained here or loaded; PERL's option of keeping it on the learner's base)
 """
 
 from __future__ import annotations
@@ -10,13 +12,15 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from enum import Enum
+from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from ..common.records import AdapterSnapshot, ScoredRollout
 
-POLICY, VALUE = "policy", "value"
+POLICY, VALUE, REWARD = "policy", "value", "reward"
+SCALAR_ADAPTERS = (VALUE, REWARD)  # adapters read through a scalar head, not the LM head
 
 
 @dataclass
@@ -80,33 +84,51 @@ def _jsonable(value: object) -> object:
 
 
 class PolicyValueModel:
+    """The base model with the named LoRA adapters; `value` and `reward` carry a scalar head."""
+
     def __init__(
-        self, model_path: str, lora: object, dtype: torch.dtype, seed: int, with_value: bool
+        self, model_path: str, lora: object, dtype: torch.dtype, seed: int,
+        adapters: tuple[str, ...] = (POLICY,),
     ) -> None:
-        from peft import LoraConfig, get_peft_model
+        from peft import get_peft_model
         from transformers import AutoModelForCausalLM
 
         torch.manual_seed(seed)
         base = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
         base.config.use_cache = False
-        config = LoraConfig(
-            r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-            target_modules=list(lora.target_modules), task_type="CAUSAL_LM",
-        )
-        self.model = get_peft_model(base, config, adapter_name=POLICY)
-        self.value_head: torch.nn.Linear | None = None
-        if with_value:  # critic-free algorithms carry no value adapter at all (memory)
-            self.model.add_adapter(VALUE, config)
-            self.value_head = torch.nn.Linear(base.config.hidden_size, 1, dtype=dtype)
-            # Small non-zero weights: a zero head would block the value LoRA's first gradients.
-            torch.nn.init.normal_(self.value_head.weight, std=1 / (base.config.hidden_size + 1))
-            torch.nn.init.zeros_(self.value_head.bias)
+        self.dtype = dtype
+        self.model = get_peft_model(base, lora_config(lora), adapter_name=adapters[0])
+        self.heads: dict[str, torch.nn.Linear] = {}
+        self._add_head(adapters[0])
+        for name in adapters[1:]:  # critic-free algorithms carry no value adapter (memory)
+            self.add_adapter(name, lora)
         self.model.eval()  # no dropout by default; lora.dropout still applies via train()
+
+    def add_adapter(self, name: str, lora: object) -> None:
+        self.model.add_adapter(name, lora_config(lora))
+        self._add_head(name)
+
+    def _add_head(self, name: str) -> None:
+        if name not in SCALAR_ADAPTERS:
+            return
+        hidden = self.model.get_base_model().config.hidden_size
+        head = torch.nn.Linear(hidden, 1, dtype=self.dtype)
+        if name == VALUE:
+            # Small non-zero weights: near-zero values to start from, but not a zero head,
+            # which would block the value LoRA's first gradients. A reward head keeps
+            # Linear's default init: a near-zero one left Bradley-Terry stuck at log 2.
+            torch.nn.init.normal_(head.weight, std=1 / (hidden + 1))
+            torch.nn.init.zeros_(head.bias)
+        self.heads[name] = head
+
+    @property
+    def value_head(self) -> torch.nn.Linear | None:
+        return self.heads.get(VALUE)
 
     def adapter_parameters(self, name: str) -> list[torch.nn.Parameter]:
         params = [p for n, p in self.model.named_parameters() if f".{name}." in n]
-        if name == VALUE:
-            params += list(self.value_head.parameters())
+        if name in self.heads:
+            params += list(self.heads[name].parameters())
         return params
 
     def _decoder(self):
@@ -135,7 +157,17 @@ class PolicyValueModel:
         hidden = self._decoder()(
             input_ids=batch.input_ids, attention_mask=batch.attention_mask
         ).last_hidden_state
-        return self.value_head(gather_positions(hidden, batch.positions)).squeeze(-1)
+        return self.heads[VALUE](gather_positions(hidden, batch.positions)).squeeze(-1)
+
+    def scores(self, input_ids: Tensor, attention_mask: Tensor, name: str = REWARD) -> Tensor:
+        """A scalar-head adapter's score of each whole right-padded row: the head on the hidden
+        state of the row's last token ([B])."""
+        self.model.set_adapter(name)
+        hidden = self._decoder()(
+            input_ids=input_ids, attention_mask=attention_mask
+        ).last_hidden_state
+        last = attention_mask.sum(-1) - 1
+        return self.heads[name](hidden[torch.arange(len(last)), last]).squeeze(-1)
 
     def snapshot(self, name: str, version: int) -> AdapterSnapshot:
         from peft import get_peft_model_state_dict
@@ -144,6 +176,45 @@ class PolicyValueModel:
         config = json.loads(json.dumps(self.model.peft_config[name].to_dict(), default=_jsonable))
         tensors = {k: v.detach().clone() for k, v in tensors.items()}
         return AdapterSnapshot(version=version, peft_config=config, tensors=tensors)
+
+
+def lora_config(lora: object):
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+        target_modules=list(lora.target_modules), task_type="CAUSAL_LM",
+    )
+
+
+def head_file(directory: Path, name: str) -> Path:
+    return directory / f"{name}_head.safetensors"
+
+
+def save_adapter(net: PolicyValueModel, name: str, version: int, directory: Path) -> Path:
+    """One adapter in PEFT format at `directory`, plus its scalar head if it has one."""
+    from safetensors.torch import save_file
+
+    net.snapshot(name, version).save_pretrained(directory)
+    if name in net.heads:
+        state = {k: v.detach().contiguous() for k, v in net.heads[name].state_dict().items()}
+        save_file(state, head_file(directory, name))
+    return directory
+
+
+def load_adapter(net: PolicyValueModel, name: str, directory: Path) -> None:
+    """Load a `save_adapter` directory into the model's adapter `name` (and its head)."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    result = set_peft_model_state_dict(
+        net.model, load_file(directory / "adapter_model.safetensors"), adapter_name=name
+    )
+    missing = [k for k in result.missing_keys if f".{name}." in k]
+    if missing:
+        raise ValueError(f"{directory}: adapter {name!r} lacks {missing[:3]}")
+    if name in net.heads:
+        net.heads[name].load_state_dict(load_file(head_file(directory, name)))
 
 
 def token_logprobs(logits: Tensor, batch: TokenBatch, with_entropy: bool):

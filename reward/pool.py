@@ -3,41 +3,85 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from ..common.records import Rollout, ScoredRollout
+from .normalize import combine_rewards
 from .rules import get_reward_fn
+
+if TYPE_CHECKING:
+    from .model import LearnedReward
 
 
 class RewardError(RuntimeError):
     """A reward function raised or returned a non-finite value; names the sample."""
 
 
-class RewardWorker:
-    """Scores batches of rollouts with one reward function (run as a Ray actor). A failing
-    reward raises RewardError naming the sample, or with `skip_errors` comes back as a NaN
-    reward carrying the error for the driver to count and drop."""
+@dataclass(frozen=True)
+class RewardSpec:
+    """What a reward actor computes: the rule (a name in `rules`), a learned reward model
+    directory (or None: none here, e.g. it is on the learner), and the weights of the sum."""
 
-    def __init__(self, fn_name: str, skip_errors: bool = False) -> None:
-        self.fn_name = fn_name
-        self.fn = get_reward_fn(fn_name)
-        self.skip_errors = skip_errors
+    rule: str
+    rule_weight: float = 1.0
+    model: str | None = None
+    model_weight: float = 0.0
+    threads: int = 1
+    skip_errors: bool = False
 
-    def score(self, rollouts: list[Rollout]) -> list[ScoredRollout]:
-        return [self.score_one(r) for r in rollouts]
+    def combine(self, r: Rollout, rule: float, model_score: float | None) -> ScoredRollout:
+        """The weighted sum of the parts; the model part counts only where it was computed
+        (a reward actor without a model leaves it to the learner's reward adapter)."""
+        for kind, name, value in (("reward", self.rule, rule),
+                                  ("reward model", self.model, model_score)):
+            if value is not None and not math.isfinite(value):
+                return self.failed(f"{kind} {name!r} returned {value} for {where(r)}", r)
+        model_weight = self.model_weight if model_score is not None else 0.0
+        total = combine_rewards(rule, model_score, self.rule_weight, model_weight)
+        return ScoredRollout(r, total, rule_reward=rule, model_reward=model_score)
 
-    def score_one(self, r: Rollout) -> ScoredRollout:
-        where = f"{r.sample_id} (prompt {r.prompt.text!r}, response {r.response_text!r})"
-        try:
-            value = float(self.fn(r.response_text, r.prompt.reference))
-        except Exception as exc:
-            problem, cause = f"reward {self.fn_name!r} raised on {where}: {exc!r}", exc
-        else:
-            if math.isfinite(value):
-                return ScoredRollout(r, value)
-            problem, cause = f"reward {self.fn_name!r} returned {value} for {where}", None
+    def failed(self, problem: str, r: Rollout, cause: Exception | None = None) -> ScoredRollout:
         if self.skip_errors:
             return ScoredRollout(r, math.nan, problem)
         raise RewardError(problem) from cause
+
+
+class RewardWorker:
+    """Scores batches of rollouts (run as a Ray actor): the rule on each sample, the learned
+    reward model on the whole batch, combined by weight. A failing reward raises RewardError
+    naming the sample, or with `skip_errors` comes back as a NaN reward carrying the error for
+    the driver to count and drop."""
+
+    def __init__(self, spec: RewardSpec) -> None:
+        self.spec = spec
+        self.fn = get_reward_fn(spec.rule)
+        self.model: LearnedReward | None = None
+
+    def score(self, rollouts: list[Rollout]) -> list[ScoredRollout]:
+        if self.spec.model is not None and self.model is None:
+            # Loaded on first use: an rm stage writes it after the actors start, and an actor
+            # that Ray restarts comes back through here too.
+            from .model import LearnedReward
+
+            self.model = LearnedReward(self.spec.model, self.spec.threads)
+        model_scores = self.model.score(rollouts) if self.model is not None else None
+        return [
+            self.score_one(r, None if model_scores is None else model_scores[i])
+            for i, r in enumerate(rollouts)
+        ]
+
+    def score_one(self, r: Rollout, model_score: float | None) -> ScoredRollout:
+        try:
+            rule = float(self.fn(r.response_text, r.prompt.reference))
+        except Exception as exc:
+            return self.spec.failed(f"reward {self.spec.rule!r} raised on {where(r)}: {exc!r}",
+                                    r, exc)
+        return self.spec.combine(r, rule, model_score)
+
+
+def where(r: Rollout) -> str:
+    return f"{r.sample_id} (prompt {r.prompt.text!r}, response {r.response_text!r})"
 
 
 def drop_failed_groups(scored: list[ScoredRollout]) -> tuple[list[ScoredRollout], list[str]]:

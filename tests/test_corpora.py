@@ -4,6 +4,7 @@ row is an error naming source, row and column (or is skipped and counted when co
 from __future__ import annotations
 
 import json
+import re
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -99,3 +100,77 @@ def test_unreadable_sources_are_named(tmp_path, tokenizer):
     empty = write(tmp_path / "empty.jsonl", [{"prompt": "x", "response": ""}])
     with pytest.raises(DatasetError, match="no usable rows"):
         load_sft(DatasetConfig(path=empty, skip_bad_rows=True), TASK, tokenizer, 64)
+
+
+HH_ROW = {  # Anthropic/hh-rlhf layout: two whole dialogues differing in the last turn
+    "chosen": "\n\nHuman: What is 2+2?\n\nAssistant: 4\n\nHuman: And 3+3?\n\nAssistant: 6",
+    "rejected": "\n\nHuman: What is 2+2?\n\nAssistant: 4\n\nHuman: And 3+3?\n\nAssistant: 7",
+}
+TLDR_ROW = {  # openai/summarize_from_feedback "comparisons" layout
+    "info": {"id": "t3_x", "post": "My cat ate my homework.", "title": "Cat", "subreddit": "pets"},
+    "summaries": [{"text": " cat ate homework", "policy": "a"}, {"text": " a post", "policy": "b"}],
+    "choice": 0,
+}
+
+
+def test_hub_layouts_map_to_prompt_chosen_rejected(tmp_path, tokenizer):
+    hh = load_preferences(
+        DatasetConfig(path=write(tmp_path / "hh.jsonl", [HH_ROW]), row_format="hh-rlhf"),
+        TASK, tokenizer, 10_000,
+    ).items[0]
+    assert tokenizer.decode(hh.prompt_ids, skip_special_tokens=True) == (
+        "\n\nHuman: What is 2+2?\n\nAssistant: 4\n\nHuman: And 3+3?\n\nAssistant:"
+    )
+    assert tokenizer.decode(hh.chosen_ids, skip_special_tokens=True) == " 6"
+    assert tokenizer.decode(hh.rejected_ids, skip_special_tokens=True) == " 7"
+    tldr = load_preferences(
+        DatasetConfig(path=write(tmp_path / "tldr.jsonl", [TLDR_ROW, {**TLDR_ROW, "choice": 1}]),
+                      row_format="summarize-from-feedback"),
+        TASK, tokenizer, 10_000,
+    ).items
+    assert tokenizer.decode(tldr[0].prompt_ids, skip_special_tokens=True) == (
+        "SUBREDDIT: r/pets\nTITLE: Cat\nPOST: My cat ate my homework.\n\nTL;DR:"
+    )
+    assert tokenizer.decode(tldr[0].chosen_ids, skip_special_tokens=True) == " cat ate homework"
+    assert tldr[1].chosen_ids == tldr[0].rejected_ids
+
+
+@pytest.mark.parametrize(("row_format", "row", "problem"), [
+    ("hh-rlhf", {"chosen": "no turns here", "rejected": "x"}, "has no '\\n\\nAssistant:' turn"),
+    ("hh-rlhf", {**HH_ROW, "rejected": "\n\nHuman: Hi\n\nAssistant: 7"},
+     "does not share the dialogue"),
+    ("summarize-from-feedback", {**TLDR_ROW, "choice": 2}, "'summaries' / 'choice'"),
+    ("summarize-from-feedback", {**TLDR_ROW, "info": {}}, "column 'info' has no post"),
+])
+def test_bad_hub_layout_rows_are_named(row_format, row, problem, tmp_path, tokenizer):
+    path = write(tmp_path / "p.jsonl", [HH_ROW if row_format == "hh-rlhf" else TLDR_ROW, row])
+    with pytest.raises(DatasetError, match=f"row 1: .*{re.escape(problem)}"):
+        load_preferences(DatasetConfig(path=path, row_format=row_format), TASK, tokenizer, 10_000)
+
+
+def test_margin_and_tie_columns(tmp_path, tokenizer):
+    rows = [{"prompt": "1+2=", "chosen": "3", "rejected": "4", "margin": 1.5, "tie": "false"},
+            {"prompt": "2+2=", "chosen": "4", "rejected": "5", "margin": 0, "tie": "true"}]
+    cfg = DatasetConfig(path=write(tmp_path / "p.jsonl", rows), margin_column="margin",
+                        tie_column="tie")
+    pairs = load_preferences(cfg, TASK, tokenizer, 64).items
+    assert [(p.margin, p.tie) for p in pairs] == [(1.5, False), (0.0, True)]
+    bad = [{**rows[0], "margin": -1}]
+    cfg.path = write(tmp_path / "bad.jsonl", bad)
+    with pytest.raises(DatasetError, match="row 0: column 'margin' is not a finite number >= 0"):
+        load_preferences(cfg, TASK, tokenizer, 64)
+    cfg.skip_bad_rows = True
+    cfg.path = write(tmp_path / "mixed.jsonl", rows + [{**rows[0], "tie": "maybe"}])
+    loaded = load_preferences(cfg, TASK, tokenizer, 64)
+    assert len(loaded.items) == 2 and loaded.skipped == {"column 'tie' is not a boolean": 1}
+
+
+def test_task_pairs_with_random_rejected_answers(tokenizer):
+    rows = TASK.preference_rows("train", rejected="random")
+    assert all(r["rejected"] != r["chosen"] and 0 <= int(r["rejected"]) <= 98 for r in rows)
+    near = TASK.preference_rows("train")
+    far = sum(abs(int(r["rejected"]) - int(r["chosen"])) > 10 for r in rows)
+    assert far > len(rows) // 2 and all(
+        abs(int(r["rejected"]) - int(r["chosen"])) in (1, 10) for r in near[:50]
+        if int(r["chosen"]) >= 10
+    )

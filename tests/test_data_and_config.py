@@ -39,7 +39,7 @@ def test_overrides_and_errors_name_the_key():
 def test_stage_chain_config_and_its_errors():
     cfg = load_train_config(None, ["stages=[sft, dpo, rl]", "sft.data.path=my.jsonl"])
     assert cfg.stages == ["sft", "dpo", "rl"] and cfg.sft.data.path == "my.jsonl"
-    with pytest.raises(ConfigError, match="stages.*'sft', 'dpo', 'rl'"):
+    with pytest.raises(ConfigError, match="stages.*'rm', 'sft', 'dpo', 'rl'"):
         load_train_config(None, ["stages=[sft, ppo]"])
     with pytest.raises(ConfigError, match="stages is empty"):
         load_train_config(None, ["stages=[]"])
@@ -47,6 +47,23 @@ def test_stage_chain_config_and_its_errors():
         load_train_config(None, ["algo.name=spr", "rollout.samples_per_prompt=1"])
     with pytest.raises(ConfigError, match="dpo.beta"):
         load_train_config(None, ["dpo.beta=0"])
+
+
+def test_reward_model_config_errors():
+    cfg = load_train_config(None, ["stages=[rm, sft, rl]", "reward.rule_weight=0"])
+    assert cfg.uses_reward_model and cfg.rm.data.path == "task"
+    with pytest.raises(ConfigError, match="rm must be the first stage"):
+        load_train_config(None, ["stages=[sft, rm, rl]"])
+    with pytest.raises(ConfigError, match="reward.model is set and an rm stage trains one"):
+        load_train_config(None, ["stages=[rm, rl]", "reward.model=runs/rm/reward_model"])
+    with pytest.raises(ConfigError, match="rule_weight is 0 and there is no reward model"):
+        load_train_config(None, ["reward.rule_weight=0"])
+    with pytest.raises(ConfigError, match="model_on_learner is set but there is no reward"):
+        load_train_config(None, ["reward.model_on_learner=true"])
+    with pytest.raises(ConfigError, match="reward.clip must be > 0"):
+        load_train_config(None, ["reward.clip=0"])
+    with pytest.raises(ConfigError, match=r"rm.eval_fraction must be in \(0, 1\)"):
+        load_train_config(None, ["rm.eval_fraction=1.5"])
 
 
 def test_addition_task_splits_are_disjoint_and_correct():

@@ -8,7 +8,7 @@ import math
 import pytest
 
 from lorafleet.common.records import Prompt, Rollout
-from lorafleet.reward.pool import RewardPool, RewardWorker, drop_failed_groups
+from lorafleet.reward.pool import RewardPool, RewardSpec, RewardWorker, drop_failed_groups
 from lorafleet.reward.rules import exact_match, get_reward_fn
 
 
@@ -35,7 +35,7 @@ def pool_of(ray_cluster):
 
     def build(fn: str, batch_size: int = 4, skip_errors: bool = False) -> RewardPool:
         remote = ray_cluster.remote(RewardWorker).options(num_cpus=0.1)
-        actors.extend(remote.remote(fn, skip_errors) for _ in range(2))
+        actors.extend(remote.remote(RewardSpec(fn, skip_errors=skip_errors)) for _ in range(2))
         return RewardPool(actors[-2:], batch_size)
 
     yield build

@@ -1,0 +1,87 @@
+"""`lorafleet bench reward`: reward-model scoring throughput of the reward pool with 1 and 2
+reward actors, measured in one run (1 actor is the baseline). Each actor loads base + reward
+adapter + head and scores batches of `reward.batch_size` with `reward.threads_per_actor`
+threads; Ray's ActorPool hands each batch to the next idle actor. Nothing is asserted.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from ..common.config import load_train_config
+from ..common.records import Prompt, Rollout
+from .fleet import connect_ray, resolve_model, reward_spec
+
+ACTOR_COUNTS = (1, 2)
+
+
+def answer_rollouts(task, tokenizer, count: int) -> list[Rollout]:
+    """`count` finished rollouts: the task's training prompts answered with the gold sum (the
+    scoring cost depends on their length, not on who wrote them)."""
+    examples = task.examples("train")
+    out = []
+    for i in range(count):
+        ex = examples[i % len(examples)]
+        prompt = Prompt(i, ex.prompt, tokenizer(ex.prompt).input_ids, ex.answer)
+        ids = tokenizer(ex.answer, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+        out.append(Rollout(prompt, 0, ids, ex.answer, [0.0] * len(ids), "stop", 0, 0))
+    return out
+
+
+def bench_reward(path: str | None, overrides: list[str], repeats: int = 3) -> None:
+    import ray
+    from transformers import AutoTokenizer
+
+    from ..learner.base import DTYPES
+    from ..learner.model import REWARD, PolicyValueModel
+    from ..learner.reward_model import save_reward_model
+    from ..reward.pool import RewardPool, RewardWorker
+
+    cfg = load_train_config(path, overrides)
+    model_path = resolve_model(cfg)
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    count = cfg.prompts_per_iteration * cfg.rollout.samples_per_prompt * 4
+    rollouts = answer_rollouts(cfg.task, tokenizer, count)
+    with tempfile.TemporaryDirectory(prefix="lorafleet-bench-rm-") as tmp:
+        directory = cfg.reward.model
+        if directory is None:  # the cost of a forward does not depend on trained weights
+            net = PolicyValueModel(model_path, cfg.lora, DTYPES[cfg.model.dtype], cfg.seed,
+                                   (REWARD,))
+            directory = str(save_reward_model(net, Path(tmp) / "rm", model_path, cfg.lora,
+                                              cfg.model.dtype, {"note": "untrained (bench)"}))
+            del net
+        cfg.reward.model, cfg.reward.model_on_learner = directory, False
+        spec = reward_spec(cfg)
+        started = connect_ray(cfg)
+        rates = {}
+        try:
+            for n in ACTOR_COUNTS:
+                actors = [ray.remote(RewardWorker).options(num_cpus=spec.threads).remote(spec)
+                          for _ in range(n)]
+                # warm-up: every actor loads the model and scores once
+                ray.get([a.score.remote(rollouts[: cfg.reward.batch_size]) for a in actors])
+                pool = RewardPool(actors, cfg.reward.batch_size)
+                seconds = []
+                for _ in range(repeats):
+                    start = time.perf_counter()
+                    pool.score(rollouts)
+                    seconds.append(time.perf_counter() - start)
+                rates[n] = count / statistics.median(seconds)
+                for actor in actors:
+                    ray.kill(actor)
+                print(f"  {n} reward actor(s): {rates[n]:8.0f} samples/s", flush=True)
+        finally:
+            if started:
+                ray.shutdown()
+    base = rates[ACTOR_COUNTS[0]]
+    print(f"\nreward-model scoring ({cfg.model.name_or_path}, {count} samples in batches of "
+          f"{cfg.reward.batch_size}, {spec.threads} thread(s) per actor, {os.cpu_count()} "
+          f"cores here; median of {repeats})")
+    print("| reward actors | samples/s | vs 1 actor |")
+    print("| --- | --- | --- |")
+    for n, rate in rates.items():
+        print(f"| {n} | {rate:.0f} | {rate / base:.2f}x |")

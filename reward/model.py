@@ -1,0 +1,41 @@
+"""A learned reward model served by a reward actor: the saved base + reward adapter + head,
+rebuilt with the learner's own model code so it scores exactly as it did in training."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..common.records import Rollout
+
+
+class LearnedReward:
+    """Loads a reward model directory (`lorafleet train-rm` or `rm` stage output) once and
+    scores batches of rollouts."""
+
+    def __init__(self, directory: str, threads: int = 1, batch_size: int = 64) -> None:
+        import torch
+        from transformers import AutoTokenizer
+
+        from ..common.config import LoRAConfig
+        from ..learner.base import DTYPES
+        from ..learner.model import REWARD, PolicyValueModel, load_adapter
+        from ..learner.reward_model import read_reward_model_meta
+
+        torch.set_num_threads(threads)
+        self.directory = Path(directory)
+        self.meta = read_reward_model_meta(self.directory)
+        base = self.meta["base_model"]
+        self.tokenizer = AutoTokenizer.from_pretrained(base)
+        self.net = PolicyValueModel(
+            base, LoRAConfig(**self.meta["lora"]), DTYPES[self.meta["dtype"]], 0, (REWARD,)
+        )
+        load_adapter(self.net, REWARD, self.directory)
+        self.batch_size = batch_size
+
+    def score(self, rollouts: list[Rollout]) -> list[float]:
+        from ..learner.reward_model import rollout_rows, score_rows
+
+        rows = rollout_rows(self.tokenizer, rollouts)
+        pad = self.tokenizer.pad_token_id
+        pad = pad if pad is not None else self.tokenizer.eos_token_id  # right padding: unread
+        return score_rows(self.net, rows, pad, self.batch_size)

@@ -1,0 +1,111 @@
+"""A LoRA reward model on the real tiny model: Bradley-Terry training ranks held-out pairs,
+and the saved model scores identically in a reward actor (Ray) and on the learner's base."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from helpers import contrast_batch
+from lorafleet.common.config import AlgoConfig, LoRAConfig
+from lorafleet.common.corpora import DatasetConfig, load_preferences
+from lorafleet.common.data import epoch_batches, split_held_out
+from lorafleet.common.tasks import AdditionTask
+from lorafleet.learner.base import LearnerBase
+from lorafleet.learner.model import REWARD, PolicyValueModel
+from lorafleet.learner.reward_model import (
+    RewardModelTrainer,
+    rollout_rows,
+    save_reward_model,
+    score_rows,
+)
+from lorafleet.reward.model import LearnedReward
+from lorafleet.reward.pool import RewardPool, RewardSpec, RewardWorker
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_model_path, tokenizer, tmp_path_factory):
+    """A reward model trained for 2 epochs on 480 task pairs, saved; its held-out results."""
+    torch.manual_seed(0)
+    data = load_preferences(
+        DatasetConfig(task_rejected="random", max_rows=600), AdditionTask(), tokenizer, 128
+    )
+    train, held_out = split_held_out(data.items, 0.2, seed=0)
+    net = PolicyValueModel(tiny_model_path, LoRAConfig(), torch.float32, 0, (REWARD,))
+    trainer = RewardModelTrainer(net, lr=1e-3, max_grad_norm=1.0, pad_id=tokenizer.pad_token_id)
+    before = trainer.evaluate(held_out)
+    for _, rows in epoch_batches(len(train), 32, 2, seed=0):
+        trainer.step([train[i] for i in rows])
+    after = trainer.evaluate(held_out)
+    directory = save_reward_model(
+        net, tmp_path_factory.mktemp("rm") / "reward_model", tiny_model_path, LoRAConfig(),
+        "float32", {"eval": after},
+    )
+    return net, directory, before, after
+
+
+def test_reward_model_ranks_held_out_pairs(trained):
+    _, directory, before, after = trained
+    # measured: 0.48 -> 0.78 accuracy on the 120 held-out pairs, margin 0.0 -> 1.9
+    assert after["pairs"] == 120
+    assert after["accuracy"] > 0.65 and after["accuracy"] > before["accuracy"] + 0.15
+    assert after["mean_margin"] > 0.5
+    meta = json.loads((directory / "reward_model.json").read_text())
+    assert meta["eval"] == after and meta["lora"]["rank"] == 8
+    assert (directory / "adapter_config.json").exists()
+    assert (directory / "reward_head.safetensors").exists()
+
+
+def test_saved_reward_model_scores_identically(trained, tokenizer):
+    net, directory, _, _ = trained
+    rollouts = [s.rollout for s in contrast_batch(tokenizer, 0)]
+    expected = score_rows(net, rollout_rows(tokenizer, rollouts), tokenizer.pad_token_id)
+    assert LearnedReward(str(directory)).score(rollouts) == expected
+    # the gold answers (even rows) outscore the near misses on most prompts
+    assert sum(c > r for c, r in zip(expected[0::2], expected[1::2], strict=True)) > 16
+
+
+def test_reward_actors_combine_rule_and_model(trained, tokenizer, ray_cluster):
+    net, directory, _, _ = trained
+    rollouts = [s.rollout for s in contrast_batch(tokenizer, 0)]
+    expected = score_rows(net, rollout_rows(tokenizer, rollouts), tokenizer.pad_token_id)
+    spec = RewardSpec("exact_match", rule_weight=0.5, model=str(directory), model_weight=2.0)
+    actors = [ray_cluster.remote(RewardWorker).options(num_cpus=0.1).remote(spec)
+              for _ in range(2)]
+    try:
+        scored = RewardPool(actors, batch_size=16).score(rollouts)
+    finally:
+        for actor in actors:
+            ray_cluster.kill(actor)
+    assert [s.model_reward for s in scored] == expected
+    assert [s.rule_reward for s in scored] == [1.0, 0.0] * 32
+    assert [s.reward for s in scored] == [
+        0.5 * rule + 2.0 * model for rule, model in zip([1.0, 0.0] * 32, expected, strict=True)
+    ]
+
+
+def test_reward_model_on_the_learner_base(trained, tiny_model_path, tokenizer, tmp_path):
+    net, directory, _, _ = trained
+    rollouts = [s.rollout for s in contrast_batch(tokenizer, 0)]
+    learner = LearnerBase(
+        tiny_model_path, LoRAConfig(), AlgoConfig(), dtype="float32", seed=0, threads=2,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    learner.load_reward_model(str(directory))
+    expected = score_rows(net, rollout_rows(tokenizer, rollouts), tokenizer.pad_token_id)
+    assert learner.score_rollouts(rollouts) == expected
+    # the reward adapter is saved beside the policy in checkpoints and comes back
+    learner.save_checkpoint(str(tmp_path / "ckpt"))
+    assert (tmp_path / "ckpt" / "reward" / "reward_head.safetensors").exists()
+    meta = json.loads((directory / "reward_model.json").read_text())
+    other = directory.parent / "other_base"
+    save_reward_model(net, other, "some/other-model", LoRAConfig(), "float32", {})
+    assert meta["base_model"] == tiny_model_path
+    fresh = LearnerBase(
+        tiny_model_path, LoRAConfig(), AlgoConfig(), dtype="float32", seed=1, threads=2,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    with pytest.raises(ValueError, match="trained on some/other-model"):
+        fresh.load_reward_model(str(other))
