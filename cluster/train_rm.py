@@ -22,10 +22,10 @@ from .fleet import REWARD_MODEL_DIR, resolve_model
 
 
 def reward_model_report(
-    run_dir: Path, before: dict, after: dict, data: LoadedDataset, train_pairs: int
+    run_dir: Path, before: dict, after: dict, data: LoadedDataset, train_pairs: int, steps: int
 ) -> dict:
     """Write RUN_DIR/rm_eval.json and print the held-out accuracy / margin before and after."""
-    report = {"before": before, "after": after, "train_pairs": train_pairs,
+    report = {"before": before, "after": after, "train_pairs": train_pairs, "steps": steps,
               "data": data.describe()}
     (run_dir / "rm_eval.json").write_text(json.dumps(report, indent=2))
     print(f"reward model on {after['pairs']} held-out pairs: accuracy {before['accuracy']:.3f}"
@@ -68,7 +68,7 @@ def train_reward_model(cfg: TrainConfig) -> Path:
         bar.set_postfix(loss=f"{stats.loss:.4f}", acc=f"{stats.preference_accuracy:.2f}",
                         refresh=False)
     after = trainer.evaluate(held_out)
-    report = reward_model_report(run_dir, before, after, data, len(train))
+    report = reward_model_report(run_dir, before, after, data, len(train), len(batches))
     directory = save_reward_model(
         net, run_dir / REWARD_MODEL_DIR, model_path, cfg.lora, cfg.model.dtype,
         {"eval": after, "eval_before": before, "data": data.describe()},

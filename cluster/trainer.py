@@ -100,15 +100,17 @@ class Trainer:
         self.wandb: WandbLogger | None = None
         self.stage_evals: list[dict] = []
         self.reward_errors = 0  # failed rewards skipped (reward.on_error=skip)
-        self.reward_spec = reward_spec(cfg)
         self.moments = RunningMoments()  # reward.normalize=running statistics
         self.rm_eval: dict | None = None  # the rm stage's held-out accuracy / margin
 
     # -- reporting ----------------------------------------------------------------------------
     def log(self, row: dict, step: int) -> None:
+        """`step`: the policy adapter version (the reward model's step in the rm stage, which
+        runs first; wandb steps of the later stages come after its steps)."""
         self.sink.log(row)
         if self.wandb is not None:
-            self.wandb.log(row, step)
+            rm_steps = self.rm_eval["steps"] if self.rm_eval and row["stage"] != "rm" else 0
+            self.wandb.log(row, step + rm_steps)
 
     def evaluate(self) -> dict[str, float]:
         """Held-out prompts: mean reward of samples drawn as in training (the quantity RL
@@ -216,7 +218,9 @@ class Trainer:
             after = ray.get(learner.rm_evaluate.remote(held_out))
             from .train_rm import reward_model_report
 
-            self.rm_eval = reward_model_report(self.run_dir, before, after, data, len(items))
+            self.rm_eval = reward_model_report(
+                self.run_dir, before, after, data, len(items), len(batches)
+            )
             ray.get(learner.save_reward_model.remote(
                 str(self.run_dir / REWARD_MODEL_DIR), {"eval": after, "eval_before": before,
                                                       "data": data.describe()}
@@ -336,6 +340,7 @@ class Trainer:
         cfg = self.cfg
         run_start = time.perf_counter()
         model_path, tokenizer, stage_data = self.prepare()
+        self.reward_spec = reward_spec(cfg)  # after prepare: it names RUN_DIR/reward_model
         probe_ids = [p.token_ids for p in self.held_out[: cfg.rollout.probe_prompts]]
         started_ray = connect_ray(cfg)
         self.fleet = start_fleet(cfg, model_path, tokenizer.pad_token_id, probe_ids)
@@ -397,7 +402,8 @@ class Trainer:
         rl_rows = read_metrics(self.run_dir)
         summary = {
             "stages": cfg.stages, "stage_evals": self.stage_evals, "iterations": cfg.iterations,
-            **{f"final_{k}": self.stage_evals[-1][k] for k in EVAL_KEYS},
+            # (an rm-only run trains no policy: nothing evaluated)
+            **{f"final_{k}": self.stage_evals[-1][k] for k in EVAL_KEYS if self.stage_evals},
             "datasets": {k: v.describe() for k, v in stage_data.items()},
             "worker_restarts": self.fleet.worker_restarts,
             "reward_errors": self.reward_errors,
