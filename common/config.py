@@ -12,7 +12,7 @@ from typing import Literal
 
 from .configio import ConfigError, load_config
 from .corpora import DatasetConfig
-from .tasks import AdditionTask
+from .tasks import TaskConfig
 from .tiny_model import TinyModelSpec
 
 TINY = "tiny"
@@ -181,7 +181,7 @@ class TrainConfig:
     # Stages run in order on the same adapter, with a held-out evaluation after each: "sft"
     # (section sft), "dpo" (section dpo), "rl" (`iterations` of algo.name), e.g. [sft, rl].
     stages: list[Literal["sft", "dpo", "rl"]] = field(default_factory=lambda: ["rl"])
-    task: AdditionTask = field(default_factory=AdditionTask)
+    task: TaskConfig = field(default_factory=TaskConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)

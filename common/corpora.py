@@ -1,6 +1,6 @@
 """Offline datasets for the SFT and DPO stages: prompt/response rows and preference pairs.
 
-Sources: `task` (generated from the run's task, see `AdditionTask.sft_rows` /
+Sources: `task` (generated from the run's task, see `TaskConfig.sft_rows` /
 `preference_rows`), a local file (.jsonl, .json, .parquet, .csv, .tsv), or a Hugging Face hub
 dataset name (read with `datasets.load_dataset`, needs network). Rows are checked before any
 actor starts; a bad row is an error naming the source, row and column, or is skipped and
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .records import PreferencePair, SFTExample
-from .tasks import AdditionTask
+from .tasks import TaskConfig
 
 TASK_SOURCE = "task"
 FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".tsv")
@@ -38,7 +38,7 @@ class DatasetConfig:
     max_rows: int | None = None
 
 
-def read_rows(cfg: DatasetConfig, task: AdditionTask, kind: str) -> list[dict]:
+def read_rows(cfg: DatasetConfig, task: TaskConfig, kind: str) -> list[dict]:
     """The raw rows of a source as dicts (`kind` is "sft" or "preference" for task data)."""
     if cfg.path == TASK_SOURCE:
         return task.sft_rows(cfg.split) if kind == "sft" else task.preference_rows(cfg.split)
@@ -139,7 +139,7 @@ def encode(tokenizer, prompt: str, response: str) -> tuple[list[int], list[int]]
 
 
 def load_sft(
-    cfg: DatasetConfig, task: AdditionTask, tokenizer, max_tokens: int
+    cfg: DatasetConfig, task: TaskConfig, tokenizer, max_tokens: int
 ) -> LoadedDataset:
     def build(checker: RowChecker, i: int, row: dict) -> SFTExample | None:
         prompt = checker.text(row, i, cfg.prompt_column)
@@ -155,7 +155,7 @@ def load_sft(
 
 
 def load_preferences(
-    cfg: DatasetConfig, task: AdditionTask, tokenizer, max_tokens: int
+    cfg: DatasetConfig, task: TaskConfig, tokenizer, max_tokens: int
 ) -> LoadedDataset:
     def build(checker: RowChecker, i: int, row: dict) -> PreferencePair | None:
         prompt = checker.text(row, i, cfg.prompt_column)
@@ -182,7 +182,7 @@ def fits(checker: RowChecker, index: int, tokens: int, max_tokens: int) -> bool:
     return False
 
 
-def load_rows(cfg: DatasetConfig, task: AdditionTask, kind: str, build) -> LoadedDataset:
+def load_rows(cfg: DatasetConfig, task: TaskConfig, kind: str, build) -> LoadedDataset:
     """`build(checker, index, row)` turns each raw row into a record, or None to skip it."""
     checker = RowChecker(cfg.path, cfg.skip_bad_rows)
     items = []
