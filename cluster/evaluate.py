@@ -60,7 +60,7 @@ def evaluate_shots(
             "eval_greedy": sum(reward(*p) for p in pairs) / len(pairs),
             **task.answer_metrics(pairs), "prompts_skipped": len(skipped),
         }
-        print(f"{k}-shot: " + ", ".join(f"{m} {v:.3f}" for m, v in results[f"{k}-shot"].items()))
+        print(f"{k}-shot: " + ", ".join(f"{m} {v:.3g}" for m, v in results[f"{k}-shot"].items()))
     del worker  # frees the engine's KV cache before anything else starts
     return results
 
