@@ -163,3 +163,16 @@ def test_write_positive_reward_is_vader_compound():
     # "my friends said" scores positive on its own)
     assert all(reward(ex.prompt + ex.answer, "") >= 0.05 for ex in task.examples("train"))
     assert task.answer_metrics([(" great", "")])["write_positive/vader_compound"] > 0
+
+
+def test_cli_tasks_and_make_data_sentiment(tmp_path, capsys):
+    from lorafleet.cluster.cli import main
+
+    main(["tasks"])
+    listing = capsys.readouterr().out
+    for name in [*TASKS, "sentiment_vader", "write_positive", "multi"]:
+        assert f"| {name} |" in listing
+    assert "| cb | aps/super_glue/cb [validation] |" in listing
+    main(["make-data", "sentiment", str(tmp_path)])
+    lines = (tmp_path / "SST-2" / "dev.tsv").read_text().splitlines()
+    assert lines[0] == "sentence\tlabel" and len(lines) == 201

@@ -17,12 +17,14 @@ from lorafleet.common.metrics import read_metrics
 pytestmark = pytest.mark.slow
 
 ACC = "sentiment_vader/accuracy"
-# Measured (README, "NLU tasks"): held-out accuracy SFT 0.000 -> SFT+PPO 0.000 on 200
-# sentences; asserted with room for run-to-run float noise, not for PPO doing nothing.
-MIN_PPO_GAIN = 0.0
-# write_positive, 20 iterations: train reward (VADER compound) of iterations 0-4 0.000 -> 15-19
-# 0.000; held-out greedy 0.000 -> 0.000.
-MIN_COMPOUND_GAIN = 0.0
+# Measured (README, "NLU tasks"): held-out greedy accuracy SFT 0.645 -> SFT+PPO 0.720 on 200
+# sentences (sampled as in training: 0.445 -> 0.690); asserted with room for run-to-run float
+# noise (a few answers), not for PPO doing nothing.
+MIN_PPO_GAIN = 0.03
+MIN_PPO_SAMPLED_GAIN = 0.15
+# write_positive, 12 iterations: train reward (VADER compound) of iterations 0-4 0.03 -> 7-11
+# 0.51.
+MIN_COMPOUND_GAIN = 0.25
 
 
 def test_vader_zero_shot_sft_ppo_table(ray_cluster, tmp_path):
@@ -42,6 +44,8 @@ def test_vader_zero_shot_sft_ppo_table(ray_cluster, tmp_path):
     )
     assert table["SFT"][ACC] > 0.55  # SFT on 64 labelled rows learns the task, imperfectly
     assert table["SFT+PPO"][ACC] - table["SFT"][ACC] > MIN_PPO_GAIN
+    sft, ppo = summary["stage_evals"][1:]
+    assert ppo["eval_reward"] - sft["eval_reward"] > MIN_PPO_SAMPLED_GAIN
     rl = read_metrics(out / "train")
     assert all("invalid_answers" in row for row in rl)
 
