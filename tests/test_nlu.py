@@ -176,3 +176,19 @@ def test_cli_tasks_and_make_data_sentiment(tmp_path, capsys):
     main(["make-data", "sentiment", str(tmp_path)])
     lines = (tmp_path / "SST-2" / "dev.tsv").read_text().splitlines()
     assert lines[0] == "sentence\tlabel" and len(lines) == 201
+
+
+def test_result_table_markdown_and_stage_labels(tmp_path):
+    from lorafleet.cluster.nlu_table import markdown, stage_label, write_table
+
+    results = {"0-shot": {"eval_greedy": 0.0, "rte/accuracy": 0.5, "rte/invalid_rate": 0.25},
+               "SFT": {"rte/accuracy": 0.625, "cb/macro_f1": 0.4}}
+    assert markdown(results).splitlines() == [
+        "| task / metric | 0-shot | SFT |", "| --- | --- | --- |",
+        "| rte/accuracy | 0.500 | 0.625 |", "| rte/invalid_rate | 0.250 | — |",
+        "| cb/macro_f1 | — | 0.400 |",
+    ]
+    assert [stage_label(["sft", "rl"], i, "ppo") for i in (0, 1)] == ["SFT", "SFT+PPO"]
+    write_table(tmp_path, "table", results)
+    assert json.loads((tmp_path / "table.json").read_text()) == results
+    assert (tmp_path / "table.png").read_bytes()[:4] == b"\x89PNG"
