@@ -1,4 +1,5 @@
-"""`lorafleet` command line: train, train-rm, compare, bench, make-data, validate."""
+"""`lorafleet` command line: train, train-rm, compare, bench, make-data, validate, tasks,
+eval, nlu-table."""
 
 from __future__ import annotations
 
@@ -80,10 +81,55 @@ def cmd_make_data(args: argparse.Namespace) -> None:
     from ..common.config import load_train_config
     from ..common.corpora import write_jsonl
 
+    if args.kind == "sentiment":
+        from ..common.vader_data import write_sst2_layout
+
+        for written in write_sst2_layout(Path(args.out)):
+            print(f"wrote {written} ({len(written.read_text().splitlines()) - 1} rows)")
+        return
     path, overrides = _split_config_and_overrides(args.items)
     task = load_train_config(path, overrides).task
     rows = task.sft_rows(args.split) if args.kind == "sft" else task.preference_rows(args.split)
     print(f"wrote {len(rows)} {args.kind} rows to {write_jsonl(rows, Path(args.out))}")
+
+
+def cmd_tasks(args: argparse.Namespace) -> None:
+    from ..common.nlu import TASKS
+
+    print("| task.name | hub dataset (config) [held-out split] | local file layout | label words "
+          "| metrics |\n| --- | --- | --- | --- | --- |")
+    for spec in TASKS.values():
+        print(f"| {spec.name} | {spec.hub_name('eval')} | {spec.local_dir}/train, "
+              f"{spec.local_dir}/{spec.local_eval} (.tsv/.jsonl/.parquet) | "
+              f"{', '.join(spec.labels)} | {', '.join(spec.metrics)} |")
+    print("| sentiment_vader | offline: VADER-labelled sentences (`make-data sentiment`) | "
+          "SST-2 | negative, positive | accuracy |")
+    print("| write_positive | offline: openings of the VADER sentences | — | (free text; "
+          "reward = VADER compound) | vader_compound |")
+    print("| multi | `task.tasks: [...]`, mixed by `task.mixing` | | | each task's own |")
+
+
+def _shots(text: str) -> list[int]:
+    try:
+        return [int(k) for k in text.split(",")]
+    except ValueError as exc:
+        raise ConfigError(f"--shots: comma-separated integers, got {text!r}") from exc
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from ..common.config import load_train_config
+    from .evaluate import run_eval
+
+    path, overrides = _split_config_and_overrides(args.items)
+    run_eval(load_train_config(path, overrides), _shots(args.shots), args.adapter)
+
+
+def cmd_nlu_table(args: argparse.Namespace) -> None:
+    from ..common.config import load_train_config
+    from .nlu_table import nlu_table
+
+    path, overrides = _split_config_and_overrides(args.items)
+    nlu_table(load_train_config(path, overrides), args.shots)
 
 
 def cmd_validate(args: argparse.Namespace) -> None:
@@ -135,12 +181,30 @@ def build_parser() -> argparse.ArgumentParser:
         "make-data", help="write the task's SFT pairs or preference pairs as JSONL (the format "
         "the sft / dpo stages read)",
     )
-    data.add_argument("kind", choices=["sft", "preferences"])
-    data.add_argument("out", help="output .jsonl path")
+    data.add_argument("kind", choices=["sft", "preferences", "sentiment"],
+                      help="sentiment: the VADER-labelled set in SST-2's layout (OUT/SST-2/)")
+    data.add_argument("out", help="output .jsonl path (sentiment: a directory)")
     data.add_argument("--split", default="train", choices=["train", "eval"])
     data.add_argument("items", nargs="*", metavar="CONFIG.yaml | key=value",
                       help="the task comes from this config (default: the default task)")
     data.set_defaults(func=cmd_make_data)
+    tasks = sub.add_parser("tasks", help="list the NLU tasks (template, labels, metrics, data)")
+    tasks.set_defaults(func=cmd_tasks)
+    ev = sub.add_parser(
+        "eval", help="zero-/k-shot held-out metrics of a model (+ adapter) on the config's NLU "
+        "task(s): eval.md + eval.json in run_dir",
+    )
+    ev.add_argument("items", nargs="*", metavar="CONFIG.yaml | key=value")
+    ev.add_argument("--shots", default="0,4", help="in-context examples per setting (0,4)")
+    ev.add_argument("--adapter", help="a PEFT adapter directory, e.g. runs/x/adapter")
+    ev.set_defaults(func=cmd_eval)
+    table = sub.add_parser(
+        "nlu-table", help="zero-shot / k-shot / each stage of the config's chain (e.g. SFT, "
+        "SFT+PPO) per task: table.md, table.json, table.png",
+    )
+    table.add_argument("items", nargs="*", metavar="CONFIG.yaml | key=value")
+    table.add_argument("--shots", type=int, default=4, help="k of the k-shot row (4)")
+    table.set_defaults(func=cmd_nlu_table)
     check = sub.add_parser(
         "validate", help="check `ray up` cluster YAMLs (Ray's validator) and KubeRay RayJob "
         "manifests",

@@ -57,7 +57,9 @@ def print_summary(run_dir: Path, summary: dict) -> None:
               f"{rm['mean_margin']:.3f} ({rm['pairs']} pairs)")
     print("  held-out reward after each stage   (sampled / greedy):")
     for row in summary["stage_evals"]:
-        print(f"    {row['stage']:>5s}: {row['eval_reward']:.3f} / {row['eval_greedy']:.3f}")
+        metrics = "".join(f", {k} {v:.3f}" for k, v in row.items() if "/" in k)
+        print(f"    {row['stage']:>5s}: {row['eval_reward']:.3f} / {row['eval_greedy']:.3f}"
+              f"{metrics}")
     if "window" not in summary:  # no RL stage
         print(f"  wall time: {summary['wall_seconds']:.0f} s")
         return
@@ -80,6 +82,10 @@ def load_stage_data(cfg: TrainConfig, tokenizer) -> dict[str, LoadedDataset]:
             data[stage] = load(source, cfg.task, tokenizer, cfg.model.max_model_len)
             print(f"{stage} data: {data[stage].describe()}")
     return data
+
+
+def answer_pairs(scored: list[ScoredRollout]) -> list[tuple[str, str]]:
+    return [(s.rollout.response_text, s.rollout.prompt.reference) for s in scored]
 
 
 class LearnerDied(RuntimeError):
@@ -114,7 +120,9 @@ class Trainer:
 
     def evaluate(self) -> dict[str, float]:
         """Held-out prompts: mean reward of samples drawn as in training (the quantity RL
-        maximises), and of greedy answers (accuracy); with a reward model also each part."""
+        maximises), and of greedy answers (accuracy); with a reward model also each part;
+        plus the task's own metrics of the greedy answers (NLU: each task's official metrics
+        and invalid-answer rate)."""
         rollout = self.cfg.rollout
         result = {}
         for key, n, temperature in (
@@ -128,7 +136,8 @@ class Trainer:
             if self.cfg.uses_reward_model:
                 result[f"{key}_rule"] = mean([s.rule_reward for s in scored])
                 result[f"{key}_model"] = mean([s.model_reward for s in scored])
-        return result
+        # `scored` is the greedy pass here
+        return {**result, **self.cfg.task.answer_metrics(answer_pairs(scored))}
 
     def score(self, rollouts: list) -> list[ScoredRollout]:
         """The reward pool's scores (plus the learner's reward adapter's, when it holds the
@@ -280,6 +289,7 @@ class Trainer:
                 "worker_versions": [versions[i] for i in sorted(versions)],
                 "worker_restarts": self.fleet.worker_restarts,
                 "reward_errors": self.reward_errors - errors_before,
+                **cfg.task.count_invalid(answer_pairs(scored)),  # NLU: "invalid_answers"
                 "response_tokens": tokens,
                 "prompt_cursor": self.stream.cursor,
                 **{k: v for k, v in vars(stats).items() if k not in ("adapter_version", "kl")},

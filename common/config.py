@@ -12,7 +12,7 @@ from typing import Literal
 
 from .configio import ConfigError, load_config
 from .corpora import DatasetConfig
-from .tasks import AdditionTask
+from .tasks import TaskConfig
 from .tiny_model import TinyModelSpec
 
 TINY = "tiny"
@@ -220,7 +220,7 @@ class TrainConfig:
     # "rm" (section rm) trains the reward model the later stages are scored with; it must come
     # first (it scores every evaluation; it trains on the base, so the chain does not alter it).
     stages: list[Literal["rm", "sft", "dpo", "rl"]] = field(default_factory=lambda: ["rl"])
-    task: AdditionTask = field(default_factory=AdditionTask)
+    task: TaskConfig = field(default_factory=TaskConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)

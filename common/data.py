@@ -27,7 +27,7 @@ def encode_prompts(
                 f"limit is {max_prompt_tokens} (model.max_model_len - rollout.max_new_tokens); set "
                 "rollout.too_long_prompts=skip to leave such prompts out"
             )
-        prompts.append(Prompt(first_index + i, ex.prompt, ids, ex.answer))
+        prompts.append(Prompt(first_index + i, ex.prompt, ids, ex.reference))
     return prompts
 
 

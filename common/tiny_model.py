@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .progress import progress
-from .tasks import AdditionTask
+from .tasks import TaskConfig
 
 RECIPE_VERSION = 1  # bump when the build code changes what it produces
 
@@ -85,15 +85,16 @@ def _init_model(spec: TinyModelSpec, tokenizer):
     return model
 
 
-def sft_batches(tokenizer, task: AdditionTask, batch_size: int, seed: int):
-    """Endless shuffled batches of (input_ids, attention_mask, labels) of the task's training
-    prompts with the teacher's (noisy) answers; the loss covers the answer only."""
+def sft_batches(tokenizer, task: TaskConfig, batch_size: int, seed: int):
+    """Endless shuffled batches of (input_ids, attention_mask, labels) of the task's warm-start
+    prompts with the teacher's answers (addition: noisy; NLU: unlabelled text after an empty
+    prompt, i.e. language modelling); the loss covers the answer only."""
     import random
 
     import torch
 
     rng = random.Random(seed)
-    examples = task.examples("train")
+    examples = task.warm_start_examples()
     prompts = [tokenizer(ex.prompt).input_ids for ex in examples]
     order = list(range(len(examples)))
     while True:
@@ -114,8 +115,8 @@ def sft_batches(tokenizer, task: AdditionTask, batch_size: int, seed: int):
             yield ids, mask, labels
 
 
-def warm_start(model, tokenizer, task: AdditionTask, spec: TinyModelSpec) -> float:
-    """Short full-parameter SFT on the task's training split; returns the last loss."""
+def warm_start(model, tokenizer, task: TaskConfig, spec: TinyModelSpec) -> float:
+    """Short full-parameter SFT on the task's warm-start examples; returns the last loss."""
     import torch
 
     model.train()
@@ -137,15 +138,15 @@ def warm_start(model, tokenizer, task: AdditionTask, spec: TinyModelSpec) -> flo
     return float(loss.item())
 
 
-def recipe_hash(task: AdditionTask, spec: TinyModelSpec) -> str:
-    recipe = {"version": RECIPE_VERSION, "task": asdict(task), "spec": asdict(spec)}
+def recipe_hash(task: TaskConfig, spec: TinyModelSpec) -> str:
+    recipe = {"version": RECIPE_VERSION, "task": task.recipe(), "spec": asdict(spec)}
     return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def build_tiny_model(task: AdditionTask, spec: TinyModelSpec, root: Path | None = None) -> Path:
+def build_tiny_model(task: TaskConfig, spec: TinyModelSpec, root: Path | None = None) -> Path:
     """Returns the directory of the built model, building it once per recipe (file-locked)."""
     root = root or cache_root()
-    target = root / "models" / f"tiny-{task.name}-{recipe_hash(task, spec)}"
+    target = root / "models" / f"tiny-{task.recipe()['name']}-{recipe_hash(task, spec)}"
     if (target / "config.json").exists():
         return target
     root.mkdir(parents=True, exist_ok=True)
@@ -159,7 +160,7 @@ def build_tiny_model(task: AdditionTask, spec: TinyModelSpec, root: Path | None 
         staging = Path(tempfile.mkdtemp(dir=root, prefix=".staging-"))
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        recipe = {"task": asdict(task), "spec": asdict(spec), "sft_final_loss": final_loss}
+        recipe = {"task": task.recipe(), "spec": asdict(spec), "sft_final_loss": final_loss}
         (staging / "lorafleet_recipe.json").write_text(json.dumps(recipe, indent=2))
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(target, ignore_errors=True)

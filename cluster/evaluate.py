@@ -1,0 +1,75 @@
+"""`lorafleet eval`: zero-shot and k-shot held-out metrics of a model (optionally with a LoRA
+adapter) on the config's NLU task(s): greedy answers from one in-process vLLM engine, scored by
+the task's reward and official metrics."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+from ..common.config import TrainConfig
+from ..common.configio import ConfigError
+from ..common.data import encode_prompts
+from ..reward.rules import get_reward_fn
+from .fleet import resolve_model
+from .nlu_table import write_table
+
+NLU_ONLY = ("addition", "write_positive")
+
+
+def adapter_rank(adapter: str) -> int:
+    path = Path(adapter) / "adapter_config.json"
+    if not path.is_file():
+        raise ConfigError(f"--adapter {adapter}: no adapter_config.json there (a PEFT adapter "
+                          "directory, e.g. a run's adapter/)")
+    return int(json.loads(path.read_text())["r"])
+
+
+def evaluate_shots(
+    cfg: TrainConfig, shots: list[int], adapter: str | None = None
+) -> dict[str, dict[str, float]]:
+    """{"0-shot": metrics, "k-shot": metrics, ...}: `eval_greedy` (mean reward of the greedy
+    answers), each task's official metrics and invalid-answer rate, prompts left out as too
+    long for the model (`prompts_skipped`)."""
+    if cfg.task.name in NLU_ONLY and any(shots):
+        raise ConfigError(f"in-context examples need an NLU task; task.name={cfg.task.name}")
+    from ..rollout.worker import RolloutWorker
+
+    model_path = resolve_model(cfg)
+    rank = adapter_rank(adapter) if adapter else cfg.lora.rank
+    worker = RolloutWorker(
+        model_path, dtype=cfg.model.dtype, max_model_len=cfg.model.max_model_len,
+        max_lora_rank=max(rank, 8), seed=cfg.seed, kv_cache_gib=cfg.rollout.kv_cache_gib,
+        threads=cfg.learner.threads,
+    )
+    lora = worker.lora_from_disk(adapter, 1) if adapter else None
+    reward = get_reward_fn(cfg.reward.fn or cfg.task.reward_fn)
+    limit = cfg.model.max_model_len - cfg.rollout.max_new_tokens
+    results = {}
+    for k in shots:
+        task = dataclasses.replace(cfg.task, shots=k)
+        skipped: list[str] = []
+        prompts = encode_prompts(task.examples("eval"), worker.tokenizer, limit, skipped=skipped)
+        rollouts = worker.generate(
+            prompts, n=1, temperature=0.0, max_tokens=cfg.rollout.max_new_tokens, seed=cfg.seed,
+            lora=lora, use_policy=False,
+        )
+        pairs = [(r.response_text, r.prompt.reference) for r in rollouts]
+        results[f"{k}-shot"] = {
+            "eval_greedy": sum(reward(*p) for p in pairs) / len(pairs),
+            **task.answer_metrics(pairs), "prompts_skipped": len(skipped),
+        }
+        print(f"{k}-shot: " + ", ".join(f"{m} {v:.3g}" for m, v in results[f"{k}-shot"].items()))
+    del worker  # frees the engine's KV cache before anything else starts
+    return results
+
+
+def run_eval(cfg: TrainConfig, shots: list[int], adapter: str | None) -> Path:
+    from .trainer import fresh_run_dir
+
+    run_dir = fresh_run_dir(Path(cfg.run_dir))
+    results = evaluate_shots(cfg, shots, adapter)
+    write_table(run_dir, "eval", results, plot_png=False)
+    print(f"wrote {run_dir / 'eval.md'} and {run_dir / 'eval.json'}")
+    return run_dir
