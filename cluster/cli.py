@@ -1,5 +1,5 @@
-"""`lorafleet` command line: train, train-rm, compare, bench, make-data, validate, tasks,
-eval, nlu-table."""
+"""`lorafleet` command line: train, train-rm, compare, bench, build-model, make-data, validate,
+tasks, eval, nlu-table."""
 
 from __future__ import annotations
 
@@ -58,6 +58,11 @@ def cmd_bench(args: argparse.Namespace) -> None:
         bench_memory()
         return
     path, overrides = _split_config_and_overrides(args.items)
+    if args.what == "demo":
+        from .bench_demo import bench_demo
+
+        bench_demo(path, [int(s) for s in args.seeds.split(",")], overrides, args.out)
+        return
     if args.what == "reward":
         from .bench_reward import bench_reward
 
@@ -75,6 +80,19 @@ def cmd_compare(args: argparse.Namespace) -> None:
     overrides = [i for i in args.items if "=" in i]
     seeds = [int(s) for s in args.seeds.split(",")]
     compare(configs, seeds, overrides, args.out)
+
+
+def cmd_build_model(args: argparse.Namespace) -> None:
+    from ..common.config import TINY, load_train_config
+    from ..common.tiny_model import build_tiny_model, ship_tiny_model
+
+    path, overrides = _split_config_and_overrides(args.items)
+    cfg = load_train_config(path, overrides)
+    if cfg.model.name_or_path != TINY:
+        raise ConfigError(f"model.name_or_path={cfg.model.name_or_path!r}: build-model builds "
+                          "the embedded tiny model (model.name_or_path=tiny)")
+    build = ship_tiny_model if args.ship else build_tiny_model
+    print(f"model: {build(cfg.task, cfg.model.tiny)}")
 
 
 def cmd_make_data(args: argparse.Namespace) -> None:
@@ -161,10 +179,13 @@ def build_parser() -> argparse.ArgumentParser:
     train_rm.set_defaults(func=cmd_train_rm)
     bench = sub.add_parser(
         "bench", help="`bench rollout`: the rollout fleet vs raw vLLM; `bench memory`: learner "
-        "memory per algorithm; `bench reward`: reward-model scoring, 1 vs 2 reward actors",
+        "memory per algorithm; `bench reward`: reward-model scoring, 1 vs 2 reward actors; "
+        "`bench demo`: the default job (or CONFIG) over --seeds, start/end figures and spread",
     )
-    bench.add_argument("what", choices=["rollout", "memory", "reward"])
+    bench.add_argument("what", choices=["rollout", "memory", "reward", "demo"])
     bench.add_argument("items", nargs="*", metavar="CONFIG.yaml | key=value")
+    bench.add_argument("--seeds", default="0,1,2", help="demo: comma-separated seeds (0,1,2)")
+    bench.add_argument("--out", default="runs/demo", help="demo: output directory")
     bench.set_defaults(func=cmd_bench)
     comp = sub.add_parser(
         "compare", help="run several algorithm configs over seeds; plot reward vs samples"
@@ -177,6 +198,14 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--seeds", default="0,1", help="comma-separated seeds (default 0,1)")
     comp.add_argument("--out", default="runs/compare", help="output directory")
     comp.set_defaults(func=cmd_compare)
+    build = sub.add_parser(
+        "build-model", help="build the config's embedded tiny model (task + model.tiny) and "
+        "print its directory; --ship stores a fresh build as package data",
+    )
+    build.add_argument("items", nargs="*", metavar="CONFIG.yaml | key=value")
+    build.add_argument("--ship", action="store_true",
+                       help="build afresh into common/models/ (what every machine then loads)")
+    build.set_defaults(func=cmd_build_model)
     data = sub.add_parser(
         "make-data", help="write the task's SFT pairs or preference pairs as JSONL (the format "
         "the sft / dpo stages read)",

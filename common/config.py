@@ -211,7 +211,7 @@ class LoggingConfig:
 class TrainConfig:
     run_dir: str = "runs/default"
     seed: int = 0
-    iterations: int = 80
+    iterations: int = 40
     prompts_per_iteration: int = 64
     eval_every: int = 10  # greedy accuracy on the held-out split; 0 = only at start and end
     checkpoint_every: int = 10

@@ -46,14 +46,17 @@ class AdditionTask:
     """`a+b=` -> `a+b` in decimal, operands in [0, max_operand].
 
     A fixed, seeded share of the operand pairs is held out for evaluation and never trained on.
-    The warm-start demonstrations come from a noisy teacher: with probability
-    `demo_error_rate` its answer is a near miss (off by 1 or 10), as imperfect human
-    demonstrations are. SFT imitates that noise; RL against the exact-match reward removes it.
+    The warm-start demonstrations come from a biased teacher: with probability
+    `demo_error_rate` its answer is a slip, as imperfect human demonstrations are. With
+    `demo_slip="one_high"` the slip is systematic (the sum + 1, a labeller's habit): SFT
+    learns the sums and the habit, so its greedy answer is the slip; RL against the
+    exact-match reward removes the habit. `"near_miss"` slips off by 1 or 10 at random.
     """
 
     max_operand: int = 49
     eval_fraction: float = 0.1
-    demo_error_rate: float = 0.5
+    demo_error_rate: float = 0.7
+    demo_slip: str = "one_high"
     seed: int = 1234
     name: str = "addition"
     reward_fn: str = "exact_match"
@@ -72,9 +75,11 @@ class AdditionTask:
         return [TaskExample(f"{a}+{b}=", str(a + b)) for a, b in pairs]
 
     def demonstration(self, example: TaskExample, rng: random.Random) -> str:
-        """The noisy teacher's answer to `example` (fresh noise on every call)."""
+        """The teacher's answer to `example` (a fresh draw on every call)."""
         if rng.random() >= self.demo_error_rate:
             return example.answer
+        if self.demo_slip == "one_high":
+            return str(int(example.answer) + 1)
         return self.near_miss(example, rng)
 
     def near_miss(self, example: TaskExample, rng: random.Random) -> str:
@@ -138,10 +143,12 @@ class TaskConfig:
     name: str = "addition"
     reward_fn: str | None = None  # None: the task's own (exact_match, label_match, ...)
     seed: int = 1234
-    # addition
+    # addition: the warm-start teacher slips with probability demo_error_rate; one_high: the
+    # sum + 1 (a systematic habit SFT copies and RL removes), near_miss: off by 1 or 10
     max_operand: int = 49
     eval_fraction: float = 0.1
-    demo_error_rate: float = 0.5
+    demo_error_rate: float = 0.7
+    demo_slip: Literal["one_high", "near_miss"] = "one_high"
     # NLU tasks
     tasks: list[str] = field(default_factory=list)  # name=multi: the tasks mixed in training
     mixing: Literal["proportional", "temperature"] = "proportional"
@@ -176,7 +183,7 @@ class TaskConfig:
         """The selected task (built on first use; NLU data is read then)."""
         if self.name == "addition":
             return AdditionTask(self.max_operand, self.eval_fraction, self.demo_error_rate,
-                                self.seed)
+                                self.demo_slip, self.seed)
         if self.name == "write_positive":
             from .vader_data import WritePositiveTask
 

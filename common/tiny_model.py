@@ -2,6 +2,11 @@
 Llama-architecture causal LM, and a short full-parameter SFT warm start so it can do the task
 at all. The result is saved with `save_pretrained` and cached by the hash of its recipe, so
 vLLM, PEFT and HF all load it like any hub model.
+
+The warm start's floats depend on the CPU's kernels (Intel and AMD builds of the same recipe
+differ), so the models of the shipped configs are built once and shipped as package data
+(`common/models/`, ~4 MB each): every machine starts from the same bytes. Other recipes (other
+tasks, sizes, `model.tiny.*` overrides) are built on first use and cached.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from .progress import progress
 from .tasks import TaskConfig
 
 RECIPE_VERSION = 1  # bump when the build code changes what it produces
+SHIPPED_MODELS = Path(__file__).parent / "models"
 
 
 @dataclass(frozen=True)
@@ -87,7 +93,7 @@ def _init_model(spec: TinyModelSpec, tokenizer):
 
 def sft_batches(tokenizer, task: TaskConfig, batch_size: int, seed: int):
     """Endless shuffled batches of (input_ids, attention_mask, labels) of the task's warm-start
-    prompts with the teacher's answers (addition: noisy; NLU: unlabelled text after an empty
+    prompts with the teacher's answers (addition: biased; NLU: unlabelled text after an empty
     prompt, i.e. language modelling); the loss covers the answer only."""
     import random
 
@@ -143,10 +149,18 @@ def recipe_hash(task: TaskConfig, spec: TinyModelSpec) -> str:
     return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
 
 
+def model_name(task: TaskConfig, spec: TinyModelSpec) -> str:
+    return f"tiny-{task.recipe()['name']}-{recipe_hash(task, spec)}"
+
+
 def build_tiny_model(task: TaskConfig, spec: TinyModelSpec, root: Path | None = None) -> Path:
-    """Returns the directory of the built model, building it once per recipe (file-locked)."""
+    """Returns the directory of the model: the shipped one for this recipe if there is one,
+    else the cached build, building it once per recipe (file-locked)."""
+    shipped = SHIPPED_MODELS / model_name(task, spec)
+    if root is None and (shipped / "config.json").exists():
+        return shipped
     root = root or cache_root()
-    target = root / "models" / f"tiny-{task.recipe()['name']}-{recipe_hash(task, spec)}"
+    target = root / "models" / model_name(task, spec)
     if (target / "config.json").exists():
         return target
     root.mkdir(parents=True, exist_ok=True)
@@ -165,4 +179,15 @@ def build_tiny_model(task: TaskConfig, spec: TinyModelSpec, root: Path | None = 
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(target, ignore_errors=True)
         staging.rename(target)
+    return target
+
+
+def ship_tiny_model(task: TaskConfig, spec: TinyModelSpec) -> Path:
+    """Builds the recipe afresh on this machine and stores it under SHIPPED_MODELS (package
+    data, committed) so that every machine loads these bytes instead of building its own."""
+    with tempfile.TemporaryDirectory() as tmp:
+        built = build_tiny_model(task, spec, Path(tmp))
+        target = SHIPPED_MODELS / built.name
+        shutil.rmtree(target, ignore_errors=True)
+        shutil.copytree(built, target)
     return target

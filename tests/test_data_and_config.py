@@ -7,11 +7,12 @@ from pathlib import Path
 import pytest
 
 from lorafleet.cluster.fleet import check_exactly_once, shard
-from lorafleet.common.config import TrainConfig, load_train_config
+from lorafleet.common.config import TINY, TrainConfig, load_train_config
 from lorafleet.common.configio import ConfigError
 from lorafleet.common.data import PromptStream, encode_prompts
 from lorafleet.common.records import Prompt, Rollout
 from lorafleet.common.tasks import AdditionTask, TaskExample
+from lorafleet.common.tiny_model import SHIPPED_MODELS, build_tiny_model, model_name
 
 CONFIGS = Path(__file__).parent.parent / "deploy" / "configs"
 
@@ -19,6 +20,21 @@ CONFIGS = Path(__file__).parent.parent / "deploy" / "configs"
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_configs_load(path):
     assert isinstance(load_train_config(path), TrainConfig)
+
+
+def test_shipped_configs_start_from_shipped_models():
+    """Every shipped config on the embedded model loads committed weights (same bytes on every
+    CPU) and no shipped model is unused; a recipe change must re-ship (`lorafleet build-model
+    CONFIG --ship`)."""
+    used = set()
+    for path in CONFIGS.glob("*.yaml"):
+        cfg = load_train_config(path)
+        if cfg.model.name_or_path == TINY:
+            name = model_name(cfg.task, cfg.model.tiny)
+            assert (SHIPPED_MODELS / name / "model.safetensors").is_file(), (path.name, name)
+            assert build_tiny_model(cfg.task, cfg.model.tiny) == SHIPPED_MODELS / name
+            used.add(name)
+    assert {p.name for p in SHIPPED_MODELS.iterdir()} == used
 
 
 def test_default_yaml_is_the_dataclass_default():
