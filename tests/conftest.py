@@ -1,13 +1,20 @@
-"""Shared fixtures: the embedded tiny model (built once, cached) and a real local Ray cluster."""
+"""Shared fixtures: the embedded tiny model, a real local Ray cluster, and a check that every
+test module leaves no actor, engine or process running behind it."""
 
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 TESTS_DIR = Path(__file__).parent
+# Processes a running Ray cluster keeps between tests: its daemons, agents and idle workers.
+RAY_SYSTEM = ("gcs_server", "raylet", "monitor.py", "dashboard.py", "log_monitor.py")
+RAY_IDLE = ("ray::IDLE", "ray::DashboardAgent", "ray::RuntimeEnvAgent")
+LEFTOVER_WAIT_S = 30  # ray.kill and engine shutdown are asynchronous
 
 
 @pytest.fixture(scope="session")
@@ -37,3 +44,51 @@ def ray_cluster():
     ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": env})
     yield ray
     ray.shutdown()
+
+
+def _describe(proc: psutil.Process) -> str | None:
+    try:
+        return f"pid {proc.pid}: {' '.join(proc.cmdline())[:120]}"
+    except psutil.Error:  # exited meanwhile
+        return None
+
+
+def leftover_processes(before: set[int]) -> list[str]:
+    """Processes started since `before` that still run: our descendants other than the session
+    Ray cluster's daemons and idle workers (an actor, a vLLM engine, a CLI run), and orphans of
+    a cluster a test started and killed (a raylet or worker that outlived its head)."""
+    ours = psutil.Process().children(recursive=True)
+    found = []
+    for proc in ours:
+        try:
+            cmd = " ".join(proc.cmdline())
+        except psutil.Error:
+            continue
+        if cmd.strip() in RAY_IDLE or any(name in cmd for name in RAY_SYSTEM):
+            continue
+        found.append(proc)
+    ours_pids = {p.pid for p in ours}
+    for proc in psutil.process_iter():
+        if proc.pid in before or proc.pid in ours_pids:
+            continue
+        try:
+            orphan = proc.ppid() == 1 and any(
+                word in " ".join(proc.cmdline()) for word in ("ray", "lorafleet", "vllm")
+            )
+        except psutil.Error:
+            continue
+        if orphan:
+            found.append(proc)
+    return [d for d in map(_describe, found) if d]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def no_leftover_processes():
+    """Every module ends with nothing of its own running: a leftover actor or engine keeps the
+    two cores busy and slows every later test (seen: the default job 11x slower in the suite)."""
+    before = {p.pid for p in psutil.process_iter()}
+    yield
+    deadline = time.monotonic() + LEFTOVER_WAIT_S
+    while (left := leftover_processes(before)) and time.monotonic() < deadline:
+        time.sleep(1)
+    assert not left, "still running after the module's tests:\n" + "\n".join(left)

@@ -12,13 +12,15 @@ from lorafleet.common.tasks import AdditionTask
 from lorafleet.learner.ppo_learner import PPOLearner
 
 
-def perturbed_learner(model_path: str, pad_id: int, seed: int = 0) -> PPOLearner:
+def perturbed_learner(
+    model_path: str, pad_id: int, seed: int = 0, scale: float = 0.05
+) -> PPOLearner:
     """A learner whose policy adapter is not the identity (PEFT inits lora_B to zero)."""
     learner = PPOLearner(
         model_path, LoRAConfig(), AlgoConfig(), dtype="float32", seed=seed, threads=2,
         pad_token_id=pad_id,
     )
-    perturb_policy(learner, seed + 1)
+    perturb_policy(learner, seed + 1, scale)
     return learner
 
 

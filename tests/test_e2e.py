@@ -14,12 +14,14 @@ from lorafleet.common.metrics import read_metrics
 
 pytestmark = pytest.mark.slow
 
-ITERATIONS = 40
-WINDOW = 10
-# Measured on the seeded default job (2 CPUs): mean reward of iterations 0-9 0.27, of 30-39
-# 0.40 (README, "What the default job shows"); the margin leaves room for run-to-run float
-# noise (~0.02 on a 10-iteration mean), not for a flat curve.
-MIN_REWARD_GAIN = 0.07
+ITERATIONS = 20
+WINDOW = 5
+# The default job's first 20 iterations (`lorafleet bench demo --seeds 0,1,2`, its evaluation
+# at iteration 20), measured on 2 cores: see MEASURED below. Asserted well below the smallest
+# value seen, so a different CPU's float path cannot fail them; a flat curve would.
+MIN_SAMPLED_RATIO = 2.0  # held-out sampled reward, end / start
+MIN_GREEDY_GAIN = 0.4  # held-out greedy accuracy, end - start
+MIN_REWARD_GAIN = 0.25  # train reward, mean of the last 5 iterations - the first 5
 
 
 def run_short_job(config: str, tmp_path, checkpoint_every: int):
@@ -48,11 +50,14 @@ def test_default_job_reward_rises(ray_cluster, tmp_path, tiny_model_path):
     assert max(r["logprob_diff_vllm"] for r in rows) < 1e-3
 
     assert_reward_rises(rows, MIN_REWARD_GAIN)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    start, end = summary["stage_evals"][0], summary["stage_evals"][-1]
+    assert end["eval_reward"] > MIN_SAMPLED_RATIO * start["eval_reward"], (start, end)
+    assert end["eval_greedy"] > start["eval_greedy"] + MIN_GREEDY_GAIN, (start, end)
 
     assert (run_dir / "config.yaml").exists() and (run_dir / "reward_curve.png").exists()
     ckpts = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
-    assert ckpts == ["iter_00010", "iter_00020", "iter_00030", "iter_00040", "stage1_rl"]
-    summary = json.loads((run_dir / "summary.json").read_text())
+    assert ckpts == ["iter_00010", "iter_00020", "stage1_rl"]
 
     # The final adapter is plain PEFT; HF greedy decoding with it reproduces the held-out
     # reward that the vLLM fleet measured with the in-memory adapter.
@@ -69,8 +74,9 @@ def assert_reward_rises(rows: list[dict], margin: float) -> None:
     assert last - first > margin, f"reward went {first:.3f} -> {last:.3f}"
 
 
-# deploy/configs/spr.yaml, 40 iterations: 0.26 -> 0.39 (mean of iterations 0-9 -> 30-39).
-SPR_MIN_REWARD_GAIN = 0.07
+# deploy/configs/spr.yaml, first 20 iterations (`lorafleet bench demo deploy/configs/spr.yaml
+# --seeds 0,1,2`): see MEASURED below.
+SPR_MIN_REWARD_GAIN = 0.25
 
 
 def test_spr_job_reward_rises(ray_cluster, tmp_path):

@@ -36,7 +36,9 @@ def sample(engine, prompts, **kwargs):
 def test_swap_changes_outputs_and_equals_disk_load(
     engine, prompts, tokenizer, tmp_path, tiny_model_path
 ):
-    learner = perturbed_learner(tiny_model_path, tokenizer.pad_token_id)
+    # lora_B ~ N(0, 0.2^2): the shipped model is sharp (its first answer token is near certain),
+    # so a smaller perturbation moves few sampled tokens.
+    learner = perturbed_learner(tiny_model_path, tokenizer.pad_token_id, scale=0.2)
     snapshot = learner.publish()
     base = sample(engine, prompts, use_policy=False)
 
@@ -48,11 +50,13 @@ def test_swap_changes_outputs_and_equals_disk_load(
     assert all(r.adapter_version == 0 for r in swapped)
     pairs = list(zip(base, swapped, strict=True))
     # Same seeds: a sample's tokens change where the adapter moved the distribution enough,
-    # its log-probs change everywhere (measured: 21/128 token sequences, 128/128 log-probs).
+    # its first log-prob almost everywhere. Measured over perturbation seeds 0-3, with 2
+    # threads and with 1 thread + ATEN_CPU_CAPABILITY=avx2 (the same counts): 35-57 of 128
+    # token sequences, 124-128 of 128 first log-probs.
     tokens_changed = sum(a.response_ids != b.response_ids for a, b in pairs)
     logprobs_changed = sum(abs(a.logprobs[0] - b.logprobs[0]) > 1e-3 for a, b in pairs)
-    assert tokens_changed >= len(pairs) // 10, f"{tokens_changed}/{len(pairs)} samples changed"
-    assert logprobs_changed >= 0.9 * len(pairs), f"{logprobs_changed}/{len(pairs)} changed"
+    assert tokens_changed >= len(pairs) // 8, f"{tokens_changed}/{len(pairs)} samples changed"
+    assert logprobs_changed >= 0.75 * len(pairs), f"{logprobs_changed}/{len(pairs)} changed"
 
     from_disk = sample(engine, prompts, lora=engine.lora_from_disk(
         snapshot.save_pretrained(tmp_path / "adapter"), lora_id=2))

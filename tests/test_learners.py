@@ -21,9 +21,11 @@ def margin(learner, tokenizer) -> float:
     return float((seq[0::2] - seq[1::2]).mean())
 
 
-# Half of the margin gains measured after 3 updates (ppo 1.43, grpo 1.39, rloo 1.39,
-# best_of_n 0.55, spr 0.31: SPR also pulls the near miss up, with weight 0.24 against 1.76).
-MIN_GAIN = {"ppo": 0.7, "grpo": 0.7, "rloo": 0.7, "best_of_n": 0.27, "spr": 0.15}
+# Margin gains after 3 updates on the shipped model, measured over learner seeds 0-2, with 2
+# threads and with 1 thread + ATEN_CPU_CAPABILITY=avx2 (same to 3 decimals): ppo 3.32-3.42,
+# grpo 3.25-3.44, rloo 3.25-3.44, best_of_n 3.39-3.58, spr 2.94-3.01 (SPR also pulls the near
+# miss up, with weight 0.24 against 1.76). Asserted at about half of the smallest.
+MIN_GAIN = {"ppo": 1.6, "grpo": 1.6, "rloo": 1.6, "best_of_n": 1.6, "spr": 1.4}
 
 
 @pytest.mark.parametrize("name", sorted(MIN_GAIN))
