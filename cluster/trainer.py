@@ -25,6 +25,7 @@ from .fleet import (
     is_actor,
     resolve_model,
     reward_model_dir,
+    reward_rule,
     reward_spec,
     start_fleet,
 )
@@ -311,6 +312,7 @@ class Trainer:
         from transformers import AutoTokenizer
 
         cfg = self.cfg
+        reward_rule(cfg)  # a bad reward function fails before the model is built
         model_path = resolve_model(cfg)
         tokenizer = AutoTokenizer.from_pretrained(model_path)
         limit = cfg.model.max_model_len - cfg.rollout.max_new_tokens
