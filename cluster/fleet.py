@@ -4,12 +4,14 @@ verified sync, and bringing a restarted rollout worker back before it works agai
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from pathlib import Path
 
 from ..common.config import TINY, TrainConfig
 from ..common.configio import ConfigError
+from ..common.logs import library_env, log_level
 from ..common.records import Prompt, Rollout
 from .placement import Placement, place_actors
 
@@ -99,21 +101,25 @@ def sync_tolerance(cfg: TrainConfig) -> float:
 
 def connect_ray(cfg: TrainConfig) -> bool:
     """Join $RAY_ADDRESS / ray.address (a `ray job submit` job sets it), else start a local
-    cluster bound to loopback. True if we started it."""
+    cluster bound to loopback. True if we started it. The actors get the libraries' log level
+    (common/logs.py) with the other variables."""
     import ray
 
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
     if ray.is_initialized():
         return False
+    env = {**RUNTIME_ENV["env_vars"], **library_env()}
+    driver_logs = {"logging_level": logging.getLevelName(log_level())}  # Ray's, in this process
     if address:
         # A submitted job's runtime_env (deploy/runtime_env.yaml) already sets these in our
         # environment, and Ray refuses to merge duplicate keys: add only what is missing.
-        missing = {k: v for k, v in RUNTIME_ENV["env_vars"].items() if k not in os.environ}
-        ray.init(address=address, runtime_env={"env_vars": missing} if missing else None)
+        missing = {k: v for k, v in env.items() if k not in os.environ}
+        ray.init(address=address, runtime_env={"env_vars": missing} if missing else None,
+                 **driver_logs)
         return False
     ray.init(
-        num_cpus=cfg.ray.num_cpus, include_dashboard=False, runtime_env=RUNTIME_ENV,
-        _node_ip_address="127.0.0.1",
+        num_cpus=cfg.ray.num_cpus, include_dashboard=False, runtime_env={"env_vars": env},
+        _node_ip_address="127.0.0.1", **driver_logs,
     )
     return True
 

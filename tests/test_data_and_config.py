@@ -85,6 +85,10 @@ def test_bad_model_or_reward_fn_is_one_line_before_ray(
 
     import lorafleet.cluster.trainer
     from lorafleet.cluster.cli import main
+    from lorafleet.common.logs import library_env
+
+    for key, value in library_env().items():
+        monkeypatch.setenv(key, value)  # main() sets them: undone after the test
 
     def no_ray(cfg):
         raise AssertionError("connect_ray was called")
