@@ -9,6 +9,7 @@ from pathlib import Path
 
 from ..common.configio import ConfigError
 from ..common.corpora import DatasetError
+from ..common.logs import apply_log_level
 from .checkpoint import ResumeError
 
 
@@ -240,12 +241,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     check.add_argument("paths", nargs="+", metavar="PATH")
     check.set_defaults(func=cmd_validate)
+    for command in (train, train_rm, bench, comp, ev, table):  # those that load models
+        command.add_argument(
+            "--verbose", action="store_true", help="show the warnings of vLLM, Ray, transformers "
+            "(LORAFLEET_LOG_LEVEL=WARNING; default ERROR: their errors only; INFO, DEBUG: more)",
+        )
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
+        apply_log_level(getattr(args, "verbose", False))
         args.func(args)
     except ConfigError as exc:
         print(f"lorafleet: config error: {exc}", file=sys.stderr)

@@ -12,7 +12,7 @@ from ..common.config import TrainConfig
 from ..common.configio import ConfigError
 from ..common.data import encode_prompts
 from ..reward.rules import get_reward_fn
-from .fleet import resolve_model
+from .fleet import resolve_model, reward_rule
 from .nlu_table import write_table
 
 NLU_ONLY = ("addition", "write_positive")
@@ -36,6 +36,7 @@ def evaluate_shots(
         raise ConfigError(f"in-context examples need an NLU task; task.name={cfg.task.name}")
     from ..rollout.worker import RolloutWorker
 
+    reward = get_reward_fn(reward_rule(cfg))
     model_path = resolve_model(cfg)
     rank = adapter_rank(adapter) if adapter else cfg.lora.rank
     worker = RolloutWorker(
@@ -44,7 +45,6 @@ def evaluate_shots(
         threads=cfg.learner.threads,
     )
     lora = worker.lora_from_disk(adapter, 1) if adapter else None
-    reward = get_reward_fn(cfg.reward.fn or cfg.task.reward_fn)
     limit = cfg.model.max_model_len - cfg.rollout.max_new_tokens
     results = {}
     for k in shots:

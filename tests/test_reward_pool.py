@@ -24,7 +24,7 @@ def make_rollouts(n: int) -> list[Rollout]:
 def test_exact_match_and_registry():
     assert exact_match(" 42 ", "42") == 1.0 and exact_match("41", "42") == 0.0
     assert get_reward_fn("helpers:reward_nan_when_wrong")("1", "1") == 1.0
-    with pytest.raises(ValueError, match="unknown reward function 'nope'"):
+    with pytest.raises(ValueError, match="reward.fn='nope': unknown reward function"):
         get_reward_fn("nope")
 
 
