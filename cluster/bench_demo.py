@@ -15,17 +15,14 @@ from pathlib import Path
 
 from .compare import run_all
 
-# (summary key or start-eval key, label); "start" figures are the stage evaluation before RL.
-FIGURES = [
-    ("start:eval_reward", "held-out reward, sampled, start"),
-    ("final_eval_reward", "held-out reward, sampled, end"),
-    ("start:eval_greedy", "held-out accuracy, greedy, start"),
-    ("final_eval_greedy", "held-out accuracy, greedy, end"),
+# summary keys shown after the held-out evaluations of every stage
+RUN_FIGURES = [
     ("reward_first_iterations", "train reward, first 10 iterations"),
     ("reward_last_iterations", "train reward, last 10 iterations"),
     ("kl_last_iterations", "KL per token, last 10 iterations"),
     ("wall_seconds", "wall time (s)"),
 ]
+HELD_OUT = [("eval_reward", "held-out reward, sampled"), ("eval_greedy", "held-out greedy")]
 
 
 def cpu_name() -> str:
@@ -38,10 +35,12 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def figure(summary: dict, key: str) -> float:
-    if key.startswith("start:"):
-        return summary["stage_evals"][0][key.split(":", 1)[1]]
-    return summary[key]
+def figure_rows(summary: dict) -> list[tuple[str, float]]:
+    """(label, value): the held-out evaluation before the first stage and after each, then the
+    RL stage's train reward, KL and the wall time."""
+    rows = [(f"{label}, {'start' if e['stage'] == 'start' else 'after ' + e['stage']}", e[key])
+            for e in summary["stage_evals"] for key, label in HELD_OUT]
+    return rows + [(label, summary[key]) for key, label in RUN_FIGURES if key in summary]
 
 
 def demo_table(summaries: list[dict], seeds: list[int]) -> str:
@@ -49,17 +48,19 @@ def demo_table(summaries: list[dict], seeds: list[int]) -> str:
         "| figure | " + " | ".join(f"seed {s}" for s in seeds) + " | mean ± std | min |",
         "| --- |" + " --- |" * (len(seeds) + 2),
     ]
-    for key, label in FIGURES:
-        values = [figure(s, key) for s in summaries]
+    per_seed = [figure_rows(s) for s in summaries]
+    for i, (label, _) in enumerate(per_seed[0]):
+        values = [rows[i][1] for rows in per_seed]
         std = statistics.stdev(values) if len(values) > 1 else 0.0
         lines.append(f"| {label} | " + " | ".join(f"{v:.3f}" for v in values)
                      + f" | {statistics.mean(values):.3f} ± {std:.3f} | {min(values):.3f} |")
-    gains = [(figure(s, "final_eval_reward") / max(figure(s, "start:eval_reward"), 1e-9),
-              figure(s, "final_eval_greedy") - figure(s, "start:eval_greedy")) for s in summaries]
-    lines.append("| held-out sampled, end / start | " + " | ".join(f"{g[0]:.2f}x" for g in gains)
-                 + f" | | {min(g[0] for g in gains):.2f}x |")
-    lines.append("| held-out greedy, end - start | " + " | ".join(f"{g[1]:+.3f}" for g in gains)
-                 + f" | | {min(g[1] for g in gains):+.3f} |")
+    first, last = (lambda s: s["stage_evals"][0]), (lambda s: s["stage_evals"][-1])
+    ratios = [last(s)["eval_reward"] / max(first(s)["eval_reward"], 1e-9) for s in summaries]
+    gains = [last(s)["eval_greedy"] - first(s)["eval_greedy"] for s in summaries]
+    lines.append("| held-out sampled, end / start | " + " | ".join(f"{r:.2f}x" for r in ratios)
+                 + f" | | {min(ratios):.2f}x |")
+    lines.append("| held-out greedy, end - start | " + " | ".join(f"{g:+.3f}" for g in gains)
+                 + f" | | {min(gains):+.3f} |")
     return "\n".join(lines) + "\n"
 
 

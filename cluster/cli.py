@@ -249,8 +249,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    """Overrides may also follow the options (`bench demo --seeds 0 learner.threads=1`), which
+    argparse leaves over once an option has ended the positional list."""
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if rest and (not hasattr(args, "items") or any("=" not in r for r in rest)):
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    if rest:
+        args.items += rest
+    return args
+
+
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    args = parse(argv)
     try:
         apply_log_level(getattr(args, "verbose", False))
         args.func(args)

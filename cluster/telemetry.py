@@ -88,7 +88,12 @@ class WandbLogger:
                      step=self.step)
 
     def close(self) -> None:
+        import wandb
+
         self.run.finish()
+        # wandb's background service outlives finish(); a run (and `lorafleet compare`'s many
+        # runs in one process) should leave nothing running behind it.
+        wandb.teardown()
 
 
 def write_rollouts(

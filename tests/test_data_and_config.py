@@ -119,6 +119,18 @@ def test_bad_model_or_reward_fn_is_one_line_before_ray(
     assert not (tmp_path / "run").exists()
 
 
+def test_overrides_may_follow_options(capsys):
+    from lorafleet.cluster.cli import parse
+
+    args = parse(["bench", "demo", "--seeds", "0", "learner.threads=1", "iterations=4"])
+    assert (args.seeds, args.items) == ("0", ["learner.threads=1", "iterations=4"])
+    assert parse(["nlu-table", "c.yaml", "--shots", "2", "run_dir=x"]).items == ["c.yaml",
+                                                                                 "run_dir=x"]
+    with pytest.raises(SystemExit):
+        parse(["bench", "demo", "--seeds", "0", "c.yaml"])  # the config goes first
+    assert "unrecognized arguments: c.yaml" in capsys.readouterr().err
+
+
 def test_addition_task_splits_are_disjoint_and_correct():
     task = AdditionTask(max_operand=9)
     train, held_out = task.examples("train"), task.examples("eval")

@@ -1,10 +1,23 @@
-"""The default job, shortened, through the real actors: Ray cluster, vLLM rollout workers with
-in-memory LoRA swaps, reward pool, PEFT learner. The reward must clearly rise."""
+"""End to end through the real actors (Ray cluster, vLLM rollout workers with in-memory LoRA
+swaps, reward pool, PEFT learner). The default job runs once, the way a Ray user runs it:
+`ray start --head` on loopback and `ray job submit` with the shipped runtime_env; its run
+answers the job questions (SUCCEEDED, run directory, metrics on the head's Prometheus endpoint)
+and the learning ones (held-out gains, verified syncs, checkpoints, a plain-PEFT adapter).
+SPR and the SFT -> SPR chain run in-process on the session cluster."""
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
 
 import pytest
 
@@ -16,12 +29,14 @@ pytestmark = pytest.mark.slow
 
 ITERATIONS = 20
 WINDOW = 5
-# The default job's first 20 iterations (`lorafleet bench demo --seeds 0,1,2`, its evaluation
-# at iteration 20), measured on 2 cores: see MEASURED below. Asserted well below the smallest
-# value seen, so a different CPU's float path cannot fail them; a flat curve would.
+# The default job's first 20 iterations, measured with `lorafleet bench demo --seeds 0,1,2`
+# (its held-out evaluation at iteration 20; 2 cores, AMD EPYC): held-out sampled reward
+# 0.244-0.261 -> 0.837-0.844 (3.23x-3.46x), greedy accuracy 0.048 -> 0.892-0.908 (+0.844 to
+# +0.860), train reward of iterations 0-4 -> 15-19 +0.266 to +0.327. Asserted well below the
+# smallest value seen, so another CPU's float path cannot fail them; a flat curve would.
 MIN_SAMPLED_RATIO = 2.0  # held-out sampled reward, end / start
 MIN_GREEDY_GAIN = 0.4  # held-out greedy accuracy, end - start
-MIN_REWARD_GAIN = 0.25  # train reward, mean of the last 5 iterations - the first 5
+MIN_REWARD_GAIN = 0.12  # train reward, mean of the last 5 iterations - the first 5
 
 
 def run_short_job(config: str, tmp_path, checkpoint_every: int):
@@ -33,12 +48,124 @@ def run_short_job(config: str, tmp_path, checkpoint_every: int):
     return cfg, Trainer(cfg).run()
 
 
-def test_default_job_reward_rises(ray_cluster, tmp_path, tiny_model_path):
+REPO = Path(__file__).parent.parent
+RAY = str(Path(sys.executable).parent / "ray")
+# Ray's token authentication (the head generates ~/.ray/auth_token; clients send it).
+ENV = {**os.environ, "RAY_AUTH_MODE": "token"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ray_head(tmp_path_factory):
+    """A real head node on 127.0.0.1 with its own ports (another local cluster may be running);
+    its process group is killed at the end (not `ray stop`, which would stop every Ray
+    cluster on the machine)."""
+    names = ("gcs", "dashboard", "metrics", "agent", "agent-grpc", "client", "runtime-env")
+    ports = {name: free_port() for name in names}
+    env = {**ENV, "RAY_metrics_report_interval_ms": "1000"}
+    head = subprocess.Popen(
+        [RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.1",
+         f"--port={ports['gcs']}", "--dashboard-host=127.0.0.1",
+         f"--dashboard-port={ports['dashboard']}", f"--metrics-export-port={ports['metrics']}",
+         f"--dashboard-agent-listen-port={ports['agent']}",
+         f"--dashboard-agent-grpc-port={ports['agent-grpc']}",
+         f"--ray-client-server-port={ports['client']}",
+         f"--runtime-env-agent-port={ports['runtime-env']}",
+         "--num-cpus=2", "--disable-usage-stats",
+         f"--temp-dir={tmp_path_factory.mktemp('ray')}"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    try:
+        dashboard = f"http://127.0.0.1:{ports['dashboard']}"
+        deadline = time.time() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"{dashboard}/api/version", timeout=2)
+                break
+            except urllib.error.HTTPError:  # it answers (401 with Ray's token auth): it is up
+                break
+            except OSError:
+                assert head.poll() is None, "ray start --head exited"
+                assert time.time() < deadline, "the dashboard did not come up in 120 s"
+                time.sleep(1)
+        yield {"dashboard": dashboard, "metrics": f"http://127.0.0.1:{ports['metrics']}/metrics"}
+    finally:
+        os.killpg(head.pid, signal.SIGKILL)
+        head.wait()
+
+
+def ray_job(*args: str, timeout: float = 60) -> str:
+    deadline = time.time() + 120
+    while True:
+        done = subprocess.run([RAY, "job", *args], capture_output=True, text=True,
+                              timeout=timeout, cwd=REPO, env=ENV)
+        # The head's job agent starts a little after its dashboard answers.
+        if "No available agent" not in done.stderr or time.time() > deadline:
+            break
+        time.sleep(2)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout + done.stderr  # the CLI prints some verdicts on stderr
+
+
+def scrape(url: str) -> str:
+    try:
+        return urllib.request.urlopen(url, timeout=5).read().decode()
+    except OSError:
+        return ""
+
+
+METRICS = {"ray_lorafleet_reward_mean", "ray_lorafleet_rollout_tokens_per_s",
+           "ray_lorafleet_adapter_version", "ray_lorafleet_learner_step_seconds_bucket"}
+
+
+@pytest.fixture(scope="module")
+def default_job(ray_head, tmp_path_factory):
+    """The default job's first `ITERATIONS` iterations, submitted to the head; the metric
+    series seen on its export endpoint while the job ran."""
+    run_dir = tmp_path_factory.mktemp("default-job") / "run"
+    cache = os.environ.get("LORAFLEET_CACHE", "")
+    entrypoint = [
+        "env", f"LORAFLEET_CACHE={cache}", sys.executable, "-m", "lorafleet.cluster.cli",
+        "train", "deploy/configs/default.yaml", f"iterations={ITERATIONS}", "eval_every=0",
+        "checkpoint_every=10", f"run_dir={run_dir}",
+    ]
+    out = ray_job("submit", "--address", ray_head["dashboard"], "--no-wait",
+                  "--working-dir", ".", "--runtime-env", "deploy/runtime_env.yaml",
+                  "--submission-id", "lorafleet-test", "--", *entrypoint)
+    assert "lorafleet-test" in out
+    seen: set[str] = set()
+    deadline = time.time() + 900
+    while True:
+        text = scrape(ray_head["metrics"])
+        seen |= {name for name in METRICS if f"\n{name}{{" in text}
+        status = ray_job("status", "--address", ray_head["dashboard"], "lorafleet-test").lower()
+        if any(s in status for s in ("succeeded", "failed", "stopped")):
+            break
+        assert time.time() < deadline, "job still running after 15 minutes"
+        time.sleep(2)
+    logs = ray_job("logs", "--address", ray_head["dashboard"], "lorafleet-test")
+    assert "succeeded" in status, logs[-3000:]
+    return run_dir, seen
+
+
+def test_submitted_job_succeeds_and_exports_metrics(default_job):
+    run_dir, seen = default_job
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["iterations"] == ITERATIONS and (run_dir / "adapter").is_dir()
+    assert seen == METRICS, f"missing on the metrics endpoint: {METRICS - seen}"
+
+
+def test_default_job_learns_and_saves_a_plain_peft_adapter(default_job, tiny_model_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    cfg, run_dir = run_short_job("deploy/configs/default.yaml", tmp_path, checkpoint_every=10)
-
+    run_dir, _ = default_job
+    cfg = load_train_config(run_dir / "config.yaml")
     rows = read_metrics(run_dir)
     assert [r["iteration"] for r in rows] == list(range(ITERATIONS))
     assert [r["adapter_version"] for r in rows] == list(range(ITERATIONS))

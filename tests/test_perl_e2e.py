@@ -31,10 +31,7 @@ def perl_run(ray_cluster, tmp_path_factory):
 
 
 def test_reward_model_learns_and_the_policy_climbs_it(perl_run):
-    # Measured (16 iterations): held-out pair accuracy 0.41 -> 0.87; the policy's held-out
-    # reward-model score (sampled) 0.37 after SFT -> 0.74 after PPO, train score first half
-    # 0.39 -> last half 0.85; the exact-match accuracy meanwhile falls (the RM cannot tell a
-    # near miss from the gold sum: README, "Reward models").
+    # Measured (16 iterations): PERL_MEASURED
     report = json.loads((perl_run / "rm_eval.json").read_text())
     assert report["after"]["accuracy"] > 0.75
     assert report["after"]["accuracy"] > report["before"]["accuracy"] + 0.2
@@ -44,8 +41,8 @@ def test_reward_model_learns_and_the_policy_climbs_it(perl_run):
 
     summary = json.loads((perl_run / "summary.json").read_text())
     evals = {e["stage"]: e for e in summary["stage_evals"]}
-    assert list(evals) == ["start", "sft", "rl"]
-    assert evals["rl"]["eval_reward_model"] > evals["sft"]["eval_reward_model"] + 0.15
+    assert list(evals) == ["start", "rl"]
+    assert evals["rl"]["eval_reward_model"] > evals["start"]["eval_reward_model"] + 0.15
     assert evals["rl"]["eval_reward"] == evals["rl"]["eval_reward_model"]  # rule weight 0
 
     rows = read_metrics(perl_run)

@@ -27,16 +27,16 @@ from lorafleet.reward.pool import RewardPool, RewardSpec, RewardWorker
 
 @pytest.fixture(scope="module")
 def trained(tiny_model_path, tokenizer, tmp_path_factory):
-    """A reward model trained for 2 epochs on 480 task pairs, saved; its held-out results."""
+    """A reward model trained for 4 epochs on 960 task pairs, saved; its held-out results."""
     torch.manual_seed(0)
     data = load_preferences(
-        DatasetConfig(task_rejected="random", max_rows=600), AdditionTask(), tokenizer, 128
+        DatasetConfig(task_rejected="random", max_rows=1200), AdditionTask(), tokenizer, 128
     )
     train, held_out = split_held_out(data.items, 0.2, seed=0)
     net = PolicyValueModel(tiny_model_path, LoRAConfig(), torch.float32, 0, (REWARD,))
-    trainer = RewardModelTrainer(net, lr=1e-3, max_grad_norm=1.0, pad_id=tokenizer.pad_token_id)
+    trainer = RewardModelTrainer(net, lr=3e-3, max_grad_norm=1.0, pad_id=tokenizer.pad_token_id)
     before = trainer.evaluate(held_out)
-    for _, rows in epoch_batches(len(train), 32, 2, seed=0):
+    for _, rows in epoch_batches(len(train), 32, 4, seed=0):
         trainer.step([train[i] for i in rows])
     after = trainer.evaluate(held_out)
     directory = save_reward_model(
@@ -48,10 +48,12 @@ def trained(tiny_model_path, tokenizer, tmp_path_factory):
 
 def test_reward_model_ranks_held_out_pairs(trained):
     _, directory, before, after = trained
-    # measured: 0.48 -> 0.78 accuracy on the 120 held-out pairs, margin 0.0 -> 1.9
-    assert after["pairs"] == 120
-    assert after["accuracy"] > 0.65 and after["accuracy"] > before["accuracy"] + 0.15
-    assert after["mean_margin"] > 0.5
+    # Measured over seeds 0-2 (split, LoRA init and batch order; 1 and 2 torch threads):
+    # accuracy on the 240 held-out pairs 0.49-0.52 -> 0.71-0.77 (gain +0.20 to +0.28), mean
+    # margin 1.24-1.29.
+    assert after["pairs"] == 240
+    assert after["accuracy"] > 0.6 and after["accuracy"] > before["accuracy"] + 0.1
+    assert after["mean_margin"] > 0.6
     meta = json.loads((directory / "reward_model.json").read_text())
     assert meta["eval"] == after and meta["lora"]["rank"] == 8
     assert (directory / "adapter_config.json").exists()
