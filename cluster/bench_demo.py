@@ -15,11 +15,11 @@ from pathlib import Path
 
 from .compare import run_all
 
-# summary keys shown after the held-out evaluations of every stage
+# summary keys shown after the held-out evaluations of every stage ({w}: summary's window)
 RUN_FIGURES = [
-    ("reward_first_iterations", "train reward, first 10 iterations"),
-    ("reward_last_iterations", "train reward, last 10 iterations"),
-    ("kl_last_iterations", "KL per token, last 10 iterations"),
+    ("reward_first_iterations", "train reward, first {w} iterations"),
+    ("reward_last_iterations", "train reward, last {w} iterations"),
+    ("kl_last_iterations", "KL per token, last {w} iterations"),
     ("wall_seconds", "wall time (s)"),
 ]
 HELD_OUT = [("eval_reward", "held-out reward, sampled"), ("eval_greedy", "held-out greedy")]
@@ -40,7 +40,8 @@ def figure_rows(summary: dict) -> list[tuple[str, float]]:
     RL stage's train reward, KL and the wall time."""
     rows = [(f"{label}, {'start' if e['stage'] == 'start' else 'after ' + e['stage']}", e[key])
             for e in summary["stage_evals"] for key, label in HELD_OUT]
-    return rows + [(label, summary[key]) for key, label in RUN_FIGURES if key in summary]
+    return rows + [(label.format(w=summary.get("window")), summary[key])
+                   for key, label in RUN_FIGURES if key in summary]
 
 
 def demo_table(summaries: list[dict], seeds: list[int]) -> str:
@@ -55,10 +56,12 @@ def demo_table(summaries: list[dict], seeds: list[int]) -> str:
         lines.append(f"| {label} | " + " | ".join(f"{v:.3f}" for v in values)
                      + f" | {statistics.mean(values):.3f} ± {std:.3f} | {min(values):.3f} |")
     first, last = (lambda s: s["stage_evals"][0]), (lambda s: s["stage_evals"][-1])
-    ratios = [last(s)["eval_reward"] / max(first(s)["eval_reward"], 1e-9) for s in summaries]
     gains = [last(s)["eval_greedy"] - first(s)["eval_greedy"] for s in summaries]
-    lines.append("| held-out sampled, end / start | " + " | ".join(f"{r:.2f}x" for r in ratios)
-                 + f" | | {min(ratios):.2f}x |")
+    # a ratio of rewards that start near 0 or below (VADER's compound) says nothing
+    if all(first(s)["eval_reward"] > 0.01 for s in summaries):
+        ratios = [last(s)["eval_reward"] / first(s)["eval_reward"] for s in summaries]
+        lines.append("| held-out sampled, end / start | "
+                     + " | ".join(f"{r:.2f}x" for r in ratios) + f" | | {min(ratios):.2f}x |")
     lines.append("| held-out greedy, end - start | " + " | ".join(f"{g:+.3f}" for g in gains)
                  + f" | | {min(gains):+.3f} |")
     return "\n".join(lines) + "\n"

@@ -239,9 +239,11 @@ def hf_greedy_reward(model, cfg, model_path: str) -> float:
     return correct / len(examples)
 
 
-# deploy/configs/sft_spr.yaml's SFT stage (3 epochs on the gold answers) measured held-out
-# sampled reward 0.235 -> 0.404 (greedy 0.472 -> 0.548).
-SFT_MIN_EVAL_GAIN = 0.08
+# deploy/configs/sft_spr.yaml's SFT stage (3 epochs on the gold answers; `lorafleet bench demo
+# deploy/configs/sft_spr.yaml --seeds 0,1,2 iterations=6 eval_every=0 checkpoint_every=0`):
+# held-out sampled reward 0.262-0.266 -> 0.895-0.928 (+0.63 to +0.66), greedy 0.048 ->
+# 0.932-0.968. Asserted at under half the smallest gain.
+SFT_MIN_EVAL_GAIN = 0.3
 
 
 def test_sft_then_spr_chain_from_one_config(ray_cluster, tmp_path):

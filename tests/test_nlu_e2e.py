@@ -17,14 +17,18 @@ from lorafleet.common.metrics import read_metrics
 pytestmark = pytest.mark.slow
 
 ACC = "sentiment_vader/accuracy"
-# Measured (README, "NLU tasks"): held-out greedy accuracy SFT 0.645 -> SFT+PPO 0.720 on 200
-# sentences (sampled as in training: 0.445 -> 0.690); asserted with room for run-to-run float
-# noise (a few answers), not for PPO doing nothing.
-MIN_PPO_GAIN = 0.03
-MIN_PPO_SAMPLED_GAIN = 0.15
-# write_positive, 12 iterations: train reward (VADER compound) of iterations 0-4 0.03 -> 7-11
-# 0.51.
-MIN_COMPOUND_GAIN = 0.25
+# Measured on 2 cores (AMD EPYC; README, "NLU tasks"), held-out greedy accuracy SFT -> SFT+PPO
+# on 200 sentences: seed 0 0.630 -> 0.680, seed 1 0.550 -> 0.715, seed 0 with 1 learner thread
+# + ATEN_CPU_CAPABILITY=avx2 0.630 -> 0.735 (+0.05 to +0.165); sampled as in training +0.135 to
+# +0.193. Asserted at under half the smallest gain: room for another CPU's float path, not for
+# PPO doing nothing. (At lr 1e-3 and 30 iterations PPO lowered it here, 0.630 -> 0.570.)
+MIN_SFT_ACCURACY = 0.5  # chance; SFT on 64 labelled rows measured 0.550-0.630
+MIN_PPO_GAIN = 0.02
+MIN_PPO_SAMPLED_GAIN = 0.06
+# write_positive, 12 iterations: train reward (VADER compound) of iterations 0-4 -> 7-11, seed 0
+# 0.050 -> 0.528, seed 1 -0.005 -> 0.259 (`lorafleet bench demo deploy/configs/write_positive.yaml
+# --seeds 0,1`); asserted at under half the smaller gain.
+MIN_COMPOUND_GAIN = 0.12
 
 
 def test_vader_zero_shot_sft_ppo_table(ray_cluster, tmp_path):
@@ -42,7 +46,7 @@ def test_vader_zero_shot_sft_ppo_table(ray_cluster, tmp_path):
     assert table["0-shot"]["eval_greedy"] == pytest.approx(
         summary["stage_evals"][0]["eval_greedy"], abs=0.02
     )
-    assert table["SFT"][ACC] > 0.55  # SFT on 64 labelled rows learns the task, imperfectly
+    assert table["SFT"][ACC] > MIN_SFT_ACCURACY  # 64 labelled rows teach it, imperfectly
     assert table["SFT+PPO"][ACC] - table["SFT"][ACC] > MIN_PPO_GAIN
     sft, ppo = summary["stage_evals"][1:]
     assert ppo["eval_reward"] - sft["eval_reward"] > MIN_PPO_SAMPLED_GAIN

@@ -1,5 +1,5 @@
 """PERL through the real actors from one config (deploy/configs/perl.yaml): the rm stage trains
-a LoRA reward model on the learner's base, SFT, then PPO against the reward model's score; and
+a LoRA reward model on the learner's base, then PPO against the reward model's score; and
 the saved reward model scoring from the learner's base in a second run."""
 
 from __future__ import annotations
@@ -31,10 +31,15 @@ def perl_run(ray_cluster, tmp_path_factory):
 
 
 def test_reward_model_learns_and_the_policy_climbs_it(perl_run):
-    # Measured (16 iterations): PERL_MEASURED
+    # Measured over seeds 0-2 (16 iterations; 2 cores, AMD EPYC): held-out pair accuracy
+    # 0.529-0.556 -> 0.849-0.907, mean margin 2.38-4.43, last-16-step loss 0.21-0.35; the
+    # policy's held-out RM score (sampled) +0.13 to +0.31, train RM score second half - first
+    # +0.08 to +0.25; trained on the RM alone, the true greedy exact match rises 0.048 ->
+    # 0.352-0.504 (the RM tells the gold sum from random wrong sums, and partly from the habit's
+    # slip). Asserted at about half of the smallest.
     report = json.loads((perl_run / "rm_eval.json").read_text())
     assert report["after"]["accuracy"] > 0.75
-    assert report["after"]["accuracy"] > report["before"]["accuracy"] + 0.2
+    assert report["after"]["accuracy"] > report["before"]["accuracy"] + 0.15
     assert report["after"]["mean_margin"] > 1.0
     meta = json.loads((perl_run / "reward_model" / "reward_model.json").read_text())
     assert meta["eval"] == report["after"]
@@ -42,19 +47,20 @@ def test_reward_model_learns_and_the_policy_climbs_it(perl_run):
     summary = json.loads((perl_run / "summary.json").read_text())
     evals = {e["stage"]: e for e in summary["stage_evals"]}
     assert list(evals) == ["start", "rl"]
-    assert evals["rl"]["eval_reward_model"] > evals["start"]["eval_reward_model"] + 0.15
+    assert evals["rl"]["eval_reward_model"] > evals["start"]["eval_reward_model"] + 0.05
+    assert evals["rl"]["eval_greedy_rule"] > evals["start"]["eval_greedy_rule"] + 0.15
     assert evals["rl"]["eval_reward"] == evals["rl"]["eval_reward_model"]  # rule weight 0
 
     rows = read_metrics(perl_run)
     assert [r["iteration"] for r in rows] == list(range(ITERATIONS))
     half = ITERATIONS // 2
     scores = [r["reward_model_mean"] for r in rows]
-    assert mean(scores[half:]) > mean(scores[:half]) + 0.15
+    assert mean(scores[half:]) > mean(scores[:half]) + 0.03
     # running normalisation: the learner trained on (r - mean) / std, logged beside the raw
     assert all(r["reward_running_std"] > 0 for r in rows)
     assert abs(mean([r["reward_normalized_mean"] for r in rows])) < 1.0
-    rm_rows = read_metrics(perl_run, stage="rm")  # 2 epochs x ceil(2025 train pairs / 32)
-    assert len(rm_rows) == 128 and mean([r["loss"] for r in rm_rows[-16:]]) < 0.5
+    rm_rows = read_metrics(perl_run, stage="rm")  # 4 epochs x ceil(2025 train pairs / 32)
+    assert len(rm_rows) == 256 and mean([r["loss"] for r in rm_rows[-16:]]) < 0.5
 
 
 def test_reward_model_scores_from_the_learner_base(perl_run, tmp_path):
