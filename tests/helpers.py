@@ -42,12 +42,14 @@ def reward_nan_when_wrong(response: str, reference: str) -> float:
     return 1.0 if response == reference else math.nan
 
 
-def contrast_batch(tokenizer, version: int) -> list[ScoredRollout]:
-    """32 prompts x [correct answer (reward 1), near miss (reward 0)], prompt-major."""
+def contrast_batch(tokenizer, version: int, offset: int = 1) -> list[ScoredRollout]:
+    """32 prompts x [correct answer (reward 1), the sum + offset (reward 0)], prompt-major;
+    offset 1 is the shipped model's habit."""
     out = []
     for i, ex in enumerate(AdditionTask().examples("train")[:32]):
         prompt = Prompt(i, ex.prompt, tokenizer(ex.prompt).input_ids, ex.answer)
-        for k, (text, reward) in enumerate(((ex.answer, 1.0), (str(int(ex.answer) + 1), 0.0))):
+        wrong = str(int(ex.answer) + offset)
+        for k, (text, reward) in enumerate(((ex.answer, 1.0), (wrong, 0.0))):
             ids = tokenizer(text, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
             rollout = Rollout(prompt, k, ids, text, [0.0] * len(ids), "stop", version, 0)
             out.append(ScoredRollout(rollout, reward))
