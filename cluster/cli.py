@@ -13,6 +13,13 @@ from ..common.logs import apply_log_level
 from .checkpoint import ResumeError
 
 
+def _int_list(text: str, flag: str) -> list[int]:
+    try:
+        return [int(k) for k in text.split(",")]
+    except ValueError as exc:
+        raise ConfigError(f"{flag}: comma-separated integers, got {text!r}") from exc
+
+
 def _split_config_and_overrides(items: list[str]) -> tuple[str | None, list[str]]:
     config = None
     overrides = []
@@ -62,7 +69,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
     if args.what == "demo":
         from .bench_demo import bench_demo
 
-        bench_demo(path, [int(s) for s in args.seeds.split(",")], overrides, args.out)
+        bench_demo(path, _int_list(args.seeds, "--seeds"), overrides, args.out)
         return
     if args.what == "reward":
         from .bench_reward import bench_reward
@@ -79,8 +86,7 @@ def cmd_compare(args: argparse.Namespace) -> None:
 
     configs = [i for i in args.items if "=" not in i]
     overrides = [i for i in args.items if "=" in i]
-    seeds = [int(s) for s in args.seeds.split(",")]
-    compare(configs, seeds, overrides, args.out)
+    compare(configs, _int_list(args.seeds, "--seeds"), overrides, args.out)
 
 
 def cmd_build_model(args: argparse.Namespace) -> None:
@@ -128,19 +134,12 @@ def cmd_tasks(args: argparse.Namespace) -> None:
     print("| multi | `task.tasks: [...]`, mixed by `task.mixing` | | | each task's own |")
 
 
-def _shots(text: str) -> list[int]:
-    try:
-        return [int(k) for k in text.split(",")]
-    except ValueError as exc:
-        raise ConfigError(f"--shots: comma-separated integers, got {text!r}") from exc
-
-
 def cmd_eval(args: argparse.Namespace) -> None:
     from ..common.config import load_train_config
     from .evaluate import run_eval
 
     path, overrides = _split_config_and_overrides(args.items)
-    run_eval(load_train_config(path, overrides), _shots(args.shots), args.adapter)
+    run_eval(load_train_config(path, overrides), _int_list(args.shots, "--shots"), args.adapter)
 
 
 def cmd_nlu_table(args: argparse.Namespace) -> None:
