@@ -14,10 +14,33 @@ CLUSTER = Path(__file__).parent.parent / "deploy" / "cluster"
 SHIPPED = sorted(CLUSTER.glob("*.yaml"))
 
 
-def test_every_cloud_has_a_file():
-    assert {p.name for p in SHIPPED} >= {
-        "aws.yaml", "gcp.yaml", "local.yaml", "kuberay-rayjob.yaml"
+# What each shipped file must be: its provider (or kind), by content, not by name.
+KINDS = {"aws.yaml": "aws", "gcp.yaml": "gcp", "local.yaml": "local",
+         "kuberay-rayjob.yaml": "RayJob"}
+
+
+@pytest.mark.parametrize(("name", "kind"), KINDS.items())
+def test_every_cloud_has_a_file_of_its_kind(name, kind):
+    doc = yaml.safe_load((CLUSTER / name).read_text())
+    assert doc.get("kind", doc.get("provider", {}).get("type")) == kind
+    if kind == "RayJob":  # it runs a config this repository ships
+        config = doc["spec"]["entrypoint"].split()[2]
+        assert (CLUSTER.parent / "configs" / Path(config).name).is_file(), config
+
+
+def test_a_minimal_hand_written_cluster_is_accepted_and_needs_lorafleet(tmp_path):
+    """Accepted by content: a file written here from scratch, not a copy of a shipped one."""
+    minimal = {
+        "cluster_name": "mini", "provider": {"type": "local", "head_ip": "10.1.1.1",
+                                             "worker_ips": []},
+        "auth": {"ssh_user": "me"},
+        "setup_commands": ["pip install lorafleet"],
     }
+    path = tmp_path / "mini.yaml"
+    path.write_text(yaml.safe_dump(minimal))
+    assert validate_file(path) == []
+    path.write_text(yaml.safe_dump({**minimal, "setup_commands": ["pip install torch"]}))
+    assert any("lorafleet" in p for p in validate_file(path))
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
