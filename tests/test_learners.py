@@ -9,7 +9,9 @@ import torch
 from helpers import contrast_batch
 from lorafleet.common.config import LoRAConfig
 from lorafleet.common.tasks import AdditionTask
-from lorafleet.learner.algorithms.registry import algorithm, learner_class
+from lorafleet.learner.actor import Learner
+from lorafleet.learner.algorithms.registry import ALGORITHMS, SPRConfig, algorithm, learner_class
+from lorafleet.learner.critic_free_learner import LearnedNormalizerSPRLearner
 from lorafleet.learner.model import collate_scored
 
 
@@ -41,6 +43,13 @@ def test_learner_prefers_rewarded_samples(name, tiny_model_path, tokenizer):
     if name in ("spr", "best_of_n"):
         assert stats.weight_max == (2.0 if name == "best_of_n" else pytest.approx(1.7616, abs=1e-3))
         # spr: 2 * softmax([1, 0] / 0.5)[0] = 2 * e^2 / (e^2 + 1) = 1.7616 (weight_temperature 0.5)
+
+
+def test_every_registered_algorithm_has_its_learner():
+    for spec in ALGORITHMS.values():
+        assert issubclass(learner_class(spec.config()), Learner), spec
+    assert learner_class(SPRConfig(normalizer="learned")) is LearnedNormalizerSPRLearner
+    assert learner_class(None) is Learner  # no rl stage: sft, dpo, rm only
 
 
 def make_learner(name, tiny_model_path, tokenizer, **keys):
