@@ -47,7 +47,7 @@ class TrainConfig:
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
-    # the dataclass registered for algo.name (learner/algorithms/configs.py)
+    # the dataclass registered for algo.name (learner/algorithms/registry.py)
     algo: AlgoConfig = field(default_factory=PPOConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
