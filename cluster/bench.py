@@ -14,9 +14,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from ..common.config import load_train_config
 from ..common.data import PromptStream, encode_prompts
 from ..common.metrics import read_metrics
+from .config import load_train_config
 from .fleet import resolve_model
 from .trainer import Trainer
 
@@ -27,7 +27,7 @@ def raw_vllm_tokens_per_s(cfg, model_path: str, repeats: int = 3) -> tuple[float
     """(base model tok/s, LoRA tok/s) of one engine given all the fleet's threads."""
     from transformers import AutoTokenizer
 
-    from ..learner import learner_class
+    from ..learner.algorithms.registry import learner_class
     from ..rollout.worker import RolloutWorker
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
@@ -39,7 +39,7 @@ def raw_vllm_tokens_per_s(cfg, model_path: str, repeats: int = 3) -> tuple[float
         max_lora_rank=cfg.lora.rank, seed=cfg.seed, kv_cache_gib=cfg.rollout.kv_cache_gib,
         threads=threads,
     )
-    learner = learner_class(cfg.algo.name)(
+    learner = learner_class(cfg.algo)(
         model_path, cfg.lora, cfg.algo, dtype=cfg.model.dtype, seed=cfg.seed, threads=threads,
         pad_token_id=tokenizer.pad_token_id,
     )

@@ -65,16 +65,15 @@ def one_variant(variant: str, model_path: str, steps: int = 3) -> dict:
     import torch
     from transformers import AutoConfig
 
-    from ..common.config import AlgoConfig, LoRAConfig
-    from ..learner import learner_class
+    from ..common.config import LoRAConfig
     from ..learner.algorithms.critic_free import dpo_loss, weighted_nll
+    from ..learner.algorithms.registry import algorithm, learner_class
     from ..learner.model import REWARD, PolicyValueModel, collate_scored
     from ..learner.reward_model import score_rows
 
     torch.set_num_threads(2)
     baseline = _rss_mb()
     lora = LoRAConfig()
-    algo = AlgoConfig(name="ppo", epochs=1, minibatch_size=PROMPTS * N_SAMPLES)
     vocab_size = AutoConfig.from_pretrained(model_path).vocab_size
     scored = _scored(0, vocab_size)
     pad = 0
@@ -82,8 +81,8 @@ def one_variant(variant: str, model_path: str, steps: int = 3) -> dict:
     rows = [s.rollout.prompt.token_ids + s.rollout.response_ids for s in scored]
     if variant in ("spr", "grpo", "ppo_lora", "ppo_lora_rm"):
         name = {"spr": "spr", "grpo": "grpo"}.get(variant, "ppo")
-        algo.name = name
-        learner = learner_class(name)(
+        algo = algorithm(name).config(epochs=1, minibatch_size=PROMPTS * N_SAMPLES)
+        learner = learner_class(algo)(
             model_path, lora, algo, dtype="float32", seed=0, threads=2, pad_token_id=pad
         )
         if variant == "ppo_lora_rm":
@@ -138,7 +137,6 @@ def _full_ppo_update(model_path: str, scored, pad: int):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from ..common.config import AlgoConfig
     from ..learner.algorithms.ppo import (
         gae_advantages,
         masked_whiten,
@@ -146,6 +144,7 @@ def _full_ppo_update(model_path: str, scored, pad: int):
         ppo_value_loss,
         token_rewards,
     )
+    from ..learner.algorithms.registry import PPOConfig
     from ..learner.model import collate_scored, gather_positions, token_logprobs
 
     def load():
@@ -158,7 +157,7 @@ def _full_ppo_update(model_path: str, scored, pad: int):
     value_opt = torch.optim.AdamW([*value.parameters(), *head.parameters()], lr=1e-5)
     batch = collate_scored(scored, pad)
     scores = torch.tensor([s.reward for s in scored])
-    algo = AlgoConfig()
+    algo = PPOConfig()
 
     def values_of() -> torch.Tensor:
         hidden = value.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)

@@ -12,8 +12,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from ..common.config import load_train_config
 from ..common.records import Prompt, Rollout
+from .config import load_train_config
 from .fleet import connect_ray, resolve_model, reward_spec
 
 ACTOR_COUNTS = (1, 2)
@@ -36,8 +36,7 @@ def bench_reward(path: str | None, overrides: list[str], repeats: int = 3) -> No
     import ray
     from transformers import AutoTokenizer
 
-    from ..learner.base import DTYPES
-    from ..learner.model import REWARD, PolicyValueModel
+    from ..learner.model import DTYPES, REWARD, PolicyValueModel
     from ..learner.reward_model import save_reward_model
     from ..reward.pool import RewardPool, RewardWorker
 

@@ -34,7 +34,7 @@ def _split_config_and_overrides(items: list[str]) -> tuple[str | None, list[str]
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from ..common.config import load_train_config
+    from .config import load_train_config
     from .trainer import Trainer
 
     path, overrides = _split_config_and_overrides(args.items)
@@ -52,7 +52,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_train_rm(args: argparse.Namespace) -> None:
-    from ..common.config import load_train_config
+    from .config import load_train_config
     from .train_rm import train_reward_model
 
     path, overrides = _split_config_and_overrides(args.items)
@@ -90,8 +90,9 @@ def cmd_compare(args: argparse.Namespace) -> None:
 
 
 def cmd_build_model(args: argparse.Namespace) -> None:
-    from ..common.config import TINY, load_train_config
+    from ..common.config import TINY
     from ..common.tiny_model import build_tiny_model, ship_tiny_model
+    from .config import load_train_config
 
     path, overrides = _split_config_and_overrides(args.items)
     cfg = load_train_config(path, overrides)
@@ -103,8 +104,8 @@ def cmd_build_model(args: argparse.Namespace) -> None:
 
 
 def cmd_make_data(args: argparse.Namespace) -> None:
-    from ..common.config import load_train_config
     from ..common.corpora import write_jsonl
+    from .config import load_train_config
 
     if args.kind == "sentiment":
         from ..common.vader_data import write_sst2_layout
@@ -135,7 +136,7 @@ def cmd_tasks(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from ..common.config import load_train_config
+    from .config import load_train_config
     from .evaluate import run_eval
 
     path, overrides = _split_config_and_overrides(args.items)
@@ -143,7 +144,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_nlu_table(args: argparse.Namespace) -> None:
-    from ..common.config import load_train_config
+    from .config import load_train_config
     from .nlu_table import nlu_table
 
     path, overrides = _split_config_and_overrides(args.items)

@@ -7,9 +7,9 @@ import json
 import statistics
 from pathlib import Path
 
-from ..common.config import load_train_config
 from ..common.configio import ConfigError
 from ..common.metrics import read_metrics
+from .config import load_train_config
 from .trainer import Trainer
 
 DEFAULT_CONFIGS = [f"deploy/configs/{name}.yaml" for name in ("default", "grpo", "rloo", "spr")]

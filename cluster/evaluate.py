@@ -8,10 +8,10 @@ import dataclasses
 import json
 from pathlib import Path
 
-from ..common.config import TrainConfig
 from ..common.configio import ConfigError
 from ..common.data import encode_prompts
 from ..reward.rules import get_reward_fn
+from .config import TrainConfig
 from .fleet import resolve_model, reward_rule
 from .nlu_table import write_table
 

@@ -9,10 +9,11 @@ import os
 import time
 from pathlib import Path
 
-from ..common.config import TINY, TrainConfig
+from ..common.config import TINY
 from ..common.configio import ConfigError
 from ..common.logs import library_env, log_level
 from ..common.records import Prompt, Rollout
+from .config import TrainConfig
 from .placement import Placement, place_actors
 
 REWARD_MODEL_DIR = "reward_model"  # in the run directory, written by an rm stage
@@ -267,16 +268,16 @@ def start_fleet(
 ) -> Fleet:
     import ray
 
-    from ..learner import learner_class
+    from ..learner.algorithms.registry import learner_class
     from ..reward.pool import RewardWorker
     from ..rollout.worker import RolloutWorker
 
     spec = reward_spec(cfg)  # checks the reward function before any actor starts
     placement = place_actors(cfg)
-    algo = cfg.algo.name if "rl" in cfg.stages else None
+    algo = cfg.algo if "rl" in cfg.stages else None
     # The learner holds the only copy of the training state: no restart (resume from the
     # last checkpoint instead); rollout/reward actors are stateless and restart.
-    learner = ray.remote(learner_class(algo, cfg.algo.spr_normalizer)).options(
+    learner = ray.remote(learner_class(algo)).options(
         num_cpus=cfg.learner.cpus, scheduling_strategy=placement.strategy(placement.learner),
         name="lorafleet-learner", max_restarts=0,
     ).remote(

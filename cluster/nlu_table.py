@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..common.config import TrainConfig
+from .config import TrainConfig
 
 
 def metric_rows(results: dict[str, dict[str, float]]) -> list[str]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..common.config import TrainConfig
+from .config import TrainConfig
 
 PLACEMENT_TIMEOUT_S = 120
 

@@ -12,12 +12,12 @@ import json
 import time
 from pathlib import Path
 
-from ..common.config import TrainConfig
 from ..common.configio import save_config
 from ..common.corpora import LoadedDataset, load_preferences
 from ..common.data import epoch_batches, split_held_out
 from ..common.metrics import MetricsSink
 from ..common.progress import progress
+from .config import TrainConfig
 from .fleet import REWARD_MODEL_DIR, resolve_model
 
 
@@ -39,8 +39,7 @@ def train_reward_model(cfg: TrainConfig) -> Path:
     import torch
     from transformers import AutoTokenizer
 
-    from ..learner.base import DTYPES
-    from ..learner.model import REWARD, PolicyValueModel
+    from ..learner.model import DTYPES, REWARD, PolicyValueModel
     from ..learner.reward_model import RewardModelTrainer, save_reward_model
     from .trainer import fresh_run_dir
 

@@ -8,7 +8,6 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from ..common.config import TrainConfig
 from ..common.configio import save_config
 from ..common.corpora import LoadedDataset, load_preferences, load_sft
 from ..common.data import PromptStream, encode_prompts, epoch_batches, split_held_out
@@ -18,6 +17,7 @@ from ..common.records import ScoredRollout
 from ..reward.normalize import RunningMoments, normalize_rewards
 from ..reward.pool import RewardPool, drop_failed_groups
 from .checkpoint import ResumeError, TrainerState, latest_checkpoint, rewind
+from .config import TrainConfig
 from .fleet import (
     REWARD_MODEL_DIR,
     Fleet,

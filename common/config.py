@@ -1,18 +1,15 @@
-"""The run configuration: dataclasses with defaults that run the embedded default job.
-
-Load with `load_train_config(path, ["rollout.num_workers=1", ...])`; unknown keys and wrong
-types raise `ConfigError` naming the key (see `configio`).
+"""The run configuration's shared sections: dataclasses with defaults that run the embedded
+default job. The whole run config (`TrainConfig`, with the algorithm's section) is in
+cluster/config.py; unknown keys and wrong types raise `ConfigError` naming the key (`configio`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Literal
 
-from .configio import ConfigError, load_config
+from .configio import ConfigError
 from .corpora import DatasetConfig
-from .tasks import TaskConfig
 from .tiny_model import TinyModelSpec
 
 TINY = "tiny"
@@ -97,49 +94,6 @@ class RewardConfig:
             raise ConfigError(f"reward.clip must be > 0 (or null), got {self.clip}")
 
 
-ALGORITHMS = ("ppo", "grpo", "rloo", "spr", "best_of_n")
-
-
-@dataclass
-class AlgoConfig:
-    """One section for every algorithm; each reads the keys it needs (comments say which).
-
-    ppo: GAE + clipped policy/value losses with a LoRA critic. grpo / rloo: group-normalised /
-    leave-one-out advantages on the clipped objective, no critic. spr: weighted SFT on the
-    samples with w = n * softmax(r / beta), no critic, no reference needed. best_of_n: SFT on
-    each prompt's best sample (SPR's beta -> 0 limit; ReST/RAFT).
-    """
-
-    name: Literal["ppo", "grpo", "rloo", "spr", "best_of_n"] = "ppo"
-    policy_lr: float = 1e-3
-    value_lr: float = 5e-3  # ppo
-    epochs: int = 2  # passes over each iteration's batch
-    minibatch_size: int = 64
-    clip_eps: float = 0.2
-    value_clip_eps: float = 0.2
-    gamma: float = 1.0
-    lam: float = 0.95
-    kl_coef: float = 0.02  # ppo, grpo, rloo
-    # "reward": -kl_coef * k1 per token folded into the rewards (InstructGPT/OpenRLHF; for
-    # grpo/rloo the sequence sum is subtracted from the score before the group baseline);
-    # "loss": kl_coef * k3 added to the policy loss (GRPO-style), rewards left unshaped.
-    kl_mode: Literal["reward", "loss"] = "reward"
-    whiten_advantages: bool = True  # ppo
-    grpo_scale_by_std: bool = True  # grpo: False = mean baseline only (Dr. GRPO)
-    beta: float = 0.5  # spr temperature: -> 0 is best-of-N SFT, -> inf is plain SFT
-    max_weight: float | None = 4.0  # spr: clip sample weights (None: no clipping)
-    # spr: "group" normalises each prompt's weights over its n samples; "learned" fits V(x)
-    # (LoRA + scalar head regression on the rewards, AWR-style) for w = exp((r - V(x)) / beta),
-    # the paper's variant for one sample per prompt.
-    spr_normalizer: Literal["group", "learned"] = "group"
-    length_normalize: bool = False  # spr / best_of_n: per-token mean log-likelihood
-    max_grad_norm: float = 1.0
-
-    def validate(self) -> None:
-        if self.beta <= 0:
-            raise ConfigError(f"algo.beta must be > 0, got {self.beta}")
-
-
 @dataclass
 class SFTConfig:
     """The `sft` stage: supervised fine-tuning of the policy adapter on prompt/response rows."""
@@ -205,71 +159,3 @@ class LoggingConfig:
     wandb: bool = False  # needs `pip install wandb`; offline mode when no API key is set
     wandb_project: str = "lorafleet"
     ray_metrics: bool = True  # ray.util.metrics gauges/counters for the dashboard/Prometheus
-
-
-@dataclass
-class TrainConfig:
-    run_dir: str = "runs/default"
-    seed: int = 0
-    iterations: int = 40
-    prompts_per_iteration: int = 64
-    eval_every: int = 10  # greedy accuracy on the held-out split; 0 = only at start and end
-    checkpoint_every: int = 10
-    # Stages run in order on the same adapter, with a held-out evaluation after each: "sft"
-    # (section sft), "dpo" (section dpo), "rl" (`iterations` of algo.name), e.g. [sft, rl].
-    # "rm" (section rm) trains the reward model the later stages are scored with; it must come
-    # first (it scores every evaluation; it trains on the base, so the chain does not alter it).
-    stages: list[Literal["rm", "sft", "dpo", "rl"]] = field(default_factory=lambda: ["rl"])
-    task: TaskConfig = field(default_factory=TaskConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    lora: LoRAConfig = field(default_factory=LoRAConfig)
-    rollout: RolloutConfig = field(default_factory=RolloutConfig)
-    reward: RewardConfig = field(default_factory=RewardConfig)
-    algo: AlgoConfig = field(default_factory=AlgoConfig)
-    sft: SFTConfig = field(default_factory=SFTConfig)
-    dpo: DPOConfig = field(default_factory=DPOConfig)
-    rm: RewardModelConfig = field(default_factory=RewardModelConfig)
-    learner: LearnerConfig = field(default_factory=LearnerConfig)
-    ray: RayConfig = field(default_factory=RayConfig)
-    logging: LoggingConfig = field(default_factory=LoggingConfig)
-
-    def validate(self) -> None:
-        if self.iterations < 1 or self.prompts_per_iteration < 1:
-            raise ConfigError("iterations and prompts_per_iteration must be >= 1")
-        if not self.stages:
-            raise ConfigError("stages is empty; allowed entries: rm, sft, dpo, rl")
-        if "rm" in self.stages[1:]:
-            raise ConfigError(
-                f"stages {self.stages}: rm must be the first stage (its reward model scores "
-                "every evaluation; it trains on the base model, so running it first changes "
-                "nothing else)"
-            )
-        if "rm" in self.stages and self.reward.model is not None:
-            raise ConfigError(
-                "reward.model is set and an rm stage trains one: drop one of them (the rm "
-                "stage's model is RUN_DIR/reward_model)"
-            )
-        if self.reward.rule_weight == 0 and not self.uses_reward_model:
-            raise ConfigError(
-                "reward.rule_weight is 0 and there is no reward model (set reward.model to a "
-                "`lorafleet train-rm` output or add an rm stage)"
-            )
-        if self.reward.model_on_learner and not self.uses_reward_model:
-            raise ConfigError("reward.model_on_learner is set but there is no reward model")
-        if self.algo.name == "rloo" and self.rollout.samples_per_prompt < 2:
-            raise ConfigError("algo.name=rloo needs rollout.samples_per_prompt >= 2")
-        if (self.algo.name, self.algo.spr_normalizer, self.rollout.samples_per_prompt) == (
-            "spr", "group", 1
-        ):
-            raise ConfigError(
-                "algo.name=spr with rollout.samples_per_prompt=1 gives every sample weight 1 "
-                "(plain SFT); use algo.spr_normalizer=learned or samples_per_prompt >= 2"
-            )
-
-    @property
-    def uses_reward_model(self) -> bool:
-        return "rm" in self.stages or self.reward.model is not None
-
-
-def load_train_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
-    return load_config(TrainConfig, path, list(overrides))

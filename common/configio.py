@@ -91,16 +91,26 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
 
 
 def from_dict(cls: type[T], data: Mapping[str, Any], prefix: str = "") -> T:
-    """Build dataclass `cls` from plain data; missing keys keep defaults, unknown keys fail."""
+    """Build dataclass `cls` from plain data; missing keys keep defaults, unknown keys fail.
+
+    A section whose keys depend on one of its values (`algo.name` picks the algorithm's
+    dataclass) defines the classmethods `config_class(data, prefix)`, returning the dataclass
+    to build, and optionally `unknown_keys_hint(keys)`, text added to the unknown-key error.
+    """
     if not isinstance(data, Mapping):
         raise ConfigError(f"{prefix or '<top level>'}: expected a mapping, got {data!r}")
+    config_class = getattr(cls, "config_class", None)
+    if config_class is not None:
+        cls = config_class(data, prefix)
     fields = _init_fields(cls)
     unknown = sorted((k for k in data if k not in fields), key=str)
     if unknown:
         where = f" in {prefix}" if prefix else ""
+        hint = getattr(cls, "unknown_keys_hint", None)
         raise ConfigError(
             f"unknown key(s) {', '.join(repr(_join(prefix, k)) for k in unknown)}; "
             f"allowed keys{where}: {', '.join(sorted(fields))}"
+            + (hint([str(k) for k in unknown]) if hint else "")
         )
     required = [k for k, f in fields.items() if f.default is f.default_factory is MISSING]
     missing = [_join(prefix, k) for k in required if k not in data]

@@ -1,49 +1,20 @@
-"""What every learner shares: the base model with its adapters, publishing and sync checks,
-stale-rollout refusal, the old/reference log-probs of a batch, optimiser steps, saving."""
+"""The core every learner shares: the base model with its adapters, publishing and sync
+checks, stale-rollout refusal, the old/reference log-probs of a batch, optimiser steps. The
+offline stages, the reward adapter and checkpoints are mixins of the actor (actor.py)."""
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from ..common.config import AlgoConfig, LoRAConfig
-from ..common.records import (
-    AdapterSnapshot,
-    OfflineStats,
-    PreferencePair,
-    ProbeResult,
-    ScoredRollout,
-    SFTExample,
-    TrainStats,
-)
-from ..common.state_io import load_state, save_state
-from .algorithms.critic_free import dpo_loss
+from ..common.config import LoRAConfig
+from ..common.records import AdapterSnapshot, ProbeResult, ScoredRollout, TrainStats
 from .algorithms.ppo import kl_penalty, masked_mean
-from .model import (
-    POLICY,
-    REWARD,
-    VALUE,
-    PolicyValueModel,
-    TokenBatch,
-    collate,
-    collate_scored,
-    load_adapter,
-    save_adapter,
-)
-from .reward_model import (
-    RewardModelTrainer,
-    attach_reward_model,
-    read_reward_model_meta,
-    rollout_rows,
-    save_reward_model,
-    score_rows,
-)
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from .algorithms.registry import AlgoConfig
+from .model import DTYPES, POLICY, VALUE, PolicyValueModel, TokenBatch, collate, collate_scored
 
 
 class SyncError(RuntimeError):
@@ -75,8 +46,6 @@ class LearnerBase:
         self.model_path, self.lora, self.dtype = model_path, lora, dtype
         adapters = (POLICY, VALUE) if self.with_value else (POLICY,)
         self.net = PolicyValueModel(model_path, lora, DTYPES[dtype], seed, adapters)
-        self.reward_trainer: RewardModelTrainer | None = None
-        self.reward_tokenizer = None
         self.policy_params = self.net.adapter_parameters(POLICY)
         self.start_stage(algo.policy_lr)
         if self.with_value:
@@ -117,79 +86,6 @@ class LearnerBase:
     def start_stage(self, lr: float) -> None:
         """A fresh policy optimiser: each stage (sft, dpo, rl) starts its own Adam moments."""
         self.policy_opt = torch.optim.AdamW(self.policy_params, lr=lr, weight_decay=0)
-
-    # -- offline stages: one optimiser step per call, on one minibatch ----------------------
-    def sft_step(self, examples: list[SFTExample]) -> OfflineStats:
-        """Token-mean negative log-likelihood of the responses under the policy adapter."""
-        batch = collate(
-            [e.prompt_ids for e in examples], [e.response_ids for e in examples], self.pad_id
-        )
-        loss = -masked_mean(self.net.logprobs(batch), batch.mask)
-        grad_norm = self.step(loss, self.policy_params, self.policy_opt)
-        self.version += 1
-        return OfflineStats(self.version, loss.item(), float(grad_norm), len(examples))
-
-    def dpo_step(self, pairs: list[PreferencePair], beta: float) -> OfflineStats:
-        """DPO against the adapter-off reference: chosen and rejected rows in one forward."""
-        batch = collate(
-            [p.prompt_ids for p in pairs] * 2,
-            [p.chosen_ids for p in pairs] + [p.rejected_ids for p in pairs], self.pad_id,
-        )
-        seq_logp = (self.net.logprobs(batch) * batch.mask).sum(-1)
-        ref_seq_logp = (self.net.reference_logprobs(batch) * batch.mask).sum(-1)
-        n = len(pairs)
-        loss, margin = dpo_loss(
-            seq_logp[:n], seq_logp[n:], ref_seq_logp[:n], ref_seq_logp[n:], beta
-        )
-        grad_norm = self.step(loss, self.policy_params, self.policy_opt)
-        self.version += 1
-        return OfflineStats(
-            self.version, loss.item(), float(grad_norm), n,
-            preference_accuracy=float((margin > 0).float().mean()),
-            reward_margin=float(margin.mean()),
-        )
-
-    # -- the reward adapter (PERL: reward model on the learner's own base) ---------------------
-    def start_reward_model(self, lr: float) -> None:
-        """Add a fresh reward adapter + head (the `rm` stage trains it)."""
-        self.net.add_adapter(REWARD, self.lora)
-        self.reward_trainer = RewardModelTrainer(
-            self.net, lr, self.algo.max_grad_norm, self.pad_id
-        )
-
-    def rm_step(self, pairs: list[PreferencePair]) -> OfflineStats:
-        return self.reward_trainer.step(pairs)
-
-    def rm_evaluate(self, pairs: list[PreferencePair]) -> dict[str, float]:
-        return self.reward_trainer.evaluate(pairs)
-
-    def save_reward_model(self, directory: str, info: dict) -> str:
-        return str(save_reward_model(
-            self.net, Path(directory), self.model_path, self.lora, self.dtype, info
-        ))
-
-    def load_reward_model(self, directory: str) -> dict:
-        """Serve a saved reward model from this base (reward.model_on_learner); it must have
-        been trained on the same base model."""
-        meta = read_reward_model_meta(Path(directory))
-        if meta["base_model"] != self.model_path:
-            raise ValueError(
-                f"reward model {directory} was trained on {meta['base_model']}, the learner "
-                f"holds {self.model_path}: reward.model_on_learner needs the same base"
-            )
-        if REWARD in self.net.heads:  # e.g. restored from a checkpoint
-            load_adapter(self.net, REWARD, Path(directory))
-        else:
-            attach_reward_model(self.net, Path(directory))
-        return meta
-
-    def score_rollouts(self, rollouts: list) -> list[float]:
-        """The reward adapter's scores of finished rollouts (re-tokenised as in training)."""
-        if self.reward_tokenizer is None:
-            from transformers import AutoTokenizer
-
-            self.reward_tokenizer = AutoTokenizer.from_pretrained(self.model_path)
-        return score_rows(self.net, rollout_rows(self.reward_tokenizer, rollouts), self.pad_id)
 
     # -- shared pieces of an update -----------------------------------------------------------
     @torch.no_grad()
@@ -238,53 +134,6 @@ class LearnerBase:
             train_seconds=time.perf_counter() - start,
             **{key: value / count for key, value in totals.items()}, **extra,
         )
-
-    # -- persistence ------------------------------------------------------------------------
-    def save(self, directory: str) -> str:
-        """Policy adapter in PEFT format at `directory`; value / reward adapters (+ heads) in
-        sub-directories named after them."""
-        path = Path(directory)
-        for name in self.adapter_names():
-            save_adapter(self.net, name, self.version, path if name == POLICY else path / name)
-        return str(path)
-
-    def adapter_names(self) -> list[str]:
-        return [POLICY, *(n for n in (VALUE, REWARD) if n in self.net.heads)]
-
-    def save_checkpoint(self, directory: str) -> str:
-        """Everything to continue training exactly: adapters (PEFT format), value head,
-        optimiser states, RNG states, the adapter version (safetensors + JSON, no pickle)."""
-        path = Path(self.save(directory))
-        state = {
-            "version": self.version,
-            "policy_opt": self.policy_opt.state_dict(),
-            "generator": self.generator.get_state(),
-            "torch_rng": torch.get_rng_state(),
-        }
-        if self.with_value:
-            state["value_opt"] = self.value_opt.state_dict()
-        if self.reward_trainer is not None:
-            state["reward_trainer"] = self.reward_trainer.state()
-        save_state(state, path, "learner_state")
-        return str(path)
-
-    def load_checkpoint(self, directory: str) -> int:
-        """Restore a `save_checkpoint` directory; returns the adapter version it holds."""
-        path = Path(directory)
-        state = load_state(path, "learner_state")
-        if "reward_trainer" in state and REWARD not in self.net.heads:
-            self.start_reward_model(self.algo.policy_lr)  # lr comes back with the state
-        for name in self.adapter_names():
-            load_adapter(self.net, name, path if name == POLICY else path / name)
-        if self.with_value:
-            self.value_opt.load_state_dict(state["value_opt"])
-        if "reward_trainer" in state:
-            self.reward_trainer.load_state(state["reward_trainer"])
-        self.policy_opt.load_state_dict(state["policy_opt"])
-        self.generator.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
-        self.version = state["version"]
-        return self.version
 
 
 def accumulate(totals: dict[str, float], step: dict[str, Tensor]) -> None:

@@ -5,10 +5,13 @@ value adapter; SPR and best-of-N need no reference either (its KL is only logged
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import torch
+from torch import Tensor
 
 from ..common.records import ScoredRollout, TrainStats
+from .actor import Learner
 from .algorithms.critic_free import (
     awr_weights,
     best_of_n_weights,
@@ -19,11 +22,14 @@ from .algorithms.critic_free import (
     weighted_nll,
 )
 from .algorithms.ppo import kl_penalty, masked_mean
-from .base import BatchContext, LearnerBase, accumulate
+from .base import BatchContext, accumulate
 from .model import TokenBatch
 
+# (minibatch, its row indices, its policy log-probs) -> (loss, metrics)
+Objective = Callable[[TokenBatch, Tensor, Tensor], tuple[Tensor, dict[str, Tensor]]]
 
-def group_rewards(scored: list[ScoredRollout]) -> torch.Tensor:
+
+def group_rewards(scored: list[ScoredRollout]) -> Tensor:
     """[prompts, n] view of the scores; the batch must hold each prompt's n samples in a row."""
     n = 1
     while n < len(scored) and scored[n].rollout.prompt.index == scored[0].rollout.prompt.index:
@@ -42,38 +48,13 @@ def group_rewards(scored: list[ScoredRollout]) -> torch.Tensor:
     return torch.tensor([s.reward for s in scored]).view(-1, n)
 
 
-class CriticFreeLearner(LearnerBase):
+class CriticFreeLearner(Learner):
+    """One update loop for the critic-free algorithms; `objective` is each one's loss."""
+
     def train_step(self, scored: list[ScoredRollout]) -> TrainStats:
         start = time.perf_counter()
-        algo = self.algo
         ctx = self.prepare(scored)
-        rewards = group_rewards(scored)
-        extra: dict[str, float] = {}
-        if algo.name in ("spr", "best_of_n"):
-            weights = self.sample_weights(ctx, rewards)
-            extra["weight_max"] = float(weights.max())
-
-            def objective(mb, chunk, logp):
-                return weighted_nll(logp, mb.mask, weights[chunk], algo.length_normalize), {}
-        else:
-            if algo.kl_mode == "reward":  # RLOO-style: the sequence KL lowers the score
-                seq_kl = (kl_penalty(ctx.old_logp, ctx.ref_logp, "k1") * ctx.batch.mask).sum(-1)
-                rewards = rewards - algo.kl_coef * seq_kl.view_as(rewards)
-            if algo.name == "grpo":
-                advantages = grpo_advantages(rewards, scale_by_std=algo.grpo_scale_by_std)
-            else:
-                advantages = rloo_advantages(rewards)
-            advantages = advantages.reshape(-1)
-
-            def objective(mb, chunk, logp):
-                loss, clip_frac, approx_kl = sequence_advantage_loss(
-                    logp, ctx.old_logp[chunk], advantages[chunk], mb.mask, algo.clip_eps
-                )
-                if algo.kl_mode == "loss":
-                    kl = masked_mean(kl_penalty(logp, ctx.ref_logp[chunk], "k3"), mb.mask)
-                    loss = loss + algo.kl_coef * kl
-                return loss, {"clip_fraction": clip_frac, "approx_kl": approx_kl}
-
+        objective, extra = self.objective(ctx, group_rewards(scored))
         totals: dict[str, float] = {}
         for chunk in self.minibatches(len(scored)):
             mb = ctx.batch.select(chunk)
@@ -86,34 +67,101 @@ class CriticFreeLearner(LearnerBase):
             })
         return self.finish(ctx, totals, start, **extra)
 
-    def sample_weights(self, ctx: BatchContext, rewards: torch.Tensor) -> torch.Tensor:
-        """SPR / best-of-N weights per sample ([batch], prompt-major)."""
-        if self.algo.name == "best_of_n":
-            return best_of_n_weights(rewards).reshape(-1)
-        return spr_weights(rewards, self.algo.beta, self.algo.max_weight).reshape(-1)
+    def objective(self, ctx: BatchContext, rewards: Tensor) -> tuple[Objective, dict[str, float]]:
+        """The minibatch loss `(mb, chunk, logp) -> (loss, metrics)` for this batch, and
+        per-update metrics; rewards: [prompts, n]."""
+        raise NotImplementedError
 
-    def fit_normalizer(self, mb: TokenBatch, rewards: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Hook for a learned normaliser's regression step; group normalisation has none."""
+    def fit_normalizer(self, mb: TokenBatch, rewards: Tensor) -> dict[str, Tensor]:
+        """Hook for a learned normaliser's regression step; the others have none."""
         return {}
 
 
-class LearnedNormalizerSPRLearner(CriticFreeLearner):
-    """SPR with one sample per prompt: V(x) from a value LoRA + scalar head, regressed on the
-    rewards, replaces the group normaliser. Weights use V as fitted on earlier batches (a
-    baseline independent of the sample it weighs); V is then fitted on this batch."""
+class GroupBaselineLearner(CriticFreeLearner):
+    """GRPO / RLOO: a per-sample advantage from the prompt's group on the clipped objective."""
+
+    def advantages(self, rewards: Tensor) -> Tensor:
+        """[prompts, n] -> [prompts, n]."""
+        raise NotImplementedError
+
+    def objective(self, ctx: BatchContext, rewards: Tensor) -> tuple[Objective, dict[str, float]]:
+        algo = self.algo
+        if algo.kl_mode == "reward":  # RLOO-style: the sequence KL lowers the score
+            seq_kl = (kl_penalty(ctx.old_logp, ctx.ref_logp, "k1") * ctx.batch.mask).sum(-1)
+            rewards = rewards - algo.kl_coef * seq_kl.view_as(rewards)
+        advantages = self.advantages(rewards).reshape(-1)
+
+        def objective(mb, chunk, logp):
+            loss, clip_frac, approx_kl = sequence_advantage_loss(
+                logp, ctx.old_logp[chunk], advantages[chunk], mb.mask, algo.clip_eps
+            )
+            if algo.kl_mode == "loss":
+                kl = masked_mean(kl_penalty(logp, ctx.ref_logp[chunk], "k3"), mb.mask)
+                loss = loss + algo.kl_coef * kl
+            return loss, {"clip_fraction": clip_frac, "approx_kl": approx_kl}
+
+        return objective, {}
+
+
+class GRPOLearner(GroupBaselineLearner):
+    def advantages(self, rewards: Tensor) -> Tensor:
+        return grpo_advantages(rewards, scale_by_std=self.algo.scale_by_std)
+
+
+class RLOOLearner(GroupBaselineLearner):
+    def advantages(self, rewards: Tensor) -> Tensor:
+        return rloo_advantages(rewards)
+
+
+class WeightedSFTLearner(CriticFreeLearner):
+    """SPR / best-of-N: the samples' log-likelihood, weighted per sample."""
+
+    def sample_weights(self, ctx: BatchContext, rewards: Tensor) -> Tensor:
+        """Weights per sample ([batch], prompt-major); rewards: [prompts, n]."""
+        raise NotImplementedError
+
+    def objective(self, ctx: BatchContext, rewards: Tensor) -> tuple[Objective, dict[str, float]]:
+        weights = self.sample_weights(ctx, rewards)
+        length_normalize = self.algo.length_normalize
+
+        def objective(mb, chunk, logp):
+            return weighted_nll(logp, mb.mask, weights[chunk], length_normalize), {}
+
+        return objective, {"weight_max": float(weights.max())}
+
+
+class BestOfNLearner(WeightedSFTLearner):
+    def sample_weights(self, ctx: BatchContext, rewards: Tensor) -> Tensor:
+        return best_of_n_weights(rewards).reshape(-1)
+
+
+class SPRLearner(WeightedSFTLearner):
+    """SPR with the group normaliser (algo.normalizer=group)."""
+
+    def sample_weights(self, ctx: BatchContext, rewards: Tensor) -> Tensor:
+        algo = self.algo
+        return spr_weights(rewards, algo.weight_temperature, algo.max_weight).reshape(-1)
+
+
+class LearnedNormalizerSPRLearner(SPRLearner):
+    """SPR with one sample per prompt (algo.normalizer=learned): V(x) from a value LoRA +
+    scalar head, regressed on the rewards, replaces the group normaliser. Weights use V as
+    fitted on earlier batches (a baseline independent of the sample it weighs); V is then
+    fitted on this batch."""
 
     with_value = True
 
-    def prompt_values(self, batch: TokenBatch) -> torch.Tensor:
+    def prompt_values(self, batch: TokenBatch) -> Tensor:
         """V(x): the value at the position that predicts the first response token ([B])."""
         return self.net.values(batch)[:, 0]
 
-    def sample_weights(self, ctx: BatchContext, rewards: torch.Tensor) -> torch.Tensor:
+    def sample_weights(self, ctx: BatchContext, rewards: Tensor) -> Tensor:
         with torch.no_grad():
             values = self.prompt_values(ctx.batch)
-        return awr_weights(rewards.reshape(-1), values, self.algo.beta, self.algo.max_weight)
+        algo = self.algo
+        return awr_weights(rewards.reshape(-1), values, algo.weight_temperature, algo.max_weight)
 
-    def fit_normalizer(self, mb: TokenBatch, rewards: torch.Tensor) -> dict[str, torch.Tensor]:
+    def fit_normalizer(self, mb: TokenBatch, rewards: Tensor) -> dict[str, Tensor]:
         loss = torch.nn.functional.mse_loss(self.prompt_values(mb), rewards)
         self.step(loss, self.value_params, self.value_opt)
         return {"value_loss": loss}

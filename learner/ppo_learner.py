@@ -12,6 +12,7 @@ import time
 import torch
 
 from ..common.records import ScoredRollout, TrainStats
+from .actor import Learner
 from .algorithms.ppo import (
     gae_advantages,
     kl_penalty,
@@ -21,10 +22,10 @@ from .algorithms.ppo import (
     ppo_value_loss,
     token_rewards,
 )
-from .base import LearnerBase, accumulate
+from .base import accumulate
 
 
-class PPOLearner(LearnerBase):
+class PPOLearner(Learner):
     with_value = True
 
     def train_step(self, scored: list[ScoredRollout]) -> TrainStats:

@@ -17,8 +17,7 @@ class LearnedReward:
         from transformers import AutoTokenizer
 
         from ..common.config import LoRAConfig
-        from ..learner.base import DTYPES
-        from ..learner.model import REWARD, PolicyValueModel, load_adapter
+        from ..learner.model import DTYPES, REWARD, PolicyValueModel, load_adapter
         from ..learner.reward_model import read_reward_model_meta
 
         torch.set_num_threads(threads)

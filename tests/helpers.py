@@ -6,9 +6,10 @@ import math
 
 import torch
 
-from lorafleet.common.config import AlgoConfig, LoRAConfig
+from lorafleet.common.config import LoRAConfig
 from lorafleet.common.records import Prompt, Rollout, ScoredRollout
 from lorafleet.common.tasks import AdditionTask
+from lorafleet.learner.algorithms.registry import PPOConfig
 from lorafleet.learner.ppo_learner import PPOLearner
 
 
@@ -17,7 +18,7 @@ def perturbed_learner(
 ) -> PPOLearner:
     """A learner whose policy adapter is not the identity (PEFT inits lora_B to zero)."""
     learner = PPOLearner(
-        model_path, LoRAConfig(), AlgoConfig(), dtype="float32", seed=seed, threads=2,
+        model_path, LoRAConfig(), PPOConfig(), dtype="float32", seed=seed, threads=2,
         pad_token_id=pad_id,
     )
     perturb_policy(learner, seed + 1, scale)

@@ -6,14 +6,15 @@ from __future__ import annotations
 import torch
 
 from helpers import contrast_batch
-from lorafleet.common.config import AlgoConfig, LoRAConfig
+from lorafleet.common.config import LoRAConfig
 from lorafleet.common.state_io import load_state, save_state
-from lorafleet.learner import learner_class
+from lorafleet.learner.algorithms.registry import algorithm, learner_class
 
 
 def new_learner(name, model_path, tokenizer):
-    return learner_class(name)(
-        model_path, LoRAConfig(), AlgoConfig(name=name, minibatch_size=16), dtype="float32",
+    algo = algorithm(name).config(minibatch_size=16)
+    return learner_class(algo)(
+        model_path, LoRAConfig(), algo, dtype="float32",
         seed=0, threads=2, pad_token_id=tokenizer.pad_token_id,
     )
 

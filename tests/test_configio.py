@@ -229,3 +229,45 @@ def test_round_trip_save_then_load(tmp_path: Path) -> None:
     save_config(cfg, path)
     assert load_config(Config, path) == cfg
     assert yaml.safe_load(path.read_text())["optim"]["betas"] == [0.9, 0.999]
+
+
+@dataclass
+class Shape:
+    kind: str = "circle"
+
+    @classmethod
+    def config_class(cls, data, prefix):
+        return {"circle": Circle, "square": Square}[data.get("kind", cls.kind)]
+
+    @classmethod
+    def unknown_keys_hint(cls, keys):
+        return f" (a {cls.kind})"
+
+
+@dataclass
+class Circle(Shape):
+    radius: float = 1.0
+
+
+@dataclass
+class Square(Shape):
+    kind: str = "square"
+    side: float = 2.0
+
+
+@dataclass
+class Drawing:
+    shape: Shape = field(default_factory=Circle)
+
+
+def test_config_class_hook_picks_the_section_dataclass(tmp_path: Path) -> None:
+    path = write(tmp_path, "shape: {kind: square, side: 3}\n")
+    assert load_config(Drawing, path).shape == Square(side=3.0)
+    assert load_config(Drawing, None, ["shape.radius=2"]).shape == Circle(radius=2.0)
+    # an override switches the dataclass; keys only the other one has are then unknown
+    with pytest.raises(ConfigError, match=r"'shape.side'; allowed keys in shape: kind, radius "
+                                          r"\(a circle\)"):
+        load_config(Drawing, path, ["shape.kind=circle"])
+    saved = tmp_path / "saved.yaml"
+    save_config(load_config(Drawing, path), saved)
+    assert load_config(Drawing, saved).shape == Square(side=3.0)

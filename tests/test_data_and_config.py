@@ -6,13 +6,15 @@ from pathlib import Path
 
 import pytest
 
+from lorafleet.cluster.config import TrainConfig, load_train_config
 from lorafleet.cluster.fleet import check_exactly_once, shard
-from lorafleet.common.config import TINY, TrainConfig, load_train_config
-from lorafleet.common.configio import ConfigError
+from lorafleet.common.config import TINY
+from lorafleet.common.configio import ConfigError, save_config
 from lorafleet.common.data import PromptStream, encode_prompts
 from lorafleet.common.records import Prompt, Rollout
 from lorafleet.common.tasks import AdditionTask, TaskExample
 from lorafleet.common.tiny_model import SHIPPED_MODELS, build_tiny_model, model_name
+from lorafleet.learner.algorithms.registry import GRPOConfig, RLOOConfig, SPRConfig
 
 CONFIGS = Path(__file__).parent.parent / "deploy" / "configs"
 
@@ -59,10 +61,39 @@ def test_stage_chain_config_and_its_errors():
         load_train_config(None, ["stages=[sft, ppo]"])
     with pytest.raises(ConfigError, match="stages is empty"):
         load_train_config(None, ["stages=[]"])
-    with pytest.raises(ConfigError, match="spr_normalizer=learned"):
+    with pytest.raises(ConfigError, match="normalizer=learned"):
         load_train_config(None, ["algo.name=spr", "rollout.samples_per_prompt=1"])
     with pytest.raises(ConfigError, match="dpo.beta"):
         load_train_config(None, ["dpo.beta=0"])
+
+
+def test_algo_section_is_the_named_algorithms_config():
+    cfg = load_train_config(CONFIGS / "grpo.yaml")
+    assert type(cfg.algo) is GRPOConfig and (cfg.algo.kl_mode, cfg.algo.kl_coef) == ("loss", 0.04)
+    assert type(load_train_config(None, ["algo.name=spr"]).algo) is SPRConfig
+    # a key the chosen algorithm does not read names the algorithms that do
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) 'algo.value_lr'; allowed keys in "
+                       r"algo: .* \(this is algo.name=grpo; 'value_lr' is read by "
+                       r"algo.name=ppo, spr\)"):
+        load_train_config(CONFIGS / "grpo.yaml", ["algo.value_lr=0.01"])
+    # an override switches the algorithm through the same path
+    with pytest.raises(ConfigError, match="'kl_coef' is read by algo.name=ppo, grpo, rloo"):
+        load_train_config(CONFIGS / "grpo.yaml", ["algo.name=spr"])
+    assert type(load_train_config(CONFIGS / "default.yaml", ["algo.name=rloo"]).algo) is RLOOConfig
+    with pytest.raises(ConfigError, match="algo.name: expected one of 'ppo', 'grpo', 'rloo', "
+                       "'spr', 'best_of_n', got 'dpo'"):
+        load_train_config(None, ["algo.name=dpo"])
+    with pytest.raises(ConfigError, match="algo.weight_temperature must be > 0"):
+        load_train_config(CONFIGS / "spr.yaml", ["algo.weight_temperature=0"])
+    with pytest.raises(ConfigError, match="rloo needs rollout.samples_per_prompt >= 2"):
+        load_train_config(CONFIGS / "rloo.yaml", ["rollout.samples_per_prompt=1"])
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
+def test_saved_config_loads_back_the_same(path, tmp_path):
+    cfg = load_train_config(path)
+    save_config(cfg, tmp_path / "config.yaml")
+    assert load_train_config(tmp_path / "config.yaml") == cfg
 
 
 def test_reward_model_config_errors():

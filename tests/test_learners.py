@@ -7,9 +7,11 @@ import pytest
 import torch
 
 from helpers import contrast_batch
-from lorafleet.common.config import AlgoConfig, LoRAConfig
+from lorafleet.common.config import LoRAConfig
 from lorafleet.common.tasks import AdditionTask
-from lorafleet.learner import learner_class
+from lorafleet.learner.actor import Learner
+from lorafleet.learner.algorithms.registry import ALGORITHMS, SPRConfig, algorithm, learner_class
+from lorafleet.learner.critic_free_learner import LearnedNormalizerSPRLearner
 from lorafleet.learner.model import collate_scored
 
 
@@ -30,11 +32,7 @@ MIN_GAIN = {"ppo": 1.6, "grpo": 1.6, "rloo": 1.6, "best_of_n": 1.6, "spr": 1.4}
 
 @pytest.mark.parametrize("name", sorted(MIN_GAIN))
 def test_learner_prefers_rewarded_samples(name, tiny_model_path, tokenizer):
-    algo = AlgoConfig(name=name, minibatch_size=32)
-    learner = learner_class(name)(
-        tiny_model_path, LoRAConfig(), algo, dtype="float32", seed=0, threads=2,
-        pad_token_id=tokenizer.pad_token_id,
-    )
+    learner = make_learner(name, tiny_model_path, tokenizer)
     assert (learner.net.value_head is not None) == (name == "ppo")
     before = margin(learner, tokenizer)
     for _ in range(3):
@@ -44,19 +42,28 @@ def test_learner_prefers_rewarded_samples(name, tiny_model_path, tokenizer):
     assert gain > MIN_GAIN[name], f"{name}: log-prob margin moved by {gain:.3f}"
     if name in ("spr", "best_of_n"):
         assert stats.weight_max == (2.0 if name == "best_of_n" else pytest.approx(1.7616, abs=1e-3))
-        # spr: 2 * softmax([1, 0] / 0.5)[0] = 2 * e^2 / (e^2 + 1) = 1.7616
+        # spr: 2 * softmax([1, 0] / 0.5)[0] = 2 * e^2 / (e^2 + 1) = 1.7616 (weight_temperature 0.5)
 
 
-def make_learner(name, tiny_model_path, tokenizer, **algo):
-    return learner_class(name, algo.get("spr_normalizer", "group"))(
-        tiny_model_path, LoRAConfig(), AlgoConfig(name=name, minibatch_size=32, **algo),
-        dtype="float32", seed=0, threads=2, pad_token_id=tokenizer.pad_token_id,
+def test_every_registered_algorithm_has_its_learner():
+    for spec in ALGORITHMS.values():
+        assert issubclass(learner_class(spec.config()), Learner), spec
+    assert learner_class(SPRConfig(normalizer="learned")) is LearnedNormalizerSPRLearner
+    assert learner_class(None) is Learner  # no rl stage: sft, dpo, rm only
+
+
+def make_learner(name, tiny_model_path, tokenizer, **keys):
+    algo = algorithm(name).config(minibatch_size=32, **keys)
+    return learner_class(algo)(
+        tiny_model_path, LoRAConfig(), algo, dtype="float32", seed=0, threads=2,
+        pad_token_id=tokenizer.pad_token_id,
     )
 
 
 def test_single_sample_spr_learns_its_normaliser(tiny_model_path, tokenizer):
-    """N=1: each prompt's one sample is weighted by exp((r - V(x)) / beta) with a learned V."""
-    learner = make_learner("spr", tiny_model_path, tokenizer, spr_normalizer="learned")
+    """N=1: each prompt's one sample is weighted by exp((r - V(x)) / weight_temperature) with
+    a learned V."""
+    learner = make_learner("spr", tiny_model_path, tokenizer, normalizer="learned")
     assert learner.net.value_head is not None
 
     def single():  # the rewarded sample of each prompt, as if N=1

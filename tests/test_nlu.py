@@ -94,7 +94,7 @@ def test_missing_column_and_unknown_label_name_file_row_column(tmp_path):
 
 
 def test_unknown_task_names_are_config_errors():
-    from lorafleet.common.config import load_train_config
+    from lorafleet.cluster.config import load_train_config
 
     with pytest.raises(ConfigError, match="task.name: unknown task 'sst3'"):
         load_train_config(None, ["task.name=sst3"])

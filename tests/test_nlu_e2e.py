@@ -9,9 +9,9 @@ import json
 
 import pytest
 
+from lorafleet.cluster.config import load_train_config
 from lorafleet.cluster.nlu_table import nlu_table
 from lorafleet.cluster.trainer import Trainer
-from lorafleet.common.config import load_train_config
 from lorafleet.common.metrics import read_metrics
 
 pytestmark = pytest.mark.slow

@@ -16,8 +16,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+from lorafleet.cluster.config import load_train_config
 from lorafleet.cluster.trainer import Trainer
-from lorafleet.common.config import load_train_config
 from lorafleet.common.data import PromptStream, encode_prompts
 from lorafleet.common.metrics import read_metrics
 

@@ -9,11 +9,12 @@ import pytest
 import torch
 
 from helpers import contrast_batch
-from lorafleet.common.config import AlgoConfig, LoRAConfig
+from lorafleet.common.config import LoRAConfig
 from lorafleet.common.corpora import DatasetConfig, load_preferences
 from lorafleet.common.data import epoch_batches, split_held_out
 from lorafleet.common.tasks import AdditionTask
-from lorafleet.learner.base import LearnerBase
+from lorafleet.learner.actor import Learner
+from lorafleet.learner.algorithms.registry import PPOConfig
 from lorafleet.learner.model import REWARD, PolicyValueModel
 from lorafleet.learner.reward_model import (
     RewardModelTrainer,
@@ -95,8 +96,8 @@ def test_reward_actors_combine_rule_and_model(trained, tokenizer, ray_cluster):
 def test_reward_model_on_the_learner_base(trained, tiny_model_path, tokenizer, tmp_path):
     net, directory, _, _ = trained
     rollouts = [s.rollout for s in contrast_batch(tokenizer, 0)]
-    learner = LearnerBase(
-        tiny_model_path, LoRAConfig(), AlgoConfig(), dtype="float32", seed=0, threads=2,
+    learner = Learner(
+        tiny_model_path, LoRAConfig(), PPOConfig(), dtype="float32", seed=0, threads=2,
         pad_token_id=tokenizer.pad_token_id,
     )
     learner.load_reward_model(str(directory))
@@ -109,8 +110,8 @@ def test_reward_model_on_the_learner_base(trained, tiny_model_path, tokenizer, t
     other = directory.parent / "other_base"
     save_reward_model(net, other, "some/other-model", LoRAConfig(), "float32", {})
     assert meta["base_model"] == tiny_model_path
-    fresh = LearnerBase(
-        tiny_model_path, LoRAConfig(), AlgoConfig(), dtype="float32", seed=1, threads=2,
+    fresh = Learner(
+        tiny_model_path, LoRAConfig(), PPOConfig(), dtype="float32", seed=1, threads=2,
         pad_token_id=tokenizer.pad_token_id,
     )
     with pytest.raises(ValueError, match="trained on some/other-model"):

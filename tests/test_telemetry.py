@@ -6,8 +6,8 @@ from __future__ import annotations
 import pyarrow.parquet as pq
 import pytest
 
+from lorafleet.cluster.config import TrainConfig
 from lorafleet.cluster.telemetry import WandbLogger, write_rollouts
-from lorafleet.common.config import TrainConfig
 from lorafleet.common.records import Prompt, Rollout, ScoredRollout
 
 

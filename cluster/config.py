@@ -1,0 +1,90 @@
+"""The run configuration: the shared sections (common/config.py), the algorithm's section
+(registered by name in learner/algorithms) and the run's own keys, with defaults that run the
+embedded default job.
+
+Load with `load_train_config(path, ["rollout.num_workers=1", ...])`; unknown keys and wrong
+types raise `ConfigError` naming the key (see `configio`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from ..common.config import (
+    DPOConfig,
+    LearnerConfig,
+    LoggingConfig,
+    LoRAConfig,
+    ModelConfig,
+    RayConfig,
+    RewardConfig,
+    RewardModelConfig,
+    RolloutConfig,
+    SFTConfig,
+)
+from ..common.configio import ConfigError, load_config
+from ..common.tasks import TaskConfig
+from ..learner.algorithms.registry import AlgoConfig, PPOConfig
+
+
+@dataclass
+class TrainConfig:
+    run_dir: str = "runs/default"
+    seed: int = 0
+    iterations: int = 40
+    prompts_per_iteration: int = 64
+    eval_every: int = 10  # greedy accuracy on the held-out split; 0 = only at start and end
+    checkpoint_every: int = 10
+    # Stages run in order on the same adapter, with a held-out evaluation after each: "sft"
+    # (section sft), "dpo" (section dpo), "rl" (`iterations` of algo.name), e.g. [sft, rl].
+    # "rm" (section rm) trains the reward model the later stages are scored with; it must come
+    # first (it scores every evaluation; it trains on the base, so the chain does not alter it).
+    stages: list[Literal["rm", "sft", "dpo", "rl"]] = field(default_factory=lambda: ["rl"])
+    task: TaskConfig = field(default_factory=TaskConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    # the dataclass registered for algo.name (learner/algorithms/registry.py)
+    algo: AlgoConfig = field(default_factory=PPOConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
+    rm: RewardModelConfig = field(default_factory=RewardModelConfig)
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def validate(self) -> None:
+        if self.iterations < 1 or self.prompts_per_iteration < 1:
+            raise ConfigError("iterations and prompts_per_iteration must be >= 1")
+        if not self.stages:
+            raise ConfigError("stages is empty; allowed entries: rm, sft, dpo, rl")
+        if "rm" in self.stages[1:]:
+            raise ConfigError(
+                f"stages {self.stages}: rm must be the first stage (its reward model scores "
+                "every evaluation; it trains on the base model, so running it first changes "
+                "nothing else)"
+            )
+        if "rm" in self.stages and self.reward.model is not None:
+            raise ConfigError(
+                "reward.model is set and an rm stage trains one: drop one of them (the rm "
+                "stage's model is RUN_DIR/reward_model)"
+            )
+        if self.reward.rule_weight == 0 and not self.uses_reward_model:
+            raise ConfigError(
+                "reward.rule_weight is 0 and there is no reward model (set reward.model to a "
+                "`lorafleet train-rm` output or add an rm stage)"
+            )
+        if self.reward.model_on_learner and not self.uses_reward_model:
+            raise ConfigError("reward.model_on_learner is set but there is no reward model")
+        self.algo.check_run(self.rollout)
+
+    @property
+    def uses_reward_model(self) -> bool:
+        return "rm" in self.stages or self.reward.model is not None
+
+
+def load_train_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
+    return load_config(TrainConfig, path, list(overrides))

@@ -1,0 +1,43 @@
+"""The offline stages on the learner actor (sft, dpo): one optimiser step per call, on one
+minibatch, on the policy adapter."""
+
+from __future__ import annotations
+
+from ..common.records import OfflineStats, PreferencePair, SFTExample
+from .algorithms.critic_free import dpo_loss
+from .algorithms.ppo import masked_mean
+from .model import collate
+
+
+class OfflineStagesMixin:
+    """Uses the learner core's net, pad_id, policy_params, policy_opt, step and version."""
+
+    def sft_step(self, examples: list[SFTExample]) -> OfflineStats:
+        """Token-mean negative log-likelihood of the responses under the policy adapter."""
+        batch = collate(
+            [e.prompt_ids for e in examples], [e.response_ids for e in examples], self.pad_id
+        )
+        loss = -masked_mean(self.net.logprobs(batch), batch.mask)
+        grad_norm = self.step(loss, self.policy_params, self.policy_opt)
+        self.version += 1
+        return OfflineStats(self.version, loss.item(), float(grad_norm), len(examples))
+
+    def dpo_step(self, pairs: list[PreferencePair], beta: float) -> OfflineStats:
+        """DPO against the adapter-off reference: chosen and rejected rows in one forward."""
+        batch = collate(
+            [p.prompt_ids for p in pairs] * 2,
+            [p.chosen_ids for p in pairs] + [p.rejected_ids for p in pairs], self.pad_id,
+        )
+        seq_logp = (self.net.logprobs(batch) * batch.mask).sum(-1)
+        ref_seq_logp = (self.net.reference_logprobs(batch) * batch.mask).sum(-1)
+        n = len(pairs)
+        loss, margin = dpo_loss(
+            seq_logp[:n], seq_logp[n:], ref_seq_logp[:n], ref_seq_logp[n:], beta
+        )
+        grad_norm = self.step(loss, self.policy_params, self.policy_opt)
+        self.version += 1
+        return OfflineStats(
+            self.version, loss.item(), float(grad_norm), n,
+            preference_accuracy=float((margin > 0).float().mean()),
+            reward_margin=float(margin.mean()),
+        )
