@@ -14,12 +14,12 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
-import os
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from .cache import cache_root
 from .progress import progress
 from .tasks import TaskConfig
 
@@ -38,10 +38,6 @@ class TinyModelSpec:
     sft_batch_size: int = 64
     sft_lr: float = 3e-3
     seed: int = 0
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("LORAFLEET_CACHE", Path.home() / ".cache" / "lorafleet"))
 
 
 def build_tokenizer(corpus: list[str]):
