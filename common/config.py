@@ -12,7 +12,7 @@ from typing import Literal
 
 from .configio import ConfigError, load_config
 from .corpora import DatasetConfig
-from .tasks import TaskConfig
+from .tasks.registry import TaskConfig
 from .tiny_model import TinyModelSpec
 
 TINY = "tiny"

@@ -8,7 +8,7 @@ import torch
 
 from helpers import contrast_batch
 from lorafleet.common.config import AlgoConfig, LoRAConfig
-from lorafleet.common.tasks import AdditionTask
+from lorafleet.common.tasks.addition import AdditionTask
 from lorafleet.learner import learner_class
 from lorafleet.learner.model import collate_scored
 

@@ -12,7 +12,7 @@ from helpers import contrast_batch
 from lorafleet.common.config import AlgoConfig, LoRAConfig
 from lorafleet.common.corpora import DatasetConfig, load_preferences
 from lorafleet.common.data import epoch_batches, split_held_out
-from lorafleet.common.tasks import AdditionTask
+from lorafleet.common.tasks.addition import AdditionTask
 from lorafleet.learner.base import LearnerBase
 from lorafleet.learner.model import REWARD, PolicyValueModel
 from lorafleet.learner.reward_model import (
