@@ -16,6 +16,7 @@ from pathlib import Path
 
 from ..common.data import PromptStream, encode_prompts
 from ..common.metrics import read_metrics
+from ..common.tasks.registry import build_task
 from .config import load_train_config
 from .fleet import resolve_model
 from .trainer import Trainer
@@ -32,7 +33,8 @@ def raw_vllm_tokens_per_s(cfg, model_path: str, repeats: int = 3) -> tuple[float
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     limit = cfg.model.max_model_len - cfg.rollout.max_new_tokens
-    stream = PromptStream(encode_prompts(cfg.task.examples("train"), tokenizer, limit), cfg.seed)
+    examples = build_task(cfg.task).examples("train")
+    stream = PromptStream(encode_prompts(examples, tokenizer, limit), cfg.seed)
     threads = cfg.rollout.num_workers * cfg.rollout.threads_per_worker
     engine = RolloutWorker(
         model_path, dtype=cfg.model.dtype, max_model_len=cfg.model.max_model_len,

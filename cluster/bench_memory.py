@@ -188,7 +188,7 @@ def _full_ppo_update(model_path: str, scored, pad: int):
 
 
 def bench_memory() -> None:
-    from ..common.tiny_model import cache_root
+    from ..common.cache import cache_root
 
     model_path = bench_model(cache_root())
     results = []

@@ -13,13 +13,15 @@ import time
 from pathlib import Path
 
 from ..common.records import Prompt, Rollout
+from ..common.tasks.base import Task
+from ..common.tasks.registry import build_task
 from .config import load_train_config
 from .fleet import connect_ray, resolve_model, reward_spec
 
 ACTOR_COUNTS = (1, 2)
 
 
-def answer_rollouts(task, tokenizer, count: int) -> list[Rollout]:
+def answer_rollouts(task: Task, tokenizer, count: int) -> list[Rollout]:
     """`count` finished rollouts: the task's training prompts answered with the gold sum (the
     scoring cost depends on their length, not on who wrote them)."""
     examples = task.examples("train")
@@ -44,7 +46,7 @@ def bench_reward(path: str | None, overrides: list[str], repeats: int = 3) -> No
     model_path = resolve_model(cfg)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     count = cfg.prompts_per_iteration * cfg.rollout.samples_per_prompt * 4
-    rollouts = answer_rollouts(cfg.task, tokenizer, count)
+    rollouts = answer_rollouts(build_task(cfg.task), tokenizer, count)
     with tempfile.TemporaryDirectory(prefix="lorafleet-bench-rm-") as tmp:
         directory = cfg.reward.model
         if directory is None:  # the cost of a forward does not depend on trained weights

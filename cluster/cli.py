@@ -91,6 +91,7 @@ def cmd_compare(args: argparse.Namespace) -> None:
 
 def cmd_build_model(args: argparse.Namespace) -> None:
     from ..common.config import TINY
+    from ..common.tasks.registry import build_task
     from ..common.tiny_model import build_tiny_model, ship_tiny_model
     from .config import load_train_config
 
@@ -100,39 +101,37 @@ def cmd_build_model(args: argparse.Namespace) -> None:
         raise ConfigError(f"model.name_or_path={cfg.model.name_or_path!r}: build-model builds "
                           "the embedded tiny model (model.name_or_path=tiny)")
     build = ship_tiny_model if args.ship else build_tiny_model
-    print(f"model: {build(cfg.task, cfg.model.tiny)}")
+    print(f"model: {build(build_task(cfg.task).model_recipe, cfg.model.tiny)}")
 
 
 def cmd_make_data(args: argparse.Namespace) -> None:
     from ..common.corpora import write_jsonl
+    from ..common.tasks.base import sft_rows
+    from ..common.tasks.registry import build_task
     from .config import load_train_config
 
     if args.kind == "sentiment":
-        from ..common.vader_data import write_sst2_layout
+        from ..common.tasks.vader import write_sst2_layout
 
         for written in write_sst2_layout(Path(args.out)):
             print(f"wrote {written} ({len(written.read_text().splitlines()) - 1} rows)")
         return
     path, overrides = _split_config_and_overrides(args.items)
-    task = load_train_config(path, overrides).task
-    rows = task.sft_rows(args.split) if args.kind == "sft" else task.preference_rows(args.split)
+    task = build_task(load_train_config(path, overrides).task)
+    if args.kind == "sft":
+        rows = sft_rows(task.examples(args.split))
+    else:
+        rows = task.preference_rows(args.split)
     print(f"wrote {len(rows)} {args.kind} rows to {write_jsonl(rows, Path(args.out))}")
 
 
 def cmd_tasks(args: argparse.Namespace) -> None:
-    from ..common.nlu import TASKS
+    from ..common.tasks.registry import TASKS
 
     print("| task.name | hub dataset (config) [held-out split] | local file layout | label words "
           "| metrics |\n| --- | --- | --- | --- | --- |")
-    for spec in TASKS.values():
-        print(f"| {spec.name} | {spec.hub_name('eval')} | {spec.local_dir}/train, "
-              f"{spec.local_dir}/{spec.local_eval} (.tsv/.jsonl/.parquet) | "
-              f"{', '.join(spec.labels)} | {', '.join(spec.metrics)} |")
-    print("| sentiment_vader | offline: VADER-labelled sentences (`make-data sentiment`) | "
-          "SST-2 | negative, positive | accuracy |")
-    print("| write_positive | offline: openings of the VADER sentences | — | (free text; "
-          "reward = VADER compound) | vader_compound |")
-    print("| multi | `task.tasks: [...]`, mixed by `task.mixing` | | | each task's own |")
+    for name, entry in TASKS.items():
+        print(f"| {name} | {' | '.join(entry.row)} |")
 
 
 def cmd_eval(args: argparse.Namespace) -> None:

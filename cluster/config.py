@@ -25,7 +25,7 @@ from ..common.config import (
     SFTConfig,
 )
 from ..common.configio import ConfigError, load_config
-from ..common.tasks import TaskConfig
+from ..common.tasks.registry import TaskConfig
 from ..learner.algorithms.registry import AlgoConfig, PPOConfig
 
 

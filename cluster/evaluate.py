@@ -10,12 +10,11 @@ from pathlib import Path
 
 from ..common.configio import ConfigError
 from ..common.data import encode_prompts
-from ..reward.rules import get_reward_fn
+from ..common.tasks.registry import build_task, task_entry
+from ..reward.registry import get_reward_fn
 from .config import TrainConfig
 from .fleet import resolve_model, reward_rule
 from .nlu_table import write_table
-
-NLU_ONLY = ("addition", "write_positive")
 
 
 def adapter_rank(adapter: str) -> int:
@@ -32,8 +31,9 @@ def evaluate_shots(
     """{"0-shot": metrics, "k-shot": metrics, ...}: `eval_greedy` (mean reward of the greedy
     answers), each task's official metrics and invalid-answer rate, prompts left out as too
     long for the model (`prompts_skipped`)."""
-    if cfg.task.name in NLU_ONLY and any(shots):
-        raise ConfigError(f"in-context examples need an NLU task; task.name={cfg.task.name}")
+    if any(shots) and not task_entry(cfg.task.name).shots:
+        raise ConfigError(f"--shots {shots}: task.name={cfg.task.name} takes no in-context "
+                          "examples (an NLU task does)")
     from ..rollout.worker import RolloutWorker
 
     reward = get_reward_fn(reward_rule(cfg))
@@ -48,7 +48,7 @@ def evaluate_shots(
     limit = cfg.model.max_model_len - cfg.rollout.max_new_tokens
     results = {}
     for k in shots:
-        task = dataclasses.replace(cfg.task, shots=k)
+        task = build_task(dataclasses.replace(cfg.task, shots=k))
         skipped: list[str] = []
         prompts = encode_prompts(task.examples("eval"), worker.tokenizer, limit, skipped=skipped)
         rollouts = worker.generate(

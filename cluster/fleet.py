@@ -13,6 +13,7 @@ from ..common.config import TINY
 from ..common.configio import ConfigError
 from ..common.logs import library_env, log_level
 from ..common.records import Prompt, Rollout
+from ..common.tasks.registry import build_task
 from .config import TrainConfig
 from .placement import Placement, place_actors
 
@@ -30,7 +31,7 @@ def resolve_model(cfg: TrainConfig) -> str:
     if name == TINY:
         from ..common.tiny_model import build_tiny_model
 
-        return str(build_tiny_model(cfg.task, cfg.model.tiny))
+        return str(build_tiny_model(build_task(cfg.task).model_recipe, cfg.model.tiny))
     what = f"model.name_or_path={name!r}"
     path = Path(name).expanduser()
     if name.startswith(("/", "./", "../", "~")) or path.is_dir():
@@ -66,7 +67,7 @@ def check_hub_model(name: str, what: str) -> None:
 def reward_rule(cfg: TrainConfig) -> str:
     """The rule function's name (reward.fn, else the task's own), checked here so that a bad
     one fails before any actor starts, naming its key."""
-    from ..reward.rules import get_reward_fn
+    from ..reward.registry import get_reward_fn
 
     name = cfg.reward.fn or cfg.task.reward_fn
     get_reward_fn(name, "reward.fn" if cfg.reward.fn else "task.reward_fn")

@@ -17,6 +17,7 @@ from ..common.corpora import LoadedDataset, load_preferences
 from ..common.data import epoch_batches, split_held_out
 from ..common.metrics import MetricsSink
 from ..common.progress import progress
+from ..common.tasks.registry import build_task
 from .config import TrainConfig
 from .fleet import REWARD_MODEL_DIR, resolve_model
 
@@ -46,7 +47,7 @@ def train_reward_model(cfg: TrainConfig) -> Path:
     start = time.perf_counter()
     model_path = resolve_model(cfg)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    data = load_preferences(cfg.rm.data, cfg.task, tokenizer, cfg.model.max_model_len)
+    data = load_preferences(cfg.rm.data, build_task(cfg.task), tokenizer, cfg.model.max_model_len)
     print(f"rm data: {data.describe()}")
     train, held_out = split_held_out(data.items, cfg.rm.eval_fraction, cfg.seed)
     run_dir = fresh_run_dir(Path(cfg.run_dir))

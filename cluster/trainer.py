@@ -14,6 +14,7 @@ from ..common.data import PromptStream, encode_prompts, epoch_batches, split_hel
 from ..common.metrics import MetricsSink, plot_reward_curve, read_metrics, summarize
 from ..common.progress import progress
 from ..common.records import ScoredRollout
+from ..common.tasks.registry import build_task
 from ..reward.normalize import RunningMoments, normalize_rewards
 from ..reward.pool import RewardPool, drop_failed_groups
 from .checkpoint import ResumeError, TrainerState, latest_checkpoint, rewind
@@ -80,7 +81,7 @@ def load_stage_data(cfg: TrainConfig, tokenizer) -> dict[str, LoadedDataset]:
     for stage in dict.fromkeys(cfg.stages):
         if stage in loaders:
             load, source = loaders[stage]
-            data[stage] = load(source, cfg.task, tokenizer, cfg.model.max_model_len)
+            data[stage] = load(source, build_task(cfg.task), tokenizer, cfg.model.max_model_len)
             print(f"{stage} data: {data[stage].describe()}")
     return data
 
@@ -138,7 +139,7 @@ class Trainer:
                 result[f"{key}_rule"] = mean([s.rule_reward for s in scored])
                 result[f"{key}_model"] = mean([s.model_reward for s in scored])
         # `scored` is the greedy pass here
-        return {**result, **self.cfg.task.answer_metrics(answer_pairs(scored))}
+        return {**result, **build_task(self.cfg.task).answer_metrics(answer_pairs(scored))}
 
     def score(self, rollouts: list) -> list[ScoredRollout]:
         """The reward pool's scores (plus the learner's reward adapter's, when it holds the
@@ -290,7 +291,7 @@ class Trainer:
                 "worker_versions": [versions[i] for i in sorted(versions)],
                 "worker_restarts": self.fleet.worker_restarts,
                 "reward_errors": self.reward_errors - errors_before,
-                **cfg.task.count_invalid(answer_pairs(scored)),  # NLU: "invalid_answers"
+                **build_task(cfg.task).count_invalid(answer_pairs(scored)),  # NLU: invalid_answers
                 "response_tokens": tokens,
                 "prompt_cursor": self.stream.cursor,
                 **{k: v for k, v in vars(stats).items() if k not in ("adapter_version", "kl")},
@@ -317,10 +318,9 @@ class Trainer:
         tokenizer = AutoTokenizer.from_pretrained(model_path)
         limit = cfg.model.max_model_len - cfg.rollout.max_new_tokens
         too_long: list[str] | None = [] if cfg.rollout.too_long_prompts == "skip" else None
-        train = encode_prompts(cfg.task.examples("train"), tokenizer, limit, skipped=too_long)
-        self.held_out = encode_prompts(
-            cfg.task.examples("eval"), tokenizer, limit, skipped=too_long
-        )
+        task = build_task(cfg.task)
+        train = encode_prompts(task.examples("train"), tokenizer, limit, skipped=too_long)
+        self.held_out = encode_prompts(task.examples("eval"), tokenizer, limit, skipped=too_long)
         self.prompts_skipped = len(too_long or [])
         if self.prompts_skipped:
             print(f"skipped {self.prompts_skipped} prompts longer than {limit} tokens "

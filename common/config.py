@@ -65,7 +65,7 @@ class RolloutConfig:
 @dataclass
 class RewardConfig:
     num_actors: int = 2
-    fn: str | None = None  # a name in reward.rules.REWARD_FNS; None = the task's own reward
+    fn: str | None = None  # a name in reward.registry.REWARD_FNS; None = the task's own reward
     batch_size: int = 64  # rollouts per scoring call (the unit of load balancing)
     cpus_per_actor: float = 0.1
     # a reward that raises or is not finite: "fail" stops the run naming the sample; "skip"

@@ -1,6 +1,6 @@
 """Offline datasets for the SFT and DPO stages: prompt/response rows and preference pairs.
 
-Sources: `task` (generated from the run's task, see `TaskConfig.sft_rows` /
+Sources: `task` (the run's task: its examples with their gold answers, or its
 `preference_rows`), a local file (.jsonl, .json, .parquet, .csv, .tsv), or a Hugging Face hub
 dataset name (read with `datasets.load_dataset`, needs network). Rows are checked before any
 actor starts; a bad row is an error naming the source, row and column, or is skipped and
@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Literal
 
 from .records import PreferencePair, SFTExample
-from .tasks import TaskConfig
+from .tasks.base import Task, sft_rows
 
 TASK_SOURCE = "task"
 FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".tsv")
@@ -50,11 +50,11 @@ class DatasetConfig:
     max_rows: int | None = None
 
 
-def read_rows(cfg: DatasetConfig, task: TaskConfig, kind: str) -> list[dict]:
+def read_rows(cfg: DatasetConfig, task: Task, kind: str) -> list[dict]:
     """The raw rows of a source as dicts (`kind` is "sft" or "preference" for task data)."""
     if cfg.path == TASK_SOURCE:
         if kind == "sft":
-            return task.sft_rows(cfg.split)
+            return sft_rows(task.examples(cfg.split))
         return task.preference_rows(cfg.split, rejected=cfg.task_rejected)
     path = Path(cfg.path)
     if path.suffix in FILE_SUFFIXES:
@@ -153,7 +153,7 @@ def encode(tokenizer, prompt: str, response: str) -> tuple[list[int], list[int]]
 
 
 def load_sft(
-    cfg: DatasetConfig, task: TaskConfig, tokenizer, max_tokens: int
+    cfg: DatasetConfig, task: Task, tokenizer, max_tokens: int
 ) -> LoadedDataset:
     def build(checker: RowChecker, i: int, row: dict) -> SFTExample | None:
         prompt = checker.text(row, i, cfg.prompt_column)
@@ -169,7 +169,7 @@ def load_sft(
 
 
 def load_preferences(
-    cfg: DatasetConfig, task: TaskConfig, tokenizer, max_tokens: int
+    cfg: DatasetConfig, task: Task, tokenizer, max_tokens: int
 ) -> LoadedDataset:
     columns = (cfg.prompt_column, cfg.chosen_column, cfg.rejected_column)
     if cfg.row_format != "columns":
@@ -271,7 +271,7 @@ def fits(checker: RowChecker, index: int, tokens: int, max_tokens: int) -> bool:
     return False
 
 
-def load_rows(cfg: DatasetConfig, task: TaskConfig, kind: str, build) -> LoadedDataset:
+def load_rows(cfg: DatasetConfig, task: Task, kind: str, build) -> LoadedDataset:
     """`build(checker, index, row)` turns each raw row into a record, or None to skip it."""
     checker = RowChecker(cfg.path, cfg.skip_bad_rows)
     items = []

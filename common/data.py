@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 
 from .records import Prompt
-from .tasks import TaskExample
+from .tasks.base import TaskExample
 
 
 def encode_prompts(

@@ -14,14 +14,14 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
-import os
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from .cache import cache_root
 from .progress import progress
-from .tasks import TaskConfig
+from .tasks.base import ModelRecipe
 
 RECIPE_VERSION = 1  # bump when the build code changes what it produces
 SHIPPED_MODELS = Path(__file__).parent / "models"
@@ -38,10 +38,6 @@ class TinyModelSpec:
     sft_batch_size: int = 64
     sft_lr: float = 3e-3
     seed: int = 0
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("LORAFLEET_CACHE", Path.home() / ".cache" / "lorafleet"))
 
 
 def build_tokenizer(corpus: list[str]):
@@ -91,7 +87,7 @@ def _init_model(spec: TinyModelSpec, tokenizer):
     return model
 
 
-def sft_batches(tokenizer, task: TaskConfig, batch_size: int, seed: int):
+def sft_batches(tokenizer, recipe: ModelRecipe, batch_size: int, seed: int):
     """Endless shuffled batches of (input_ids, attention_mask, labels) of the task's warm-start
     prompts with the teacher's answers (addition: biased; NLU: unlabelled text after an empty
     prompt, i.e. language modelling); the loss covers the answer only."""
@@ -100,7 +96,7 @@ def sft_batches(tokenizer, task: TaskConfig, batch_size: int, seed: int):
     import torch
 
     rng = random.Random(seed)
-    examples = task.warm_start_examples()
+    examples = recipe.warm_start_examples()
     prompts = [tokenizer(ex.prompt).input_ids for ex in examples]
     order = list(range(len(examples)))
     while True:
@@ -108,7 +104,7 @@ def sft_batches(tokenizer, task: TaskConfig, batch_size: int, seed: int):
         for start in range(0, len(order) - batch_size + 1, batch_size):
             rows = []
             for i in order[start : start + batch_size]:
-                answer = tokenizer(task.demonstration(examples[i], rng), add_special_tokens=False)
+                answer = tokenizer(recipe.demonstration(examples[i], rng), add_special_tokens=False)
                 rows.append((prompts[i], answer.input_ids + [tokenizer.eos_token_id]))
             width = max(len(p) + len(a) for p, a in rows)
             ids = torch.full((batch_size, width), tokenizer.pad_token_id)
@@ -121,14 +117,14 @@ def sft_batches(tokenizer, task: TaskConfig, batch_size: int, seed: int):
             yield ids, mask, labels
 
 
-def warm_start(model, tokenizer, task: TaskConfig, spec: TinyModelSpec) -> float:
+def warm_start(model, tokenizer, recipe: ModelRecipe, spec: TinyModelSpec) -> float:
     """Short full-parameter SFT on the task's warm-start examples; returns the last loss."""
     import torch
 
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=spec.sft_lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, spec.sft_lr, total_steps=spec.sft_steps)
-    batches = sft_batches(tokenizer, task, spec.sft_batch_size, spec.seed)
+    batches = sft_batches(tokenizer, recipe, spec.sft_batch_size, spec.seed)
     bar = progress(range(spec.sft_steps), desc="warm-start SFT", unit="step")
     loss = torch.tensor(float("nan"))
     for _ in bar:
@@ -144,23 +140,23 @@ def warm_start(model, tokenizer, task: TaskConfig, spec: TinyModelSpec) -> float
     return float(loss.item())
 
 
-def recipe_hash(task: TaskConfig, spec: TinyModelSpec) -> str:
-    recipe = {"version": RECIPE_VERSION, "task": task.recipe(), "spec": asdict(spec)}
-    return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
+def recipe_hash(recipe: ModelRecipe, spec: TinyModelSpec) -> str:
+    hashed = {"version": RECIPE_VERSION, "task": recipe.recipe(), "spec": asdict(spec)}
+    return hashlib.sha256(json.dumps(hashed, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def model_name(task: TaskConfig, spec: TinyModelSpec) -> str:
-    return f"tiny-{task.recipe()['name']}-{recipe_hash(task, spec)}"
+def model_name(recipe: ModelRecipe, spec: TinyModelSpec) -> str:
+    return f"tiny-{recipe.recipe()['name']}-{recipe_hash(recipe, spec)}"
 
 
-def build_tiny_model(task: TaskConfig, spec: TinyModelSpec, root: Path | None = None) -> Path:
+def build_tiny_model(recipe: ModelRecipe, spec: TinyModelSpec, root: Path | None = None) -> Path:
     """Returns the directory of the model: the shipped one for this recipe if there is one,
     else the cached build, building it once per recipe (file-locked)."""
-    shipped = SHIPPED_MODELS / model_name(task, spec)
+    shipped = SHIPPED_MODELS / model_name(recipe, spec)
     if root is None and (shipped / "config.json").exists():
         return shipped
     root = root or cache_root()
-    target = root / "models" / model_name(task, spec)
+    target = root / "models" / model_name(recipe, spec)
     if (target / "config.json").exists():
         return target
     root.mkdir(parents=True, exist_ok=True)
@@ -168,25 +164,25 @@ def build_tiny_model(task: TaskConfig, spec: TinyModelSpec, root: Path | None = 
         fcntl.flock(lock, fcntl.LOCK_EX)
         if (target / "config.json").exists():  # another process built it while we waited
             return target
-        tokenizer = build_tokenizer(list(task.tokenizer_corpus()))
+        tokenizer = build_tokenizer(list(recipe.tokenizer_corpus()))
         model = _init_model(spec, tokenizer)
-        final_loss = warm_start(model, tokenizer, task, spec)
+        final_loss = warm_start(model, tokenizer, recipe, spec)
         staging = Path(tempfile.mkdtemp(dir=root, prefix=".staging-"))
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        recipe = {"task": task.recipe(), "spec": asdict(spec), "sft_final_loss": final_loss}
-        (staging / "lorafleet_recipe.json").write_text(json.dumps(recipe, indent=2))
+        record = {"task": recipe.recipe(), "spec": asdict(spec), "sft_final_loss": final_loss}
+        (staging / "lorafleet_recipe.json").write_text(json.dumps(record, indent=2))
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(target, ignore_errors=True)
         staging.rename(target)
     return target
 
 
-def ship_tiny_model(task: TaskConfig, spec: TinyModelSpec) -> Path:
+def ship_tiny_model(recipe: ModelRecipe, spec: TinyModelSpec) -> Path:
     """Builds the recipe afresh on this machine and stores it under SHIPPED_MODELS (package
     data, committed) so that every machine loads these bytes instead of building its own."""
     with tempfile.TemporaryDirectory() as tmp:
-        built = build_tiny_model(task, spec, Path(tmp))
+        built = build_tiny_model(recipe, spec, Path(tmp))
         target = SHIPPED_MODELS / built.name
         shutil.rmtree(target, ignore_errors=True)
         shutil.copytree(built, target)

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 from ..common.records import Rollout, ScoredRollout
 from .normalize import combine_rewards
-from .rules import get_reward_fn
+from .registry import get_reward_fn
 
 if TYPE_CHECKING:
     from .model import LearnedReward
@@ -20,7 +20,7 @@ class RewardError(RuntimeError):
 
 @dataclass(frozen=True)
 class RewardSpec:
-    """What a reward actor computes: the rule (a name in `rules`), a learned reward model
+    """What a reward actor computes: the rule (a name in `registry`), a learned reward model
     directory (or None: none here, e.g. it is on the learner), and the weights of the sum."""
 
     rule: str

@@ -14,9 +14,9 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..common.cache import cache_root
 from ..common.logs import apply_log_level, quiet
 from ..common.records import AdapterSnapshot, ProbeResult, Prompt, Rollout
-from ..common.tiny_model import cache_root
 
 if TYPE_CHECKING:
     from vllm import LLM

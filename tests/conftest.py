@@ -19,7 +19,7 @@ LEFTOVER_WAIT_S = 30  # ray.kill and engine shutdown are asynchronous
 
 @pytest.fixture(scope="session")
 def tiny_model_path() -> str:
-    from lorafleet.common.tasks import AdditionTask
+    from lorafleet.common.tasks.addition import AdditionTask
     from lorafleet.common.tiny_model import TinyModelSpec, build_tiny_model
 
     return str(build_tiny_model(AdditionTask(), TinyModelSpec()))

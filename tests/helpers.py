@@ -8,7 +8,7 @@ import torch
 
 from lorafleet.common.config import LoRAConfig
 from lorafleet.common.records import Prompt, Rollout, ScoredRollout
-from lorafleet.common.tasks import AdditionTask
+from lorafleet.common.tasks.addition import AdditionTask
 from lorafleet.learner.algorithms.registry import PPOConfig
 from lorafleet.learner.ppo_learner import PPOLearner
 

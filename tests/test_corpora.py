@@ -17,7 +17,7 @@ from lorafleet.common.corpora import (
     load_sft,
     write_jsonl,
 )
-from lorafleet.common.tasks import AdditionTask
+from lorafleet.common.tasks.addition import AdditionTask
 
 TASK = AdditionTask()
 ROWS = [{"prompt": "1+2=", "response": "3"}, {"prompt": "10+5=", "response": "15"}]

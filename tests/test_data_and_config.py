@@ -12,7 +12,9 @@ from lorafleet.common.config import TINY
 from lorafleet.common.configio import ConfigError, save_config
 from lorafleet.common.data import PromptStream, encode_prompts
 from lorafleet.common.records import Prompt, Rollout
-from lorafleet.common.tasks import AdditionTask, TaskExample
+from lorafleet.common.tasks.addition import AdditionTask
+from lorafleet.common.tasks.base import TaskExample
+from lorafleet.common.tasks.registry import build_task
 from lorafleet.common.tiny_model import SHIPPED_MODELS, build_tiny_model, model_name
 from lorafleet.learner.algorithms.registry import GRPOConfig, RLOOConfig, SPRConfig
 
@@ -32,9 +34,10 @@ def test_shipped_configs_start_from_shipped_models():
     for path in CONFIGS.glob("*.yaml"):
         cfg = load_train_config(path)
         if cfg.model.name_or_path == TINY:
-            name = model_name(cfg.task, cfg.model.tiny)
+            recipe = build_task(cfg.task).model_recipe
+            name = model_name(recipe, cfg.model.tiny)
             assert (SHIPPED_MODELS / name / "model.safetensors").is_file(), (path.name, name)
-            assert build_tiny_model(cfg.task, cfg.model.tiny) == SHIPPED_MODELS / name
+            assert build_tiny_model(recipe, cfg.model.tiny) == SHIPPED_MODELS / name
             used.add(name)
     assert {p.name for p in SHIPPED_MODELS.iterdir()} == used
 

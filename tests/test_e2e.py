@@ -24,6 +24,7 @@ import pytest
 from lorafleet.cluster.config import load_train_config
 from lorafleet.cluster.trainer import Trainer
 from lorafleet.common.metrics import read_metrics
+from lorafleet.common.tasks.registry import build_task
 
 pytestmark = pytest.mark.slow
 
@@ -223,7 +224,7 @@ def hf_greedy_reward(model, cfg, model_path: str) -> float:
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     tokenizer.padding_side = "left"
-    examples = cfg.task.examples("eval")
+    examples = build_task(cfg.task).examples("eval")
     correct = 0
     with torch.no_grad():
         for start in range(0, len(examples), 64):
@@ -252,9 +253,9 @@ def test_sft_then_spr_chain_from_one_config(ray_cluster, tmp_path):
     ])
     run_dir = Trainer(cfg).run()
     sft_rows, rl_rows = read_metrics(run_dir, "sft"), read_metrics(run_dir)
-    steps_per_epoch = math.ceil(len(cfg.task.examples("train")) / cfg.sft.batch_size)
-    assert len(sft_rows) == cfg.sft.epochs * steps_per_epoch
-    assert sum(r["rows"] for r in sft_rows) == cfg.sft.epochs * len(cfg.task.examples("train"))
+    train_rows = len(build_task(cfg.task).examples("train"))
+    assert len(sft_rows) == cfg.sft.epochs * math.ceil(train_rows / cfg.sft.batch_size)
+    assert sum(r["rows"] for r in sft_rows) == cfg.sft.epochs * train_rows
     assert sft_rows[-1]["loss"] < sft_rows[0]["loss"]
     # One adapter through the chain: SPR's first update trains the version SFT ended at.
     assert [r["adapter_version"] for r in rl_rows] == [

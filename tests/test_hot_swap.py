@@ -7,7 +7,7 @@ import pytest
 
 from helpers import perturb_policy, perturbed_learner
 from lorafleet.common.records import Prompt
-from lorafleet.common.tasks import AdditionTask
+from lorafleet.common.tasks.addition import AdditionTask
 from lorafleet.learner.base import SyncError
 
 pytestmark = pytest.mark.slow

@@ -8,7 +8,7 @@ import torch
 
 from helpers import contrast_batch
 from lorafleet.common.config import LoRAConfig
-from lorafleet.common.tasks import AdditionTask
+from lorafleet.common.tasks.addition import AdditionTask
 from lorafleet.learner.actor import Learner
 from lorafleet.learner.algorithms.registry import ALGORITHMS, SPRConfig, algorithm, learner_class
 from lorafleet.learner.critic_free_learner import LearnedNormalizerSPRLearner

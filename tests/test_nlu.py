@@ -12,16 +12,11 @@ import pytest
 
 from lorafleet.common.configio import ConfigError
 from lorafleet.common.corpora import DatasetError
-from lorafleet.common.nlu import (
-    TASKS,
-    get_spec,
-    label_reward,
-    make_reference,
-    mixture_sizes,
-    parse_answer,
-)
-from lorafleet.common.nlu_metrics import INVALID, accuracy, f1, macro_f1, mcc
-from lorafleet.common.tasks import TaskConfig
+from lorafleet.common.tasks.base import sft_rows
+from lorafleet.common.tasks.nlu import SPECS, get_spec, make_reference, mixture_sizes, parse_answer
+from lorafleet.common.tasks.nlu_metrics import INVALID, accuracy, f1, macro_f1, mcc
+from lorafleet.common.tasks.registry import TaskConfig, build_task
+from lorafleet.reward.nlu import label_match
 
 GLUE_DIR = Path(__file__).parent / "data" / "glue"
 
@@ -55,22 +50,23 @@ def test_answers_and_label_reward():
     assert parse_answer("negative review", labels) == 0
     assert parse_answer(" pos", labels) == INVALID and parse_answer("", labels) == INVALID
     ref = make_reference("sst2", 1, labels, invalid_reward=-0.5)
-    assert label_reward(" positive", ref) == 1.0
-    assert label_reward(" negative", ref) == 0.0
-    assert label_reward(" great", ref) == -0.5  # no label at all: the configured penalty
+    assert label_match(" positive", ref) == 1.0
+    assert label_match(" negative", ref) == 0.0
+    assert label_match(" great", ref) == -0.5  # no label at all: the configured penalty
 
 
-@pytest.mark.parametrize("name", list(TASKS))
+@pytest.mark.parametrize("name", list(SPECS))
 def test_official_layouts_load(name):
-    task = TaskConfig(name=name, data_dir=str(GLUE_DIR))
+    cfg = TaskConfig(name=name, data_dir=str(GLUE_DIR))
+    task = build_task(cfg)
     train, held_out = task.examples("train"), task.examples("eval")
     assert [ex.answer for ex in train] == FIRST_LABELS[name]
-    assert held_out and task.reward_fn == "label_match"
+    assert held_out and cfg.reward_fn == "label_match"
     spec = get_spec(name)
     assert all(ex.prompt.endswith(spec.template[-8:]) for ex in train + held_out)
     ref = json.loads(train[0].reference)
     assert ref["task"] == name and spec.labels[ref["gold"]] == train[0].answer.strip()
-    assert task.sft_rows("train")[0] == {"prompt": train[0].prompt, "response": train[0].answer}
+    assert sft_rows(train)[0] == {"prompt": train[0].prompt, "response": train[0].answer}
 
 
 def test_missing_column_and_unknown_label_name_file_row_column(tmp_path):
@@ -78,28 +74,30 @@ def test_missing_column_and_unknown_label_name_file_row_column(tmp_path):
     path = tmp_path / "RTE" / "train.tsv"
     path.write_text("index\tsentence1\tlabel\n0\tA man.\tentailment\n")
     with pytest.raises(DatasetError, match=r"RTE/train.tsv: row 0: missing column 'sentence2'"):
-        TaskConfig(name="rte", data_dir=str(tmp_path)).examples("train")
+        build_task(TaskConfig(name="rte", data_dir=str(tmp_path))).examples("train")
     path.write_text("index\tsentence1\tsentence2\tlabel\n0\ta\tb\tentailment\n1\ta\tb\tmaybe\n")
     with pytest.raises(DatasetError, match=r"train.tsv: row 1: column 'label': unknown label "
                                            r"'maybe'"):
-        TaskConfig(name="rte", data_dir=str(tmp_path)).examples("train")
-    skipping = TaskConfig(name="rte", data_dir=str(tmp_path), skip_bad_rows=True)
+        build_task(TaskConfig(name="rte", data_dir=str(tmp_path))).examples("train")
+    skipping = build_task(TaskConfig(name="rte", data_dir=str(tmp_path), skip_bad_rows=True))
     assert len(skipping.examples("train")) == 1
     with pytest.raises(DatasetError, match=r"no eval file; looked for .*RTE/dev.tsv"):
         skipping.examples("eval")
     (tmp_path / "CB").mkdir()
     (tmp_path / "CB" / "train.jsonl").write_text('{"premise": "p", "label": "neutral"}\n')
     with pytest.raises(DatasetError, match=r"row 0: missing column 'hypothesis'"):
-        TaskConfig(name="cb", data_dir=str(tmp_path)).examples("train")
+        build_task(TaskConfig(name="cb", data_dir=str(tmp_path))).examples("train")
 
 
-def test_unknown_task_names_are_config_errors():
+def test_unknown_task_names_and_unused_shots_are_config_errors():
     from lorafleet.cluster.config import load_train_config
 
     with pytest.raises(ConfigError, match="task.name: unknown task 'sst3'"):
         load_train_config(None, ["task.name=sst3"])
     with pytest.raises(ConfigError, match="task.tasks"):
         load_train_config(None, ["task.name=multi", "task.tasks=[sst2, nope]"])
+    with pytest.raises(ConfigError, match="task.shots=2: task 'addition' takes no in-context"):
+        load_train_config(None, ["task.shots=2"])
 
 
 def test_mixture_sizes():
@@ -110,8 +108,8 @@ def test_mixture_sizes():
 
 
 def test_multi_task_mixes_training_and_reports_each_task():
-    task = TaskConfig(name="multi", tasks=["sst2", "cb"], data_dir=str(GLUE_DIR),
-                      mixing="temperature", mixing_temperature=0.25)
+    task = build_task(TaskConfig(name="multi", tasks=["sst2", "cb"], data_dir=str(GLUE_DIR),
+                                 mixing="temperature", mixing_temperature=0.25))
     train = task.examples("train")
     per_task = [json.loads(ex.reference)["task"] for ex in train]
     # T = 1/4: shares ~ size^4 = 16 : 81 of 5 rows -> 1 SST-2 row, 4 CB rows (one repeated)
@@ -128,16 +126,16 @@ def test_multi_task_mixes_training_and_reports_each_task():
 
 
 def test_few_shot_prompts_prefix_training_examples():
-    zero = TaskConfig(name="sst2", data_dir=str(GLUE_DIR)).examples("eval")
-    two = TaskConfig(name="sst2", data_dir=str(GLUE_DIR), shots=2).examples("eval")
-    train = TaskConfig(name="sst2", data_dir=str(GLUE_DIR)).examples("train")
+    zero = build_task(TaskConfig(name="sst2", data_dir=str(GLUE_DIR))).examples("eval")
+    two = build_task(TaskConfig(name="sst2", data_dir=str(GLUE_DIR), shots=2)).examples("eval")
+    train = build_task(TaskConfig(name="sst2", data_dir=str(GLUE_DIR))).examples("train")
     for z, t in zip(zero, two, strict=True):
         assert t.prompt.endswith(z.prompt) and t.reference == z.reference
         assert all(ex.prompt + ex.answer in t.prompt for ex in train)
 
 
 def test_vader_set_is_labelled_by_vader_and_written_in_sst2_layout(tmp_path):
-    from lorafleet.common.vader_data import compound, vader_set, write_sst2_layout
+    from lorafleet.common.tasks.vader import compound, vader_set, write_sst2_layout
 
     data = vader_set()
     sentences = {split: [f"{o} {r}" for o, r, _ in rows] for split, rows in data.items()}
@@ -147,16 +145,17 @@ def test_vader_set_is_labelled_by_vader_and_written_in_sst2_layout(tmp_path):
         for (*_, label), s in list(zip(rows, sentences[split], strict=True))[:200]:
             assert (compound(s) >= 0.05) == bool(label) and abs(compound(s)) >= 0.05
     write_sst2_layout(tmp_path)
-    from_files = TaskConfig(name="sst2", data_dir=str(tmp_path)).examples("eval")
-    in_memory = TaskConfig(name="sentiment_vader").examples("eval")
+    from_files = build_task(TaskConfig(name="sst2", data_dir=str(tmp_path))).examples("eval")
+    in_memory = build_task(TaskConfig(name="sentiment_vader")).examples("eval")
     assert [(e.prompt, e.answer) for e in from_files] == [(e.prompt, e.answer) for e in in_memory]
 
 
 def test_write_positive_reward_is_vader_compound():
-    from lorafleet.reward.rules import get_reward_fn
+    from lorafleet.reward.registry import get_reward_fn
 
-    task = TaskConfig(name="write_positive")
-    reward = get_reward_fn(task.reward_fn)
+    cfg = TaskConfig(name="write_positive")
+    task = build_task(cfg)
+    reward = get_reward_fn(cfg.reward_fn)
     assert reward(" wonderful and lovely", "") > 0.5 > -0.5 > reward(" awful and nasty", "")
     assert reward(" not good", "") < 0 and math.isclose(reward(" the", ""), 0.0)
     # demonstrations come from sentences VADER calls positive (the opening may carry it:
@@ -170,7 +169,7 @@ def test_cli_tasks_and_make_data_sentiment(tmp_path, capsys):
 
     main(["tasks"])
     listing = capsys.readouterr().out
-    for name in [*TASKS, "sentiment_vader", "write_positive", "multi"]:
+    for name in ["addition", *SPECS, "sentiment_vader", "write_positive", "multi"]:
         assert f"| {name} |" in listing
     assert "| cb | aps/super_glue/cb [validation] |" in listing
     main(["make-data", "sentiment", str(tmp_path)])

@@ -20,6 +20,7 @@ from lorafleet.cluster.config import load_train_config
 from lorafleet.cluster.trainer import Trainer
 from lorafleet.common.data import PromptStream, encode_prompts
 from lorafleet.common.metrics import read_metrics
+from lorafleet.common.tasks.registry import build_task
 
 pytestmark = pytest.mark.slow
 
@@ -40,7 +41,8 @@ def lorafleet(*args: str, **kwargs) -> subprocess.Popen:
 def expected_batches(cfg, tokenizer) -> list[list[int]]:
     """The prompt indices an uninterrupted run serves per iteration (its PromptStream)."""
     limit = cfg.model.max_model_len - cfg.rollout.max_new_tokens
-    stream = PromptStream(encode_prompts(cfg.task.examples("train"), tokenizer, limit), cfg.seed)
+    examples = build_task(cfg.task).examples("train")
+    stream = PromptStream(encode_prompts(examples, tokenizer, limit), cfg.seed)
     return [[p.index for p in stream.next_batch(cfg.prompts_per_iteration)]
             for _ in range(cfg.iterations)]
 

@@ -12,7 +12,7 @@ from helpers import contrast_batch
 from lorafleet.common.config import LoRAConfig
 from lorafleet.common.corpora import DatasetConfig, load_preferences
 from lorafleet.common.data import epoch_batches, split_held_out
-from lorafleet.common.tasks import AdditionTask
+from lorafleet.common.tasks.addition import AdditionTask
 from lorafleet.learner.actor import Learner
 from lorafleet.learner.algorithms.registry import PPOConfig
 from lorafleet.learner.model import REWARD, PolicyValueModel

@@ -9,7 +9,8 @@ import pytest
 
 from lorafleet.common.records import Prompt, Rollout
 from lorafleet.reward.pool import RewardPool, RewardSpec, RewardWorker, drop_failed_groups
-from lorafleet.reward.rules import exact_match, get_reward_fn
+from lorafleet.reward.registry import get_reward_fn
+from lorafleet.reward.rules import exact_match
 
 
 def make_rollouts(n: int) -> list[Rollout]:

@@ -1,6 +1,6 @@
 """NLU as generation: GLUE / SuperGLUE tasks as a prompt template + label words + the task's
 official metric, their data (the Hugging Face hub, or local files in the official layouts),
-and the reward / evaluation that read a generated answer.
+and the answer parsing that the metrics and `reward/nlu.py` share.
 
 A generated answer maps to a label when its first word is one of the task's label words
 (case-insensitive, punctuation stripped); anything else is an *invalid answer*.
@@ -11,13 +11,13 @@ from __future__ import annotations
 import csv
 import json
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .corpora import DatasetError, RowChecker, read_file
+from ..corpora import DatasetError, RowChecker, read_file
+from .base import ModelRecipe, Task, TaskExample, check_split
 from .nlu_metrics import INVALID, METRICS
-from .tasks import TaskExample, preference_rows, sft_rows
 
 LOCAL_SUFFIXES = (".tsv", ".jsonl", ".parquet")
 
@@ -72,7 +72,7 @@ MNLI = dict(
                                "gold_label": "label"},
 )
 
-TASKS: dict[str, NLUSpec] = {s.name: s for s in [
+SPECS: dict[str, NLUSpec] = {s.name: s for s in [
     _glue("cola", "cola", "Sentence: {sentence}\nIs this sentence grammatical? Answer:",
           ("sentence",), YES_NO, ("unacceptable", "acceptable"), ("mcc", "accuracy"), "CoLA",
           tsv_fields=("source", "label", "original_label", "sentence")),
@@ -108,9 +108,9 @@ TASKS: dict[str, NLUSpec] = {s.name: s for s in [
 
 
 def get_spec(name: str) -> NLUSpec:
-    if name not in TASKS:
-        raise ValueError(f"unknown NLU task {name!r}; allowed: {', '.join(TASKS)}")
-    return TASKS[name]
+    if name not in SPECS:
+        raise ValueError(f"unknown NLU task {name!r}; allowed: {', '.join(SPECS)}")
+    return SPECS[name]
 
 
 # -- answers and references ---------------------------------------------------------------------
@@ -125,21 +125,6 @@ def make_reference(task: str, gold: int, labels: tuple[str, ...], invalid_reward
     """What the reward reads beside the response: task, gold id, label words, invalid reward."""
     return json.dumps({"task": task, "gold": gold, "labels": list(labels),
                        "invalid_reward": invalid_reward})
-
-
-def label_reward(response: str, reference: str) -> float:
-    """1 if the answer maps to the gold label, 0 if to another label, the task's
-    `invalid_reward` (0 or a penalty) if to none."""
-    ref = json.loads(reference)
-    pred = parse_answer(response, ref["labels"])
-    if pred == INVALID:
-        return float(ref["invalid_reward"])
-    return 1.0 if pred == ref["gold"] else 0.0
-
-
-def count_invalid(pairs: list[tuple[str, str]]) -> int:
-    """(response, reference) pairs whose answer is no label word."""
-    return sum(parse_answer(r, json.loads(ref)["labels"]) == INVALID for r, ref in pairs)
 
 
 def answer_metrics(
@@ -261,22 +246,19 @@ class NLUOptions:
     seed: int = 1234
 
 
-class NLUTask:
-    """One or several NLU tasks behind the interface the trainer uses (`examples`, `sft_rows`,
-    `preference_rows`, `demonstration`, `tokenizer_corpus`, `reward_fn`). `splits(name, split)`
-    returns a task's rows; training mixes the tasks, evaluation keeps each task's own set."""
-
-    reward_fn = "label_match"
+class NLUTask(Task, ModelRecipe):
+    """One or several NLU tasks. `splits(spec, split)` returns a task's rows; training mixes the
+    tasks, evaluation keeps each task's own set. The embedded model is warm-started by language
+    modelling on the training prompts."""
 
     def __init__(
         self, name: str, specs: list[NLUSpec], splits: Callable[[NLUSpec, str], list[Row]],
-        options: NLUOptions, warm_start_texts: Callable[[], list[str]] | None = None,
+        options: NLUOptions,
     ) -> None:
         self.name = name
         self.specs = specs
         self.splits = splits
         self.options = options
-        self._warm_texts = warm_start_texts
         self._cache: dict[tuple[str, int], list[TaskExample]] = {}
 
     def rows(self, spec: NLUSpec, split: str) -> list[Row]:
@@ -298,8 +280,8 @@ class NLUTask:
         )
 
     def examples(self, split: str, shots: int | None = None) -> list[TaskExample]:
-        if split not in ("train", "eval"):
-            raise ValueError(f"unknown split {split!r}; allowed: 'train', 'eval'")
+        """`shots` (default: the configured ones) in-context examples before every prompt."""
+        check_split(split)
         shots = self.options.shots if shots is None else shots
         if (split, shots) not in self._cache:
             per_task = []
@@ -321,30 +303,28 @@ class NLUTask:
         rng = random.Random(self.options.seed)
         return [rng.sample(p * (-(-k // len(p))), k) for p, k in zip(per_task, sizes, strict=True)]
 
-    def sft_rows(self, split: str) -> list[dict[str, str]]:
-        return sft_rows(self.examples(split))
+    def rejected(self, split: str, example: TaskExample, rng: random.Random, kind: str) -> str:
+        """Another label word, drawn with `rng`."""
+        labels = json.loads(example.reference)["labels"]
+        return " " + rng.choice([w for w in labels if " " + w != example.answer])
 
-    def preference_rows(self, split: str, seed: int = 0) -> list[dict[str, str]]:
-        """chosen = the gold label word, rejected = a seeded other label word."""
+    def count_invalid(self, pairs: list[tuple[str, str]]) -> dict[str, int]:
+        invalid = sum(parse_answer(r, json.loads(ref)["labels"]) == INVALID for r, ref in pairs)
+        return {"invalid_answers": invalid}
 
-        def rejected(ex: TaskExample, rng: random.Random) -> str:
-            labels = json.loads(ex.reference)["labels"]
-            return " " + rng.choice([w for w in labels if " " + w != ex.answer])
+    def answer_metrics(self, pairs: list[tuple[str, str]]) -> dict[str, float]:
+        return answer_metrics(pairs, {s.name: s for s in self.specs})
 
-        return preference_rows(self.examples(split), rejected, seed)
-
-    def demonstration(self, example: TaskExample, rng: random.Random) -> str:
-        return example.answer
+    @property
+    def model_recipe(self) -> ModelRecipe:
+        return self
 
     def warm_start_examples(self) -> list[TaskExample]:
-        """The embedded model's warm start is language modelling on unlabelled text (the
-        inputs, never the labels), so zero-shot answers start from the model's ignorance."""
-        texts = self._warm_texts() if self._warm_texts else [
-            ex.prompt for ex in self.examples("train", shots=0)
-        ]
-        return [TaskExample("", text) for text in texts]
+        """Language modelling on unlabelled text (the inputs, never the labels), so zero-shot
+        answers start from the model's ignorance."""
+        return [TaskExample("", ex.prompt) for ex in self.examples("train", shots=0)]
 
-    def tokenizer_corpus(self):
+    def tokenizer_corpus(self) -> Iterator[str]:
         for split in ("train", "eval"):
             for ex in self.examples(split, shots=0):
                 yield ex.prompt + ex.answer
@@ -352,28 +332,18 @@ class NLUTask:
     def recipe(self) -> dict:
         return {"name": self.name, "tasks": [s.name for s in self.specs], **vars(self.options)}
 
-    def count_invalid(self, pairs: list[tuple[str, str]]) -> dict[str, int]:
-        return {"invalid_answers": count_invalid(pairs)}
 
-    def answer_metrics(self, pairs: list[tuple[str, str]]) -> dict[str, float]:
-        return answer_metrics(pairs, {s.name: s for s in self.specs})
-
-
-def build_nlu_task(cfg) -> NLUTask:
-    """The NLU task a `TaskConfig` names: one registered task, `multi` (its `tasks`), or
-    `sentiment_vader` (SST-2's template on the VADER-labelled set, `vader_data.py`)."""
-    options = NLUOptions(cfg.shots, cfg.invalid_reward, cfg.mixing, cfg.mixing_temperature,
-                         cfg.max_train_rows, cfg.max_eval_rows, cfg.seed)
-    if cfg.name == "sentiment_vader":
-        from .vader_data import SentimentVaderTask
-
-        return SentimentVaderTask(options)
-    specs = [get_spec(t) for t in (cfg.tasks if cfg.name == "multi" else [cfg.name])]
+def glue_task(
+    name: str, task_names: list[str], options: NLUOptions, data_dir: str | None,
+    skip_bad_rows: bool,
+) -> NLUTask:
+    """The GLUE / SuperGLUE tasks `task_names` (mixed in training if several), their rows read
+    on first use from `data_dir` (the official layouts) or else the hub."""
     cache: dict[tuple[str, str], list[Row]] = {}
 
     def splits(spec: NLUSpec, split: str) -> list[Row]:
         if (spec.name, split) not in cache:
-            cache[spec.name, split] = load_split(spec, cfg.data_dir, split, cfg.skip_bad_rows)
+            cache[spec.name, split] = load_split(spec, data_dir, split, skip_bad_rows)
         return cache[spec.name, split]
 
-    return NLUTask(cfg.name, specs, splits, options)
+    return NLUTask(name, [get_spec(t) for t in task_names], splits, options)

@@ -14,18 +14,20 @@ sentiment analyser, so we let it label sentences:
 `lorafleet make-data sentiment DIR` writes the set in SST-2's layout (`DIR/SST-2/train.tsv`,
 `dev.tsv`: `sentence<TAB>label`), which `task.name=sst2 task.data_dir=DIR` reads like GLUE's.
 Two tasks use it: `sentiment_vader` (classification, SST-2's template and label words) and
-`write_positive` (continue a sentence opening; reward = VADER's compound score).
+`write_positive` (continue a sentence opening; its reward, VADER's compound score of the
+continuation, is `reward/vader.py`). Both share one embedded model (`VADER_MODEL`).
 """
 
 from __future__ import annotations
 
 import random
+from collections.abc import Iterator
 from dataclasses import replace
 from functools import lru_cache
 from pathlib import Path
 
-from .nlu import TASKS, NLUOptions, NLUTask
-from .tasks import TaskExample, preference_rows, sft_rows
+from .base import ModelRecipe, Task, TaskExample, check_split
+from .nlu import SPECS, NLUOptions, NLUTask
 
 NOUNS = ("movie", "food", "service", "plot", "music", "room", "staff", "price", "story",
          "acting", "weather", "trip", "hotel", "book", "coffee", "game")
@@ -39,7 +41,7 @@ ADJECTIVES = ("good", "great", "bad", "awful", "nice", "terrible", "boring", "fu
               "quiet", "loud", "long", "short", "old", "new", "simple")
 THRESHOLD = 0.05  # VADER's documented neutral band
 TRAIN_SIZE, EVAL_SIZE, SEED = 2000, 200, 20260
-VADER_SPEC = replace(TASKS["sst2"], name="sentiment_vader", benchmark="lorafleet",
+VADER_SPEC = replace(SPECS["sst2"], name="sentiment_vader", benchmark="lorafleet",
                      config="make-data sentiment")
 
 
@@ -55,7 +57,8 @@ def analyzer():
 
 
 def compound(text: str) -> float:
-    """VADER's normalised sentiment of `text`, in [-1, 1]."""
+    """VADER's normalised sentiment of `text`, in [-1, 1]: the labels and write_positive's
+    held-out metric."""
     return float(analyzer().polarity_scores(text)["compound"])
 
 
@@ -115,7 +118,7 @@ def write_sst2_layout(directory: Path) -> list[Path]:
     return paths
 
 
-class VaderModelRecipe:
+class VaderModel(ModelRecipe):
     """The embedded model both VADER tasks share: a tokenizer over the sentences and the
     classification prompts, warm-started by language modelling on the *unlabelled* training
     sentences (it has never seen a label word after a prompt)."""
@@ -124,7 +127,7 @@ class VaderModelRecipe:
         return {"name": "vader_sentences", "version": 1, "seed": SEED, "train": TRAIN_SIZE,
                 "eval": EVAL_SIZE}
 
-    def tokenizer_corpus(self):
+    def tokenizer_corpus(self) -> Iterator[str]:
         for split in ("train", "eval"):
             for texts, label in sst2_rows(split):
                 yield VADER_SPEC.template.format(**texts) + " " + VADER_SPEC.labels[label]
@@ -132,41 +135,44 @@ class VaderModelRecipe:
     def warm_start_examples(self) -> list[TaskExample]:
         return [TaskExample("", texts["sentence"]) for texts, _ in sst2_rows("train")]
 
-    def demonstration(self, example: TaskExample, rng: random.Random) -> str:
-        return example.answer
+
+VADER_MODEL = VaderModel()
 
 
-class WritePositiveTask(VaderModelRecipe):
-    """Continue a sentence opening ("the movie was"); reward = VADER's compound score of the
-    continuation. Examples pair each opening of the set with the continuation of a sentence
-    VADER calls positive (the `sft` demonstrations; DPO's rejected is a negative one)."""
+@lru_cache(maxsize=2)
+def negative_rests(split: str) -> list[str]:
+    """The continuations of the sentences of `split` that VADER calls negative."""
+    return [" " + r for _, r, label in vader_set()[split] if label == 0]
 
-    name = "write_positive"
-    reward_fn = "vader_compound"
+
+class WritePositiveTask(Task):
+    """Continue a sentence opening ("the movie was"). Examples pair each opening of the set
+    with the continuation of a sentence VADER calls positive (the `sft` demonstrations; DPO's
+    rejected is a negative one)."""
 
     def examples(self, split: str) -> list[TaskExample]:
-        if split not in ("train", "eval"):
-            raise ValueError(f"unknown split {split!r}; allowed: 'train', 'eval'")
+        check_split(split)
         return [TaskExample(o, " " + r) for o, r, label in vader_set()[split] if label == 1]
 
-    def sft_rows(self, split: str) -> list[dict[str, str]]:
-        return sft_rows(self.examples(split))
+    @property
+    def model_recipe(self) -> ModelRecipe:
+        return VADER_MODEL
 
-    def preference_rows(self, split: str, seed: int = 0) -> list[dict[str, str]]:
-        negative = [" " + r for _, r, label in vader_set()[split] if label == 0]
-        return preference_rows(self.examples(split), lambda ex, rng: rng.choice(negative), seed)
-
-    def count_invalid(self, pairs: list[tuple[str, str]]) -> dict[str, int]:
-        return {}
+    def rejected(self, split: str, example: TaskExample, rng: random.Random, kind: str) -> str:
+        return rng.choice(negative_rests(split))
 
     def answer_metrics(self, pairs: list[tuple[str, str]]) -> dict[str, float]:
         scores = [compound(response) for response, _ in pairs]
         return {"write_positive/vader_compound": sum(scores) / len(scores)}
 
 
-class SentimentVaderTask(VaderModelRecipe, NLUTask):
+class SentimentVaderTask(NLUTask):
     """SST-2's template and label words on the VADER-labelled set."""
 
     def __init__(self, options: NLUOptions) -> None:
-        NLUTask.__init__(self, "sentiment_vader", [VADER_SPEC],
-                         lambda spec, split: sst2_rows(split), options)
+        super().__init__("sentiment_vader", [VADER_SPEC], lambda spec, split: sst2_rows(split),
+                         options)
+
+    @property
+    def model_recipe(self) -> ModelRecipe:
+        return VADER_MODEL

@@ -1,0 +1,19 @@
+"""The NLU-as-generation reward: does the generated answer name the gold label?"""
+
+from __future__ import annotations
+
+import json
+
+from ..common.tasks.nlu import parse_answer
+from ..common.tasks.nlu_metrics import INVALID
+
+
+def label_match(response: str, reference: str) -> float:
+    """1 if the answer maps to the gold label, 0 if to another label, the task's
+    `invalid_reward` (0 or a penalty) if to none. `reference` is the NLU task's JSON (task,
+    gold label id, label words, invalid reward: `common/tasks/nlu.py: make_reference`)."""
+    ref = json.loads(reference)
+    pred = parse_answer(response, ref["labels"])
+    if pred == INVALID:
+        return float(ref["invalid_reward"])
+    return 1.0 if pred == ref["gold"] else 0.0
