@@ -11,9 +11,10 @@ from pathlib import Path
 from ..common.config import TrainConfig
 from ..common.configio import ConfigError
 from ..common.data import encode_prompts
+from ..common.run_dir import fresh_directory
 from ..reward.rules import get_reward_fn
 from .fleet import resolve_model, reward_rule
-from .nlu_table import write_table
+from .tables import write_table
 
 NLU_ONLY = ("addition", "write_positive")
 
@@ -66,9 +67,7 @@ def evaluate_shots(
 
 
 def run_eval(cfg: TrainConfig, shots: list[int], adapter: str | None) -> Path:
-    from .trainer import fresh_run_dir
-
-    run_dir = fresh_run_dir(Path(cfg.run_dir))
+    run_dir = fresh_directory(cfg.run_dir)
     results = evaluate_shots(cfg, shots, adapter)
     write_table(run_dir, "eval", results, plot_png=False)
     print(f"wrote {run_dir / 'eval.md'} and {run_dir / 'eval.json'}")
