@@ -48,6 +48,9 @@ class DashboardMetrics:
         )
         self.step_seconds.set_default_tags(tags)
 
+    def restarted(self, role: str) -> None:
+        self.restarts.inc(tags={"role": role})
+
     def worker_versions(self, versions: dict[int, int], learner_version: int) -> None:
         for worker, version in versions.items():
             self.version.set(version, tags={"worker": str(worker)})

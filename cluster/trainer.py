@@ -7,6 +7,7 @@ import json
 import time
 from contextlib import ExitStack
 from dataclasses import replace
+from pathlib import Path
 
 from ..common.config import TrainConfig
 from ..common.configio import save_config
@@ -93,6 +94,19 @@ def reward_model_report(
     return report
 
 
+def encode_task_prompts(cfg: TrainConfig, tokenizer) -> tuple[list[Prompt], list[Prompt], int]:
+    """The task's training and held-out prompts, and how many were left out as too long for
+    the model (rollout.too_long_prompts=skip; else a prompt too long is an error)."""
+    limit = cfg.model.max_model_len - cfg.rollout.max_new_tokens
+    too_long: list[str] | None = [] if cfg.rollout.too_long_prompts == "skip" else None
+    train = encode_prompts(cfg.task.examples("train"), tokenizer, limit, skipped=too_long)
+    held_out = encode_prompts(cfg.task.examples("eval"), tokenizer, limit, skipped=too_long)
+    if too_long:
+        print(f"skipped {len(too_long)} prompts longer than {limit} tokens "
+              f"(rollout.too_long_prompts=skip), e.g. {too_long[0][:60]!r}")
+    return train, held_out, len(too_long or [])
+
+
 def answer_pairs(scored: list[ScoredRollout]) -> list[tuple[str, str]]:
     return [(s.rollout.response_text, s.rollout.prompt.reference) for s in scored]
 
@@ -125,7 +139,7 @@ class Trainer:
         reward_rule(cfg)  # a bad reward function fails before the model is built
         self.model_path = resolve_model(cfg)
         tokenizer = AutoTokenizer.from_pretrained(self.model_path)
-        train = self.encode_task_prompts(tokenizer)
+        train, self.held_out, self.prompts_skipped = encode_task_prompts(cfg, tokenizer)
         self.stage_data = load_stage_data(cfg, tokenizer)
         self.stream = PromptStream(train, cfg.seed)
         # -- the run directory, created only once the inputs are known good (a failed start
@@ -134,7 +148,7 @@ class Trainer:
         self.moments = RunningMoments()  # reward.normalize=running statistics
         self.rm_eval: dict | None = None  # the rm stage's held-out accuracy / margin
         self.position = (0, 0)  # (next stage, next RL iteration)
-        self.resume_from = None
+        self.resume_from: Path | None = None  # the checkpoint a resumed run continues
         if resume:
             self.run_dir = RunDir(cfg.run_dir)
             self.restore()
@@ -160,34 +174,19 @@ class Trainer:
                 cfg, self.model_path, pad_token_id(tokenizer), probe_ids, self.reward_spec
             )
             stack.callback(self.fleet.kill)
-            self.dashboard = DashboardMetrics(self.run_dir.path.name) if (
-                cfg.logging.ray_metrics) else None
-            if self.dashboard is not None:
-                self.fleet.rollout.on_restart = (
-                    lambda role: self.dashboard.restarts.inc(tags={"role": role}))
-            self.pool = RewardPool(
-                self.fleet.reward.actors, cfg.reward.batch_size,
-                on_pending=self.dashboard.reward_queue.set if self.dashboard else None,
-            ) if self.fleet.reward.actors else None
+            self.dashboard = None
+            if cfg.logging.ray_metrics:
+                self.dashboard = DashboardMetrics(self.run_dir.path.name)
+                self.fleet.rollout.on_restart = self.dashboard.restarted
+            self.pool = None  # no reward actors when no stage generates
+            if self.fleet.reward.actors:
+                self.pool = RewardPool(
+                    self.fleet.reward.actors, cfg.reward.batch_size,
+                    on_pending=self.dashboard.reward_queue.set if self.dashboard else None,
+                )
             self.load_learner_state()
             self.fleet.sync_adapter()
             self.running = stack.pop_all()
-
-    def encode_task_prompts(self, tokenizer) -> list[Prompt]:
-        """The task's training prompts (returned) and held-out prompts (`held_out`), those too
-        long for the model left out with rollout.too_long_prompts=skip (`prompts_skipped`)."""
-        cfg = self.cfg
-        limit = cfg.model.max_model_len - cfg.rollout.max_new_tokens
-        too_long: list[str] | None = [] if cfg.rollout.too_long_prompts == "skip" else None
-        train = encode_prompts(cfg.task.examples("train"), tokenizer, limit, skipped=too_long)
-        self.held_out = encode_prompts(
-            cfg.task.examples("eval"), tokenizer, limit, skipped=too_long
-        )
-        self.prompts_skipped = len(too_long or [])
-        if self.prompts_skipped:
-            print(f"skipped {self.prompts_skipped} prompts longer than {limit} tokens "
-                  f"(rollout.too_long_prompts=skip), e.g. {too_long[0][:60]!r}")
-        return train
 
     def restore(self) -> None:
         """Where the run stood at its last checkpoint; the logs after it are dropped."""
