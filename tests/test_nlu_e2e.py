@@ -43,7 +43,7 @@ def test_vader_zero_shot_sft_ppo_table(ray_cluster, tmp_path):
     assert table["0-shot"]["sentiment_vader/invalid_rate"] > 0.9
     # `lorafleet eval`'s zero-shot and the trainer's own start evaluation see the same model
     # and prompts (greedy): they agree.
-    summary = json.loads((out / "train" / "summary.json").read_text())
+    summary = RunDir(out / "train").read_summary()
     assert table["0-shot"]["eval_greedy"] == pytest.approx(
         summary["stage_evals"][0]["eval_greedy"], abs=0.02
     )
