@@ -12,9 +12,10 @@ from __future__ import annotations
 import statistics
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
-from ..common.data import PromptStream, encode_prompts
+from ..common.data import PromptStream, encode_prompts, pad_token_id
 from ..common.metrics import read_metrics
 from ..common.tasks.registry import build_task
 from .config import load_train_config
@@ -43,7 +44,7 @@ def raw_vllm_tokens_per_s(cfg, model_path: str, repeats: int = 3) -> tuple[float
     )
     learner = learner_class(cfg.algo)(
         model_path, cfg.lora, cfg.algo, dtype=cfg.model.dtype, seed=cfg.seed, threads=threads,
-        pad_token_id=tokenizer.pad_token_id,
+        pad_token_id=pad_token_id(tokenizer),
     )
     engine.load_snapshot(learner.publish())
 
@@ -67,14 +68,13 @@ def raw_vllm_tokens_per_s(cfg, model_path: str, repeats: int = 3) -> tuple[float
 def bench_rollout(path: str | None, overrides: list[str]) -> None:
     cfg = load_train_config(path, overrides)
     if cfg.iterations <= WARMUP_ITERATIONS:
-        cfg.iterations = WARMUP_ITERATIONS + 6
+        cfg = replace(cfg, iterations=WARMUP_ITERATIONS + 6)
     model_path = resolve_model(cfg)
     base_tps, lora_tps = raw_vllm_tokens_per_s(cfg, model_path)
     with tempfile.TemporaryDirectory(prefix="lorafleet-bench-") as tmp:
-        cfg.run_dir = str(Path(tmp) / "run")
-        cfg.checkpoint_every = 0
-        Trainer(cfg).run()
-        rows = read_metrics(Path(cfg.run_dir))[WARMUP_ITERATIONS:]
+        run_cfg = replace(cfg, run_dir=str(Path(tmp) / "run"), checkpoint_every=0)
+        with Trainer(run_cfg) as trainer:
+            rows = read_metrics(trainer.run())[WARMUP_ITERATIONS:]
     fleet_tps = statistics.median(r["rollout_tokens_per_s"] for r in rows)
     sync_s = statistics.median(r["sync_seconds"] for r in rows)
     step_s = statistics.median(r["step_seconds"] for r in rows)

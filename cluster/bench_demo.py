@@ -8,7 +8,6 @@ figures vary with the seed and with the CPU's float kernels (run it with other t
 
 from __future__ import annotations
 
-import json
 import platform
 import statistics
 from pathlib import Path
@@ -72,7 +71,7 @@ def bench_demo(config: str | None, seeds: list[int], overrides: list[str], out: 
     out_dir.mkdir(parents=True, exist_ok=True)
     runs = run_all([config or "deploy/configs/default.yaml"], seeds, overrides, out_dir)
     dirs = next(iter(runs.values()))
-    summaries = [json.loads((d / "summary.json").read_text()) for d in dirs]
+    summaries = [d.read_summary() for d in dirs]
     table = (f"CPU: {cpu_name()}; overrides: {' '.join(overrides) or 'none'}\n\n"
              + demo_table(summaries, seeds))
     (out_dir / "demo.md").write_text(table)

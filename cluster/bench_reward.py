@@ -55,8 +55,7 @@ def bench_reward(path: str | None, overrides: list[str], repeats: int = 3) -> No
             directory = str(save_reward_model(net, Path(tmp) / "rm", model_path, cfg.lora,
                                               cfg.model.dtype, {"note": "untrained (bench)"}))
             del net
-        cfg.reward.model, cfg.reward.model_on_learner = directory, False
-        spec = reward_spec(cfg)
+        spec = reward_spec(cfg, directory)  # on the actors, whatever reward.model_on_learner
         started = connect_ray(cfg)
         rates = {}
         try:

@@ -8,6 +8,8 @@ import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from ..common.run_dir import RunDir
+
 TRAINER_STATE = "trainer_state.json"  # written last: a checkpoint without it is incomplete
 
 
@@ -41,8 +43,8 @@ class ResumeError(RuntimeError):
     """The run directory cannot be resumed; the message says why and what to do."""
 
 
-def latest_checkpoint(run_dir: Path) -> tuple[Path, TrainerState]:
-    root = run_dir / "checkpoints"
+def latest_checkpoint(run_dir: RunDir) -> tuple[Path, TrainerState]:
+    root = run_dir.checkpoints
     complete = [(TrainerState.read(d), d) for d in sorted(root.glob("*"))
                 if (d / TRAINER_STATE).exists()] if root.is_dir() else []
     if not complete:
@@ -55,34 +57,25 @@ def latest_checkpoint(run_dir: Path) -> tuple[Path, TrainerState]:
     return directory, state
 
 
-def rewind(run_dir: Path, state: TrainerState, checkpoint: Path) -> None:
+def rewind(run_dir: RunDir, state: TrainerState, checkpoint: Path) -> None:
     """Drop what the interrupted run logged after the checkpoint, so that the resumed run
     writes every iteration exactly once: metrics rows, rollout files, later checkpoints."""
-    metrics = run_dir / "metrics.jsonl"
+    metrics = run_dir.metrics
     if metrics.exists():
         lines = metrics.read_text().splitlines(keepends=True)
         metrics.write_text("".join(lines[: state.metrics_lines]))
-    for path in (run_dir / "rollouts").glob("stage*_iter*.parquet"):
-        if rollout_file_position(path) >= state.position:
+    for position, path in run_dir.rollout_files():
+        if position >= state.position:
             path.unlink()
-    for directory in (run_dir / "checkpoints").glob("*"):
+    for directory in run_dir.checkpoints.glob("*"):
         later = not (directory / TRAINER_STATE).exists() or (
             TrainerState.read(directory).position > state.position
         )
         if directory != checkpoint and later:
             shutil.rmtree(directory)
-    for stale in ("summary.json", "adapter"):
-        target = run_dir / stale
+    for target in (run_dir.summary, run_dir.adapter):
         if target.is_dir():
             shutil.rmtree(target)
         elif target.exists():
             target.unlink()
 
-
-def rollout_file_name(stage_index: int, iteration: int) -> str:
-    return f"stage{stage_index}_iter{iteration:05d}.parquet"
-
-
-def rollout_file_position(path: Path) -> tuple[int, int]:
-    stage, iteration = path.stem.removeprefix("stage").split("_iter")
-    return int(stage), int(iteration)

@@ -34,29 +34,29 @@ def _split_config_and_overrides(items: list[str]) -> tuple[str | None, list[str]
 
 
 def cmd_train(args: argparse.Namespace) -> None:
+    from ..common.run_dir import RunDir
     from .config import load_train_config
     from .trainer import Trainer
 
     path, overrides = _split_config_and_overrides(args.items)
     if args.resume is None:
-        Trainer(load_train_config(path, overrides)).run()
-        return
-    if path is not None:
+        cfg = load_train_config(path, overrides)
+    elif path is not None:
         raise ConfigError("--resume RUN_DIR takes the run's own config.yaml; give only "
                           "key=value overrides (e.g. ray.address=...)")
-    run_dir = Path(args.resume)
-    if not (run_dir / "config.yaml").is_file():
-        raise ConfigError(f"--resume {run_dir}: no config.yaml there; not a run directory")
-    cfg = load_train_config(run_dir / "config.yaml", [*overrides, f"run_dir={run_dir}"])
-    Trainer(cfg, resume=True).run()
+    else:
+        run_dir = RunDir(args.resume)
+        if not run_dir.config.is_file():
+            raise ConfigError(f"--resume {run_dir}: no config.yaml there; not a run directory")
+        cfg = load_train_config(run_dir.config, [*overrides, f"run_dir={run_dir}"])
+    with Trainer(cfg, resume=args.resume is not None) as trainer:
+        trainer.run()
 
 
 def cmd_train_rm(args: argparse.Namespace) -> None:
-    from .config import load_train_config
     from .train_rm import train_reward_model
 
-    path, overrides = _split_config_and_overrides(args.items)
-    train_reward_model(load_train_config(path, overrides))
+    train_reward_model(*_split_config_and_overrides(args.items))
 
 
 def cmd_bench(args: argparse.Namespace) -> None:

@@ -3,29 +3,32 @@ of reward against samples seen (mean and min-max over seeds) and a Markdown tabl
 
 from __future__ import annotations
 
-import json
 import statistics
+from dataclasses import replace
 from pathlib import Path
 
 from ..common.configio import ConfigError
 from ..common.metrics import read_metrics
+from ..common.run_dir import RunDir
 from .config import load_train_config
 from .trainer import Trainer
 
 DEFAULT_CONFIGS = [f"deploy/configs/{name}.yaml" for name in ("default", "grpo", "rloo", "spr")]
 
 
-def run_all(configs: list[str], seeds: list[int], overrides: list[str], out: Path) -> dict:
-    """Runs every config with every seed; returns {algo: [run_dir, ...]}."""
-    runs: dict[str, list[Path]] = {}
+def run_all(
+    configs: list[str], seeds: list[int], overrides: list[str], out: Path
+) -> dict[str, list[RunDir]]:
+    """Runs every config with every seed; returns {algo: [run directory, ...]}."""
+    runs: dict[str, list[RunDir]] = {}
     budgets = {}
     for path in configs:
         for seed in seeds:
             cfg = load_train_config(path, overrides + [f"seed={seed}"])
             budgets[path] = cfg.prompts_per_iteration * cfg.rollout.samples_per_prompt
-            cfg.run_dir = str(out / f"{cfg.algo.name}-seed{seed}")
             print(f"\n== {cfg.algo.name} (seed {seed}) from {path}")
-            runs.setdefault(cfg.algo.name, []).append(Trainer(cfg).run())
+            with Trainer(replace(cfg, run_dir=str(out / f"{cfg.algo.name}-seed{seed}"))) as run:
+                runs.setdefault(cfg.algo.name, []).append(run.run())
     if len(set(budgets.values())) > 1:
         raise ConfigError(f"configs draw different samples per iteration: {budgets}")
     return runs
@@ -36,7 +39,7 @@ def _mean_std(values: list[float]) -> str:
     return f"{statistics.mean(values):.3f} ± {spread:.3f}"
 
 
-def report(runs: dict[str, list[Path]], out: Path) -> str:
+def report(runs: dict[str, list[RunDir]], out: Path) -> str:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -50,8 +53,8 @@ def report(runs: dict[str, list[Path]], out: Path) -> str:
     ]
     for algo, dirs in runs.items():
         curves = [read_metrics(d) for d in dirs]
-        summaries = [json.loads((d / "summary.json").read_text()) for d in dirs]
-        cfg = load_train_config(dirs[0] / "config.yaml")
+        summaries = [d.read_summary() for d in dirs]
+        cfg = load_train_config(dirs[0].config)
         per_iter = cfg.prompts_per_iteration * cfg.rollout.samples_per_prompt
         length = min(len(c) for c in curves)
         x = [(i + 1) * per_iter for i in range(length)]

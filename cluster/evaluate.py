@@ -10,11 +10,12 @@ from pathlib import Path
 
 from ..common.configio import ConfigError
 from ..common.data import encode_prompts
+from ..common.run_dir import fresh_directory
 from ..common.tasks.registry import build_task, task_entry
 from ..reward.registry import get_reward_fn
 from .config import TrainConfig
 from .fleet import resolve_model, reward_rule
-from .nlu_table import write_table
+from .tables import write_table
 
 
 def adapter_rank(adapter: str) -> int:
@@ -66,9 +67,7 @@ def evaluate_shots(
 
 
 def run_eval(cfg: TrainConfig, shots: list[int], adapter: str | None) -> Path:
-    from .trainer import fresh_run_dir
-
-    run_dir = fresh_run_dir(Path(cfg.run_dir))
+    run_dir = fresh_directory(cfg.run_dir)
     results = evaluate_shots(cfg, shots, adapter)
     write_table(run_dir, "eval", results, plot_png=False)
     print(f"wrote {run_dir / 'eval.md'} and {run_dir / 'eval.json'}")

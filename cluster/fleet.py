@@ -1,6 +1,6 @@
-"""The actors of a run and keeping them in step: joining Ray, placing and starting the
-learner, rollout workers and reward actors, publishing the adapter to every worker with a
-verified sync, and bringing a restarted rollout worker back before it works again."""
+"""The actors of a run and keeping them in step: joining Ray, the groups of a run (learner,
+rollout workers, reward actors) placed and started, publishing the adapter to every worker
+with a verified sync, and bringing a restarted rollout worker back before it works again."""
 
 from __future__ import annotations
 
@@ -13,12 +13,11 @@ from ..common.config import TINY
 from ..common.configio import ConfigError
 from ..common.logs import library_env, log_level
 from ..common.records import Prompt, Rollout
+from ..common.run_dir import RunDir
 from ..common.tasks.registry import build_task
+from ..reward.pool import RewardSpec
+from .actor_group import ActorGroup, GroupSpec, Placement, Resources, place
 from .config import TrainConfig
-from .placement import Placement, place_actors
-
-REWARD_MODEL_DIR = "reward_model"  # in the run directory, written by an rm stage
-RESTART_TIMEOUT_S = 600  # a restarted rollout worker reloads its model and engine
 
 # Zero-copy tensors through the object store: the adapter reaches every worker without copies.
 RUNTIME_ENV = {"env_vars": {"RAY_ENABLE_ZERO_COPY_TORCH_TENSORS": "1"}}
@@ -74,22 +73,22 @@ def reward_rule(cfg: TrainConfig) -> str:
     return name
 
 
-def reward_model_dir(cfg: TrainConfig) -> str | None:
+def reward_model_dir(cfg: TrainConfig, run_dir: RunDir) -> str | None:
     """The reward model the run scores with: reward.model, or the one its rm stage trains."""
     if "rm" in cfg.stages:
-        return str(Path(cfg.run_dir) / REWARD_MODEL_DIR)
+        return str(run_dir.reward_model)
     return cfg.reward.model
 
 
-def reward_spec(cfg: TrainConfig):
-    """What the reward actors compute (the driver uses the same spec to add the learner's
-    reward-model scores when reward.model_on_learner is set)."""
+def reward_spec(cfg: TrainConfig, model: str | None):
+    """What the reward actors compute; `model`: the reward model directory they load (None:
+    no model, or the learner holds it). The driver uses the same spec to add the learner's
+    reward-model scores when reward.model_on_learner is set."""
     from ..reward.pool import RewardSpec
 
     reward = cfg.reward
     return RewardSpec(
-        rule=reward_rule(cfg), rule_weight=reward.rule_weight,
-        model=None if reward.model_on_learner else reward_model_dir(cfg),
+        rule=reward_rule(cfg), rule_weight=reward.rule_weight, model=model,
         model_weight=reward.model_weight, threads=reward.threads_per_actor,
         skip_errors=reward.on_error == "skip",
     )
@@ -148,82 +147,60 @@ def check_exactly_once(prompts: list[Prompt], rollouts: list[Rollout], n: int) -
         raise RuntimeError(f"rollouts do not match the prompts (n={n} each) for {wrong[:10]}")
 
 
-def is_actor(exc: Exception, handle) -> bool:
-    """Whether an actor error is about this actor (and not one it depended on)."""
-    actor_id = getattr(exc, "actor_id", None)
-    return actor_id is not None and actor_id == handle._actor_id.hex()
+def group_specs(cfg: TrainConfig) -> list[GroupSpec]:
+    """The learner, the rollout workers and the reward actors; the last two only when a stage
+    generates (an rm stage alone trains on preference pairs and evaluates nothing)."""
+    from ..learner.algorithms.registry import learner_class
+    from ..reward.pool import RewardWorker
+    from ..rollout.worker import RolloutWorker
+
+    generates = any(stage != "rm" for stage in cfg.stages)
+    algo = cfg.algo if "rl" in cfg.stages else None
+    restarts = cfg.ray.max_actor_restarts
+    return [
+        # The learner holds the only copy of the training state: no restart (resume from the
+        # last checkpoint instead); rollout and reward actors are stateless and restart.
+        GroupSpec("learner", learner_class(algo), 1,
+                  Resources(cfg.learner.cpus), "learner.cpus", "lorafleet-learner"),
+        GroupSpec("rollout", RolloutWorker, cfg.rollout.num_workers if generates else 0,
+                  Resources(cfg.rollout.cpus_per_worker), "rollout.cpus_per_worker",
+                  "lorafleet-rollout-{i}", max_restarts=restarts, index_kwarg="worker_id"),
+        # Scoring is a pure function of the rollout: Ray itself re-runs a lost batch on the
+        # restarted actor (max_task_retries); a reward that raises is not retried.
+        GroupSpec("reward", RewardWorker, cfg.reward.num_actors if generates else 0,
+                  Resources(cfg.reward.cpus_per_actor), "reward.cpus_per_actor",
+                  "lorafleet-reward-{i}", max_restarts=restarts, max_task_retries=restarts),
+    ]
 
 
 class Fleet:
-    """Handles of the running actors, the adapter they should serve, and recovery."""
+    """The run's actor groups, the adapter the rollout workers must serve, and bringing a
+    restarted rollout worker back to it (verified) before it works again."""
 
     def __init__(
-        self, cfg: TrainConfig, placement: Placement, learner, workers: list,
-        reward_actors: list, probe_ids: list[list[int]],
+        self, cfg: TrainConfig, placement: Placement, learner: ActorGroup, rollout: ActorGroup,
+        reward: ActorGroup, probe_ids: list[list[int]],
     ) -> None:
         self.cfg = cfg
         self.placement = placement
-        self.learner = learner
-        self.workers = workers
-        self.reward_actors = reward_actors
+        self.groups = [learner, rollout, reward]
+        self.learner = learner.actors[0]
+        self.rollout = rollout
+        self.reward = reward
         self.probe_ids = probe_ids
         self.snapshot = None  # ObjectRef of the adapter the workers must serve
-        self.worker_restarts = 0
-        self.on_restart = None  # callback(role) for metrics
+        rollout.revive = self.resync_worker
 
-    # -- calls on every rollout worker, surviving worker deaths -------------------------------
-    def on_workers(self, call, items: dict[int, object] | None = None) -> list:
-        """`call(worker, item)` -> ObjectRef for each worker index in `items` (every worker,
-        with item None, by default); a worker that dies is restarted by Ray, given the current
-        adapter, verified, and its call is sent again. Results in the order of `items`."""
+    def resync_worker(self, i: int) -> None:
+        """The current adapter on restarted worker i, verified with the probe."""
         import ray
 
-        items = items if items is not None else dict.fromkeys(range(len(self.workers)))
-        refs = {i: call(self.workers[i], item) for i, item in items.items()}
-        results = []
-        for i, ref in refs.items():
-            while True:
-                try:
-                    results.append(ray.get(ref))
-                    break
-                except ray.exceptions.RayActorError as exc:
-                    if not is_actor(exc, self.workers[i]):  # e.g. the learner behind an arg
-                        raise
-                    self.recover_worker(i, exc)
-                    ref = call(self.workers[i], items[i])
-        return results
-
-    def recover_worker(self, i: int, exc: Exception) -> None:
-        import ray
-
-        worker = self.workers[i]
-        cause = str(exc).splitlines()[0][:200]
-        print(f"rollout worker {i} died ({cause}); waiting for Ray to restart it", flush=True)
-        start = time.perf_counter()
-        while True:
-            try:
-                ray.get(worker.__ray_ready__.remote())
-                break
-            except ray.exceptions.ActorUnavailableError:  # restarting: calls fail fast
-                if time.perf_counter() - start > RESTART_TIMEOUT_S:
-                    raise RuntimeError(
-                        f"rollout worker {i} did not come back within {RESTART_TIMEOUT_S} s"
-                    ) from exc
-                time.sleep(1.0)
-            except ray.exceptions.RayActorError:
-                raise RuntimeError(
-                    f"rollout worker {i} died and was not restarted (ray.max_actor_restarts="
-                    f"{self.cfg.ray.max_actor_restarts} used up, or its node is gone)"
-                ) from exc
-        if self.snapshot is not None:
-            ray.get(worker.load_snapshot.remote(self.snapshot))
-            probe = ray.get(worker.probe.remote(self.probe_ids, self.cfg.rollout.max_new_tokens))
-            ray.get(self.learner.check_probe.remote([probe], sync_tolerance(self.cfg)))
-        self.worker_restarts += 1
-        if self.on_restart is not None:
-            self.on_restart("rollout")
-        print(f"rollout worker {i} is back ({time.perf_counter() - start:.1f} s) and serves the"
-              " current adapter", flush=True)
+        if self.snapshot is None:
+            return
+        worker = self.rollout.actors[i]
+        ray.get(worker.load_snapshot.remote(self.snapshot))
+        probe = ray.get(worker.probe.remote(self.probe_ids, self.cfg.rollout.max_new_tokens))
+        ray.get(self.learner.check_probe.remote([probe], sync_tolerance(self.cfg)))
 
     # -- adapter publishing ---------------------------------------------------------------------
     def sync_adapter(self) -> tuple[float, float, dict[int, int]]:
@@ -233,19 +210,22 @@ class Fleet:
 
         start = time.perf_counter()
         self.snapshot = self.learner.publish.remote()  # stored once in the object store
-        self.on_workers(lambda w, _: w.load_snapshot.remote(self.snapshot))
+        self.rollout.call(lambda w, _: w.load_snapshot.remote(self.snapshot))
         seconds = time.perf_counter() - start
         max_tokens = self.cfg.rollout.max_new_tokens
-        probes = self.on_workers(lambda w, _: w.probe.remote(self.probe_ids, max_tokens))
+        probes = self.rollout.call(lambda w, _: w.probe.remote(self.probe_ids, max_tokens))
         gap = ray.get(self.learner.check_probe.remote(probes, sync_tolerance(self.cfg)))
         return seconds, gap, {p.worker_id: p.adapter_version for p in probes}
 
     def generate(
         self, prompts: list[Prompt], *, n: int, temperature: float, seed: int
     ) -> list[Rollout]:
+        if not self.rollout.actors:
+            raise RuntimeError(f"stages {self.cfg.stages} generate nothing: this fleet has no "
+                               "rollout workers")
         max_tokens = self.cfg.rollout.max_new_tokens
-        parts = shard(prompts, len(self.workers))
-        results = self.on_workers(
+        parts = shard(prompts, len(self.rollout.actors))
+        results = self.rollout.call(
             lambda w, part: w.generate.remote(
                 part, n=n, temperature=temperature, max_tokens=max_tokens, seed=seed
             ),
@@ -256,56 +236,35 @@ class Fleet:
         return rollouts
 
     def kill(self) -> None:
-        import ray
-        from ray.util.placement_group import remove_placement_group
-
-        for actor in [self.learner, *self.workers, *self.reward_actors]:
-            ray.kill(actor, no_restart=True)
-        remove_placement_group(self.placement.group)
+        for group in self.groups:
+            group.kill()
+        self.placement.remove()
 
 
 def start_fleet(
-    cfg: TrainConfig, model_path: str, pad_token_id: int, probe_ids: list[list[int]]
+    cfg: TrainConfig, model_path: str, pad_token_id: int, probe_ids: list[list[int]],
+    reward: RewardSpec,
 ) -> Fleet:
+    """Places and starts the groups of `group_specs`; returns once every actor is up (a
+    construction error, e.g. a vLLM start failure, raises here, the actors stopped)."""
     import ray
 
-    from ..learner.algorithms.registry import learner_class
-    from ..reward.pool import RewardWorker
-    from ..rollout.worker import RolloutWorker
-
-    spec = reward_spec(cfg)  # checks the reward function before any actor starts
-    placement = place_actors(cfg)
-    algo = cfg.algo if "rl" in cfg.stages else None
-    # The learner holds the only copy of the training state: no restart (resume from the
-    # last checkpoint instead); rollout/reward actors are stateless and restart.
-    learner = ray.remote(learner_class(algo)).options(
-        num_cpus=cfg.learner.cpus, scheduling_strategy=placement.strategy(placement.learner),
-        name="lorafleet-learner", max_restarts=0,
-    ).remote(
-        model_path, cfg.lora, cfg.algo, dtype=cfg.model.dtype, seed=cfg.seed,
-        threads=cfg.learner.threads, pad_token_id=pad_token_id,
+    learner_spec, rollout_spec, reward_group = group_specs(cfg)
+    placement = place([learner_spec, rollout_spec, reward_group])
+    learner = ActorGroup.start(
+        learner_spec, placement, model_path, cfg.lora, cfg.algo, dtype=cfg.model.dtype,
+        seed=cfg.seed, threads=cfg.learner.threads, pad_token_id=pad_token_id,
     )
-    restarts = cfg.ray.max_actor_restarts
-    workers = [
-        ray.remote(RolloutWorker).options(
-            num_cpus=cfg.rollout.cpus_per_worker, scheduling_strategy=placement.strategy(bundle),
-            name=f"lorafleet-rollout-{i}", max_restarts=restarts, max_task_retries=0,
-        ).remote(
-            model_path, dtype=cfg.model.dtype, max_model_len=cfg.model.max_model_len,
-            max_lora_rank=cfg.lora.rank, seed=cfg.seed, kv_cache_gib=cfg.rollout.kv_cache_gib,
-            threads=cfg.rollout.threads_per_worker, worker_id=i,
-        )
-        for i, bundle in enumerate(placement.rollout)
-    ]
-    # Scoring is a pure function of the rollout: Ray itself re-runs a lost batch on the
-    # restarted actor (max_task_retries); a reward that raises is not retried.
-    reward_actors = [
-        ray.remote(RewardWorker).options(
-            num_cpus=cfg.reward.cpus_per_actor, scheduling_strategy=placement.strategy(bundle),
-            name=f"lorafleet-reward-{i}", max_restarts=restarts, max_task_retries=restarts,
-        ).remote(spec)
-        for i, bundle in enumerate(placement.reward)
-    ]
-    # Surface construction errors (bad model path, vLLM start failure) before the loop.
-    ray.get([w.__ray_ready__.remote() for w in [learner, *workers, *reward_actors]])
-    return Fleet(cfg, placement, learner, workers, reward_actors, probe_ids)
+    rollout = ActorGroup.start(
+        rollout_spec, placement, model_path, dtype=cfg.model.dtype,
+        max_model_len=cfg.model.max_model_len, max_lora_rank=cfg.lora.rank, seed=cfg.seed,
+        kv_cache_gib=cfg.rollout.kv_cache_gib, threads=cfg.rollout.threads_per_worker,
+    )
+    rewards = ActorGroup.start(reward_group, placement, reward)
+    fleet = Fleet(cfg, placement, learner, rollout, rewards, probe_ids)
+    try:
+        ray.get([ref for group in fleet.groups for ref in group.ready()])
+    except BaseException:
+        fleet.kill()
+        raise
+    return fleet

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..common.configio import ConfigError, to_dict
 from ..common.records import ScoredRollout
-from .checkpoint import rollout_file_name
+from ..common.run_dir import RunDir
 
 STEP_SECONDS_BOUNDARIES = [0.5, 1, 2, 4, 8, 16, 32, 64, 128]
 
@@ -48,6 +48,9 @@ class DashboardMetrics:
         )
         self.step_seconds.set_default_tags(tags)
 
+    def restarted(self, role: str) -> None:
+        self.restarts.inc(tags={"role": role})
+
     def worker_versions(self, versions: dict[int, int], learner_version: int) -> None:
         for worker, version in versions.items():
             self.version.set(version, tags={"worker": str(worker)})
@@ -62,20 +65,20 @@ class DashboardMetrics:
 
 
 class WandbLogger:
-    def __init__(self, cfg, run_dir: Path) -> None:
+    def __init__(self, cfg, run_dir: RunDir) -> None:
         try:
             import wandb
         except ImportError:
             raise ConfigError(
                 "logging.wandb=true needs wandb: pip install 'lorafleet[wandb]'"
             ) from None
-        # No key and no login: record offline under run_dir/wandb (`wandb sync` uploads later).
+        # No key and no login: record offline under RUN_DIR/wandb (`wandb sync` uploads later).
         stored_key = getattr(getattr(wandb, "api", None), "api_key", None)
         logged_in = bool(os.environ.get("WANDB_API_KEY") or stored_key)
         mode = os.environ.get("WANDB_MODE") or ("online" if logged_in else "offline")
         self.run = wandb.init(
-            project=cfg.logging.wandb_project, name=run_dir.name, config=to_dict(cfg),
-            dir=str(run_dir), mode=mode, resume="allow", id=f"{run_dir.name}-{cfg.seed}",
+            project=cfg.logging.wandb_project, name=run_dir.path.name, config=to_dict(cfg),
+            dir=str(run_dir), mode=mode, resume="allow", id=f"{run_dir.path.name}-{cfg.seed}",
         )
 
         self.step = -1
@@ -97,7 +100,7 @@ class WandbLogger:
 
 
 def write_rollouts(
-    run_dir: Path, stage_index: int, iteration: int, scored: list[ScoredRollout]
+    run_dir: RunDir, stage_index: int, iteration: int, scored: list[ScoredRollout]
 ) -> Path:
     """One Parquet file per iteration (a crashed run leaves whole files; resume drops the
     ones after its checkpoint)."""
@@ -111,7 +114,7 @@ def write_rollouts(
         "adapter_version": s.rollout.adapter_version, "worker_id": s.rollout.worker_id,
         "finish_reason": s.rollout.finish_reason, "response_tokens": len(s.rollout.response_ids),
     } for s in scored]
-    path = run_dir / "rollouts" / rollout_file_name(stage_index, iteration)
+    path = run_dir.rollout_file(stage_index, iteration)
     path.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.Table.from_pylist(rows), path)
     return path

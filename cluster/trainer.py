@@ -1,29 +1,35 @@
-"""The driver: runs the stages (offline SFT/DPO and the synchronous RL loop) on the fleet,
-verifies every adapter sync, checkpoints and resumes, and writes the run directory."""
+"""The driver: runs the stages (offline SFT/DPO/reward model and the synchronous RL loop) on the
+fleet, verifies every adapter sync, checkpoints and resumes, and writes the run directory."""
 
 from __future__ import annotations
 
 import json
 import time
+from contextlib import ExitStack
 from dataclasses import replace
 from pathlib import Path
 
 from ..common.configio import save_config
 from ..common.corpora import LoadedDataset, load_preferences, load_sft
-from ..common.data import PromptStream, encode_prompts, epoch_batches, split_held_out
+from ..common.data import (
+    PromptStream,
+    encode_prompts,
+    epoch_batches,
+    pad_token_id,
+    split_held_out,
+)
 from ..common.metrics import MetricsSink, plot_reward_curve, read_metrics, summarize
 from ..common.progress import progress
-from ..common.records import ScoredRollout
+from ..common.records import Prompt, ScoredRollout
+from ..common.run_dir import RunDir
 from ..common.tasks.registry import build_task
 from ..reward.normalize import RunningMoments, normalize_rewards
 from ..reward.pool import RewardPool, drop_failed_groups
+from .actor_group import is_actor
 from .checkpoint import ResumeError, TrainerState, latest_checkpoint, rewind
 from .config import TrainConfig
 from .fleet import (
-    REWARD_MODEL_DIR,
-    Fleet,
     connect_ray,
-    is_actor,
     resolve_model,
     reward_model_dir,
     reward_rule,
@@ -39,25 +45,14 @@ def mean(values: list[float]) -> float:
     return sum(values) / len(values)
 
 
-def fresh_run_dir(path: Path) -> Path:
-    """`path`, or `path-2`, `path-3`, ... if it already holds a run: never overwrite one."""
-    candidate, k = path, 1
-    while candidate.exists() and any(candidate.iterdir()):
-        k += 1
-        candidate = path.with_name(f"{path.name}-{k}")
-    if candidate != path:
-        print(f"{path} already holds a run; writing to {candidate}")
-    candidate.mkdir(parents=True, exist_ok=True)
-    return candidate
-
-
-def print_summary(run_dir: Path, summary: dict) -> None:
+def print_summary(run_dir: RunDir, summary: dict) -> None:
     print(f"\nrun directory: {run_dir}")
     if summary.get("reward_model_eval"):
         rm = summary["reward_model_eval"]["after"]
         print(f"  reward model, held-out pairs: accuracy {rm['accuracy']:.3f}, mean margin "
               f"{rm['mean_margin']:.3f} ({rm['pairs']} pairs)")
-    print("  held-out reward after each stage   (sampled / greedy):")
+    if summary["stage_evals"]:  # (an rm-only run trains no policy: nothing evaluated)
+        print("  held-out reward after each stage   (sampled / greedy):")
     for row in summary["stage_evals"]:
         metrics = "".join(f", {k} {v:.3f}" for k, v in row.items() if "/" in k)
         print(f"    {row['stage']:>5s}: {row['eval_reward']:.3f} / {row['eval_greedy']:.3f}"
@@ -86,6 +81,34 @@ def load_stage_data(cfg: TrainConfig, tokenizer) -> dict[str, LoadedDataset]:
     return data
 
 
+def reward_model_report(
+    run_dir: RunDir, before: dict, after: dict, data: LoadedDataset, train_pairs: int,
+    steps: int,
+) -> dict:
+    """Write rm_eval.json and print the held-out accuracy / margin before and after."""
+    report = {"before": before, "after": after, "train_pairs": train_pairs, "steps": steps,
+              "data": data.describe()}
+    run_dir.rm_eval.write_text(json.dumps(report, indent=2))
+    print(f"reward model on {after['pairs']} held-out pairs: accuracy {before['accuracy']:.3f}"
+          f" -> {after['accuracy']:.3f}, mean margin {before['mean_margin']:.3f} -> "
+          f"{after['mean_margin']:.3f}", flush=True)
+    return report
+
+
+def encode_task_prompts(cfg: TrainConfig, tokenizer) -> tuple[list[Prompt], list[Prompt], int]:
+    """The task's training and held-out prompts, and how many were left out as too long for
+    the model (rollout.too_long_prompts=skip; else a prompt too long is an error)."""
+    limit = cfg.model.max_model_len - cfg.rollout.max_new_tokens
+    too_long: list[str] | None = [] if cfg.rollout.too_long_prompts == "skip" else None
+    task = build_task(cfg.task)
+    train = encode_prompts(task.examples("train"), tokenizer, limit, skipped=too_long)
+    held_out = encode_prompts(task.examples("eval"), tokenizer, limit, skipped=too_long)
+    if too_long:
+        print(f"skipped {len(too_long)} prompts longer than {limit} tokens "
+              f"(rollout.too_long_prompts=skip), e.g. {too_long[0][:60]!r}")
+    return train, held_out, len(too_long or [])
+
+
 def answer_pairs(scored: list[ScoredRollout]) -> list[tuple[str, str]]:
     return [(s.rollout.response_text, s.rollout.prompt.reference) for s in scored]
 
@@ -95,21 +118,110 @@ class LearnerDied(RuntimeError):
 
 
 class Trainer:
-    """Runs `cfg.stages` on one fleet: offline stages (sft, dpo) step the learner over a
-    dataset, the rl stage runs the rollout/reward/update loop; held-out evaluation after each.
-    With `resume=True`, `cfg.run_dir` is an existing run continued from its last checkpoint."""
+    """Runs `cfg.stages` on one fleet: the rm stage trains a reward model on preference pairs,
+    the offline stages (sft, dpo) step the learner over a dataset, the rl stage runs the
+    rollout/reward/update loop; held-out evaluation after each policy stage.
+
+    Constructing it checks every input, makes the run directory (fresh; with `resume=True`,
+    the existing `cfg.run_dir` rewound to its last checkpoint), starts the fleet (only the
+    learner when no stage generates) and publishes the adapter the run starts from, so
+    `evaluate` and `score` work at once. It stops the fleet on leaving its `with` block:
+
+        with Trainer(cfg) as trainer:
+            run_dir = trainer.run()
+    """
 
     def __init__(self, cfg: TrainConfig, resume: bool = False) -> None:
+        import ray
+        from transformers import AutoTokenizer
+
         self.cfg = cfg
-        self.run_dir = Path(cfg.run_dir)
-        self.resume = resume
-        self.fleet: Fleet
-        self.dashboard: DashboardMetrics | None = None
-        self.wandb: WandbLogger | None = None
+        self.start_time = time.perf_counter()
+        # -- inputs, all checked before any actor starts
+        reward_rule(cfg)  # a bad reward function fails before the model is built
+        self.model_path = resolve_model(cfg)
+        tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+        train, self.held_out, self.prompts_skipped = encode_task_prompts(cfg, tokenizer)
+        self.stage_data = load_stage_data(cfg, tokenizer)
+        self.stream = PromptStream(train, cfg.seed)
+        # -- the run directory, created only once the inputs are known good (a failed start
+        # leaves no half run), and where the run stands
         self.stage_evals: list[dict] = []
-        self.reward_errors = 0  # failed rewards skipped (reward.on_error=skip)
         self.moments = RunningMoments()  # reward.normalize=running statistics
         self.rm_eval: dict | None = None  # the rm stage's held-out accuracy / margin
+        self.position = (0, 0)  # (next stage, next RL iteration)
+        self.resume_from: Path | None = None  # the checkpoint a resumed run continues
+        if resume:
+            self.run_dir = RunDir(cfg.run_dir)
+            self.restore()
+        else:
+            self.run_dir = RunDir.fresh(cfg.run_dir)
+        recorded = replace(cfg, run_dir=str(self.run_dir))  # the directory actually written
+        save_config(recorded, self.run_dir.config)
+        self.sink = MetricsSink(self.run_dir)
+        self.reward_errors = 0  # failed rewards skipped (reward.on_error=skip)
+        self.reward_model = reward_model_dir(cfg, self.run_dir)
+        self.reward_spec = reward_spec(
+            cfg, None if cfg.reward.model_on_learner else self.reward_model
+        )
+        probe_ids = [p.token_ids for p in self.held_out[: cfg.rollout.probe_prompts]]
+        # -- what runs beside the driver; all of it stopped by close()
+        with ExitStack() as stack:
+            self.wandb = WandbLogger(recorded, self.run_dir) if cfg.logging.wandb else None
+            if self.wandb is not None:
+                stack.callback(self.wandb.close)
+            if connect_ray(cfg):
+                stack.callback(ray.shutdown)
+            self.fleet = start_fleet(
+                cfg, self.model_path, pad_token_id(tokenizer), probe_ids, self.reward_spec
+            )
+            stack.callback(self.fleet.kill)
+            self.dashboard = None
+            if cfg.logging.ray_metrics:
+                self.dashboard = DashboardMetrics(self.run_dir.path.name)
+                self.fleet.rollout.on_restart = self.dashboard.restarted
+            self.pool = None  # no reward actors when no stage generates
+            if self.fleet.reward.actors:
+                self.pool = RewardPool(
+                    self.fleet.reward.actors, cfg.reward.batch_size,
+                    on_pending=self.dashboard.reward_queue.set if self.dashboard else None,
+                )
+            self.load_learner_state()
+            self.fleet.sync_adapter()
+            self.running = stack.pop_all()
+
+    def restore(self) -> None:
+        """Where the run stood at its last checkpoint; the logs after it are dropped."""
+        self.resume_from, state = latest_checkpoint(self.run_dir)
+        rewind(self.run_dir, state, self.resume_from)
+        self.stream.cursor = state.prompt_cursor
+        self.stage_evals = state.stage_evals
+        self.position = state.position
+        self.moments = RunningMoments(**state.reward_moments)
+        self.rm_eval = state.rm_eval
+        print(f"resuming {self.run_dir} from {self.resume_from.name}: next stage "
+              f"{state.next_stage + 1} of {len(self.cfg.stages)}, iteration "
+              f"{state.next_iteration}, {state.prompt_cursor} prompts served")
+
+    def load_learner_state(self) -> None:
+        """The checkpoint's weights when resuming, and a reward model the learner serves."""
+        import ray
+
+        learner = self.fleet.learner
+        if self.resume_from is not None:
+            ray.get(learner.load_checkpoint.remote(str(self.resume_from)))
+        if self.cfg.reward.model_on_learner and self.cfg.reward.model is not None:
+            ray.get(learner.load_reward_model.remote(self.cfg.reward.model))
+
+    def close(self) -> None:
+        """Stops the fleet (and wandb, and the Ray cluster if this trainer started it)."""
+        self.running.close()
+
+    def __enter__(self) -> Trainer:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
 
     # -- reporting ----------------------------------------------------------------------------
     def log(self, row: dict, step: int) -> None:
@@ -147,6 +259,9 @@ class Trainer:
         from the batch and counted (`reward_errors`), never silently."""
         import ray
 
+        if self.pool is None:
+            raise RuntimeError(f"stages {self.cfg.stages} generate nothing: this fleet has no "
+                               "reward actors")
         scored = self.pool.score(rollouts)
         if self.cfg.reward.model_on_learner:
             ok = [s for s in scored if s.error is None]
@@ -189,7 +304,7 @@ class Trainer:
         """Learner state first, then the driver's: the trainer state file marks it complete."""
         import ray
 
-        directory = self.run_dir / "checkpoints" / name
+        directory = self.run_dir.checkpoint(name)
         ray.get(self.fleet.learner.save_checkpoint.remote(str(directory)))
         TrainerState(
             next_stage, next_iteration, self.stream.cursor, self.sink.lines, self.stage_evals,
@@ -227,14 +342,12 @@ class Trainer:
             bar.set_postfix(loss=f"{stats.loss:.4f}", refresh=False)
         if stage == "rm":
             after = ray.get(learner.rm_evaluate.remote(held_out))
-            from .train_rm import reward_model_report
-
             self.rm_eval = reward_model_report(
                 self.run_dir, before, after, data, len(items), len(batches)
             )
             ray.get(learner.save_reward_model.remote(
-                str(self.run_dir / REWARD_MODEL_DIR), {"eval": after, "eval_before": before,
-                                                      "data": data.describe()}
+                str(self.run_dir.reward_model), {"eval": after, "eval_before": before,
+                                                 "data": data.describe()}
             ))
 
     def run_rl_stage(self, index: int, first_iteration: int) -> None:
@@ -289,7 +402,7 @@ class Trainer:
                 "sync_seconds": sync_s,
                 "probe_max_logprob_gap": probe_gap,
                 "worker_versions": [versions[i] for i in sorted(versions)],
-                "worker_restarts": self.fleet.worker_restarts,
+                "worker_restarts": self.fleet.rollout.restarts,
                 "reward_errors": self.reward_errors - errors_before,
                 **build_task(cfg.task).count_invalid(answer_pairs(scored)),  # NLU: invalid_answers
                 "response_tokens": tokens,
@@ -307,98 +420,31 @@ class Trainer:
                 self.checkpoint(f"iter_{it + 1:05d}", index, it + 1)
 
     # -- the run ----------------------------------------------------------------------------
-    def prepare(self) -> tuple[str, object, dict[str, LoadedDataset]]:
-        """Model, tokenizer, prompts and stage datasets, all checked before any actor starts;
-        then the run directory (fresh, or rewound to its last checkpoint when resuming)."""
-        from transformers import AutoTokenizer
-
-        cfg = self.cfg
-        reward_rule(cfg)  # a bad reward function fails before the model is built
-        model_path = resolve_model(cfg)
-        tokenizer = AutoTokenizer.from_pretrained(model_path)
-        limit = cfg.model.max_model_len - cfg.rollout.max_new_tokens
-        too_long: list[str] | None = [] if cfg.rollout.too_long_prompts == "skip" else None
-        task = build_task(cfg.task)
-        train = encode_prompts(task.examples("train"), tokenizer, limit, skipped=too_long)
-        self.held_out = encode_prompts(task.examples("eval"), tokenizer, limit, skipped=too_long)
-        self.prompts_skipped = len(too_long or [])
-        if self.prompts_skipped:
-            print(f"skipped {self.prompts_skipped} prompts longer than {limit} tokens "
-                  f"(rollout.too_long_prompts=skip), e.g. {too_long[0][:60]!r}")
-        stage_data = load_stage_data(cfg, tokenizer)
-        self.stream = PromptStream(train, cfg.seed)
-        self.position = (0, 0)
-        if self.resume:
-            self.resume_from, state = latest_checkpoint(self.run_dir)
-            rewind(self.run_dir, state, self.resume_from)
-            self.stream.cursor = state.prompt_cursor
-            self.stage_evals = state.stage_evals
-            self.position = state.position
-            self.moments = RunningMoments(**state.reward_moments)
-            self.rm_eval = state.rm_eval
-            print(f"resuming {self.run_dir} from {self.resume_from.name}: next stage "
-                  f"{state.next_stage + 1} of {len(cfg.stages)}, iteration "
-                  f"{state.next_iteration}, {state.prompt_cursor} prompts served")
-        else:
-            # Created only once the inputs are known good: a failed start leaves no half run.
-            self.run_dir = fresh_run_dir(self.run_dir)
-            cfg.run_dir = str(self.run_dir)
-        save_config(cfg, self.run_dir / "config.yaml")
-        return model_path, tokenizer, stage_data
-
-    def run(self) -> Path:
+    def run(self) -> RunDir:
+        """Runs the stages from where the run stands; writes summary.json, the final adapter
+        and the reward curve, prints the summary."""
         import ray
 
-        cfg = self.cfg
-        run_start = time.perf_counter()
-        model_path, tokenizer, stage_data = self.prepare()
-        self.reward_spec = reward_spec(cfg)  # after prepare: it names RUN_DIR/reward_model
-        probe_ids = [p.token_ids for p in self.held_out[: cfg.rollout.probe_prompts]]
-        started_ray = connect_ray(cfg)
-        self.fleet = start_fleet(cfg, model_path, tokenizer.pad_token_id, probe_ids)
-        self.sink = MetricsSink(self.run_dir)
-        if cfg.logging.ray_metrics:
-            self.dashboard = DashboardMetrics(self.run_dir.name)
-            self.fleet.on_restart = lambda role: self.dashboard.restarts.inc(tags={"role": role})
-        self.pool = RewardPool(
-            self.fleet.reward_actors, cfg.reward.batch_size,
-            on_pending=self.dashboard.reward_queue.set if self.dashboard else None,
-        )
-        if cfg.logging.wandb:
-            self.wandb = WandbLogger(cfg, self.run_dir)
         try:
-            summary = self.run_stages(stage_data, run_start, model_path)
+            summary = self.run_stages()
         except ray.exceptions.RayActorError as exc:
             if not is_actor(exc, self.fleet.learner):
                 raise
             raise LearnerDied(self.resume_hint(f"the learner actor died ({exc})")) from exc
-        finally:
-            self.fleet.kill()
-            if self.wandb is not None:
-                self.wandb.close()
-            if started_ray:
-                ray.shutdown()
         if read_metrics(self.run_dir):
             plot_reward_curve(self.run_dir)
         print_summary(self.run_dir, summary)
         return self.run_dir
 
-    def run_stages(
-        self, stage_data: dict[str, LoadedDataset], run_start: float, model_path: str
-    ) -> dict:
+    def run_stages(self) -> dict:
         import ray
 
         cfg = self.cfg
         next_stage, next_iteration = self.position
-        if self.resume:
-            ray.get(self.fleet.learner.load_checkpoint.remote(str(self.resume_from)))
-        if cfg.reward.model_on_learner and cfg.reward.model is not None:
-            ray.get(self.fleet.learner.load_reward_model.remote(cfg.reward.model))
-        self.fleet.sync_adapter()
         for index in range(next_stage, len(cfg.stages)):
             stage = cfg.stages[index]
             if stage == "rm":  # trains the reward, not the policy: nothing to evaluate
-                self.run_offline_stage(stage, stage_data[stage], index)
+                self.run_offline_stage(stage, self.stage_data[stage], index)
                 self.checkpoint(f"stage{index + 1}_{stage}", index + 1, 0)
                 continue
             if not self.stage_evals:
@@ -406,7 +452,7 @@ class Trainer:
             if stage == "rl":
                 self.run_rl_stage(index, next_iteration if index == next_stage else 0)
             else:
-                self.run_offline_stage(stage, stage_data[stage], index)
+                self.run_offline_stage(stage, self.stage_data[stage], index)
             self.fleet.sync_adapter()
             evals = self.evaluate()
             self.stage_evals.append({"stage": stage, **evals})
@@ -415,22 +461,22 @@ class Trainer:
             self.checkpoint(f"stage{index + 1}_{stage}", index + 1, 0)
         rl_rows = read_metrics(self.run_dir)
         summary = {
-            "model_path": model_path,  # the base adapter/ goes with (tiny: the built model)
+            "model_path": self.model_path,  # the base adapter/ goes with (tiny: the built model)
             "stages": cfg.stages, "stage_evals": self.stage_evals, "iterations": cfg.iterations,
             # (an rm-only run trains no policy: nothing evaluated)
             **{f"final_{k}": self.stage_evals[-1][k] for k in EVAL_KEYS if self.stage_evals},
-            "datasets": {k: v.describe() for k, v in stage_data.items()},
-            "worker_restarts": self.fleet.worker_restarts,
+            "datasets": {k: v.describe() for k, v in self.stage_data.items()},
+            "worker_restarts": self.fleet.rollout.restarts,
             "reward_errors": self.reward_errors,
             "prompts_skipped_too_long": self.prompts_skipped,
-            "resumed_from": str(self.resume_from) if self.resume else None,
-            "reward_model": reward_model_dir(cfg),
+            "resumed_from": None if self.resume_from is None else str(self.resume_from),
+            "reward_model": self.reward_model,
             "reward_model_eval": self.rm_eval,
-            "wall_seconds": time.perf_counter() - run_start,
+            "wall_seconds": time.perf_counter() - self.start_time,
             **(summarize(rl_rows) if rl_rows else {}),
         }
-        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-        ray.get(self.fleet.learner.save.remote(str(self.run_dir / "adapter")))
+        self.run_dir.write_summary(summary)
+        ray.get(self.fleet.learner.save.remote(str(self.run_dir.adapter)))
         return summary
 
     def resume_hint(self, what: str) -> str:

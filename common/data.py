@@ -1,4 +1,5 @@
-"""Prompt streams: tokenised task examples served in a seeded, reproducible order."""
+"""Prompt streams: tokenised task examples served in a seeded, reproducible order; the pad id
+every padded batch uses."""
 
 from __future__ import annotations
 
@@ -29,6 +30,18 @@ def encode_prompts(
             )
         prompts.append(Prompt(first_index + i, ex.prompt, ids, ex.reference))
     return prompts
+
+
+def pad_token_id(tokenizer) -> int:
+    """The tokenizer's pad token, else its EOS: most hub tokenizers (Llama, Qwen base models)
+    have no pad token. Every batch is right-padded under an attention mask, so the pad is
+    never read."""
+    if tokenizer.pad_token_id is not None:
+        return tokenizer.pad_token_id
+    if tokenizer.eos_token_id is None:
+        raise ValueError(f"the tokenizer of {tokenizer.name_or_path} has neither a pad nor an "
+                         "EOS token: set one (tokenizer.pad_token) in the model directory")
+    return tokenizer.eos_token_id
 
 
 class PromptStream:

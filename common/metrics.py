@@ -6,13 +6,15 @@ import json
 import math
 from pathlib import Path
 
+from .run_dir import RunDir
+
 
 class MetricsSink:
-    """Appends rows to run_dir/metrics.jsonl; `lines` counts the rows in the file (a resumed
+    """Appends rows to the run's metrics.jsonl; `lines` counts the rows in the file (a resumed
     run continues after the rows its checkpoint kept)."""
 
-    def __init__(self, run_dir: Path) -> None:
-        self.path = run_dir / "metrics.jsonl"
+    def __init__(self, run_dir: RunDir) -> None:
+        self.path = run_dir.metrics
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.lines = len(self.path.read_text().splitlines()) if self.path.exists() else 0
 
@@ -22,9 +24,9 @@ class MetricsSink:
         self.lines += 1
 
 
-def read_metrics(run_dir: Path, stage: str = "rl") -> list[dict]:
+def read_metrics(run_dir: RunDir, stage: str = "rl") -> list[dict]:
     """The rows one stage logged (RL iterations by default; rows predating stages count as rl)."""
-    path = run_dir / "metrics.jsonl"
+    path = run_dir.metrics
     if not path.exists():
         return []
     with path.open() as f:
@@ -53,7 +55,7 @@ def summarize(rows: list[dict], window: int = 10) -> dict[str, float]:
     }
 
 
-def plot_reward_curve(run_dir: Path) -> Path:
+def plot_reward_curve(run_dir: RunDir) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -63,8 +65,7 @@ def plot_reward_curve(run_dir: Path) -> Path:
     it = [r["iteration"] for r in rows]
     fig, (ax_r, ax_kl) = plt.subplots(1, 2, figsize=(10, 3.8))
     ax_r.plot(it, [r["reward_mean"] for r in rows], label="train reward (sampled)")
-    summary_path = run_dir / "summary.json"
-    final = json.loads(summary_path.read_text()) if summary_path.exists() else None
+    final = run_dir.read_summary() if run_dir.summary.exists() else None
     for key, label in (("eval_reward", "held-out (sampled)"), ("eval_greedy", "held-out (greedy)")):
         points = [(r["iteration"], r[key]) for r in rows if r.get(key) is not None]
         if final is not None:  # the final adapter, evaluated after the last update
@@ -76,7 +77,7 @@ def plot_reward_curve(run_dir: Path) -> Path:
     ax_kl.plot(it, [r["kl"] if r["kl"] is not None else math.nan for r in rows], color="C3")
     ax_kl.set(xlabel="iteration", ylabel="KL(policy || reference)", title="KL")
     fig.tight_layout()
-    out = run_dir / "reward_curve.png"
+    out = run_dir.reward_curve
     fig.savefig(out, dpi=100)
     plt.close(fig)
     return out

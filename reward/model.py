@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..common.data import pad_token_id
 from ..common.records import Rollout
 
 
@@ -35,6 +36,4 @@ class LearnedReward:
         from ..learner.reward_model import rollout_rows, score_rows
 
         rows = rollout_rows(self.tokenizer, rollouts)
-        pad = self.tokenizer.pad_token_id
-        pad = pad if pad is not None else self.tokenizer.eos_token_id  # right padding: unread
-        return score_rows(self.net, rows, pad, self.batch_size)
+        return score_rows(self.net, rows, pad_token_id(self.tokenizer), self.batch_size)

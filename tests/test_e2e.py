@@ -7,7 +7,6 @@ SPR and the SFT -> SPR chain run in-process on the session cluster."""
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import signal
@@ -24,6 +23,7 @@ import pytest
 from lorafleet.cluster.config import load_train_config
 from lorafleet.cluster.trainer import Trainer
 from lorafleet.common.metrics import read_metrics
+from lorafleet.common.run_dir import RunDir
 from lorafleet.common.tasks.registry import build_task
 
 pytestmark = pytest.mark.slow
@@ -47,7 +47,8 @@ def run_short_job(config: str, tmp_path, checkpoint_every: int):
         f"run_dir={tmp_path / 'run'}", f"iterations={ITERATIONS}",
         f"checkpoint_every={checkpoint_every}", "eval_every=0",
     ])
-    return cfg, Trainer(cfg).run()
+    with Trainer(cfg) as trainer:
+        return cfg, trainer.run()
 
 
 REPO = Path(__file__).parent.parent
@@ -129,7 +130,7 @@ METRICS = {"ray_lorafleet_reward_mean", "ray_lorafleet_rollout_tokens_per_s",
 def default_job(ray_head, tmp_path_factory):
     """The default job's first `ITERATIONS` iterations, submitted to the head; the metric
     series seen on its export endpoint while the job ran."""
-    run_dir = tmp_path_factory.mktemp("default-job") / "run"
+    run_dir = RunDir(tmp_path_factory.mktemp("default-job") / "run")
     cache = os.environ.get("LORAFLEET_CACHE", "")
     entrypoint = [
         "env", f"LORAFLEET_CACHE={cache}", sys.executable, "-m", "lorafleet.cluster.cli",
@@ -157,8 +158,8 @@ def default_job(ray_head, tmp_path_factory):
 
 def test_submitted_job_succeeds_and_exports_metrics(default_job):
     run_dir, seen = default_job
-    summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["iterations"] == ITERATIONS and (run_dir / "adapter").is_dir()
+    summary = run_dir.read_summary()
+    assert summary["iterations"] == ITERATIONS and run_dir.adapter.is_dir()
     assert seen == METRICS, f"missing on the metrics endpoint: {METRICS - seen}"
 
 
@@ -167,7 +168,7 @@ def test_default_job_learns_and_saves_a_plain_peft_adapter(default_job, tiny_mod
     from transformers import AutoModelForCausalLM
 
     run_dir, _ = default_job
-    cfg = load_train_config(run_dir / "config.yaml")
+    cfg = load_train_config(run_dir.config)
     rows = read_metrics(run_dir)
     assert [r["iteration"] for r in rows] == list(range(ITERATIONS))
     assert [r["adapter_version"] for r in rows] == list(range(ITERATIONS))
@@ -179,19 +180,19 @@ def test_default_job_learns_and_saves_a_plain_peft_adapter(default_job, tiny_mod
     assert max(r["logprob_diff_vllm"] for r in rows) < 1e-3
 
     assert_reward_rises(rows, MIN_REWARD_GAIN)
-    summary = json.loads((run_dir / "summary.json").read_text())
+    summary = run_dir.read_summary()
     start, end = summary["stage_evals"][0], summary["stage_evals"][-1]
     assert end["eval_reward"] > MIN_SAMPLED_RATIO * start["eval_reward"], (start, end)
     assert end["eval_greedy"] > start["eval_greedy"] + MIN_GREEDY_GAIN, (start, end)
 
-    assert (run_dir / "config.yaml").exists() and (run_dir / "reward_curve.png").exists()
-    ckpts = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert run_dir.config.exists() and run_dir.reward_curve.exists()
+    ckpts = sorted(p.name for p in run_dir.checkpoints.iterdir())
     assert ckpts == ["iter_00010", "iter_00020", "stage1_rl"]
 
     # The final adapter is plain PEFT; HF greedy decoding with it reproduces the held-out
     # reward that the vLLM fleet measured with the in-memory adapter.
     base = AutoModelForCausalLM.from_pretrained(tiny_model_path)
-    model = PeftModel.from_pretrained(base, str(run_dir / "adapter")).eval()
+    model = PeftModel.from_pretrained(base, str(run_dir.adapter)).eval()
     assert hf_greedy_reward(model, cfg, tiny_model_path) == pytest.approx(
         summary["final_eval_greedy"], abs=0.02
     )
@@ -215,7 +216,7 @@ def test_spr_job_reward_rises(ray_cluster, tmp_path):
     assert all(r["value_loss"] is None and r["weight_max"] <= 4.0 for r in rows)
     assert_reward_rises(rows, SPR_MIN_REWARD_GAIN)
     # No critic: the saved run has the policy adapter only.
-    assert not (run_dir / "adapter" / "value").exists()
+    assert not (run_dir.adapter / "value").exists()
 
 
 def hf_greedy_reward(model, cfg, model_path: str) -> float:
@@ -251,7 +252,8 @@ def test_sft_then_spr_chain_from_one_config(ray_cluster, tmp_path):
     cfg = load_train_config("deploy/configs/sft_spr.yaml", [
         f"run_dir={tmp_path / 'run'}", "iterations=6", "eval_every=0", "checkpoint_every=0",
     ])
-    run_dir = Trainer(cfg).run()
+    with Trainer(cfg) as trainer:
+        run_dir = trainer.run()
     sft_rows, rl_rows = read_metrics(run_dir, "sft"), read_metrics(run_dir)
     train_rows = len(build_task(cfg.task).examples("train"))
     assert len(sft_rows) == cfg.sft.epochs * math.ceil(train_rows / cfg.sft.batch_size)
@@ -261,11 +263,11 @@ def test_sft_then_spr_chain_from_one_config(ray_cluster, tmp_path):
     assert [r["adapter_version"] for r in rl_rows] == [
         sft_rows[-1]["adapter_version"] + i for i in range(6)
     ]
-    summary = json.loads((run_dir / "summary.json").read_text())
+    summary = run_dir.read_summary()
     evals = {row["stage"]: row for row in summary["stage_evals"]}
     assert list(evals) == ["start", "sft", "rl"]
     gain = evals["sft"]["eval_reward"] - evals["start"]["eval_reward"]
     assert gain > SFT_MIN_EVAL_GAIN, f"SFT stage moved held-out reward by {gain:.3f}"
     assert summary["final_eval_reward"] == evals["rl"]["eval_reward"]
-    assert (run_dir / "checkpoints" / "stage1_sft" / "adapter_model.safetensors").exists()
-    assert (run_dir / "checkpoints" / "stage1_sft" / "trainer_state.json").exists()
+    assert (run_dir.checkpoint("stage1_sft") / "adapter_model.safetensors").exists()
+    assert (run_dir.checkpoint("stage1_sft") / "trainer_state.json").exists()

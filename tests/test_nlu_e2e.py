@@ -13,6 +13,7 @@ from lorafleet.cluster.config import load_train_config
 from lorafleet.cluster.nlu_table import nlu_table
 from lorafleet.cluster.trainer import Trainer
 from lorafleet.common.metrics import read_metrics
+from lorafleet.common.run_dir import RunDir
 
 pytestmark = pytest.mark.slow
 
@@ -42,7 +43,7 @@ def test_vader_zero_shot_sft_ppo_table(ray_cluster, tmp_path):
     assert table["0-shot"]["sentiment_vader/invalid_rate"] > 0.9
     # `lorafleet eval`'s zero-shot and the trainer's own start evaluation see the same model
     # and prompts (greedy): they agree.
-    summary = json.loads((out / "train" / "summary.json").read_text())
+    summary = RunDir(out / "train").read_summary()
     assert table["0-shot"]["eval_greedy"] == pytest.approx(
         summary["stage_evals"][0]["eval_greedy"], abs=0.02
     )
@@ -50,15 +51,16 @@ def test_vader_zero_shot_sft_ppo_table(ray_cluster, tmp_path):
     assert table["SFT+PPO"][ACC] - table["SFT"][ACC] > MIN_PPO_GAIN
     sft, ppo = summary["stage_evals"][1:]
     assert ppo["eval_reward"] - sft["eval_reward"] > MIN_PPO_SAMPLED_GAIN
-    rl = read_metrics(out / "train")
+    rl = read_metrics(RunDir(out / "train"))
     assert all("invalid_answers" in row for row in rl)
 
 
 def test_write_positive_reward_rises(ray_cluster, tmp_path):
     cfg = load_train_config("deploy/configs/write_positive.yaml", [f"run_dir={tmp_path / 'w'}"])
-    run_dir = Trainer(cfg).run()
+    with Trainer(cfg) as trainer:
+        run_dir = trainer.run()
     rewards = [row["reward_mean"] for row in read_metrics(run_dir)]
     first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
     assert last - first > MIN_COMPOUND_GAIN
-    evals = json.loads((run_dir / "summary.json").read_text())["stage_evals"]
+    evals = run_dir.read_summary()["stage_evals"]
     assert evals[-1]["write_positive/vader_compound"] > evals[0]["write_positive/vader_compound"]

@@ -27,7 +27,8 @@ def perl_run(ray_cluster, tmp_path_factory):
         f"run_dir={tmp_path_factory.mktemp('perl') / 'run'}", f"iterations={ITERATIONS}",
         "checkpoint_every=0",
     ])
-    return Trainer(cfg).run()
+    with Trainer(cfg) as trainer:
+        return trainer.run()
 
 
 def test_reward_model_learns_and_the_policy_climbs_it(perl_run):
@@ -37,14 +38,14 @@ def test_reward_model_learns_and_the_policy_climbs_it(perl_run):
     # +0.08 to +0.25; trained on the RM alone, the true greedy exact match rises 0.048 ->
     # 0.352-0.504 (the RM tells the gold sum from random wrong sums, and partly from the habit's
     # slip). Asserted at about half of the smallest.
-    report = json.loads((perl_run / "rm_eval.json").read_text())
+    report = json.loads(perl_run.rm_eval.read_text())
     assert report["after"]["accuracy"] > 0.75
     assert report["after"]["accuracy"] > report["before"]["accuracy"] + 0.15
     assert report["after"]["mean_margin"] > 1.0
-    meta = json.loads((perl_run / "reward_model" / "reward_model.json").read_text())
+    meta = json.loads((perl_run.reward_model / "reward_model.json").read_text())
     assert meta["eval"] == report["after"]
 
-    summary = json.loads((perl_run / "summary.json").read_text())
+    summary = perl_run.read_summary()
     evals = {e["stage"]: e for e in summary["stage_evals"]}
     assert list(evals) == ["start", "rl"]
     assert evals["rl"]["eval_reward_model"] > evals["start"]["eval_reward_model"] + 0.05
@@ -68,12 +69,13 @@ def test_reward_model_scores_from_the_learner_base(perl_run, tmp_path):
     the held-out scores the reward actors gave the same (untrained) policy in the PERL run."""
     cfg = load_train_config("deploy/configs/perl.yaml", [
         f"run_dir={tmp_path / 'run'}", "stages=[rl]", "iterations=2", "checkpoint_every=0",
-        f"reward.model={perl_run / 'reward_model'}", "reward.model_on_learner=true",
+        f"reward.model={perl_run.reward_model}", "reward.model_on_learner=true",
         "reward.num_actors=1",
     ])
-    run_dir = Trainer(cfg).run()
-    start = json.loads((run_dir / "summary.json").read_text())["stage_evals"][0]
-    perl_start = json.loads((perl_run / "summary.json").read_text())["stage_evals"][0]
+    with Trainer(cfg) as trainer:
+        run_dir = trainer.run()
+    start = run_dir.read_summary()["stage_evals"][0]
+    perl_start = perl_run.read_summary()["stage_evals"][0]
     assert start["eval_greedy_model"] == pytest.approx(perl_start["eval_greedy_model"], abs=1e-5)
     rows = read_metrics(run_dir)
     assert len(rows) == 2 and all("reward_model_mean" in r for r in rows)

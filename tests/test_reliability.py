@@ -4,14 +4,12 @@ work re-sent, with every prompt accounted for exactly once."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -20,6 +18,7 @@ from lorafleet.cluster.config import load_train_config
 from lorafleet.cluster.trainer import Trainer
 from lorafleet.common.data import PromptStream, encode_prompts
 from lorafleet.common.metrics import read_metrics
+from lorafleet.common.run_dir import RunDir
 from lorafleet.common.tasks.registry import build_task
 
 pytestmark = pytest.mark.slow
@@ -47,19 +46,19 @@ def expected_batches(cfg, tokenizer) -> list[list[int]]:
             for _ in range(cfg.iterations)]
 
 
-def assert_each_prompt_once(run_dir: Path, cfg, tokenizer) -> None:
+def assert_each_prompt_once(run_dir: RunDir, cfg, tokenizer) -> None:
     n = cfg.rollout.samples_per_prompt
     for it, indices in enumerate(expected_batches(cfg, tokenizer)):
-        table = pq.read_table(run_dir / "rollouts" / f"stage0_iter{it:05d}.parquet").to_pylist()
+        table = pq.read_table(run_dir.rollout_file(0, it)).to_pylist()
         served = sorted(r["prompt_index"] for r in table)
         assert served == sorted(indices * n), f"iteration {it}: prompts lost or repeated"
         assert {r["sample_index"] for r in table} == set(range(n))
 
 
 def test_killed_run_resumes_from_its_checkpoint(tmp_path, tokenizer):
-    run_dir = tmp_path / "run"
+    run_dir = RunDir(tmp_path / "run")
     first = lorafleet("train", *SHORT_RUN, f"run_dir={run_dir}")
-    marker = run_dir / "checkpoints" / "iter_00004" / "trainer_state.json"
+    marker = run_dir.checkpoint("iter_00004") / "trainer_state.json"
     deadline = time.time() + 600
     while not marker.exists():
         assert first.poll() is None, first.stdout.read()[-3000:]
@@ -68,7 +67,7 @@ def test_killed_run_resumes_from_its_checkpoint(tmp_path, tokenizer):
     os.killpg(first.pid, signal.SIGKILL)  # the driver and the Ray cluster it started
     first.wait()
     killed_rows = read_metrics(run_dir)
-    assert not (run_dir / "summary.json").exists() and len(killed_rows) >= 4
+    assert not run_dir.summary.exists() and len(killed_rows) >= 4
 
     second = lorafleet("train", "--resume", str(run_dir))
     out, _ = second.communicate(timeout=900)
@@ -79,12 +78,12 @@ def test_killed_run_resumes_from_its_checkpoint(tmp_path, tokenizer):
     assert [r["iteration"] for r in rows] == list(range(ITERATIONS))  # k+1.. once, no gaps
     assert [r["adapter_version"] for r in rows] == list(range(ITERATIONS))
     assert rows[:4] == killed_rows[:4]  # the rows before the checkpoint are kept as they were
-    cfg = load_train_config(run_dir / "config.yaml")
+    cfg = load_train_config(run_dir.config)
     assert [r["prompt_cursor"] for r in rows] == [
         (it + 1) * cfg.prompts_per_iteration for it in range(ITERATIONS)
     ]
     assert_each_prompt_once(run_dir, cfg, tokenizer)
-    summary = json.loads((run_dir / "summary.json").read_text())
+    summary = run_dir.read_summary()
     assert summary["resumed_from"].endswith("iter_00004")
 
 
@@ -99,8 +98,8 @@ def test_killed_rollout_and_reward_actors_are_replaced(ray_cluster, tmp_path, to
     killed: dict[str, tuple[int, int]] = {}
 
     def kill_when(iteration: int, name: str) -> None:
-        metrics = tmp_path / "run" / "metrics.jsonl"
-        while not metrics.exists() or len(read_metrics(metrics.parent)) < iteration:
+        run_dir = RunDir(tmp_path / "run")
+        while len(read_metrics(run_dir)) < iteration:
             time.sleep(0.05)
         pid = actor_pid(name)
         os.kill(pid, signal.SIGKILL)
@@ -112,8 +111,8 @@ def test_killed_rollout_and_reward_actors_are_replaced(ray_cluster, tmp_path, to
 
     thread = threading.Thread(target=killer, daemon=True)
     thread.start()
-    trainer = Trainer(cfg)
-    run_dir = trainer.run()
+    with Trainer(cfg) as trainer:
+        run_dir = trainer.run()
     thread.join(timeout=5)
     assert set(killed) == {"lorafleet-rollout-0", "lorafleet-reward-1"}
 
@@ -124,8 +123,7 @@ def test_killed_rollout_and_reward_actors_are_replaced(ray_cluster, tmp_path, to
     # restarted one included.
     assert all(r["worker_versions"] == [r["adapter_version"]] * 2 for r in rows)
     assert_each_prompt_once(run_dir, cfg, tokenizer)
-    summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["worker_restarts"] == 1
+    assert run_dir.read_summary()["worker_restarts"] == 1
 
 
 def test_dead_learner_ends_the_run_with_a_resume_hint(ray_cluster, tmp_path):
@@ -134,14 +132,14 @@ def test_dead_learner_ends_the_run_with_a_resume_hint(ray_cluster, tmp_path):
     cfg = load_train_config(None, [*SHORT_RUN, f"run_dir={tmp_path / 'run'}"])
 
     def kill_learner() -> None:
-        marker = tmp_path / "run" / "checkpoints" / "iter_00002" / "trainer_state.json"
+        marker = RunDir(tmp_path / "run").checkpoint("iter_00002") / "trainer_state.json"
         while not marker.exists():
             time.sleep(0.05)
         os.kill(actor_pid("lorafleet-learner"), signal.SIGKILL)
 
     threading.Thread(target=kill_learner, daemon=True).start()
-    with pytest.raises(LearnerDied) as failure:
-        Trainer(cfg).run()
+    with pytest.raises(LearnerDied) as failure, Trainer(cfg) as trainer:
+        trainer.run()
     message = str(failure.value)
     assert "the learner actor died" in message and "(iter_00002)" in message
     assert f"lorafleet train --resume {tmp_path / 'run'}" in message

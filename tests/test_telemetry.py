@@ -9,6 +9,7 @@ import pytest
 from lorafleet.cluster.config import TrainConfig
 from lorafleet.cluster.telemetry import WandbLogger, write_rollouts
 from lorafleet.common.records import Prompt, Rollout, ScoredRollout
+from lorafleet.common.run_dir import RunDir
 
 
 def test_wandb_records_offline_without_a_key(tmp_path, monkeypatch):
@@ -17,7 +18,7 @@ def test_wandb_records_offline_without_a_key(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb-config"))  # no stored login
     monkeypatch.setenv("WANDB_SILENT", "true")
     cfg = TrainConfig(run_dir=str(tmp_path / "myrun"))
-    logger = WandbLogger(cfg, tmp_path)
+    logger = WandbLogger(cfg, RunDir(tmp_path))
     assert logger.run.settings.mode == "offline"
     assert logger.run.config["algo"]["name"] == "ppo"
     logger.log({"stage": "rl", "iteration": 0, "reward_mean": 0.25, "eval_reward": None}, 0)
@@ -34,7 +35,7 @@ def test_rollouts_parquet_holds_every_sample(tmp_path):
         ScoredRollout(Rollout(prompt, k, [5, 6], text, [-0.1, -0.2], "stop", 3, 1), reward)
         for k, (text, reward) in enumerate((("3", 1.0), ("4", 0.0)))
     ]
-    path = write_rollouts(tmp_path, 0, 12, scored)
+    path = write_rollouts(RunDir(tmp_path), 0, 12, scored)
     assert path.name == "stage0_iter00012.parquet"
     rows = pq.read_table(path).to_pylist()
     assert [(r["prompt_index"], r["sample_index"], r["response"], r["reward"]) for r in rows] == [
@@ -57,4 +58,4 @@ def test_missing_wandb_is_a_config_error(monkeypatch, tmp_path):
 
     monkeypatch.setattr(builtins, "__import__", no_wandb)
     with pytest.raises(ConfigError, match="lorafleet\\[wandb\\]"):
-        WandbLogger(TrainConfig(), tmp_path)
+        WandbLogger(TrainConfig(), RunDir(tmp_path))

@@ -1,0 +1,27 @@
+"""The run's actor groups from a config: their sizes, shares, names and restart policy, and
+only the learner when no stage generates."""
+
+from __future__ import annotations
+
+from lorafleet.cluster.actor_group import Resources
+from lorafleet.cluster.config import load_train_config
+from lorafleet.cluster.fleet import group_specs
+
+
+def test_the_default_job_has_a_learner_two_rollout_workers_and_two_reward_actors():
+    learner, rollout, reward = group_specs(load_train_config(None))
+    assert [(g.role, g.size) for g in (learner, rollout, reward)] == [
+        ("learner", 1), ("rollout", 2), ("reward", 2)
+    ]
+    assert learner.name == "lorafleet-learner" and learner.max_restarts == 0
+    assert rollout.name.format(i=1) == "lorafleet-rollout-1" and rollout.max_restarts == 3
+    assert rollout.max_task_retries == 0 and rollout.index_kwarg == "worker_id"
+    assert reward.max_task_retries == 3  # scoring is pure: Ray re-runs a lost batch
+    assert learner.resources == Resources(cpus=0.8) and learner.resources_key == "learner.cpus"
+
+
+def test_a_reward_model_stage_alone_starts_only_the_learner():
+    groups = group_specs(load_train_config(None, ["stages=[rm]", "reward.rule_weight=0"]))
+    assert [g.size for g in groups] == [1, 0, 0]
+    groups = group_specs(load_train_config(None, ["stages=[rm, sft]"]))
+    assert [g.size for g in groups] == [1, 2, 2]
