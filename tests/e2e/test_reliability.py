@@ -21,7 +21,6 @@ from lorafleet.common.metrics import read_metrics
 from lorafleet.common.run_dir import RunDir
 from lorafleet.common.tasks.registry import build_task
 
-pytestmark = pytest.mark.slow
 
 ITERATIONS = 6
 SHORT_RUN = [

@@ -26,7 +26,6 @@ from lorafleet.common.metrics import read_metrics
 from lorafleet.common.run_dir import RunDir
 from lorafleet.common.tasks.registry import build_task
 
-pytestmark = pytest.mark.slow
 
 ITERATIONS = 20
 WINDOW = 5
@@ -51,7 +50,7 @@ def run_short_job(config: str, tmp_path, checkpoint_every: int):
         return cfg, trainer.run()
 
 
-REPO = Path(__file__).parent.parent
+REPO = Path(__file__).parents[2]
 RAY = str(Path(sys.executable).parent / "ray")
 # Ray's token authentication (the head generates ~/.ray/auth_token; clients send it).
 ENV = {**os.environ, "RAY_AUTH_MODE": "token"}

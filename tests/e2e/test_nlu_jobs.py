@@ -15,7 +15,6 @@ from lorafleet.cluster.trainer import Trainer
 from lorafleet.common.metrics import read_metrics
 from lorafleet.common.run_dir import RunDir
 
-pytestmark = pytest.mark.slow
 
 ACC = "sentiment_vader/accuracy"
 # Measured on 2 cores (AMD EPYC; README, "NLU tasks"), held-out greedy accuracy SFT -> SFT+PPO

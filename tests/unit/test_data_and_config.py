@@ -18,7 +18,7 @@ from lorafleet.common.tasks.registry import build_task
 from lorafleet.common.tiny_model import SHIPPED_MODELS, build_tiny_model, model_name
 from lorafleet.learner.algorithms.registry import GRPOConfig, RLOOConfig, SPRConfig
 
-CONFIGS = Path(__file__).parent.parent / "deploy" / "configs"
+CONFIGS = Path(__file__).parents[2] / "deploy" / "configs"
 
 
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)

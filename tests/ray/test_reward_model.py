@@ -1,6 +1,5 @@
 """A LoRA reward model on the real tiny model: Bradley-Terry training ranks held-out pairs,
-the saved model scores identically in a reward actor (Ray) and on the learner's base, and
-`lorafleet train-rm` trains it as the rm stage on a fleet of the learner alone."""
+the saved model scores identically in a reward actor (Ray) and on the learner's base."""
 
 from __future__ import annotations
 
@@ -9,14 +8,10 @@ import json
 import pytest
 import torch
 
-import lorafleet.cluster.trainer
 from helpers import contrast_batch
-from lorafleet.cluster.train_rm import train_reward_model
 from lorafleet.common.config import LoRAConfig
 from lorafleet.common.corpora import DatasetConfig, load_preferences
 from lorafleet.common.data import epoch_batches, split_held_out
-from lorafleet.common.metrics import read_metrics
-from lorafleet.common.run_dir import RunDir
 from lorafleet.common.tasks.addition import AdditionTask
 from lorafleet.learner.actor import Learner
 from lorafleet.learner.algorithms.registry import PPOConfig
@@ -121,27 +116,3 @@ def test_reward_model_on_the_learner_base(trained, tiny_model_path, tokenizer, t
     )
     with pytest.raises(ValueError, match="trained on some/other-model"):
         fresh.load_reward_model(str(other))
-
-
-@pytest.mark.slow
-def test_train_rm_is_the_rm_stage_on_the_learner_alone(ray_cluster, tokenizer, tmp_path, capsys,
-                                                       monkeypatch):
-    fleets = []
-    start_fleet = lorafleet.cluster.trainer.start_fleet
-    monkeypatch.setattr(lorafleet.cluster.trainer, "start_fleet",
-                        lambda *args: fleets.append(start_fleet(*args)) or fleets[-1])
-    directory = train_reward_model("deploy/configs/rm.yaml", [
-        f"run_dir={tmp_path / 'rm'}", "rm.epochs=1", "rm.data.max_rows=320",
-    ])
-    assert [len(group.actors) for group in fleets[0].groups] == [1, 0, 0]  # no stage generates
-    run_dir = RunDir(tmp_path / "rm")
-    assert directory == run_dir.reward_model
-    report = json.loads(run_dir.rm_eval.read_text())
-    assert report["after"]["pairs"] == 32 and report["steps"] == 9  # 288 pairs, batches of 32
-    assert json.loads((directory / "reward_model.json").read_text())["eval"] == report["after"]
-    assert len(read_metrics(run_dir, "rm")) == 9
-    out = capsys.readouterr().out
-    assert f"reward model on 32 held-out pairs: accuracy {report['before']['accuracy']:.3f}" in out
-    assert f"score with it: lorafleet train reward.model={directory} reward.rule_weight=0" in out
-    rollouts = [s.rollout for s in contrast_batch(tokenizer, 0)]
-    assert len(LearnedReward(str(directory)).score(rollouts)) == 64

@@ -10,7 +10,7 @@ import yaml
 
 from lorafleet.cluster.validate import validate, validate_file
 
-CLUSTER = Path(__file__).parent.parent / "deploy" / "cluster"
+CLUSTER = Path(__file__).parents[2] / "deploy" / "cluster"
 SHIPPED = sorted(CLUSTER.glob("*.yaml"))
 
 

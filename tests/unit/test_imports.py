@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).parent.parent
+ROOT = Path(__file__).parents[2]
 ROLES = ("common", "rollout", "reward", "learner", "cluster")
 # What each role may import besides itself. common is the shared floor; the reward actors run
 # the learner's model code for a learned reward model (learner.model, learner.reward_model).

@@ -10,7 +10,6 @@ from lorafleet.common.records import Prompt
 from lorafleet.common.tasks.addition import AdditionTask
 from lorafleet.learner.base import SyncError
 
-pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")

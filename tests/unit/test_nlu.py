@@ -18,7 +18,7 @@ from lorafleet.common.tasks.nlu_metrics import INVALID, accuracy, f1, macro_f1, 
 from lorafleet.common.tasks.registry import TaskConfig, build_task
 from lorafleet.reward.nlu import label_match
 
-GLUE_DIR = Path(__file__).parent / "data" / "glue"
+GLUE_DIR = Path(__file__).parents[1] / "data" / "glue"
 
 # The first training rows' gold label words in tests/data/glue (ids, names and booleans as the
 # official files spell them).
