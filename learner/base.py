@@ -67,14 +67,14 @@ class LearnerBase:
 
     def __init__(
         self, model_path: str, lora: LoRAConfig, algo: AlgoConfig, *, dtype: str, seed: int,
-        threads: int, pad_token_id: int,
+        threads: int, pad_token_id: int, device: str = "cpu",
     ) -> None:
         torch.set_num_threads(threads)
         self.algo = algo
         self.pad_id = pad_token_id
         self.model_path, self.lora, self.dtype = model_path, lora, dtype
         adapters = (POLICY, VALUE) if self.with_value else (POLICY,)
-        self.net = PolicyValueModel(model_path, lora, DTYPES[dtype], seed, adapters)
+        self.net = PolicyValueModel(model_path, lora, DTYPES[dtype], seed, adapters, device)
         self.reward_trainer: RewardModelTrainer | None = None
         self.reward_tokenizer = None
         self.policy_params = self.net.adapter_parameters(POLICY)
@@ -102,7 +102,7 @@ class LearnerBase:
                     f"rollout worker {result.worker_id} reports adapter v{result.adapter_version},"
                     f" learner published v{self.version}"
                 )
-            batch = collate(result.prompt_ids, result.response_ids, self.pad_id)
+            batch = collate(result.prompt_ids, result.response_ids, self.pad_id, self.net.device)
             gap = float(((self.net.logprobs(batch) - padded(result.logprobs, batch)).abs()
                          * batch.mask).max())
             if gap > tolerance:
@@ -122,7 +122,8 @@ class LearnerBase:
     def sft_step(self, examples: list[SFTExample]) -> OfflineStats:
         """Token-mean negative log-likelihood of the responses under the policy adapter."""
         batch = collate(
-            [e.prompt_ids for e in examples], [e.response_ids for e in examples], self.pad_id
+            [e.prompt_ids for e in examples], [e.response_ids for e in examples], self.pad_id,
+            self.net.device,
         )
         loss = -masked_mean(self.net.logprobs(batch), batch.mask)
         grad_norm = self.step(loss, self.policy_params, self.policy_opt)
@@ -134,6 +135,7 @@ class LearnerBase:
         batch = collate(
             [p.prompt_ids for p in pairs] * 2,
             [p.chosen_ids for p in pairs] + [p.rejected_ids for p in pairs], self.pad_id,
+            self.net.device,
         )
         seq_logp = (self.net.logprobs(batch) * batch.mask).sum(-1)
         ref_seq_logp = (self.net.reference_logprobs(batch) * batch.mask).sum(-1)
@@ -201,12 +203,13 @@ class LearnerBase:
                 f"{len(stale)} rollouts are stale: {r.sample_id} came from adapter "
                 f"v{r.adapter_version} on worker {r.worker_id}, learner is at v{self.version}"
             )
-        batch = collate_scored(scored, self.pad_id)
+        batch = collate_scored(scored, self.pad_id, self.net.device)
         old_logp = self.net.logprobs(batch)
         ref_logp = self.net.reference_logprobs(batch)
         vllm_logp = padded([s.rollout.logprobs for s in scored], batch)
         return BatchContext(
-            batch=batch, scores=torch.tensor([s.reward for s in scored]), old_logp=old_logp,
+            batch=batch, scores=torch.tensor([s.reward for s in scored], device=batch.mask.device),
+            old_logp=old_logp,
             ref_logp=ref_logp,
             logprob_gap=float(masked_mean((old_logp - vllm_logp).abs(), batch.mask)),
             kl=float(masked_mean(kl_penalty(old_logp, ref_logp, "k3"), batch.mask)),

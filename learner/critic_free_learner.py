@@ -47,7 +47,7 @@ class CriticFreeLearner(LearnerBase):
         start = time.perf_counter()
         algo = self.algo
         ctx = self.prepare(scored)
-        rewards = group_rewards(scored)
+        rewards = group_rewards(scored).to(ctx.scores.device)
         extra: dict[str, float] = {}
         if algo.name in ("spr", "best_of_n"):
             weights = self.sample_weights(ctx, rewards)
