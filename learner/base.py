@@ -209,8 +209,7 @@ class LearnerBase:
         vllm_logp = padded([s.rollout.logprobs for s in scored], batch)
         return BatchContext(
             batch=batch, scores=torch.tensor([s.reward for s in scored], device=batch.mask.device),
-            old_logp=old_logp,
-            ref_logp=ref_logp,
+            old_logp=old_logp, ref_logp=ref_logp,
             logprob_gap=float(masked_mean((old_logp - vllm_logp).abs(), batch.mask)),
             kl=float(masked_mean(kl_penalty(old_logp, ref_logp, "k3"), batch.mask)),
         )
