@@ -10,6 +10,8 @@ from pathlib import Path
 from ..common.configio import ConfigError
 from ..common.corpora import DatasetError
 from ..common.logs import apply_log_level
+from .bench_memory import add_arguments as add_bench_memory_arguments
+from .bench_memory import bench_memory
 from .checkpoint import ResumeError
 
 
@@ -61,9 +63,7 @@ def cmd_train_rm(args: argparse.Namespace) -> None:
 
 def cmd_bench(args: argparse.Namespace) -> None:
     if args.what == "memory":
-        from .bench_memory import bench_memory
-
-        bench_memory()
+        bench_memory(args)
         return
     path, overrides = _split_config_and_overrides(args.items)
     if args.what == "demo":
@@ -186,6 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("items", nargs="*", metavar="CONFIG.yaml | key=value")
     bench.add_argument("--seeds", default="0,1,2", help="demo: comma-separated seeds (0,1,2)")
     bench.add_argument("--out", default="runs/demo", help="demo: output directory")
+    add_bench_memory_arguments(bench)
     bench.set_defaults(func=cmd_bench)
     comp = sub.add_parser(
         "compare", help="run several algorithm configs over seeds; plot reward vs samples"

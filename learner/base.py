@@ -38,14 +38,14 @@ class LearnerBase:
 
     def __init__(
         self, model_path: str, lora: LoRAConfig, algo: AlgoConfig, *, dtype: str, seed: int,
-        threads: int, pad_token_id: int,
+        threads: int, pad_token_id: int, device: str = "cpu",
     ) -> None:
         torch.set_num_threads(threads)
         self.algo = algo
         self.pad_id = pad_token_id
         self.model_path, self.lora, self.dtype = model_path, lora, dtype
         adapters = (POLICY, VALUE) if self.with_value else (POLICY,)
-        self.net = PolicyValueModel(model_path, lora, DTYPES[dtype], seed, adapters)
+        self.net = PolicyValueModel(model_path, lora, DTYPES[dtype], seed, adapters, device)
         self.policy_params = self.net.adapter_parameters(POLICY)
         self.start_stage(algo.policy_lr)
         if self.with_value:
@@ -71,7 +71,7 @@ class LearnerBase:
                     f"rollout worker {result.worker_id} reports adapter v{result.adapter_version},"
                     f" learner published v{self.version}"
                 )
-            batch = collate(result.prompt_ids, result.response_ids, self.pad_id)
+            batch = collate(result.prompt_ids, result.response_ids, self.pad_id, self.net.device)
             gap = float(((self.net.logprobs(batch) - padded(result.logprobs, batch)).abs()
                          * batch.mask).max())
             if gap > tolerance:
@@ -97,13 +97,13 @@ class LearnerBase:
                 f"{len(stale)} rollouts are stale: {r.sample_id} came from adapter "
                 f"v{r.adapter_version} on worker {r.worker_id}, learner is at v{self.version}"
             )
-        batch = collate_scored(scored, self.pad_id)
+        batch = collate_scored(scored, self.pad_id, self.net.device)
         old_logp = self.net.logprobs(batch)
         ref_logp = self.net.reference_logprobs(batch)
         vllm_logp = padded([s.rollout.logprobs for s in scored], batch)
         return BatchContext(
-            batch=batch, scores=torch.tensor([s.reward for s in scored]), old_logp=old_logp,
-            ref_logp=ref_logp,
+            batch=batch, scores=torch.tensor([s.reward for s in scored], device=batch.mask.device),
+            old_logp=old_logp, ref_logp=ref_logp,
             logprob_gap=float(masked_mean((old_logp - vllm_logp).abs(), batch.mask)),
             kl=float(masked_mean(kl_penalty(old_logp, ref_logp, "k3"), batch.mask)),
         )

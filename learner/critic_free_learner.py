@@ -54,7 +54,7 @@ class CriticFreeLearner(Learner):
     def train_step(self, scored: list[ScoredRollout]) -> TrainStats:
         start = time.perf_counter()
         ctx = self.prepare(scored)
-        objective, extra = self.objective(ctx, group_rewards(scored))
+        objective, extra = self.objective(ctx, group_rewards(scored).to(ctx.scores.device))
         totals: dict[str, float] = {}
         for chunk in self.minibatches(len(scored)):
             mb = ctx.batch.select(chunk)

@@ -42,12 +42,20 @@ class TokenBatch:
     mask: Tensor  # [B, T] float, 1.0 on real response tokens
 
     def select(self, rows: Tensor) -> TokenBatch:
-        return TokenBatch(*(t[rows] for t in (
-            self.input_ids, self.attention_mask, self.positions, self.response_ids, self.mask
-        )))
+        return TokenBatch(*(t[rows] for t in self._tensors()))
+
+    def to(self, device: torch.device | str) -> TokenBatch:
+        return TokenBatch(*(t.to(device) for t in self._tensors()))
+
+    def _tensors(self) -> tuple[Tensor, ...]:
+        return self.input_ids, self.attention_mask, self.positions, self.response_ids, self.mask
 
 
-def collate(prompt_ids: list[list[int]], response_ids: list[list[int]], pad_id: int) -> TokenBatch:
+def collate(
+    prompt_ids: list[list[int]], response_ids: list[list[int]], pad_id: int,
+    device: torch.device | str = "cpu",
+) -> TokenBatch:
+    """Built on the CPU row by row, then moved to `device` in one copy per tensor."""
     if any(len(r) == 0 for r in response_ids):
         raise ValueError("a response has no tokens; the learner needs at least one per sample")
     rows = len(prompt_ids)
@@ -64,13 +72,15 @@ def collate(prompt_ids: list[list[int]], response_ids: list[list[int]], pad_id: 
         positions[b, : len(r)] = torch.arange(len(p) - 1, len(p) - 1 + len(r))
         responses[b, : len(r)] = torch.tensor(r)
         mask[b, : len(r)] = 1.0
-    return TokenBatch(input_ids, attention, positions, responses, mask)
+    return TokenBatch(input_ids, attention, positions, responses, mask).to(device)
 
 
-def collate_scored(scored: list[ScoredRollout], pad_id: int) -> TokenBatch:
+def collate_scored(
+    scored: list[ScoredRollout], pad_id: int, device: torch.device | str = "cpu"
+) -> TokenBatch:
     return collate(
         [s.rollout.prompt.token_ids for s in scored], [s.rollout.response_ids for s in scored],
-        pad_id,
+        pad_id, device,
     )
 
 
@@ -91,11 +101,12 @@ def _jsonable(value: object) -> object:
 
 
 class PolicyValueModel:
-    """The base model with the named LoRA adapters; `value` and `reward` carry a scalar head."""
+    """The base model with the named LoRA adapters; `value` and `reward` carry a scalar head.
+    Everything lives on `device`; batches must be collated onto it (`collate(..., net.device)`)."""
 
     def __init__(
         self, model_path: str, lora: object, dtype: torch.dtype, seed: int,
-        adapters: tuple[str, ...] = (POLICY,),
+        adapters: tuple[str, ...] = (POLICY,), device: torch.device | str = "cpu",
     ) -> None:
         from peft import get_peft_model
         from transformers import AutoModelForCausalLM
@@ -103,7 +114,8 @@ class PolicyValueModel:
         torch.manual_seed(seed)
         base = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
         base.config.use_cache = False
-        self.dtype = dtype
+        self.dtype, self.device = dtype, torch.device(device)
+        base.to(self.device)
         self.model = get_peft_model(base, lora_config(lora), adapter_name=adapters[0])
         self.heads: dict[str, torch.nn.Linear] = {}
         self._add_head(adapters[0])
@@ -119,7 +131,7 @@ class PolicyValueModel:
         if name not in SCALAR_ADAPTERS:
             return
         hidden = self.model.get_base_model().config.hidden_size
-        head = torch.nn.Linear(hidden, 1, dtype=self.dtype)
+        head = torch.nn.Linear(hidden, 1, dtype=self.dtype, device=self.device)
         if name == VALUE:
             # Small non-zero weights: near-zero values to start from, but not a zero head,
             # which would block the value LoRA's first gradients. A reward head keeps
@@ -168,20 +180,23 @@ class PolicyValueModel:
 
     def scores(self, input_ids: Tensor, attention_mask: Tensor, name: str = REWARD) -> Tensor:
         """A scalar-head adapter's score of each whole right-padded row: the head on the hidden
-        state of the row's last token ([B])."""
+        state of the row's last token ([B], on the model's device)."""
         self.model.set_adapter(name)
+        input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
         hidden = self._decoder()(
             input_ids=input_ids, attention_mask=attention_mask
         ).last_hidden_state
         last = attention_mask.sum(-1) - 1
-        return self.heads[name](hidden[torch.arange(len(last)), last]).squeeze(-1)
+        rows = torch.arange(len(last), device=self.device)
+        return self.heads[name](hidden[rows, last]).squeeze(-1)
 
     def snapshot(self, name: str, version: int) -> AdapterSnapshot:
         from peft import get_peft_model_state_dict
 
         tensors = get_peft_model_state_dict(self.model, adapter_name=name)
         config = json.loads(json.dumps(self.model.peft_config[name].to_dict(), default=_jsonable))
-        tensors = {k: v.detach().clone() for k, v in tensors.items()}
+        # CPU copies: what Ray ships and PEFT saves, whatever device the learner trains on
+        tensors = {k: v.detach().to("cpu", copy=True) for k, v in tensors.items()}
         return AdapterSnapshot(version=version, peft_config=config, tensors=tensors)
 
 

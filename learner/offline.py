@@ -15,7 +15,8 @@ class OfflineStagesMixin:
     def sft_step(self, examples: list[SFTExample]) -> OfflineStats:
         """Token-mean negative log-likelihood of the responses under the policy adapter."""
         batch = collate(
-            [e.prompt_ids for e in examples], [e.response_ids for e in examples], self.pad_id
+            [e.prompt_ids for e in examples], [e.response_ids for e in examples], self.pad_id,
+            self.net.device,
         )
         loss = -masked_mean(self.net.logprobs(batch), batch.mask)
         grad_norm = self.step(loss, self.policy_params, self.policy_opt)
@@ -27,6 +28,7 @@ class OfflineStagesMixin:
         batch = collate(
             [p.prompt_ids for p in pairs] * 2,
             [p.chosen_ids for p in pairs] + [p.rejected_ids for p in pairs], self.pad_id,
+            self.net.device,
         )
         seq_logp = (self.net.logprobs(batch) * batch.mask).sum(-1)
         ref_seq_logp = (self.net.reference_logprobs(batch) * batch.mask).sum(-1)

@@ -75,8 +75,8 @@ class RewardModelTrainer:
 
     def step(self, pairs: list[PreferencePair]) -> OfflineStats:
         chosen, rejected = self.pair_scores(pairs)
-        margin = torch.tensor([p.margin for p in pairs], dtype=chosen.dtype)
-        tie = torch.tensor([p.tie for p in pairs])
+        margin = torch.tensor([p.margin for p in pairs], dtype=chosen.dtype, device=chosen.device)
+        tie = torch.tensor([p.tie for p in pairs], device=chosen.device)
         loss, diff = bradley_terry_loss(chosen, rejected, margin, tie)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -26,7 +26,6 @@ from lorafleet.common.metrics import read_metrics
 from lorafleet.common.run_dir import RunDir
 from lorafleet.common.tasks.registry import build_task
 
-
 ITERATIONS = 20
 WINDOW = 5
 # The default job's first 20 iterations, measured with `lorafleet bench demo --seeds 0,1,2`

@@ -15,7 +15,6 @@ from lorafleet.cluster.trainer import Trainer
 from lorafleet.common.metrics import read_metrics
 from lorafleet.common.run_dir import RunDir
 
-
 ACC = "sentiment_vader/accuracy"
 # Measured on 2 cores (AMD EPYC; README, "NLU tasks"), held-out greedy accuracy SFT -> SFT+PPO
 # on 200 sentences: seed 0 0.630 -> 0.680, seed 1 0.550 -> 0.715, seed 0 with 1 learner thread

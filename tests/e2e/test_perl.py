@@ -12,7 +12,6 @@ from lorafleet.cluster.config import load_train_config
 from lorafleet.cluster.trainer import Trainer
 from lorafleet.common.metrics import read_metrics
 
-
 ITERATIONS = 16
 
 

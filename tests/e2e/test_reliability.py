@@ -21,7 +21,6 @@ from lorafleet.common.metrics import read_metrics
 from lorafleet.common.run_dir import RunDir
 from lorafleet.common.tasks.registry import build_task
 
-
 ITERATIONS = 6
 SHORT_RUN = [
     f"iterations={ITERATIONS}", "checkpoint_every=2", "eval_every=0",

@@ -11,7 +11,6 @@ from lorafleet.common.tasks.addition import AdditionTask
 from lorafleet.learner.base import SyncError
 
 
-
 @pytest.fixture(scope="module")
 def engine(tiny_model_path):
     from lorafleet.rollout.worker import RolloutWorker

@@ -1,15 +1,16 @@
-"""Every variant of `lorafleet bench memory` runs its real update (on the tiny model here)."""
+"""`lorafleet bench memory`: every variant runs its real update (tiny model, in-process)."""
 
 from __future__ import annotations
 
 import pytest
 
-from lorafleet.cluster.bench_memory import VARIANTS, one_variant
+from lorafleet.cluster.bench_memory import VARIANTS, BenchSetup, one_variant
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_variant_runs_and_reports(variant, tiny_model_path):
-    result = one_variant(variant, tiny_model_path, steps=2)
-    assert result["variant"] == variant
-    assert result["peak_mb"] >= result["baseline_mb"] > 0
-    assert result["step_seconds"] > 0
+    setup = BenchSetup(steps=2)
+    result = one_variant(variant, tiny_model_path, setup)
+    assert result["variant"] == variant and not result["oom"]
+    assert result["device_name"] == "CPU" and result["peak_mb"] > 0
+    assert result["tokens_per_s"] == pytest.approx(setup.tokens / result["step_seconds"])
