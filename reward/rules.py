@@ -1,8 +1,9 @@
-"""Rule-based rewards: pure functions of (response text, reference) -> float."""
+"""Rule-based rewards in TRL's batched contract (`registry.py`): one value per completion."""
 
 from __future__ import annotations
 
 
-def exact_match(response: str, reference: str) -> float:
-    """1.0 when the response, stripped of surrounding whitespace, is the reference."""
-    return 1.0 if response.strip() == reference.strip() else 0.0
+def exact_match(completions: list[str], reference: list[str], **kwargs) -> list[float]:
+    """1.0 where the completion, stripped of surrounding whitespace, is the reference."""
+    return [1.0 if c.strip() == ref.strip() else 0.0
+            for c, ref in zip(completions, reference, strict=True)]

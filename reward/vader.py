@@ -5,6 +5,6 @@ from __future__ import annotations
 from ..common.tasks.vader import analyzer
 
 
-def vader_compound(response: str, reference: str) -> float:
-    """VADER's compound sentiment of the response, in [-1, 1]."""
-    return float(analyzer().polarity_scores(response)["compound"])
+def vader_compound(completions: list[str], **kwargs) -> list[float]:
+    """VADER's compound sentiment of each completion, in [-1, 1]."""
+    return [float(analyzer().polarity_scores(c)["compound"]) for c in completions]

@@ -169,7 +169,7 @@ class RolloutWorker:
 
     def probe(self, prompt_ids: list[list[int]], max_tokens: int) -> ProbeResult:
         """Greedy continuation of the fixed probe under the current adapter."""
-        prompts = [Prompt(i, "", ids, "") for i, ids in enumerate(prompt_ids)]
+        prompts = [Prompt(i, "", ids, {}) for i, ids in enumerate(prompt_ids)]
         rollouts = self.generate(prompts, n=1, temperature=0.0, max_tokens=max_tokens, seed=0)
         return ProbeResult(
             worker_id=self.worker_id, adapter_version=self.adapter_version,

@@ -33,14 +33,14 @@ def perturb_policy(learner: PPOLearner, seed: int, scale: float = 0.05) -> None:
                 param.copy_(torch.randn(param.shape, generator=gen) * scale)
 
 
-def reward_raises_on_7(response: str, reference: str) -> float:
-    if "7" in response:
+def reward_raises_on_7(completions: list[str], **kwargs) -> list[float]:
+    if any("7" in c for c in completions):
         raise KeyError("no rule for 7")
-    return 1.0
+    return [1.0] * len(completions)
 
 
-def reward_nan_when_wrong(response: str, reference: str) -> float:
-    return 1.0 if response == reference else math.nan
+def reward_nan_when_wrong(completions: list[str], reference: list[str], **kwargs) -> list[float]:
+    return [1.0 if c == ref else math.nan for c, ref in zip(completions, reference, strict=True)]
 
 
 def contrast_batch(tokenizer, version: int, offset: int = 1) -> list[ScoredRollout]:
@@ -48,7 +48,7 @@ def contrast_batch(tokenizer, version: int, offset: int = 1) -> list[ScoredRollo
     offset 1 is the shipped model's habit."""
     out = []
     for i, ex in enumerate(AdditionTask().examples("train")[:32]):
-        prompt = Prompt(i, ex.prompt, tokenizer(ex.prompt).input_ids, ex.answer)
+        prompt = Prompt(i, ex.prompt, tokenizer(ex.prompt).input_ids, {"reference": ex.answer})
         wrong = str(int(ex.answer) + offset)
         for k, (text, reward) in enumerate(((ex.answer, 1.0), (wrong, 0.0))):
             ids = tokenizer(text, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]

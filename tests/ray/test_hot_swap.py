@@ -23,7 +23,7 @@ def engine(tiny_model_path):
 @pytest.fixture(scope="module")
 def prompts(tokenizer):
     examples = AdditionTask().examples("eval")[:32]
-    return [Prompt(i, e.prompt, tokenizer(e.prompt).input_ids, e.answer) for i, e in
+    return [Prompt(i, e.prompt, tokenizer(e.prompt).input_ids, {"reference": e.answer}) for i, e in
             enumerate(examples)]
 
 

@@ -122,11 +122,12 @@ def test_reward_model_config_errors():
     ("model.name_or_path=nosuch-org/nosuch-model", "model.name_or_path='nosuch-org/nosuch-model'"
      ": neither a local directory nor a model on the hub: not in the local hub cache and "
      "HF_HUB_OFFLINE is set"),
-    ("reward.fn=nosuch.module:fn", "reward.fn='nosuch.module:fn': cannot import 'nosuch.module' "
+    ("reward.fns=[nosuch.module:fn]", "reward.fns='nosuch.module:fn': cannot import 'nosuch.module' "
      "(No module named 'nosuch'); use one of exact_match, label_match, vader_compound or "
      "package.module:function"),
-    ("reward.fn=nosuch", "reward.fn='nosuch': unknown reward function; use one of exact_match"),
-    ("reward.fn=os:nosuch", "reward.fn='os:nosuch': module 'os' has no 'nosuch'"),
+    ("reward.fns=[nosuch]", "reward.fns='nosuch': unknown reward function; use one of "
+     "exact_match"),
+    ("reward.fns=[os:nosuch]", "reward.fns='os:nosuch': module 'os' has no 'nosuch'"),
 ])
 def test_bad_model_or_reward_fn_is_one_line_before_ray(
     override, message, tmp_path, capsys, monkeypatch
@@ -176,7 +177,7 @@ def test_addition_task_splits_are_disjoint_and_correct():
 
 
 def prompts(n: int) -> list[Prompt]:
-    return [Prompt(i, f"p{i}", [1, i], str(i)) for i in range(n)]
+    return [Prompt(i, f"p{i}", [1, i], {"reference": str(i)}) for i in range(n)]
 
 
 def test_prompt_stream_covers_each_epoch_once_with_running_indices():

@@ -30,7 +30,7 @@ def test_wandb_records_offline_without_a_key(tmp_path, monkeypatch):
 
 
 def test_rollouts_parquet_holds_every_sample(tmp_path):
-    prompt = Prompt(7, "1+2=", [1, 2], "3")
+    prompt = Prompt(7, "1+2=", [1, 2], {"reference": "3"})
     scored = [
         ScoredRollout(Rollout(prompt, k, [5, 6], text, [-0.1, -0.2], "stop", 3, 1), reward)
         for k, (text, reward) in enumerate((("3", 1.0), ("4", 0.0)))
