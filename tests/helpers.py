@@ -43,6 +43,23 @@ def reward_nan_when_wrong(completions: list[str], reference: list[str], **kwargs
     return [1.0 if c == ref else math.nan for c, ref in zip(completions, reference, strict=True)]
 
 
+# reward functions that break TRL's contract (tests/unit/test_dataset_task.py)
+def fn_without_completions(x):
+    return [0.0]
+
+
+def fn_without_kwargs(completions, solution):
+    return [0.0] * len(completions)
+
+
+def fn_wrong_length(completions, **kwargs):
+    return [1.0]
+
+
+def fn_none(completions, **kwargs):
+    return [None] * len(completions)
+
+
 def contrast_batch(tokenizer, version: int, offset: int = 1) -> list[ScoredRollout]:
     """32 prompts x [correct answer (reward 1), the sum + offset (reward 0)], prompt-major;
     offset 1 is the shipped model's habit."""

@@ -122,9 +122,9 @@ def test_reward_model_config_errors():
     ("model.name_or_path=nosuch-org/nosuch-model", "model.name_or_path='nosuch-org/nosuch-model'"
      ": neither a local directory nor a model on the hub: not in the local hub cache and "
      "HF_HUB_OFFLINE is set"),
-    ("reward.fns=[nosuch.module:fn]", "reward.fns='nosuch.module:fn': cannot import 'nosuch.module' "
-     "(No module named 'nosuch'); use one of exact_match, label_match, vader_compound or "
-     "package.module:function"),
+    ("reward.fns=[nosuch.module:fn]", "reward.fns='nosuch.module:fn': cannot import "
+     "'nosuch.module' (No module named 'nosuch'); use one of exact_match, label_match, "
+     "vader_compound or package.module:function"),
     ("reward.fns=[nosuch]", "reward.fns='nosuch': unknown reward function; use one of "
      "exact_match"),
     ("reward.fns=[os:nosuch]", "reward.fns='os:nosuch': module 'os' has no 'nosuch'"),
