@@ -3,11 +3,15 @@ disk loader; stale or silently failed swaps must be detected."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 
 from helpers import perturb_policy, perturbed_learner
-from lorafleet.common.records import Prompt
+from lorafleet.common.data import encode_prompts
+from lorafleet.common.records import Prompt, ScoredRollout
 from lorafleet.common.tasks.addition import AdditionTask
+from lorafleet.common.tasks.base import TaskExample
 from lorafleet.learner.base import SyncError
 
 
@@ -23,8 +27,8 @@ def engine(tiny_model_path):
 @pytest.fixture(scope="module")
 def prompts(tokenizer):
     examples = AdditionTask().examples("eval")[:32]
-    return [Prompt(i, e.prompt, tokenizer(e.prompt).input_ids, {"reference": e.answer}) for i, e in
-            enumerate(examples)]
+    return [Prompt(i, e.prompt, tokenizer(e.prompt).input_ids, {"reference": e.answer})
+            for i, e in enumerate(examples)]
 
 
 def sample(engine, prompts, **kwargs):
@@ -98,3 +102,23 @@ def test_stale_and_silent_noop_swaps_are_detected(engine, prompts, tokenizer, ti
 
     with pytest.raises(SyncError, match="stale"):
         learner.train_step([ScoredRollout(r, 1.0) for r in old])
+
+
+def test_chat_prompts_train_on_the_ids_vllm_generated_from(engine, tokenizer, tiny_model_path):
+    """A user's conversational prompts, rendered by a chat template (model.chat_template): the
+    learner scores vLLM's samples on the Prompt's token ids and gets vLLM's own log-probs, so
+    it trains on exactly the ids vLLM generated from."""
+    chat = copy.deepcopy(tokenizer)
+    chat.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n"
+                          "{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}")
+    examples = [TaskExample(e.prompt, "", conversation=[
+        {"role": "system", "content": "add"}, {"role": "user", "content": e.prompt}
+    ], columns={"solution": e.answer}) for e in AdditionTask().examples("eval")[:16]]
+    prompts = encode_prompts(examples, chat, 100)
+    assert prompts[0].text.startswith("system: add\nuser: ")
+    learner = perturbed_learner(tiny_model_path, tokenizer.pad_token_id, scale=0.2)
+    engine.load_snapshot(learner.publish())
+    rollouts = sample(engine, prompts)
+    gap = learner.prepare([ScoredRollout(r, 0.0) for r in rollouts]).logprob_gap
+    # mean |learner - vLLM| log-prob over the 64 samples' tokens: measured 1.1e-6 (float32)
+    assert gap < 1e-4, gap
