@@ -161,3 +161,14 @@ def test_conversation_without_chat_template_and_misplaced_keys(tmp_path, tokeniz
         dataset_cfg(path, "task.data.train.response_column=answer")
     with pytest.raises(ConfigError, match="reward.weights: 2 weights for 1 reward.fns"):
         load_train_config(None, ["reward.fns=[exact_match]", "reward.weights=[1, 2]"])
+
+
+def test_math_verify_reads_boxed_hashes_fractions_and_conversations():
+    fn = get_reward_fn("math_verify")
+    completions = ["so \\boxed{\\frac{1}{2}}", "#### 42", "It is 41.", "$0.5$"]
+    assert fn(completions=completions, answer=["0.5", "42", "42", "\\frac{1}{2}"]) == [
+        1.0, 1.0, 0.0, 1.0]
+    # GSM8K's worked answer as the gold, a conversational completion
+    gold = "Natalia sold 48/2 = <<48/2=24>>24 clips in May. 48+24 = 72 #### 72"
+    chat = [[{"role": "assistant", "content": "She sold 72 clips in total: \\boxed{72}"}]]
+    assert fn(completions=chat, answer=[gold]) == [1.0]
