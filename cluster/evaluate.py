@@ -55,7 +55,8 @@ def evaluate_shots(
         prompts = encode_prompts(task.examples("eval"), tokenizer, limit, skipped=skipped)
         rollouts = worker.generate(
             prompts, n=1, temperature=0.0, max_tokens=cfg.rollout.max_new_tokens, seed=cfg.seed,
-            lora=lora, use_policy=False,
+            lora=lora, use_policy=False, stop=cfg.rollout.stop,
+            stop_token_ids=cfg.rollout.stop_token_ids,
         )
         pairs = [(r.response_text, r.prompt.reference) for r in rollouts]
         scored = reward.score(rollouts)

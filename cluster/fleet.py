@@ -240,11 +240,12 @@ class Fleet:
         if not self.rollout.actors:
             raise RuntimeError(f"stages {self.cfg.stages} generate nothing: this fleet has no "
                                "rollout workers")
-        max_tokens = self.cfg.rollout.max_new_tokens
+        rollout = self.cfg.rollout
         parts = shard(prompts, len(self.rollout.actors))
         results = self.rollout.call(
             lambda w, part: w.generate.remote(
-                part, n=n, temperature=temperature, max_tokens=max_tokens, seed=seed
+                part, n=n, temperature=temperature, max_tokens=rollout.max_new_tokens, seed=seed,
+                stop=rollout.stop, stop_token_ids=rollout.stop_token_ids,
             ),
             {i: part for i, part in enumerate(parts) if part},  # fewer prompts than workers
         )

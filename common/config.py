@@ -49,6 +49,9 @@ class RolloutConfig:
     samples_per_prompt: int = 4
     temperature: float = 1.0
     max_new_tokens: int = 6
+    # generation also ends at any of these strings (cut from the text the rewards see) or ids
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
     cpus_per_worker: float = 0.5  # Ray scheduling share; fractional so the default fits 2 cores
     threads_per_worker: int = 1  # torch/OpenMP threads inside the engine
     kv_cache_gib: int = 1

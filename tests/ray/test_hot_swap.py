@@ -122,3 +122,20 @@ def test_chat_prompts_train_on_the_ids_vllm_generated_from(engine, tokenizer, ti
     gap = learner.prepare([ScoredRollout(r, 0.0) for r in rollouts]).logprob_gap
     # mean |learner - vLLM| log-prob over the 64 samples' tokens: measured 1.1e-6 (float32)
     assert gap < 1e-4, gap
+
+
+def test_stop_ids_and_strings_end_samples(engine, prompts):
+    """rollout.stop_token_ids / rollout.stop: a sample ends at the token (kept in its ids) or
+    the string (cut from the text the rewards see)."""
+    def greedy(**stop):
+        return engine.generate(prompts[:4], n=1, temperature=0.0, max_tokens=6, seed=0,
+                               use_policy=False, **stop)
+
+    free = greedy()  # two-digit sums, e.g. "45"
+    first = free[0].response_ids[0]
+    by_id = greedy(stop_token_ids=[first])[0]
+    assert (by_id.response_ids, by_id.response_text, by_id.finish_reason) == ([first], "", "stop")
+    stop = free[0].response_text[1]
+    by_string = greedy(stop=[stop])
+    assert by_string[0].response_text == free[0].response_text[0]
+    assert all(stop not in r.response_text and r.finish_reason == "stop" for r in by_string)
