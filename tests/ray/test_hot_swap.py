@@ -1,5 +1,6 @@
 """In-memory LoRA hot-swap on a real vLLM engine, checked against the learner and vLLM's own
-disk loader; stale or silently failed swaps must be detected."""
+disk loader; stale or silently failed swaps must be detected. On both tiny architectures:
+Llama, and Qwen2 (bias on q/k/v, which vLLM packs as qkv_proj)."""
 
 from __future__ import annotations
 
@@ -15,13 +16,33 @@ from lorafleet.common.tasks.base import TaskExample
 from lorafleet.learner.base import SyncError
 
 
+@pytest.fixture(scope="module", params=["llama", "qwen2"])
+def model_path(request, tiny_model_path) -> str:
+    if request.param == "llama":
+        return tiny_model_path
+    from lorafleet.common.tiny_model import TinyModelSpec, build_tiny_model
+
+    # a short warm start (14 s, cached): enough for the sums' first tokens to be sharp
+    return str(build_tiny_model(AdditionTask(), TinyModelSpec(architecture="qwen2",
+                                                              sft_steps=200)))
+
+
 @pytest.fixture(scope="module")
-def engine(tiny_model_path):
+def tokenizer(model_path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_path)
+
+
+@pytest.fixture(scope="module")
+def engine(model_path):
     from lorafleet.rollout.worker import RolloutWorker
 
-    return RolloutWorker(
-        tiny_model_path, dtype="float32", max_model_len=128, max_lora_rank=8, seed=0, threads=2
+    worker = RolloutWorker(
+        model_path, dtype="float32", max_model_len=128, max_lora_rank=8, seed=0, threads=2
     )
+    yield worker
+    del worker  # frees the engine's KV cache before the other architecture's starts
 
 
 @pytest.fixture(scope="module")
@@ -36,11 +57,11 @@ def sample(engine, prompts, **kwargs):
 
 
 def test_swap_changes_outputs_and_equals_disk_load(
-    engine, prompts, tokenizer, tmp_path, tiny_model_path
+    engine, prompts, tokenizer, tmp_path, model_path
 ):
     # lora_B ~ N(0, 0.2^2): the shipped model is sharp (its first answer token is near certain),
     # so a smaller perturbation moves few sampled tokens.
-    learner = perturbed_learner(tiny_model_path, tokenizer.pad_token_id, scale=0.2)
+    learner = perturbed_learner(model_path, tokenizer.pad_token_id, scale=0.2)
     snapshot = learner.publish()
     base = sample(engine, prompts, use_policy=False)
 
@@ -54,7 +75,7 @@ def test_swap_changes_outputs_and_equals_disk_load(
     # Same seeds: a sample's tokens change where the adapter moved the distribution enough,
     # its first log-prob almost everywhere. Measured over perturbation seeds 0-3, with 2
     # threads and with 1 thread + ATEN_CPU_CAPABILITY=avx2 (the same counts): 35-57 of 128
-    # token sequences, 124-128 of 128 first log-probs.
+    # token sequences, 124-128 of 128 first log-probs; Qwen2 (seed 0): 55 and 126 of 128.
     tokens_changed = sum(a.response_ids != b.response_ids for a, b in pairs)
     logprobs_changed = sum(abs(a.logprobs[0] - b.logprobs[0]) > 1e-3 for a, b in pairs)
     assert tokens_changed >= len(pairs) // 8, f"{tokens_changed}/{len(pairs)} samples changed"
@@ -75,8 +96,8 @@ def test_swap_changes_outputs_and_equals_disk_load(
     assert learner.check_probe([probe], tolerance=1e-3) < 1e-3
 
 
-def test_stale_and_silent_noop_swaps_are_detected(engine, prompts, tokenizer, tiny_model_path):
-    learner = perturbed_learner(tiny_model_path, tokenizer.pad_token_id, seed=3)
+def test_stale_and_silent_noop_swaps_are_detected(engine, prompts, tokenizer, model_path):
+    learner = perturbed_learner(model_path, tokenizer.pad_token_id, seed=3)
     engine.load_snapshot(learner.publish())  # worker serves v0
     stale_probe = engine.probe([p.token_ids for p in prompts[:8]], max_tokens=6)
 
@@ -104,7 +125,7 @@ def test_stale_and_silent_noop_swaps_are_detected(engine, prompts, tokenizer, ti
         learner.train_step([ScoredRollout(r, 1.0) for r in old])
 
 
-def test_chat_prompts_train_on_the_ids_vllm_generated_from(engine, tokenizer, tiny_model_path):
+def test_chat_prompts_train_on_the_ids_vllm_generated_from(engine, tokenizer, model_path):
     """A user's conversational prompts, rendered by a chat template (model.chat_template): the
     learner scores vLLM's samples on the Prompt's token ids and gets vLLM's own log-probs, so
     it trains on exactly the ids vLLM generated from."""
@@ -116,7 +137,7 @@ def test_chat_prompts_train_on_the_ids_vllm_generated_from(engine, tokenizer, ti
     ], columns={"solution": e.answer}) for e in AdditionTask().examples("eval")[:16]]
     prompts = encode_prompts(examples, chat, 100)
     assert prompts[0].text.startswith("system: add\nuser: ")
-    learner = perturbed_learner(tiny_model_path, tokenizer.pad_token_id, scale=0.2)
+    learner = perturbed_learner(model_path, tokenizer.pad_token_id, scale=0.2)
     engine.load_snapshot(learner.publish())
     rollouts = sample(engine, prompts)
     gap = learner.prepare([ScoredRollout(r, 0.0) for r in rollouts]).logprob_gap
