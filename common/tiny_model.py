@@ -1,7 +1,8 @@
 """The embedded default model, built offline: a `tokenizers`-trained tokenizer, a small
-Llama-architecture causal LM, and a short full-parameter SFT warm start so it can do the task
-at all. The result is saved with `save_pretrained` and cached by the hash of its recipe, so
-vLLM, PEFT and HF all load it like any hub model.
+Llama-architecture (or, with `architecture=qwen2`, Qwen2) causal LM, and a short
+full-parameter SFT warm start so it can do the task at all. The result is saved with
+`save_pretrained` and cached by the hash of its recipe, so vLLM, PEFT and HF all load it like
+any hub model.
 
 The warm start's floats depend on the CPU's kernels (Intel and AMD builds of the same recipe
 differ), so the models of the shipped configs are built once and shipped as package data

@@ -68,7 +68,7 @@ class TaskConfig:
 @dataclass(frozen=True)
 class TaskEntry:
     build: Callable[[TaskConfig], Task]
-    reward_fn: str  # the reward unless task.reward_fn / reward.fn name another
+    reward_fn: str  # the reward unless task.reward_fn / reward.fns name another
     # the `lorafleet tasks` row: data source, local file layout, answers, held-out metrics
     row: tuple[str, str, str, str]
     shots: bool = False  # takes in-context examples (task.shots, `lorafleet eval --shots`)
