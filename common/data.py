@@ -6,6 +6,7 @@ from __future__ import annotations
 import random
 from dataclasses import replace
 
+from .configio import ConfigError
 from .records import Prompt
 from .tasks.base import TaskExample
 
@@ -17,7 +18,7 @@ def render_prompt(example: TaskExample, tokenizer) -> tuple[str, list[int]]:
     if example.conversation is None:
         return example.prompt, tokenizer(example.prompt).input_ids
     if not tokenizer.chat_template:
-        raise ValueError(
+        raise ConfigError(
             f"prompt {example.prompt[:60]!r} is a conversation, but the tokenizer of "
             f"{tokenizer.name_or_path} has no chat template: set model.chat_template (a Jinja "
             "string) or give the prompts as plain strings"

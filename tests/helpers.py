@@ -72,3 +72,29 @@ def contrast_batch(tokenizer, version: int, offset: int = 1) -> list[ScoredRollo
             rollout = Rollout(prompt, k, ids, text, [0.0] * len(ids), "stop", version, 0)
             out.append(ScoredRollout(rollout, reward))
     return out
+
+
+def train_config_error(overrides: list[str], tmp_path, capsys, monkeypatch) -> str:
+    """`lorafleet train` with `overrides`, expected to stop with a one-line error before Ray
+    starts and before the run directory exists; returns that line."""
+    import huggingface_hub.constants
+    import pytest
+
+    import lorafleet.cluster.trainer
+    from lorafleet.cluster.cli import main
+    from lorafleet.common.logs import library_env
+
+    for key, value in library_env().items():
+        monkeypatch.setenv(key, value)  # main() sets them: undone after the test
+
+    def no_ray(cfg):
+        raise AssertionError("connect_ray was called")
+
+    monkeypatch.setattr(lorafleet.cluster.trainer, "connect_ray", no_ray)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # no network call
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", *overrides, f"run_dir={tmp_path / 'run'}"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1, err
+    assert not (tmp_path / "run").exists()
+    return err

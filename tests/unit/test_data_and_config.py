@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers import train_config_error
 from lorafleet.cluster.config import TrainConfig, load_train_config
 from lorafleet.cluster.fleet import check_exactly_once, shard
 from lorafleet.common.config import TINY
@@ -132,26 +133,8 @@ def test_reward_model_config_errors():
 def test_bad_model_or_reward_fn_is_one_line_before_ray(
     override, message, tmp_path, capsys, monkeypatch
 ):
-    import huggingface_hub.constants
-
-    import lorafleet.cluster.trainer
-    from lorafleet.cluster.cli import main
-    from lorafleet.common.logs import library_env
-
-    for key, value in library_env().items():
-        monkeypatch.setenv(key, value)  # main() sets them: undone after the test
-
-    def no_ray(cfg):
-        raise AssertionError("connect_ray was called")
-
-    monkeypatch.setattr(lorafleet.cluster.trainer, "connect_ray", no_ray)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # no network call
-    with pytest.raises(SystemExit) as exit_info:
-        main(["train", override, f"run_dir={tmp_path / 'run'}"])
-    err = capsys.readouterr().err
-    assert exit_info.value.code == 2 and err.count("\n") == 1
-    assert err.startswith(f"lorafleet: config error: {message}")
-    assert not (tmp_path / "run").exists()
+    assert train_config_error([override], tmp_path, capsys, monkeypatch).startswith(
+        f"lorafleet: config error: {message}")
 
 
 def test_overrides_may_follow_options(capsys):

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import copy
 import json
+from pathlib import Path
 
 import pytest
 
+from helpers import train_config_error
 from lorafleet.cluster.config import load_train_config
 from lorafleet.common.configio import ConfigError
 from lorafleet.common.corpora import DatasetError
@@ -21,6 +23,7 @@ from lorafleet.reward.registry import check_reward_fn, get_reward_fn
 CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
                  "{% if add_generation_prompt %}assistant:{% endif %}")
 TRL = "trl_style_rewards"
+USER_JSONL = Path(__file__).parents[1] / "data" / "chat_prompts.jsonl"  # a user's own file
 
 
 def write_rows(path, rows):
@@ -153,7 +156,7 @@ def test_conversation_without_chat_template_and_misplaced_keys(tmp_path, tokeniz
     path = write_rows(tmp_path / "rows.jsonl", chat_rows(4))
     task = build_task(dataset_cfg(path, "task.data.eval_fraction=0.25").task)
     assert not tokenizer.chat_template
-    with pytest.raises(ValueError, match="has no chat template: set model.chat_template"):
+    with pytest.raises(ConfigError, match="has no chat template: set model.chat_template"):
         encode_prompts(task.examples("train"), tokenizer, 100)
     with pytest.raises(ConfigError, match="task.data: name=dataset reads its prompts"):
         load_train_config(None, [f"task.data.train.path={path}"])  # task.name is addition
@@ -172,3 +175,19 @@ def test_math_verify_reads_boxed_hashes_fractions_and_conversations():
     gold = "Natalia sold 48/2 = <<48/2=24>>24 clips in May. 48+24 = 72 #### 72"
     chat = [[{"role": "assistant", "content": "She sold 72 clips in total: \\boxed{72}"}]]
     assert fn(completions=chat, answer=[gold]) == [1.0]
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ([f"reward.fns=[{TRL}:accuracy_reward]", f"model.chat_template={CHAT_TEMPLATE}"],
+     f"reward.fns='{TRL}:accuracy_reward': needs column(s) ['solution'], which the prompt data "
+     "lacks (its columns: ['answer', 'data_source'])"),
+    (["reward.fns=[math_verify]"], "prompt 'What is 3+4?' is a conversation, but the tokenizer "
+     "of"),
+])
+def test_train_names_a_bad_user_dataset_before_ray(
+    overrides, message, tiny_model_path, tmp_path, capsys, monkeypatch
+):
+    err = train_config_error(["task.name=dataset", f"task.data.train.path={USER_JSONL}",
+                              f"model.name_or_path={tiny_model_path}", *overrides],
+                             tmp_path, capsys, monkeypatch)
+    assert err.startswith(f"lorafleet: config error: {message}"), err
