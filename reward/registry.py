@@ -19,7 +19,7 @@ from collections.abc import Callable, Collection
 
 from ..common.configio import ConfigError
 from .nlu import label_match
-from .rules import exact_match, math_verify
+from .rules import boxed_format, exact_match, length_penalty, math_verify
 from .vader import vader_compound
 
 RewardFn = Callable[..., list[float | None]]
@@ -27,7 +27,7 @@ BATCH_ARGS = ("prompts", "completions", "completion_ids")  # what every call pas
 
 REWARD_FNS: dict[str, RewardFn] = {
     "exact_match": exact_match, "label_match": label_match, "vader_compound": vader_compound,
-    "math_verify": math_verify,
+    "math_verify": math_verify, "boxed_format": boxed_format, "length_penalty": length_penalty,
 }
 CONTRACT = "fn(prompts, completions, **kwargs) -> list[float | None] (TRL's reward contract)"
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import threading
 
 Completion = str | list[dict[str, str]]  # text, or [{"role": "assistant", "content": text}]
@@ -30,3 +31,17 @@ def math_verify(completions: list[Completion], answer: list[str], **kwargs) -> l
                      parse(completion_text(c), parsing_timeout=timeout), timeout_seconds=timeout))
         for c, gold in zip(completions, answer, strict=True)
     ]
+
+
+BOXED = re.compile(r"\\boxed\{[^{}]+\}")
+
+
+def boxed_format(completions: list[Completion], **kwargs) -> list[float]:
+    """1.0 where the completion states an answer as \\boxed{...} (a format reward: pair it
+    with math_verify by weight)."""
+    return [1.0 if BOXED.search(completion_text(c)) else 0.0 for c in completions]
+
+
+def length_penalty(completion_ids: list[list[int]], **kwargs) -> list[float]:
+    """Minus the completion's length in tokens; reward.weights sets the price of a token."""
+    return [-float(len(ids)) for ids in completion_ids]

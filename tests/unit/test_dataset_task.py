@@ -177,6 +177,12 @@ def test_math_verify_reads_boxed_hashes_fractions_and_conversations():
     assert fn(completions=chat, answer=[gold]) == [1.0]
 
 
+def test_format_and_length_rewards():
+    boxed = get_reward_fn("boxed_format")
+    assert boxed(completions=["so \\boxed{7}", "so 7", "\\boxed{}"]) == [1.0, 0.0, 0.0]
+    assert get_reward_fn("length_penalty")(completion_ids=[[1, 2, 3], []]) == [-3.0, 0.0]
+
+
 @pytest.mark.parametrize("overrides, message", [
     ([f"reward.fns=[{TRL}:accuracy_reward]", f"model.chat_template={CHAT_TEMPLATE}"],
      f"reward.fns='{TRL}:accuracy_reward': needs column(s) ['solution'], which the prompt data "
