@@ -119,7 +119,7 @@ def _scored(setup: BenchSetup, version: int, vocab_size: int):
     out = []
     for i in range(setup.prompts):
         prompt_ids = [rng.randrange(1, vocab_size) for _ in range(setup.prompt_tokens)]
-        prompt = Prompt(i, "", prompt_ids, "")
+        prompt = Prompt(i, "", prompt_ids, {})
         for k in range(setup.samples):
             ids = [rng.randrange(1, vocab_size) for _ in range(setup.response_tokens)]
             logprobs = [0.0] * setup.response_tokens

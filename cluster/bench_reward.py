@@ -28,7 +28,7 @@ def answer_rollouts(task: Task, tokenizer, count: int) -> list[Rollout]:
     out = []
     for i in range(count):
         ex = examples[i % len(examples)]
-        prompt = Prompt(i, ex.prompt, tokenizer(ex.prompt).input_ids, ex.reference)
+        prompt = Prompt(i, ex.prompt, tokenizer(ex.prompt).input_ids, ex.reward_columns())
         ids = tokenizer(ex.answer, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
         out.append(Rollout(prompt, 0, ids, ex.answer, [0.0] * len(ids), "stop", 0, 0))
     return out

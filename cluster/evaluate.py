@@ -12,9 +12,9 @@ from ..common.configio import ConfigError
 from ..common.data import encode_prompts
 from ..common.run_dir import fresh_directory
 from ..common.tasks.registry import build_task, task_entry
-from ..reward.registry import get_reward_fn
+from ..reward.pool import RewardWorker
 from .config import TrainConfig
-from .fleet import resolve_model, reward_rule
+from .fleet import driver_tokenizer, resolve_model, reward_spec
 from .tables import write_table
 
 
@@ -37,7 +37,7 @@ def evaluate_shots(
                           "examples (an NLU task does)")
     from ..rollout.worker import RolloutWorker
 
-    reward = get_reward_fn(reward_rule(cfg))
+    reward = RewardWorker(reward_spec(cfg, None))
     model_path = resolve_model(cfg)
     rank = adapter_rank(adapter) if adapter else cfg.lora.rank
     worker = RolloutWorker(
@@ -45,20 +45,23 @@ def evaluate_shots(
         max_lora_rank=max(rank, 8), seed=cfg.seed, kv_cache_gib=cfg.rollout.kv_cache_gib,
         threads=cfg.learner.threads,
     )
+    tokenizer = driver_tokenizer(cfg, model_path)
     lora = worker.lora_from_disk(adapter, 1) if adapter else None
     limit = cfg.model.max_model_len - cfg.rollout.max_new_tokens
     results = {}
     for k in shots:
         task = build_task(dataclasses.replace(cfg.task, shots=k))
         skipped: list[str] = []
-        prompts = encode_prompts(task.examples("eval"), worker.tokenizer, limit, skipped=skipped)
+        prompts = encode_prompts(task.examples("eval"), tokenizer, limit, skipped=skipped)
         rollouts = worker.generate(
             prompts, n=1, temperature=0.0, max_tokens=cfg.rollout.max_new_tokens, seed=cfg.seed,
-            lora=lora, use_policy=False,
+            lora=lora, use_policy=False, stop=cfg.rollout.stop,
+            stop_token_ids=cfg.rollout.stop_token_ids,
         )
         pairs = [(r.response_text, r.prompt.reference) for r in rollouts]
+        scored = reward.score(rollouts)
         results[f"{k}-shot"] = {
-            "eval_greedy": sum(reward(*p) for p in pairs) / len(pairs),
+            "eval_greedy": sum(s.reward for s in scored) / len(scored),
             **task.answer_metrics(pairs), "prompts_skipped": len(skipped),
         }
         print(f"{k}-shot: " + ", ".join(f"{m} {v:.3g}" for m, v in results[f"{k}-shot"].items()))

@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Collection
 from pathlib import Path
 
 from ..common.config import TINY
@@ -63,14 +64,30 @@ def check_hub_model(name: str, what: str) -> None:
                       f"give a Hugging Face model directory, a reachable hub name, or {TINY}")
 
 
-def reward_rule(cfg: TrainConfig) -> str:
-    """The rule function's name (reward.fn, else the task's own), checked here so that a bad
-    one fails before any actor starts, naming its key."""
-    from ..reward.registry import get_reward_fn
+def driver_tokenizer(cfg: TrainConfig, model_path: str):
+    """The tokenizer that renders and tokenises the prompts (vLLM and the learner get its token
+    ids), with model.chat_template in place of the model's own when set."""
+    from transformers import AutoTokenizer
 
-    name = cfg.reward.fn or cfg.task.reward_fn
-    get_reward_fn(name, "reward.fn" if cfg.reward.fn else "task.reward_fn")
-    return name
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    if cfg.model.chat_template is not None:
+        tokenizer.chat_template = cfg.model.chat_template
+    return tokenizer
+
+
+def reward_rules(cfg: TrainConfig, columns: Collection[str] | None = None) -> tuple[str, ...]:
+    """The reward functions' names (reward.fns, else the task's own), checked here so that a
+    bad one fails before any actor starts, naming its key; with the prompts' `columns`, also
+    that each function takes the batch and finds the columns it needs."""
+    from ..reward.registry import check_reward_fn, get_reward_fn
+
+    key = "reward.fns" if cfg.reward.fns else "task.reward_fn"
+    names = tuple(cfg.reward.fns) or (cfg.task.reward_fn,)
+    for name in names:
+        fn = get_reward_fn(name, key)
+        if columns is not None:
+            check_reward_fn(fn, name, key, columns)
+    return names
 
 
 def reward_model_dir(cfg: TrainConfig, run_dir: RunDir) -> str | None:
@@ -88,9 +105,9 @@ def reward_spec(cfg: TrainConfig, model: str | None):
 
     reward = cfg.reward
     return RewardSpec(
-        rule=reward_rule(cfg), rule_weight=reward.rule_weight, model=model,
+        rules=reward_rules(cfg), rule_weight=reward.rule_weight, model=model,
         model_weight=reward.model_weight, threads=reward.threads_per_actor,
-        skip_errors=reward.on_error == "skip",
+        skip_errors=reward.on_error == "skip", weights=tuple(reward.weights) or None,
     )
 
 
@@ -223,11 +240,12 @@ class Fleet:
         if not self.rollout.actors:
             raise RuntimeError(f"stages {self.cfg.stages} generate nothing: this fleet has no "
                                "rollout workers")
-        max_tokens = self.cfg.rollout.max_new_tokens
+        rollout = self.cfg.rollout
         parts = shard(prompts, len(self.rollout.actors))
         results = self.rollout.call(
             lambda w, part: w.generate.remote(
-                part, n=n, temperature=temperature, max_tokens=max_tokens, seed=seed
+                part, n=n, temperature=temperature, max_tokens=rollout.max_new_tokens, seed=seed,
+                stop=rollout.stop, stop_token_ids=rollout.stop_token_ids,
             ),
             {i: part for i, part in enumerate(parts) if part},  # fewer prompts than workers
         )

@@ -3,6 +3,7 @@ Parquet log of every rollout."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -103,7 +104,8 @@ def write_rollouts(
     run_dir: RunDir, stage_index: int, iteration: int, scored: list[ScoredRollout]
 ) -> Path:
     """One Parquet file per iteration (a crashed run leaves whole files; resume drops the
-    ones after its checkpoint)."""
+    ones after its checkpoint). `columns` is the prompt row's other columns as JSON (ground
+    truth, data_source, ...), `reward_parts` each reward function's value."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -113,6 +115,8 @@ def write_rollouts(
         "response": s.rollout.response_text, "reward": s.reward,
         "adapter_version": s.rollout.adapter_version, "worker_id": s.rollout.worker_id,
         "finish_reason": s.rollout.finish_reason, "response_tokens": len(s.rollout.response_ids),
+        "columns": json.dumps(s.rollout.prompt.columns, default=str),
+        "reward_parts": json.dumps(s.rule_parts),
     } for s in scored]
     path = run_dir.rollout_file(stage_index, iteration)
     path.parent.mkdir(parents=True, exist_ok=True)

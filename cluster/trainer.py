@@ -30,9 +30,10 @@ from .checkpoint import ResumeError, TrainerState, latest_checkpoint, rewind
 from .config import TrainConfig
 from .fleet import (
     connect_ray,
+    driver_tokenizer,
     resolve_model,
     reward_model_dir,
-    reward_rule,
+    reward_rules,
     reward_spec,
     start_fleet,
 )
@@ -113,6 +114,16 @@ def answer_pairs(scored: list[ScoredRollout]) -> list[tuple[str, str]]:
     return [(s.rollout.response_text, s.rollout.prompt.reference) for s in scored]
 
 
+def reward_part_means(scored: list[ScoredRollout]) -> dict[str, float | None]:
+    """Each reward function's mean over the samples it applies to (None: to none of them)."""
+    names = dict.fromkeys(name for s in scored for name in s.rule_parts)
+    means = {}
+    for name in names:
+        values = [s.rule_parts[name] for s in scored if s.rule_parts.get(name) is not None]
+        means[f"reward/{name}"] = mean(values) if values else None
+    return means
+
+
 class LearnerDied(RuntimeError):
     """The learner actor is gone; the run continues only from a checkpoint."""
 
@@ -133,15 +144,15 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, resume: bool = False) -> None:
         import ray
-        from transformers import AutoTokenizer
 
         self.cfg = cfg
         self.start_time = time.perf_counter()
         # -- inputs, all checked before any actor starts
-        reward_rule(cfg)  # a bad reward function fails before the model is built
+        reward_rules(cfg)  # a bad reward function fails before the model is built
         self.model_path = resolve_model(cfg)
-        tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+        tokenizer = driver_tokenizer(cfg, self.model_path)
         train, self.held_out, self.prompts_skipped = encode_task_prompts(cfg, tokenizer)
+        reward_rules(cfg, {c for p in train + self.held_out for c in p.columns})
         self.stage_data = load_stage_data(cfg, tokenizer)
         self.stream = PromptStream(train, cfg.seed)
         # -- the run directory, created only once the inputs are known good (a failed start
@@ -269,7 +280,7 @@ class Trainer:
                 [s.rollout for s in ok]
             )))
             scored = [s if s.error is not None else
-                      self.reward_spec.combine(s.rollout, s.rule_reward, next(model))
+                      self.reward_spec.combine(s.rollout, s.rule_parts, next(model))
                       for s in scored]
         scored, errors = drop_failed_groups(scored)
         if errors:
@@ -388,6 +399,8 @@ class Trainer:
             if cfg.uses_reward_model:
                 reward_stats |= {"reward_rule_mean": mean([s.rule_reward for s in scored]),
                                  "reward_model_mean": mean([s.model_reward for s in scored])}
+            if len(self.reward_spec.rules) > 1:
+                reward_stats |= reward_part_means(scored)
             row = {
                 "stage": "rl",
                 "iteration": it,

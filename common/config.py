@@ -23,6 +23,8 @@ class ModelConfig:
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     max_model_len: int = 128
     tiny: TinyModelSpec = field(default_factory=TinyModelSpec)
+    # a Jinja chat template in place of the tokenizer's own (renders conversational prompts)
+    chat_template: str | None = None
 
 
 @dataclass
@@ -47,6 +49,9 @@ class RolloutConfig:
     samples_per_prompt: int = 4
     temperature: float = 1.0
     max_new_tokens: int = 6
+    # generation also ends at any of these strings (cut from the text the rewards see) or ids
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
     cpus_per_worker: float = 0.5  # Ray scheduling share; fractional so the default fits 2 cores
     threads_per_worker: int = 1  # torch/OpenMP threads inside the engine
     kv_cache_gib: int = 1
@@ -65,7 +70,10 @@ class RolloutConfig:
 @dataclass
 class RewardConfig:
     num_actors: int = 2
-    fn: str | None = None  # a name in reward.registry.REWARD_FNS; None = the task's own reward
+    # reward functions (names in reward.registry.REWARD_FNS or package.module:function, TRL's
+    # contract), summed with `weights` (empty: 1.0 each); empty: the task's own reward
+    fns: list[str] = field(default_factory=list)
+    weights: list[float] = field(default_factory=list)
     batch_size: int = 64  # rollouts per scoring call (the unit of load balancing)
     cpus_per_actor: float = 0.1
     # a reward that raises or is not finite: "fail" stops the run naming the sample; "skip"
@@ -88,6 +96,9 @@ class RewardConfig:
     clip: float | None = None
 
     def validate(self) -> None:
+        if self.weights and len(self.weights) != len(self.fns):
+            raise ConfigError(f"reward.weights: {len(self.weights)} weights for "
+                              f"{len(self.fns)} reward.fns (give one per function, or none)")
         if self.rule_weight == 0 and self.model_weight == 0:
             raise ConfigError("reward.rule_weight and reward.model_weight are both 0")
         if self.clip is not None and self.clip <= 0:

@@ -56,6 +56,11 @@ def read_rows(cfg: DatasetConfig, task: Task, kind: str) -> list[dict]:
         if kind == "sft":
             return sft_rows(task.examples(cfg.split))
         return task.preference_rows(cfg.split, rejected=cfg.task_rejected)
+    return read_source(cfg)
+
+
+def read_source(cfg: DatasetConfig) -> list[dict]:
+    """The raw rows of a local file or a hub dataset."""
     path = Path(cfg.path)
     if path.suffix in FILE_SUFFIXES:
         if not path.is_file():
@@ -165,7 +170,7 @@ def load_sft(
             return None
         return SFTExample(i, prompt_ids, response_ids)
 
-    return load_rows(cfg, task, "sft", build)
+    return load_rows(cfg, read_rows(cfg, task, "sft"), build)
 
 
 def load_preferences(
@@ -198,7 +203,7 @@ def load_preferences(
             return None
         return PreferencePair(i, prompt_ids, chosen_ids, rejected_ids, margin, tie)
 
-    return load_rows(cfg, task, "preference", build)
+    return load_rows(cfg, read_rows(cfg, task, "preference"), build)
 
 
 def pair_margin(checker: RowChecker, i: int, row: dict, column: str | None) -> float | None:
@@ -271,11 +276,11 @@ def fits(checker: RowChecker, index: int, tokens: int, max_tokens: int) -> bool:
     return False
 
 
-def load_rows(cfg: DatasetConfig, task: Task, kind: str, build) -> LoadedDataset:
+def load_rows(cfg: DatasetConfig, rows: list[dict], build) -> LoadedDataset:
     """`build(checker, index, row)` turns each raw row into a record, or None to skip it."""
     checker = RowChecker(cfg.path, cfg.skip_bad_rows)
     items = []
-    for i, row in enumerate(read_rows(cfg, task, kind)[: cfg.max_rows]):
+    for i, row in enumerate(rows[: cfg.max_rows]):
         item = build(checker, i, row)
         if item is not None:
             items.append(item)

@@ -4,31 +4,51 @@ every padded batch uses."""
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 
+from .configio import ConfigError
 from .records import Prompt
 from .tasks.base import TaskExample
+
+
+def render_prompt(example: TaskExample, tokenizer) -> tuple[str, list[int]]:
+    """The prompt's text and token ids: a plain prompt with the model's own special tokens; a
+    conversation through the tokenizer's chat template, opened for the assistant's reply (the
+    template writes the special tokens itself)."""
+    if example.conversation is None:
+        return example.prompt, tokenizer(example.prompt).input_ids
+    if not tokenizer.chat_template:
+        raise ConfigError(
+            f"prompt {example.prompt[:60]!r} is a conversation, but the tokenizer of "
+            f"{tokenizer.name_or_path} has no chat template: set model.chat_template (a Jinja "
+            "string) or give the prompts as plain strings"
+        )
+    text = tokenizer.apply_chat_template(
+        example.conversation, add_generation_prompt=True, tokenize=False
+    )
+    return text, tokenizer(text, add_special_tokens=False).input_ids
 
 
 def encode_prompts(
     examples: list[TaskExample], tokenizer, max_prompt_tokens: int, first_index: int = 0,
     skipped: list[str] | None = None,
 ) -> list[Prompt]:
-    """Tokenise with the model's own special tokens. A prompt over the limit (it would leave no
-    room for the response within max_model_len) is an error that names it, or, when a
-    `skipped` list is given, is left out and its text appended there for counting."""
+    """Tokenise (`render_prompt`). A prompt over the limit (it would leave no room for the
+    response within max_model_len) is an error that names it, or, when a `skipped` list is
+    given, is left out and its text appended there for counting."""
     prompts = []
     for i, ex in enumerate(examples):
-        ids = tokenizer(ex.prompt).input_ids
+        text, ids = render_prompt(ex, tokenizer)
         if len(ids) > max_prompt_tokens and skipped is not None:
-            skipped.append(ex.prompt)
+            skipped.append(text)
             continue
         if len(ids) > max_prompt_tokens:
             raise ValueError(
-                f"prompt {first_index + i} ({ex.prompt[:60]!r}...) has {len(ids)} tokens; the "
+                f"prompt {first_index + i} ({text[:60]!r}...) has {len(ids)} tokens; the "
                 f"limit is {max_prompt_tokens} (model.max_model_len - rollout.max_new_tokens); set "
                 "rollout.too_long_prompts=skip to leave such prompts out"
             )
-        prompts.append(Prompt(first_index + i, ex.prompt, ids, ex.reference))
+        prompts.append(Prompt(first_index + i, text, ids, ex.reward_columns(), ex.conversation))
     return prompts
 
 
@@ -68,7 +88,7 @@ class PromptStream:
         for position in range(self.cursor, self.cursor + size):
             epoch, offset = divmod(position, len(self.prompts))
             src = self.prompts[self._order(epoch)[offset]]
-            batch.append(Prompt(position, src.text, src.token_ids, src.reference))
+            batch.append(replace(src, index=position))
         self.cursor += size
         return batch
 

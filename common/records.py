@@ -10,7 +10,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -19,12 +19,22 @@ if TYPE_CHECKING:
 @dataclass(frozen=True)
 class Prompt:
     """One prompt of the dataset; `index` is its position in the data stream (exactly-once
-    accounting), `reference` is what a rule-based reward checks against."""
+    accounting). `text` is what vLLM and the learner see (a conversation rendered by the chat
+    template), `token_ids` its tokens, exactly those vLLM generates from and the learner trains
+    on. `columns` are the row's other columns, handed to the reward functions by name (a
+    built-in task's: {"reference": gold}); `conversation` is the prompt's messages when it is
+    one (the reward functions then get it, and completions as messages, as TRL passes them)."""
 
     index: int
     text: str
     token_ids: list[int]
-    reference: str
+    columns: dict[str, Any]
+    conversation: list[dict[str, str]] | None = None
+
+    @property
+    def reference(self) -> str:
+        """A built-in task's gold reference ("" for a user's dataset, which has none)."""
+        return self.columns.get("reference", "")
 
 
 @dataclass(frozen=True)
@@ -51,6 +61,8 @@ class ScoredRollout:
     reward: float  # what the learner trains on; NaN when `error` is set
     error: str | None = None  # why the reward failed (reward.on_error=skip only)
     rule_reward: float | None = None  # the parts `reward` was combined from (for logging)
+    # each reward function's own value (None: it does not apply to this sample), by name
+    rule_parts: dict[str, float | None] = field(default_factory=dict)
     model_reward: float | None = None  # a learned reward model's score
 
 

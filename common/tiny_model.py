@@ -1,7 +1,8 @@
 """The embedded default model, built offline: a `tokenizers`-trained tokenizer, a small
-Llama-architecture causal LM, and a short full-parameter SFT warm start so it can do the task
-at all. The result is saved with `save_pretrained` and cached by the hash of its recipe, so
-vLLM, PEFT and HF all load it like any hub model.
+Llama-architecture (or, with `architecture=qwen2`, Qwen2) causal LM, and a short
+full-parameter SFT warm start so it can do the task at all. The result is saved with
+`save_pretrained` and cached by the hash of its recipe, so vLLM, PEFT and HF all load it like
+any hub model.
 
 The warm start's floats depend on the CPU's kernels (Intel and AMD builds of the same recipe
 differ), so the models of the shipped configs are built once and shipped as package data
@@ -18,6 +19,7 @@ import shutil
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Literal
 
 from .cache import cache_root
 from .progress import progress
@@ -38,6 +40,15 @@ class TinyModelSpec:
     sft_batch_size: int = 64
     sft_lr: float = 3e-3
     seed: int = 0
+    # qwen2: bias on q/k/v (vLLM packs them as qkv_proj, as it packs gate/up for both)
+    architecture: Literal["llama", "qwen2"] = "llama"
+
+    def hashed(self) -> dict:
+        """What the recipe hash covers: the shipped Llama models predate `architecture`."""
+        spec = asdict(self)
+        if spec["architecture"] == "llama":
+            del spec["architecture"]
+        return spec
 
 
 def build_tokenizer(corpus: list[str]):
@@ -69,10 +80,12 @@ def build_tokenizer(corpus: list[str]):
 
 def _init_model(spec: TinyModelSpec, tokenizer):
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
+    config_class, model_class = {"llama": (LlamaConfig, LlamaForCausalLM),
+                                 "qwen2": (Qwen2Config, Qwen2ForCausalLM)}[spec.architecture]
     torch.manual_seed(spec.seed)
-    config = LlamaConfig(
+    config = config_class(
         vocab_size=len(tokenizer), hidden_size=spec.hidden_size,
         intermediate_size=spec.intermediate_size, num_hidden_layers=spec.num_layers,
         num_attention_heads=spec.num_heads, num_key_value_heads=spec.num_heads,
@@ -80,7 +93,7 @@ def _init_model(spec: TinyModelSpec, tokenizer):
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id, torch_dtype="float32",
     )
-    model = LlamaForCausalLM(config)
+    model = model_class(config)
     # HF's std-0.02 init leaves a tiny model's logits near uniform-flat; a wider output layer
     # gives sampling at temperature 1 a distribution that RL can sharpen.
     torch.nn.init.normal_(model.lm_head.weight, std=spec.hidden_size**-0.5)
@@ -141,7 +154,7 @@ def warm_start(model, tokenizer, recipe: ModelRecipe, spec: TinyModelSpec) -> fl
 
 
 def recipe_hash(recipe: ModelRecipe, spec: TinyModelSpec) -> str:
-    hashed = {"version": RECIPE_VERSION, "task": recipe.recipe(), "spec": asdict(spec)}
+    hashed = {"version": RECIPE_VERSION, "task": recipe.recipe(), "spec": spec.hashed()}
     return hashlib.sha256(json.dumps(hashed, sort_keys=True).encode()).hexdigest()[:12]
 
 

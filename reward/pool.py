@@ -20,26 +20,40 @@ class RewardError(RuntimeError):
 
 @dataclass(frozen=True)
 class RewardSpec:
-    """What a reward actor computes: the rule (a name in `registry`), a learned reward model
-    directory (or None: none here, e.g. it is on the learner), and the weights of the sum."""
+    """What a reward actor computes: the rules (names in `registry`) with their weights, a
+    learned reward model directory (or None: none here, e.g. it is on the learner), and the
+    weights of the sum rule_weight * (weighted rules) + model_weight * model."""
 
-    rule: str
+    rules: tuple[str, ...]
     rule_weight: float = 1.0
     model: str | None = None
     model_weight: float = 0.0
     threads: int = 1
     skip_errors: bool = False
+    weights: tuple[float, ...] | None = None  # one per rule; None: 1.0 each
 
-    def combine(self, r: Rollout, rule: float, model_score: float | None) -> ScoredRollout:
-        """The weighted sum of the parts; the model part counts only where it was computed
-        (a reward actor without a model leaves it to the learner's reward adapter)."""
-        for kind, name, value in (("reward", self.rule, rule),
-                                  ("reward model", self.model, model_score)):
+    def combine(
+        self, r: Rollout, parts: dict[str, float | None], model_score: float | None
+    ) -> ScoredRollout:
+        """The weighted sum of the parts; a rule's None leaves it out of the sum (it does not
+        apply), the model part counts only where it was computed (a reward actor without a
+        model leaves it to the learner's reward adapter)."""
+        for name, value in parts.items():
             if value is not None and not math.isfinite(value):
-                return self.failed(f"{kind} {name!r} returned {value} for {where(r)}", r)
+                return self.failed(f"reward {name!r} returned {value} for {where(r)}", r)
+        if model_score is not None and not math.isfinite(model_score):
+            return self.failed(f"reward model {self.model!r} returned {model_score} for "
+                               f"{where(r)}", r)
+        weights = self.weights or (1.0,) * len(self.rules)
+        applied = [w * v for w, v in zip(weights, parts.values(), strict=True) if v is not None]
+        if not applied:
+            return self.failed(f"no reward function applies to {where(r)}: {list(parts)} all "
+                               "returned None", r)
+        rule = sum(applied)
         model_weight = self.model_weight if model_score is not None else 0.0
         total = combine_rewards(rule, model_score, self.rule_weight, model_weight)
-        return ScoredRollout(r, total, rule_reward=rule, model_reward=model_score)
+        return ScoredRollout(r, total, rule_reward=rule, model_reward=model_score,
+                             rule_parts=parts)
 
     def failed(self, problem: str, r: Rollout, cause: Exception | None = None) -> ScoredRollout:
         if self.skip_errors:
@@ -47,15 +61,30 @@ class RewardSpec:
         raise RewardError(problem) from cause
 
 
+def reward_inputs(rollouts: list[Rollout]) -> dict[str, list]:
+    """A batch as the reward functions take it (`registry`): prompts and completions as
+    strings, or as messages for conversational prompts; the token ids; each column as a list."""
+    columns = dict.fromkeys(name for r in rollouts for name in r.prompt.columns)
+    return {
+        "prompts": [r.prompt.conversation or r.prompt.text for r in rollouts],
+        "completions": [
+            r.response_text if r.prompt.conversation is None
+            else [{"role": "assistant", "content": r.response_text}] for r in rollouts
+        ],
+        "completion_ids": [r.response_ids for r in rollouts],
+        **{name: [r.prompt.columns.get(name) for r in rollouts] for name in columns},
+    }
+
+
 class RewardWorker:
-    """Scores batches of rollouts (run as a Ray actor): the rule on each sample, the learned
-    reward model on the whole batch, combined by weight. A failing reward raises RewardError
-    naming the sample, or with `skip_errors` comes back as a NaN reward carrying the error for
-    the driver to count and drop."""
+    """Scores batches of rollouts (run as a Ray actor): each rule on the whole batch, the
+    learned reward model on the whole batch, combined by weight. A failing reward raises
+    RewardError naming the sample, or with `skip_errors` comes back as a NaN reward carrying
+    the error for the driver to count and drop."""
 
     def __init__(self, spec: RewardSpec) -> None:
         self.spec = spec
-        self.fn = get_reward_fn(spec.rule)
+        self.fns = {name: get_reward_fn(name) for name in spec.rules}
         self.model: LearnedReward | None = None
 
     def score(self, rollouts: list[Rollout]) -> list[ScoredRollout]:
@@ -66,18 +95,42 @@ class RewardWorker:
 
             self.model = LearnedReward(self.spec.model, self.spec.threads)
         model_scores = self.model.score(rollouts) if self.model is not None else None
-        return [
-            self.score_one(r, None if model_scores is None else model_scores[i])
-            for i, r in enumerate(rollouts)
-        ]
+        values = {name: self.rule_values(name, fn, rollouts) for name, fn in self.fns.items()}
+        scored = []
+        for i, r in enumerate(rollouts):
+            raised = [v[i] for v in values.values() if isinstance(v[i], Exception)]
+            if raised:
+                scored.append(self.spec.failed(str(raised[0]), r, raised[0].__cause__))
+                continue
+            parts = {name: v[i] for name, v in values.items()}
+            scored.append(self.spec.combine(
+                r, parts, None if model_scores is None else model_scores[i]
+            ))
+        return scored
 
-    def score_one(self, r: Rollout, model_score: float | None) -> ScoredRollout:
+    def rule_values(self, name: str, fn, rollouts: list[Rollout]) -> list:
+        """`fn` on the batch: a float or None per sample. If the batch call raises, each
+        sample is scored alone to find the ones that raise (their entry is the RewardError)."""
         try:
-            rule = float(self.fn(r.response_text, r.prompt.reference))
+            values = fn(**reward_inputs(rollouts))
+        except Exception:
+            if len(rollouts) == 1:
+                raise
+            return [v for r in rollouts for v in self.rule_values_alone(name, fn, r)]
+        if not isinstance(values, (list, tuple)) or len(values) != len(rollouts):
+            size = len(values) if isinstance(values, (list, tuple)) else type(values).__name__
+            raise RewardError(f"reward {name!r} returned {size} values for a batch of "
+                              f"{len(rollouts)} ({rollouts[0].sample_id} ...): it must return "
+                              "one float or None per completion")
+        return [None if v is None else float(v) for v in values]
+
+    def rule_values_alone(self, name: str, fn, r: Rollout) -> list:
+        try:
+            return self.rule_values(name, fn, [r])
         except Exception as exc:
-            return self.spec.failed(f"reward {self.spec.rule!r} raised on {where(r)}: {exc!r}",
-                                    r, exc)
-        return self.spec.combine(r, rule, model_score)
+            error = RewardError(f"reward {name!r} raised on {where(r)}: {exc!r}")
+            error.__cause__ = exc
+            return [error]
 
 
 def where(r: Rollout) -> str:

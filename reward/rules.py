@@ -1,8 +1,47 @@
-"""Rule-based rewards: pure functions of (response text, reference) -> float."""
+"""Rule-based rewards in TRL's batched contract (`registry.py`): one value per completion."""
 
 from __future__ import annotations
 
+import re
+import threading
 
-def exact_match(response: str, reference: str) -> float:
-    """1.0 when the response, stripped of surrounding whitespace, is the reference."""
-    return 1.0 if response.strip() == reference.strip() else 0.0
+Completion = str | list[dict[str, str]]  # text, or [{"role": "assistant", "content": text}]
+
+
+def completion_text(completion: Completion) -> str:
+    return completion if isinstance(completion, str) else completion[-1]["content"]
+
+
+def exact_match(completions: list[Completion], reference: list[str], **kwargs) -> list[float]:
+    """1.0 where the completion, stripped of surrounding whitespace, is the reference."""
+    return [1.0 if completion_text(c).strip() == ref.strip() else 0.0
+            for c, ref in zip(completions, reference, strict=True)]
+
+
+def math_verify(completions: list[Completion], answer: list[str], **kwargs) -> list[float]:
+    """1.0 where HF's math-verify finds the completion's final answer (\\boxed{...}, `#### 42`,
+    a fraction, LaTeX, a plain number) equal to the `answer` column's (parsed the same way:
+    GSM8K's worked answers ending in `#### 72` work as they are)."""
+    from math_verify import parse, verify
+
+    # its timeouts use SIGALRM, which only the main thread may set
+    timeout = 5 if threading.current_thread() is threading.main_thread() else None
+    return [
+        float(verify(parse(str(gold), parsing_timeout=timeout),
+                     parse(completion_text(c), parsing_timeout=timeout), timeout_seconds=timeout))
+        for c, gold in zip(completions, answer, strict=True)
+    ]
+
+
+BOXED = re.compile(r"\\boxed\{[^{}]+\}")
+
+
+def boxed_format(completions: list[Completion], **kwargs) -> list[float]:
+    """1.0 where the completion states an answer as \\boxed{...} (a format reward: pair it
+    with math_verify by weight)."""
+    return [1.0 if BOXED.search(completion_text(c)) else 0.0 for c in completions]
+
+
+def length_penalty(completion_ids: list[list[int]], **kwargs) -> list[float]:
+    """Minus the completion's length in tokens; reward.weights sets the price of a token."""
+    return [-float(len(ids)) for ids in completion_ids]

@@ -132,8 +132,10 @@ class RolloutWorker:
     def generate(
         self, prompts: list[Prompt], *, n: int, temperature: float, max_tokens: int, seed: int,
         lora: LoRARequest | None = None, use_policy: bool = True,
+        stop: list[str] | None = None, stop_token_ids: list[int] | None = None,
     ) -> list[Rollout]:
-        """n samples per prompt with vLLM's logprob of every sampled token.
+        """n samples per prompt with vLLM's logprob of every sampled token; a sample also
+        ends at a `stop` string (cut from its text) or a `stop_token_ids` token.
 
         Each prompt gets its own sampling seed (seed + prompt.index), so a prompt's samples do
         not depend on which worker or batch it landed in."""
@@ -144,7 +146,8 @@ class RolloutWorker:
         params = [
             SamplingParams(
                 n=n, temperature=temperature, max_tokens=max_tokens, logprobs=0,
-                seed=seed + p.index, skip_special_tokens=True,
+                seed=seed + p.index, skip_special_tokens=True, stop=stop or None,
+                stop_token_ids=stop_token_ids or None,
             )
             for p in prompts
         ]
@@ -169,7 +172,7 @@ class RolloutWorker:
 
     def probe(self, prompt_ids: list[list[int]], max_tokens: int) -> ProbeResult:
         """Greedy continuation of the fixed probe under the current adapter."""
-        prompts = [Prompt(i, "", ids, "") for i, ids in enumerate(prompt_ids)]
+        prompts = [Prompt(i, "", ids, {}) for i, ids in enumerate(prompt_ids)]
         rollouts = self.generate(prompts, n=1, temperature=0.0, max_tokens=max_tokens, seed=0)
         return ProbeResult(
             worker_id=self.worker_id, adapter_version=self.adapter_version,

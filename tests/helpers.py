@@ -33,14 +33,31 @@ def perturb_policy(learner: PPOLearner, seed: int, scale: float = 0.05) -> None:
                 param.copy_(torch.randn(param.shape, generator=gen) * scale)
 
 
-def reward_raises_on_7(response: str, reference: str) -> float:
-    if "7" in response:
+def reward_raises_on_7(completions: list[str], **kwargs) -> list[float]:
+    if any("7" in c for c in completions):
         raise KeyError("no rule for 7")
-    return 1.0
+    return [1.0] * len(completions)
 
 
-def reward_nan_when_wrong(response: str, reference: str) -> float:
-    return 1.0 if response == reference else math.nan
+def reward_nan_when_wrong(completions: list[str], reference: list[str], **kwargs) -> list[float]:
+    return [1.0 if c == ref else math.nan for c, ref in zip(completions, reference, strict=True)]
+
+
+# reward functions that break TRL's contract (tests/unit/test_dataset_task.py)
+def fn_without_completions(x):
+    return [0.0]
+
+
+def fn_without_kwargs(completions, solution):
+    return [0.0] * len(completions)
+
+
+def fn_wrong_length(completions, **kwargs):
+    return [1.0]
+
+
+def fn_none(completions, **kwargs):
+    return [None] * len(completions)
 
 
 def contrast_batch(tokenizer, version: int, offset: int = 1) -> list[ScoredRollout]:
@@ -48,10 +65,36 @@ def contrast_batch(tokenizer, version: int, offset: int = 1) -> list[ScoredRollo
     offset 1 is the shipped model's habit."""
     out = []
     for i, ex in enumerate(AdditionTask().examples("train")[:32]):
-        prompt = Prompt(i, ex.prompt, tokenizer(ex.prompt).input_ids, ex.answer)
+        prompt = Prompt(i, ex.prompt, tokenizer(ex.prompt).input_ids, {"reference": ex.answer})
         wrong = str(int(ex.answer) + offset)
         for k, (text, reward) in enumerate(((ex.answer, 1.0), (wrong, 0.0))):
             ids = tokenizer(text, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
             rollout = Rollout(prompt, k, ids, text, [0.0] * len(ids), "stop", version, 0)
             out.append(ScoredRollout(rollout, reward))
     return out
+
+
+def train_config_error(overrides: list[str], tmp_path, capsys, monkeypatch) -> str:
+    """`lorafleet train` with `overrides`, expected to stop with a one-line error before Ray
+    starts and before the run directory exists; returns that line."""
+    import huggingface_hub.constants
+    import pytest
+
+    import lorafleet.cluster.trainer
+    from lorafleet.cluster.cli import main
+    from lorafleet.common.logs import library_env
+
+    for key, value in library_env().items():
+        monkeypatch.setenv(key, value)  # main() sets them: undone after the test
+
+    def no_ray(cfg):
+        raise AssertionError("connect_ray was called")
+
+    monkeypatch.setattr(lorafleet.cluster.trainer, "connect_ray", no_ray)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # no network call
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", *overrides, f"run_dir={tmp_path / 'run'}"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1, err
+    assert not (tmp_path / "run").exists()
+    return err

@@ -9,6 +9,7 @@ import random
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from ..configio import ConfigError
 
@@ -22,10 +23,18 @@ class TaskExample:
     # what the reward reads beside the response: the answer itself, unless the reward needs
     # more (NLU: task, gold label id and label words, as JSON)
     reference: str = ""
+    # a user's dataset row (`dataset.py`): the prompt as messages (rendered with the chat
+    # template when tokenised), and the row's other columns for the reward functions
+    conversation: list[dict[str, str]] | None = None
+    columns: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if not self.reference:
             object.__setattr__(self, "reference", self.answer)
+
+    def reward_columns(self) -> dict[str, Any]:
+        """What the reward functions get beside prompt and completion, by column name."""
+        return self.columns if self.columns is not None else {"reference": self.reference}
 
 
 def check_split(split: str) -> None:

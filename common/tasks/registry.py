@@ -15,6 +15,7 @@ from typing import Literal
 from ..configio import ConfigError
 from .addition import AdditionTask
 from .base import Task
+from .dataset import DatasetTask, PromptDataConfig
 from .nlu import SPECS, NLUOptions, NLUSpec, glue_task
 from .vader import SentimentVaderTask, WritePositiveTask
 
@@ -43,6 +44,7 @@ class TaskConfig:
     max_train_rows: int | None = None
     max_eval_rows: int | None = None
     skip_bad_rows: bool = False
+    data: PromptDataConfig = field(default_factory=PromptDataConfig)  # name=dataset only
 
     def __post_init__(self) -> None:
         if self.reward_fn is None and self.name in TASKS:  # an unknown name fails validate()
@@ -50,6 +52,9 @@ class TaskConfig:
 
     def validate(self) -> None:
         entry = task_entry(self.name)
+        if (self.name == "dataset") != (self.data != PromptDataConfig()):
+            raise ConfigError("task.data: name=dataset reads its prompts from task.data.train "
+                              f"(a file or hub name), and only it does; got name={self.name!r}")
         if self.shots and not entry.shots:
             raise ConfigError(f"task.shots={self.shots}: task {self.name!r} takes no in-context "
                               "examples (`lorafleet tasks` lists the tasks)")
@@ -63,7 +68,7 @@ class TaskConfig:
 @dataclass(frozen=True)
 class TaskEntry:
     build: Callable[[TaskConfig], Task]
-    reward_fn: str  # the reward unless task.reward_fn / reward.fn name another
+    reward_fn: str  # the reward unless task.reward_fn / reward.fns name another
     # the `lorafleet tasks` row: data source, local file layout, answers, held-out metrics
     row: tuple[str, str, str, str]
     shots: bool = False  # takes in-context examples (task.shots, `lorafleet eval --shots`)
@@ -104,6 +109,11 @@ TASKS: dict[str, TaskEntry] = {
         lambda cfg: WritePositiveTask(), "vader_compound",
         ("offline: openings of the VADER sentences", "—",
          "(free text; reward = VADER compound)", "vader_compound"),
+    ),
+    "dataset": TaskEntry(
+        lambda cfg: DatasetTask(cfg.data, cfg.seed), "exact_match",
+        ("`task.data.train`: a prompt file or hub dataset", "prompt column (text or messages)",
+         "scored by reward.fns (TRL's contract)", "the rewards"),
     ),
     "multi": TaskEntry(
         lambda cfg: glue_task("multi", cfg.tasks, nlu_options(cfg), cfg.data_dir,

@@ -78,7 +78,7 @@ def test_reward_actors_combine_rule_and_model(trained, tokenizer, ray_cluster):
     net, directory, _, _ = trained
     rollouts = [s.rollout for s in contrast_batch(tokenizer, 0)]
     expected = score_rows(net, rollout_rows(tokenizer, rollouts), tokenizer.pad_token_id)
-    spec = RewardSpec("exact_match", rule_weight=0.5, model=str(directory), model_weight=2.0)
+    spec = RewardSpec(("exact_match",), rule_weight=0.5, model=str(directory), model_weight=2.0)
     actors = [ray_cluster.remote(RewardWorker).options(num_cpus=0.1).remote(spec)
               for _ in range(2)]
     try:

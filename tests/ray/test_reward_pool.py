@@ -16,16 +16,16 @@ from lorafleet.reward.rules import exact_match
 def make_rollouts(n: int) -> list[Rollout]:
     out = []
     for i in range(n):
-        prompt = Prompt(i, f"{i}+0=", [1], str(i))
+        prompt = Prompt(i, f"{i}+0=", [1], {"reference": str(i)})
         text = str(i) if i % 3 else "x"  # every third response is wrong
         out.append(Rollout(prompt, 0, [5], text, [-0.5], "stop", 4, i % 2))
     return out
 
 
 def test_exact_match_and_registry():
-    assert exact_match(" 42 ", "42") == 1.0 and exact_match("41", "42") == 0.0
-    assert get_reward_fn("helpers:reward_nan_when_wrong")("1", "1") == 1.0
-    with pytest.raises(ValueError, match="reward.fn='nope': unknown reward function"):
+    assert exact_match([" 42 ", "41"], ["42", "42"]) == [1.0, 0.0]
+    assert get_reward_fn("helpers:reward_nan_when_wrong")(["1"], ["1"]) == [1.0]
+    with pytest.raises(ValueError, match="reward.fns='nope': unknown reward function"):
         get_reward_fn("nope")
 
 
@@ -36,7 +36,7 @@ def pool_of(ray_cluster):
 
     def build(fn: str, batch_size: int = 4, skip_errors: bool = False) -> RewardPool:
         remote = ray_cluster.remote(RewardWorker).options(num_cpus=0.1)
-        actors.extend(remote.remote(RewardSpec(fn, skip_errors=skip_errors)) for _ in range(2))
+        actors.extend(remote.remote(RewardSpec((fn,), skip_errors=skip_errors)) for _ in range(2))
         return RewardPool(actors[-2:], batch_size)
 
     yield build

@@ -118,7 +118,7 @@ def test_group_rewards_needs_prompt_major_batches():
     from lorafleet.learner.critic_free_learner import group_rewards
 
     def scored(prompt: int, k: int, reward: float) -> ScoredRollout:
-        p = Prompt(prompt, "", [1], "")
+        p = Prompt(prompt, "", [1], {})
         return ScoredRollout(Rollout(p, k, [5], "", [0.0], "stop", 0, 0), reward)
 
     batch = [scored(0, 0, 1.0), scored(0, 1, 0.0), scored(1, 0, 0.5), scored(1, 1, 0.25)]

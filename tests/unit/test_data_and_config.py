@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers import train_config_error
 from lorafleet.cluster.config import TrainConfig, load_train_config
 from lorafleet.cluster.fleet import check_exactly_once, shard
 from lorafleet.common.config import TINY
@@ -122,35 +123,18 @@ def test_reward_model_config_errors():
     ("model.name_or_path=nosuch-org/nosuch-model", "model.name_or_path='nosuch-org/nosuch-model'"
      ": neither a local directory nor a model on the hub: not in the local hub cache and "
      "HF_HUB_OFFLINE is set"),
-    ("reward.fn=nosuch.module:fn", "reward.fn='nosuch.module:fn': cannot import 'nosuch.module' "
-     "(No module named 'nosuch'); use one of exact_match, label_match, vader_compound or "
-     "package.module:function"),
-    ("reward.fn=nosuch", "reward.fn='nosuch': unknown reward function; use one of exact_match"),
-    ("reward.fn=os:nosuch", "reward.fn='os:nosuch': module 'os' has no 'nosuch'"),
+    ("reward.fns=[nosuch.module:fn]", "reward.fns='nosuch.module:fn': cannot import "
+     "'nosuch.module' (No module named 'nosuch'); use one of exact_match, label_match, "
+     "vader_compound, math_verify, boxed_format, length_penalty or package.module:function"),
+    ("reward.fns=[nosuch]", "reward.fns='nosuch': unknown reward function; use one of "
+     "exact_match"),
+    ("reward.fns=[os:nosuch]", "reward.fns='os:nosuch': module 'os' has no 'nosuch'"),
 ])
 def test_bad_model_or_reward_fn_is_one_line_before_ray(
     override, message, tmp_path, capsys, monkeypatch
 ):
-    import huggingface_hub.constants
-
-    import lorafleet.cluster.trainer
-    from lorafleet.cluster.cli import main
-    from lorafleet.common.logs import library_env
-
-    for key, value in library_env().items():
-        monkeypatch.setenv(key, value)  # main() sets them: undone after the test
-
-    def no_ray(cfg):
-        raise AssertionError("connect_ray was called")
-
-    monkeypatch.setattr(lorafleet.cluster.trainer, "connect_ray", no_ray)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # no network call
-    with pytest.raises(SystemExit) as exit_info:
-        main(["train", override, f"run_dir={tmp_path / 'run'}"])
-    err = capsys.readouterr().err
-    assert exit_info.value.code == 2 and err.count("\n") == 1
-    assert err.startswith(f"lorafleet: config error: {message}")
-    assert not (tmp_path / "run").exists()
+    assert train_config_error([override], tmp_path, capsys, monkeypatch).startswith(
+        f"lorafleet: config error: {message}")
 
 
 def test_overrides_may_follow_options(capsys):
@@ -176,7 +160,7 @@ def test_addition_task_splits_are_disjoint_and_correct():
 
 
 def prompts(n: int) -> list[Prompt]:
-    return [Prompt(i, f"p{i}", [1, i], str(i)) for i in range(n)]
+    return [Prompt(i, f"p{i}", [1, i], {"reference": str(i)}) for i in range(n)]
 
 
 def test_prompt_stream_covers_each_epoch_once_with_running_indices():

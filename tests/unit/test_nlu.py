@@ -50,9 +50,8 @@ def test_answers_and_label_reward():
     assert parse_answer("negative review", labels) == 0
     assert parse_answer(" pos", labels) == INVALID and parse_answer("", labels) == INVALID
     ref = make_reference("sst2", 1, labels, invalid_reward=-0.5)
-    assert label_match(" positive", ref) == 1.0
-    assert label_match(" negative", ref) == 0.0
-    assert label_match(" great", ref) == -0.5  # no label at all: the configured penalty
+    # positive, negative, no label at all (the configured penalty)
+    assert label_match([" positive", " negative", " great"], [ref] * 3) == [1.0, 0.0, -0.5]
 
 
 @pytest.mark.parametrize("name", list(SPECS))
@@ -155,12 +154,17 @@ def test_write_positive_reward_is_vader_compound():
 
     cfg = TaskConfig(name="write_positive")
     task = build_task(cfg)
-    reward = get_reward_fn(cfg.reward_fn)
-    assert reward(" wonderful and lovely", "") > 0.5 > -0.5 > reward(" awful and nasty", "")
-    assert reward(" not good", "") < 0 and math.isclose(reward(" the", ""), 0.0)
+    fn = get_reward_fn(cfg.reward_fn)
+
+    def reward(text: str) -> float:
+        return fn(prompts=[""], completions=[text], reference=[""])[0]
+
+    assert reward(" wonderful and lovely") > 0.5 > -0.5 > reward(" awful and nasty")
+    assert reward(" not good") < 0 and math.isclose(reward(" the"), 0.0)
     # demonstrations come from sentences VADER calls positive (the opening may carry it:
     # "my friends said" scores positive on its own)
-    assert all(reward(ex.prompt + ex.answer, "") >= 0.05 for ex in task.examples("train"))
+    examples = task.examples("train")
+    assert min(fn(completions=[ex.prompt + ex.answer for ex in examples])) >= 0.05
     assert task.answer_metrics([(" great", "")])["write_positive/vader_compound"] > 0
 
 

@@ -3,6 +3,8 @@ no key) and the Parquet rollout log."""
 
 from __future__ import annotations
 
+import json
+
 import pyarrow.parquet as pq
 import pytest
 
@@ -30,9 +32,10 @@ def test_wandb_records_offline_without_a_key(tmp_path, monkeypatch):
 
 
 def test_rollouts_parquet_holds_every_sample(tmp_path):
-    prompt = Prompt(7, "1+2=", [1, 2], "3")
+    prompt = Prompt(7, "1+2=", [1, 2], {"reference": "3", "data_source": "mine"})
     scored = [
-        ScoredRollout(Rollout(prompt, k, [5, 6], text, [-0.1, -0.2], "stop", 3, 1), reward)
+        ScoredRollout(Rollout(prompt, k, [5, 6], text, [-0.1, -0.2], "stop", 3, 1), reward,
+                      rule_parts={"exact_match": reward})
         for k, (text, reward) in enumerate((("3", 1.0), ("4", 0.0)))
     ]
     path = write_rollouts(RunDir(tmp_path), 0, 12, scored)
@@ -42,6 +45,9 @@ def test_rollouts_parquet_holds_every_sample(tmp_path):
         (7, 0, "3", 1.0), (7, 1, "4", 0.0)
     ]
     assert rows[0]["adapter_version"] == 3 and rows[0]["iteration"] == 12
+    # the row's columns travel with it into the log
+    assert json.loads(rows[1]["columns"]) == {"reference": "3", "data_source": "mine"}
+    assert json.loads(rows[1]["reward_parts"]) == {"exact_match": 0.0}
 
 
 def test_missing_wandb_is_a_config_error(monkeypatch, tmp_path):

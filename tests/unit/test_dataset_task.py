@@ -1,0 +1,199 @@
+"""A user's own prompt dataset (`task.name=dataset`) and reward functions in TRL's contract:
+rows as text or chat messages, every other column carried to the rewards, TRL-style reward
+functions run unchanged, and bad input named before any actor starts."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+
+from helpers import train_config_error
+from lorafleet.cluster.config import load_train_config
+from lorafleet.common.configio import ConfigError
+from lorafleet.common.corpora import DatasetError
+from lorafleet.common.data import encode_prompts
+from lorafleet.common.records import Rollout
+from lorafleet.common.tasks.registry import build_task
+from lorafleet.reward.pool import RewardError, RewardSpec, RewardWorker
+from lorafleet.reward.registry import check_reward_fn, get_reward_fn
+
+CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}assistant:{% endif %}")
+TRL = "trl_style_rewards"
+USER_JSONL = Path(__file__).parents[1] / "data" / "chat_prompts.jsonl"  # a user's own file
+
+
+def write_rows(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def chat_rows(n: int = 10) -> list[dict]:
+    return [{"prompt": [{"role": "user", "content": f"{i}+{i}="}], "solution": str(2 * i),
+             "data_source": "gsm" if i % 2 else "other"} for i in range(n)]
+
+
+def dataset_cfg(path: str, *overrides: str):
+    return load_train_config(None, ["task.name=dataset", f"task.data.train.path={path}",
+                                    *overrides])
+
+
+@pytest.fixture
+def chat_tokenizer(tokenizer):
+    chat = copy.deepcopy(tokenizer)
+    chat.chat_template = CHAT_TEMPLATE
+    return chat
+
+
+def test_conversations_render_with_the_chat_template_and_keep_their_columns(
+    tmp_path, chat_tokenizer
+):
+    cfg = dataset_cfg(write_rows(tmp_path / "rows.jsonl", chat_rows()),
+                      "task.data.eval_fraction=0.2", "task.data.system_prompt=Be brief.")
+    task = build_task(cfg.task)
+    train, held_out = task.examples("train"), task.examples("eval")
+    assert (len(train), len(held_out)) == (8, 2)  # a seeded 20% held out, never trained on
+    assert not {ex.columns["solution"] for ex in train} & {ex.columns["solution"] for ex in
+                                                          held_out}
+    ex = train[0]
+    assert ex.conversation[0] == {"role": "system", "content": "Be brief."}
+    assert set(ex.columns) == {"solution", "data_source"}
+    prompts = encode_prompts(train, chat_tokenizer, 100)
+    p = prompts[0]
+    assert p.text == f"system: Be brief.\nuser: {ex.conversation[1]['content']}\nassistant:"
+    # the ids vLLM generates from and the learner trains on: the rendered text, tokenised
+    # without a second set of special tokens
+    assert p.token_ids == chat_tokenizer(p.text, add_special_tokens=False).input_ids
+    assert p.columns == ex.columns and p.conversation == ex.conversation
+
+
+def test_separate_eval_file_and_plain_text_prompts_from_csv(tmp_path, tokenizer):
+    train = tmp_path / "train.csv"
+    train.write_text("prompt,answer\n1+1=,2\n2+2=,4\n3+3=,6\n")
+    held = tmp_path / "eval.csv"
+    held.write_text("prompt,answer\n4+4=,8\n")
+    task = build_task(dataset_cfg(str(train), f"task.data.eval.path={held}").task)
+    assert [ex.prompt for ex in task.examples("eval")] == ["4+4="]
+    prompts = encode_prompts(task.examples("train"), tokenizer, 100)
+    assert prompts[1].token_ids == tokenizer("2+2=").input_ids  # plain text: as the tasks do
+    assert prompts[1].columns == {"answer": "4"} and prompts[1].conversation is None
+
+
+def rollouts_for(prompts, texts):
+    return [Rollout(p, 0, [1], t, [0.0], "stop", 0, 0) for p, t in zip(prompts, texts,
+                                                                       strict=True)]
+
+
+def test_trl_reward_functions_run_unchanged(tmp_path, chat_tokenizer):
+    cfg = dataset_cfg(write_rows(tmp_path / "rows.jsonl", chat_rows(4)),
+                      "task.data.eval_fraction=0.25")
+    prompts = encode_prompts(build_task(cfg.task).examples("train"), chat_tokenizer, 100)
+    names = (f"{TRL}:accuracy_reward", f"{TRL}:format_reward_func", f"{TRL}:only_for_gsm")
+    for name in names:
+        check_reward_fn(get_reward_fn(name), name, "reward.fns", set(prompts[0].columns))
+    texts = [f"The answer is {p.columns['solution']}." for p in prompts[:2]] + ["no idea"]
+    spec = RewardSpec(names, weights=(1.0, 0.5, 2.0))
+    scored = RewardWorker(spec).score(rollouts_for(prompts, texts))
+    for s, text in zip(scored, texts, strict=True):
+        gsm = s.rollout.prompt.columns["data_source"] == "gsm"
+        right = text != "no idea"
+        assert s.rule_parts == {names[0]: float(right), names[1]: float(right),
+                                names[2]: 1.0 if gsm else None}
+        assert s.reward == 1.5 * right + (2.0 if gsm else 0.0)  # None: left out of the sum
+    # plain-text completions for plain-text prompts (the addition task's)
+    plain = encode_prompts(build_task(load_train_config(None, []).task).examples("eval")[:1],
+                           chat_tokenizer, 100)
+    length = RewardWorker(RewardSpec((f"{TRL}:reward_len",))).score(
+        rollouts_for(plain, ["x" * 25]))
+    assert length[0].reward == -5.0
+
+
+@pytest.mark.parametrize("row, message", [
+    ({"prompt": 42}, "rows.jsonl: row 0: column 'prompt' is neither text nor a list of "
+     "messages: int"),
+    ({"prompt": [{"role": "robot", "content": "hi"}]}, "rows.jsonl: row 0: column 'prompt': "
+     "message 0 has unknown role 'robot' (allowed: system, user, assistant, tool)"),
+    ({"prompt": [{"role": "user"}]}, "row 0: column 'prompt': message 0 is not a {role, "
+     "content} object"),
+    ({"question": "1+1="}, "rows.jsonl: row 0: missing column 'prompt' (has ['question'])"),
+])
+def test_bad_rows_name_file_row_and_column(tmp_path, row, message):
+    cfg = dataset_cfg(write_rows(tmp_path / "rows.jsonl", [row, *chat_rows(3)]))
+    with pytest.raises(DatasetError) as err:
+        build_task(cfg.task)
+    assert message in str(err.value)
+
+
+@pytest.mark.parametrize("fn, columns, message", [
+    (f"{TRL}:accuracy_reward", {"answer"}, "needs column(s) ['solution'], which the prompt "
+     "data lacks (its columns: ['answer'])"),
+    ("helpers:fn_without_completions", set(), "has no `completions` argument"),
+    ("helpers:fn_without_kwargs", {"solution", "id"}, "does not accept "
+     "['completion_ids', 'id', 'prompts'], which every call passes; add **kwargs"),
+])
+def test_reward_function_signature_checked_up_front(fn, columns, message):
+    with pytest.raises(ConfigError) as err:
+        check_reward_fn(get_reward_fn(fn), fn, "reward.fns", columns)
+    assert message in str(err.value)
+
+
+def test_bad_reward_values_name_the_function_and_sample(tokenizer):
+    prompts = encode_prompts(build_task(load_train_config(None, []).task).examples("eval")[:2],
+                             tokenizer, 100)
+    rollouts = rollouts_for(prompts, ["1", "2"])
+    with pytest.raises(RewardError, match="returned 1 values for a batch of 2"):
+        RewardWorker(RewardSpec(("helpers:fn_wrong_length",))).score(rollouts)
+    with pytest.raises(RewardError, match="no reward function applies to prompt 0 sample 0"):
+        RewardWorker(RewardSpec(("helpers:fn_none",))).score(rollouts)
+    skipped = RewardWorker(RewardSpec(("helpers:fn_none",), skip_errors=True))
+    assert all(s.error for s in skipped.score(rollouts))
+
+
+def test_conversation_without_chat_template_and_misplaced_keys(tmp_path, tokenizer):
+    path = write_rows(tmp_path / "rows.jsonl", chat_rows(4))
+    task = build_task(dataset_cfg(path, "task.data.eval_fraction=0.25").task)
+    assert not tokenizer.chat_template
+    with pytest.raises(ConfigError, match="has no chat template: set model.chat_template"):
+        encode_prompts(task.examples("train"), tokenizer, 100)
+    with pytest.raises(ConfigError, match="task.data: name=dataset reads its prompts"):
+        load_train_config(None, [f"task.data.train.path={path}"])  # task.name is addition
+    with pytest.raises(ConfigError, match=r"task.data.train: \['response_column'\] are keys"):
+        dataset_cfg(path, "task.data.train.response_column=answer")
+    with pytest.raises(ConfigError, match="reward.weights: 2 weights for 1 reward.fns"):
+        load_train_config(None, ["reward.fns=[exact_match]", "reward.weights=[1, 2]"])
+
+
+def test_math_verify_reads_boxed_hashes_fractions_and_conversations():
+    fn = get_reward_fn("math_verify")
+    completions = ["so \\boxed{\\frac{1}{2}}", "#### 42", "It is 41.", "$0.5$"]
+    assert fn(completions=completions, answer=["0.5", "42", "42", "\\frac{1}{2}"]) == [
+        1.0, 1.0, 0.0, 1.0]
+    # GSM8K's worked answer as the gold, a conversational completion
+    gold = "Natalia sold 48/2 = <<48/2=24>>24 clips in May. 48+24 = 72 #### 72"
+    chat = [[{"role": "assistant", "content": "She sold 72 clips in total: \\boxed{72}"}]]
+    assert fn(completions=chat, answer=[gold]) == [1.0]
+
+
+def test_format_and_length_rewards():
+    boxed = get_reward_fn("boxed_format")
+    assert boxed(completions=["so \\boxed{7}", "so 7", "\\boxed{}"]) == [1.0, 0.0, 0.0]
+    assert get_reward_fn("length_penalty")(completion_ids=[[1, 2, 3], []]) == [-3.0, 0.0]
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ([f"reward.fns=[{TRL}:accuracy_reward]", f"model.chat_template={CHAT_TEMPLATE}"],
+     f"reward.fns='{TRL}:accuracy_reward': needs column(s) ['solution'], which the prompt data "
+     "lacks (its columns: ['answer', 'data_source'])"),
+    (["reward.fns=[math_verify]"], "prompt 'What is 3+4?' is a conversation, but the tokenizer "
+     "of"),
+])
+def test_train_names_a_bad_user_dataset_before_ray(
+    overrides, message, tiny_model_path, tmp_path, capsys, monkeypatch
+):
+    err = train_config_error(["task.name=dataset", f"task.data.train.path={USER_JSONL}",
+                              f"model.name_or_path={tiny_model_path}", *overrides],
+                             tmp_path, capsys, monkeypatch)
+    assert err.startswith(f"lorafleet: config error: {message}"), err
