@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from ..common.config import LoRAConfig
+from ..common.devices import actor_device, model_dtype
 from ..common.records import AdapterSnapshot, ProbeResult, ScoredRollout, TrainStats
 from .algorithms.ppo import kl_penalty, masked_mean
 from .algorithms.registry import AlgoConfig
@@ -37,15 +38,23 @@ class LearnerBase:
     with_value = False
 
     def __init__(
-        self, model_path: str, lora: LoRAConfig, algo: AlgoConfig, *, dtype: str, seed: int,
-        threads: int, pad_token_id: int, device: str = "cpu",
+        self, model_path: str, lora: LoRAConfig, algo: AlgoConfig, *, dtype: str | None,
+        seed: int, threads: int, pad_token_id: int, device: str | None = None,
+        attn_implementation: str | None = None, gradient_checkpointing: bool = False,
     ) -> None:
+        """device None: the GPU Ray assigned this actor, else the CPU; dtype None: by device."""
         torch.set_num_threads(threads)
         self.algo = algo
         self.pad_id = pad_token_id
-        self.model_path, self.lora, self.dtype = model_path, lora, dtype
+        if device is None:
+            device, dtype = actor_device(dtype)
+        self.model_path, self.lora = model_path, lora
+        self.dtype = model_dtype(dtype, device != "cpu")
         adapters = (POLICY, VALUE) if self.with_value else (POLICY,)
-        self.net = PolicyValueModel(model_path, lora, DTYPES[dtype], seed, adapters, device)
+        self.net = PolicyValueModel(
+            model_path, lora, DTYPES[self.dtype], seed, adapters, device, attn_implementation,
+            gradient_checkpointing,
+        )
         self.policy_params = self.net.adapter_parameters(POLICY)
         self.start_stage(algo.policy_lr)
         if self.with_value:
