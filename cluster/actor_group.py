@@ -90,11 +90,10 @@ def shortfalls(specs: list[GroupSpec], nodes: list[dict[str, float]], strategy: 
             problems.append(
                 f"no node can hold one {spec.role} actor's bundle {bundle} (the largest node "
                 f"offers {largest}; keys: {', '.join(spec.resource_keys[k] for k in bundle)})")
-    for name, amount in demand.items():
-        total = sum(node.get(name, 0) for node in nodes)
-        if amount > total + 1e-9:
-            problems.insert(0, f"{amount:g} {name} asked in total ({', '.join(asks[name])}) but "
-                               f"the cluster has {total:g}")
+    totals = {name: sum(node.get(name, 0) for node in nodes) for name in demand}
+    problems = [f"{amount:g} {name} asked in total ({', '.join(asks[name])}) but the cluster "
+                f"has {totals[name]:g}" for name, amount in demand.items()
+                if amount > totals[name] + 1e-9] + problems
     if strategy == "STRICT_PACK" and not problems and not any(
             all(node.get(k, 0) >= v for k, v in demand.items()) for node in nodes):
         problems.append(f"placement.strategy=STRICT_PACK puts every actor on one node, and no "
