@@ -10,6 +10,7 @@ from pathlib import Path
 from ..common.configio import ConfigError
 from ..common.corpora import DatasetError
 from ..common.logs import apply_log_level
+from .actor_group import PlacementError
 from .bench_memory import add_arguments as add_bench_memory_arguments
 from .bench_memory import bench_memory
 from .checkpoint import ResumeError
@@ -277,6 +278,9 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     except DatasetError as exc:
         print(f"lorafleet: dataset error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except PlacementError as exc:
+        print(f"lorafleet: resources: {exc}", file=sys.stderr)
         sys.exit(2)
 
 
