@@ -9,10 +9,12 @@ def model_dtype(dtype: str | None, gpu: bool) -> str:
 
 
 def assigned_gpu_ids() -> list:
-    """The GPUs Ray gave this actor (its CUDA_VISIBLE_DEVICES); none outside an actor."""
+    """The GPUs Ray gave this actor (its CUDA_VISIBLE_DEVICES); none outside an actor (the
+    driver and in-process use reserve no GPU, whatever the node has)."""
     import ray
 
-    return ray.get_gpu_ids() if ray.is_initialized() else []
+    in_actor = ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None
+    return ray.get_gpu_ids() if in_actor else []
 
 
 def pick_device(gpu_ids: list, dtype: str | None, cuda_available: bool) -> tuple[str, str]:
