@@ -7,23 +7,34 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-PLACEMENT_TIMEOUT_S = 120
 RESTART_TIMEOUT_S = 600  # a restarted rollout worker reloads its model and engine
+
+
+class PlacementError(RuntimeError):
+    """The cluster cannot hold the actors' bundles: names the resource and the config keys."""
 
 
 @dataclass(frozen=True)
 class Resources:
-    """What one actor reserves: its bundle in the placement group."""
+    """What one actor reserves: its bundle in the placement group. Ray gives an actor with
+    GPUs their ids (`ray.get_gpu_ids()`) and sets its CUDA_VISIBLE_DEVICES to them."""
 
     cpus: float
+    gpus: float = 0.0
+    custom: dict[str, float] = field(default_factory=dict)  # e.g. a node type's {"a100": 1}
 
     def bundle(self) -> dict[str, float]:
-        return {"CPU": self.cpus}
+        """Ray's resource names; zero asks left out (Ray refuses them in a bundle)."""
+        asks = {"CPU": self.cpus, "GPU": self.gpus, **self.custom}
+        return {name: amount for name, amount in asks.items() if amount}
 
-    def actor_options(self) -> dict[str, float]:
-        return {"num_cpus": self.cpus}
+    def actor_options(self) -> dict:
+        options: dict = {"num_cpus": self.cpus, "num_gpus": self.gpus}
+        if self.custom:
+            options["resources"] = dict(self.custom)
+        return options
 
 
 @dataclass(frozen=True)
@@ -34,7 +45,9 @@ class GroupSpec:
     actor_class: type
     size: int
     resources: Resources
-    resources_key: str  # the config key that sets `resources`, named when placement fails
+    # Ray resource name ("CPU", "GPU", custom) -> the config key that asks for it, named when
+    # the cluster cannot hold the group
+    resource_keys: dict[str, str]
     name: str  # the Ray actor name ("{i}": the actor's index)
     max_restarts: int = 0  # Ray restarts a dead actor up to this often (0: never)
     max_task_retries: int = 0  # and re-runs the call it lost (for pure calls only)
@@ -54,33 +67,75 @@ class Placement:
         )
 
     def remove(self) -> None:
-        from ray.util.placement_group import remove_placement_group
-
-        remove_placement_group(self.group)
+        remove_group(self.group)
 
 
-def place(specs: list[GroupSpec]) -> Placement:
-    """One bundle per actor, the groups in order; waits until the cluster holds them all."""
+def shortfalls(specs: list[GroupSpec], nodes: list[dict[str, float]], strategy: str) -> list[str]:
+    """What `nodes` (each node's total resources) cannot hold of the groups' bundles: a
+    resource short in the cluster's total, a bundle no node can hold, or (STRICT_PACK) the
+    whole group on one node. Each names the config keys that ask for it."""
+    asks: dict[str, list[str]] = {}  # resource -> "key=amount[ x size]" of each group
+    demand: dict[str, float] = {}
+    problems = []
+    for spec in specs:
+        if not spec.size:
+            continue
+        bundle = spec.resources.bundle()
+        for name, amount in bundle.items():
+            demand[name] = demand.get(name, 0.0) + amount * spec.size
+            times = f" x {spec.size} actors" if spec.size > 1 else ""
+            asks.setdefault(name, []).append(f"{spec.resource_keys[name]}={amount:g}{times}")
+        if not any(all(node.get(k, 0) >= v for k, v in bundle.items()) for node in nodes):
+            largest = {k: max((node.get(k, 0) for node in nodes), default=0) for k in bundle}
+            problems.append(
+                f"no node can hold one {spec.role} actor's bundle {bundle} (the largest node "
+                f"offers {largest}; keys: {', '.join(spec.resource_keys[k] for k in bundle)})")
+    totals = {name: sum(node.get(name, 0) for node in nodes) for name in demand}
+    problems = [f"{amount:g} {name} asked in total ({', '.join(asks[name])}) but the cluster "
+                f"has {totals[name]:g}" for name, amount in demand.items()
+                if amount > totals[name] + 1e-9] + problems
+    if strategy == "STRICT_PACK" and not problems and not any(
+            all(node.get(k, 0) >= v for k, v in demand.items()) for node in nodes):
+        problems.append(f"placement.strategy=STRICT_PACK puts every actor on one node, and no "
+                        f"node holds {demand}")
+    return problems
+
+
+def place(specs: list[GroupSpec], strategy: str = "PACK", timeout_s: float = 60.0,
+          fixed_cluster: bool = True) -> Placement:
+    """One bundle per actor, the groups in order; waits until the cluster holds them all.
+    A fixed cluster (one we started; no autoscaler to add nodes) that cannot hold them fails
+    at once; any cluster fails after `timeout_s` rather than Ray's endless wait."""
     import ray
     from ray.util.placement_group import placement_group
 
+    nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
+    missing = shortfalls(specs, nodes, strategy)
+    if missing and fixed_cluster:
+        raise PlacementError("the cluster cannot hold the run's actors: " + "; ".join(missing)
+                             + ". Lower those asks or use a larger cluster")
     bundles, first_bundle = [], {}
     for spec in specs:
         first_bundle[spec.role] = len(bundles)
         bundles += [spec.resources.bundle()] * spec.size
-    group = placement_group(bundles, strategy="PACK", name="lorafleet")
+    group = placement_group(bundles, strategy=strategy, name="lorafleet")
     try:
-        ray.get(group.ready(), timeout=PLACEMENT_TIMEOUT_S)
+        ray.get(group.ready(), timeout=timeout_s)
     except ray.exceptions.GetTimeoutError:
-        demand = sum(b["CPU"] for b in bundles)
-        shares = ", ".join(s.resources_key if s.size == 1 else f"{s.resources_key} x {s.size}"
-                           for s in specs if s.size)
-        raise RuntimeError(
-            f"the actors need {demand:g} CPUs in total ({shares}) but the cluster has "
-            f"{ray.available_resources().get('CPU', 0):g} free after {PLACEMENT_TIMEOUT_S} s; "
-            "lower those shares or add nodes"
-        ) from None
+        remove_group(group)
+        why = "; ".join(missing) if missing else (
+            f"the cluster has them, but not free: {ray.available_resources()} available")
+        raise PlacementError(
+            f"the actors' resources were not placed within placement.timeout_s={timeout_s:g} s "
+            f"({why}). Lower those asks, add nodes, or, while an autoscaler adds them, raise "
+            "placement.timeout_s") from None
     return Placement(group, first_bundle)
+
+
+def remove_group(group) -> None:
+    from ray.util.placement_group import remove_placement_group
+
+    remove_placement_group(group)
 
 
 def is_actor(exc: Exception, handle) -> bool:

@@ -12,6 +12,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from ..common.devices import model_dtype
 from ..common.records import Prompt, Rollout
 from ..common.tasks.base import Task
 from ..common.tasks.registry import build_task
@@ -50,10 +51,10 @@ def bench_reward(path: str | None, overrides: list[str], repeats: int = 3) -> No
     with tempfile.TemporaryDirectory(prefix="lorafleet-bench-rm-") as tmp:
         directory = cfg.reward.model
         if directory is None:  # the cost of a forward does not depend on trained weights
-            net = PolicyValueModel(model_path, cfg.lora, DTYPES[cfg.model.dtype], cfg.seed,
-                                   (REWARD,))
+            dtype = model_dtype(cfg.model.dtype, gpu=False)  # built here, on the driver
+            net = PolicyValueModel(model_path, cfg.lora, DTYPES[dtype], cfg.seed, (REWARD,))
             directory = str(save_reward_model(net, Path(tmp) / "rm", model_path, cfg.lora,
-                                              cfg.model.dtype, {"note": "untrained (bench)"}))
+                                              dtype, {"note": "untrained (bench)"}))
             del net
         spec = reward_spec(cfg, directory)  # on the actors, whatever reward.model_on_learner
         started = connect_ray(cfg)

@@ -10,6 +10,7 @@ from pathlib import Path
 from ..common.configio import ConfigError
 from ..common.corpora import DatasetError
 from ..common.logs import apply_log_level
+from .actor_group import PlacementError
 from .bench_memory import add_arguments as add_bench_memory_arguments
 from .bench_memory import bench_memory
 from .checkpoint import ResumeError
@@ -153,7 +154,7 @@ def cmd_nlu_table(args: argparse.Namespace) -> None:
 def cmd_validate(args: argparse.Namespace) -> None:
     from .validate import validate
 
-    if not validate(args.paths):
+    if not validate(args.paths, args.train_config):
         sys.exit(1)
 
 
@@ -237,9 +238,12 @@ def build_parser() -> argparse.ArgumentParser:
     table.set_defaults(func=cmd_nlu_table)
     check = sub.add_parser(
         "validate", help="check `ray up` cluster YAMLs (Ray's validator) and KubeRay RayJob "
-        "manifests",
+        "manifests, and with --train-config that the run's resource asks fit them",
     )
     check.add_argument("paths", nargs="+", metavar="PATH")
+    check.add_argument(
+        "--train-config", metavar="CONFIG.yaml", help="also check that this run config's "
+        "resource asks (learner, rollout, reward; placement.strategy) fit the node types")
     check.set_defaults(func=cmd_validate)
     for command in (train, train_rm, bench, comp, ev, table):  # those that load models
         command.add_argument(
@@ -274,6 +278,9 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     except DatasetError as exc:
         print(f"lorafleet: dataset error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except PlacementError as exc:
+        print(f"lorafleet: resources: {exc}", file=sys.stderr)
         sys.exit(2)
 
 

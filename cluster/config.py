@@ -18,6 +18,7 @@ from ..common.config import (
     LoggingConfig,
     LoRAConfig,
     ModelConfig,
+    PlacementConfig,
     RayConfig,
     RewardConfig,
     RewardModelConfig,
@@ -54,6 +55,7 @@ class TrainConfig:
     rm: RewardModelConfig = field(default_factory=RewardModelConfig)
     learner: LearnerConfig = field(default_factory=LearnerConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    placement: PlacementConfig = field(default_factory=PlacementConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def validate(self) -> None:

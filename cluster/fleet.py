@@ -12,6 +12,7 @@ from pathlib import Path
 
 from ..common.config import TINY
 from ..common.configio import ConfigError
+from ..common.devices import model_dtype
 from ..common.logs import library_env, log_level
 from ..common.records import Prompt, Rollout
 from ..common.run_dir import RunDir
@@ -114,7 +115,9 @@ def reward_spec(cfg: TrainConfig, model: str | None):
 def sync_tolerance(cfg: TrainConfig) -> float:
     if cfg.rollout.sync_tolerance is not None:
         return cfg.rollout.sync_tolerance
-    return 1e-3 if cfg.model.dtype == "float32" else 5e-2
+    dtypes = {model_dtype(cfg.model.dtype, gpus > 0)
+              for gpus in (cfg.learner.num_gpus, cfg.rollout.num_gpus_per_worker)}
+    return 1e-3 if dtypes == {"float32"} else 5e-2
 
 
 def connect_ray(cfg: TrainConfig) -> bool:
@@ -164,6 +167,15 @@ def check_exactly_once(prompts: list[Prompt], rollouts: list[Rollout], n: int) -
         raise RuntimeError(f"rollouts do not match the prompts (n={n} each) for {wrong[:10]}")
 
 
+def role_resources(
+    prefix: str, cpus: tuple[str, float], gpus: tuple[str, float], custom: tuple[str, dict]
+) -> tuple[Resources, dict[str, str]]:
+    """An actor's bundle from its config keys (name, value), and which key asks for what."""
+    keys = {"CPU": f"{prefix}.{cpus[0]}", "GPU": f"{prefix}.{gpus[0]}"}
+    keys |= {name: f"{prefix}.{custom[0]}.{name}" for name in custom[1]}
+    return Resources(cpus[1], gpus[1], dict(custom[1])), keys
+
+
 def group_specs(cfg: TrainConfig) -> list[GroupSpec]:
     """The learner, the rollout workers and the reward actors; the last two only when a stage
     generates (an rm stage alone trains on preference pairs and evaluates nothing)."""
@@ -174,20 +186,35 @@ def group_specs(cfg: TrainConfig) -> list[GroupSpec]:
     generates = any(stage != "rm" for stage in cfg.stages)
     algo = cfg.algo if "rl" in cfg.stages else None
     restarts = cfg.ray.max_actor_restarts
+    learner, rollout, reward = cfg.learner, cfg.rollout, cfg.reward
     return [
         # The learner holds the only copy of the training state: no restart (resume from the
         # last checkpoint instead); rollout and reward actors are stateless and restart.
-        GroupSpec("learner", learner_class(algo), 1,
-                  Resources(cfg.learner.cpus), "learner.cpus", "lorafleet-learner"),
-        GroupSpec("rollout", RolloutWorker, cfg.rollout.num_workers if generates else 0,
-                  Resources(cfg.rollout.cpus_per_worker), "rollout.cpus_per_worker",
+        GroupSpec("learner", learner_class(algo), 1, *role_resources(
+            "learner", ("cpus", learner.cpus), ("num_gpus", learner.num_gpus),
+            ("resources", learner.resources)), "lorafleet-learner"),
+        # A worker's bundle holds all its engine's GPUs (tensor_parallel_size of them), so
+        # they sit on one node and vLLM shards over the worker's own CUDA_VISIBLE_DEVICES.
+        GroupSpec("rollout", RolloutWorker, rollout.num_workers if generates else 0,
+                  *role_resources(
+                      "rollout", ("cpus_per_worker", rollout.cpus_per_worker),
+                      ("num_gpus_per_worker", rollout.num_gpus_per_worker),
+                      ("resources_per_worker", rollout.resources_per_worker)),
                   "lorafleet-rollout-{i}", max_restarts=restarts, index_kwarg="worker_id"),
         # Scoring is a pure function of the rollout: Ray itself re-runs a lost batch on the
         # restarted actor (max_task_retries); a reward that raises is not retried.
-        GroupSpec("reward", RewardWorker, cfg.reward.num_actors if generates else 0,
-                  Resources(cfg.reward.cpus_per_actor), "reward.cpus_per_actor",
+        GroupSpec("reward", RewardWorker, reward.num_actors if generates else 0,
+                  *role_resources(
+                      "reward", ("cpus_per_actor", reward.cpus_per_actor),
+                      ("num_gpus_per_actor", reward.num_gpus_per_actor),
+                      ("resources_per_actor", reward.resources_per_actor)),
                   "lorafleet-reward-{i}", max_restarts=restarts, max_task_retries=restarts),
     ]
+
+
+def fixed_cluster(cfg: TrainConfig) -> bool:
+    """A local cluster (no address to join): no autoscaler will add what is missing."""
+    return not (cfg.ray.address or os.environ.get("RAY_ADDRESS"))
 
 
 class Fleet:
@@ -268,15 +295,20 @@ def start_fleet(
     import ray
 
     learner_spec, rollout_spec, reward_group = group_specs(cfg)
-    placement = place([learner_spec, rollout_spec, reward_group])
+    placement = place([learner_spec, rollout_spec, reward_group], cfg.placement.strategy,
+                      cfg.placement.timeout_s, fixed_cluster(cfg))
     learner = ActorGroup.start(
         learner_spec, placement, model_path, cfg.lora, cfg.algo, dtype=cfg.model.dtype,
         seed=cfg.seed, threads=cfg.learner.threads, pad_token_id=pad_token_id,
+        attn_implementation=cfg.model.attn_implementation,
+        gradient_checkpointing=cfg.learner.gradient_checkpointing,
     )
     rollout = ActorGroup.start(
         rollout_spec, placement, model_path, dtype=cfg.model.dtype,
         max_model_len=cfg.model.max_model_len, max_lora_rank=cfg.lora.rank, seed=cfg.seed,
         kv_cache_gib=cfg.rollout.kv_cache_gib, threads=cfg.rollout.threads_per_worker,
+        tensor_parallel_size=cfg.rollout.tensor_parallel_size,
+        gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
     )
     rewards = ActorGroup.start(reward_group, placement, reward)
     fleet = Fleet(cfg, placement, learner, rollout, rewards, probe_ids)

@@ -1,12 +1,16 @@
-"""`lorafleet validate PATH...`: cluster launcher YAMLs through Ray's own validator (the one
-`ray up` runs), KubeRay RayJob manifests against the shape the operator needs, and in both
-that the nodes install lorafleet."""
+"""`lorafleet validate PATH... [--train-config CONFIG.yaml]`: cluster launcher YAMLs through
+Ray's own validator (the one `ray up` runs), KubeRay RayJob manifests against the shape the
+operator needs, and in both that the nodes install lorafleet; with a run config, that its
+actors' resource asks fit the file's node types (each role's bundle on some node type, the
+total on the cluster at its largest, as the run's placement checks it at start)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import yaml
+
+from .actor_group import GroupSpec, shortfalls
 
 
 def validate_file(path: Path) -> list[str]:
@@ -88,13 +92,77 @@ def rayjob_problems(doc: dict) -> list[str]:
     return problems
 
 
-def validate(paths: list[str]) -> bool:
-    """Print a verdict per file; True when all are valid."""
+def node_types(doc: dict) -> dict[str, tuple[dict[str, float], int]]:
+    """Node type -> (the Ray resources of one node, the most such nodes the cluster has).
+    Launcher files: each type's `resources`; RayJobs: each group's container limits."""
+    if doc.get("kind") == "RayJob":
+        cluster = doc["spec"]["rayClusterSpec"]
+        groups = [("head", cluster["headGroupSpec"], 1)] + [
+            (g["groupName"], g, g.get("maxReplicas", g.get("replicas", 1)))
+            for g in cluster.get("workerGroupSpecs", [])]
+        return {name: (pod_resources(group), count) for name, group, count in groups}
+    types = doc.get("available_node_types", {})
+    head = doc.get("head_node_type")
+    return {name: ({k: float(v) for k, v in (spec.get("resources") or {}).items()},
+                   1 if name == head else spec.get("max_workers", 0))
+            for name, spec in types.items()}
+
+
+def pod_resources(group: dict) -> dict[str, float]:
+    """A KubeRay group's Ray resources: its first container's CPU and nvidia.com/gpu limits."""
+    limits = group["template"]["spec"]["containers"][0].get("resources", {}).get("limits", {})
+    cpu = str(limits.get("cpu", 0))
+    resources = {"CPU": float(cpu[:-1]) / 1000 if cpu.endswith("m") else float(cpu)}
+    if "nvidia.com/gpu" in limits:
+        resources["GPU"] = float(limits["nvidia.com/gpu"])
+    return resources
+
+
+def fit_problems(doc: dict, specs: list[GroupSpec], strategy: str) -> list[str] | None:
+    """What the cluster's node types cannot hold of the run's actors (empty: it fits; None:
+    the file cannot say: the local provider's machines report their own resources)."""
+    if doc.get("provider", {}).get("type") == "local":
+        return None
+    types = node_types(doc)
+    undeclared = [name for name, (resources, _) in types.items() if not resources]
+    if not types or undeclared:
+        return [f"node types {undeclared or '(none)'} declare no resources: write each one's "
+                "`resources: {CPU: n, GPU: m}` so the run's asks can be checked"]
+    problems = []
+    for spec in specs:
+        bundle = spec.resources.bundle()
+        if spec.size and not [name for name, (resources, _) in types.items()
+                              if all(resources.get(k, 0) >= v for k, v in bundle.items())]:
+            offers = "; ".join(f"{name}: {resources}" for name, (resources, _) in types.items())
+            problems.append(f"no node type holds a {spec.role} actor's {bundle} "
+                            f"({', '.join(spec.resource_keys[k] for k in bundle)}); node types "
+                            f"offer {offers}")
+    nodes = [resources for resources, count in types.values() for _ in range(count)]
+    return problems or shortfalls(specs, nodes, strategy)
+
+
+def validate(paths: list[str], train_config: str | None = None) -> bool:
+    """Print a verdict per file; True when all are valid (and hold the run config's actors)."""
+    specs, strategy = None, "PACK"
+    if train_config is not None:
+        from .config import load_train_config
+        from .fleet import group_specs
+
+        cfg = load_train_config(train_config)
+        specs, strategy = group_specs(cfg), cfg.placement.strategy
     ok = True
     for name in paths:
         problems = validate_file(Path(name))
+        fit = None
+        if not problems and specs is not None:
+            fit = fit_problems(yaml.safe_load(Path(name).read_text()), specs, strategy)
+            problems = [f"{train_config}: {p}" for p in fit or []]
         ok &= not problems
-        print(f"{name}: {'ok' if not problems else 'INVALID'}")
+        verdict = "INVALID" if problems else f"ok, holds {train_config}" if fit == [] else "ok"
+        print(f"{name}: {verdict}")
         for problem in problems:
             print(f"  - {problem}")
+        if specs is not None and fit is None and not problems:
+            print(f"  - {train_config} not checked: the local provider's machines report their "
+                  "own resources when Ray starts on them")
     return ok

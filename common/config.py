@@ -20,11 +20,15 @@ class ModelConfig:
     # "tiny" builds (once, cached) the embedded offline model from `tiny` + the task; anything
     # else is a HF hub name or a local path, loaded the same way by the learner and vLLM.
     name_or_path: str = TINY
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # None: bfloat16 in an actor that holds a GPU, float32 on CPU (the default job)
+    dtype: Literal["float32", "bfloat16", "float16"] | None = None
     max_model_len: int = 128
     tiny: TinyModelSpec = field(default_factory=TinyModelSpec)
     # a Jinja chat template in place of the tokenizer's own (renders conversational prompts)
     chat_template: str | None = None
+    # the learner's attention kernel (transformers' attn_implementation; flash_attention_2
+    # needs the flash-attn package and a GPU); None: transformers' choice
+    attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] | None = None
 
 
 @dataclass
@@ -61,10 +65,39 @@ class RolloutConfig:
     too_long_prompts: Literal["error", "skip"] = "error"
     # max |vLLM - learner| logprob on the probe; None picks by dtype (1e-3 f32, 5e-2 half)
     sync_tolerance: float | None = None
+    # GPUs of each engine: a fraction shares one GPU (0.5: two engines on it); with
+    # tensor_parallel_size > 1 it is a whole number >= tensor_parallel_size, all on one node
+    num_gpus_per_worker: float = 0.0
+    tensor_parallel_size: int = 1  # vLLM's, over the worker's own GPUs (needs a GPU)
+    # vLLM's share of each of its GPUs (weights + KV cache); None: vLLM's default (0.9)
+    gpu_memory_utilization: float | None = None
+    # custom Ray resources each worker reserves (a node type's `resources`, e.g. {a100: 1})
+    resources_per_worker: dict[str, float] = field(default_factory=dict)
 
     def validate(self) -> None:
         if self.num_workers < 1 or self.samples_per_prompt < 1:
             raise ConfigError("rollout.num_workers and rollout.samples_per_prompt must be >= 1")
+        check_gpus("rollout.num_gpus_per_worker", self.num_gpus_per_worker)
+        tp = self.tensor_parallel_size
+        if tp < 1:
+            raise ConfigError(f"rollout.tensor_parallel_size must be >= 1, got {tp}")
+        if tp > 1 and (self.num_gpus_per_worker < tp or self.num_gpus_per_worker % 1):
+            raise ConfigError(
+                f"rollout.tensor_parallel_size={tp} needs rollout.num_gpus_per_worker to be a "
+                f"whole number >= {tp} (one GPU per shard), got {self.num_gpus_per_worker:g}")
+        memory = self.gpu_memory_utilization
+        if memory is not None and not 0 < memory <= 1:
+            raise ConfigError(f"rollout.gpu_memory_utilization must be in (0, 1], got {memory}")
+        if memory is not None and not self.num_gpus_per_worker:
+            raise ConfigError("rollout.gpu_memory_utilization is set but rollout.num_gpus_per_"
+                              "worker is 0 (CPU engines size their KV cache by kv_cache_gib)")
+
+
+def check_gpus(key: str, gpus: float) -> None:
+    """A GPU ask: 0 (CPU), a fraction of one GPU, or whole GPUs."""
+    if gpus < 0 or (gpus > 1 and gpus % 1):
+        raise ConfigError(f"{key} must be 0, a fraction in (0, 1] (a share of one GPU) or a "
+                          f"whole number of GPUs, got {gpus:g}")
 
 
 @dataclass
@@ -76,6 +109,8 @@ class RewardConfig:
     weights: list[float] = field(default_factory=list)
     batch_size: int = 64  # rollouts per scoring call (the unit of load balancing)
     cpus_per_actor: float = 0.1
+    num_gpus_per_actor: float = 0.0  # a reward model on a GPU (a fraction shares one)
+    resources_per_actor: dict[str, float] = field(default_factory=dict)  # custom Ray resources
     # a reward that raises or is not finite: "fail" stops the run naming the sample; "skip"
     # drops that prompt's whole group from the update, counted per iteration (reward_errors)
     on_error: Literal["fail", "skip"] = "fail"
@@ -103,6 +138,7 @@ class RewardConfig:
             raise ConfigError("reward.rule_weight and reward.model_weight are both 0")
         if self.clip is not None and self.clip <= 0:
             raise ConfigError(f"reward.clip must be > 0 (or null), got {self.clip}")
+        check_gpus("reward.num_gpus_per_actor", self.num_gpus_per_actor)
 
 
 @dataclass
@@ -151,6 +187,28 @@ class RewardModelConfig:
 class LearnerConfig:
     cpus: float = 0.8
     threads: int = 2  # the learner runs while rollout workers idle in the synchronous loop
+    num_gpus: float = 0.0  # the learner trains on one GPU (a fraction shares it)
+    resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory
+
+    def validate(self) -> None:
+        check_gpus("learner.num_gpus", self.num_gpus)
+        if self.num_gpus > 1:
+            raise ConfigError(f"learner.num_gpus={self.num_gpus:g}: the learner trains on one "
+                              "GPU (a fraction shares it with other actors)")
+
+
+@dataclass
+class PlacementConfig:
+    """How the run's one placement group spreads the actors' bundles over the nodes (Ray's
+    strategies): PACK fills few nodes, SPREAD one actor per node where it can, STRICT_PACK
+    all on one node or none."""
+
+    strategy: Literal["PACK", "SPREAD", "STRICT_PACK"] = "PACK"
+    # a run whose actors are not all placed by then fails naming what is missing (Ray would
+    # wait forever); a cluster we start ourselves fails at once. Raise it while an autoscaler
+    # adds GPU nodes (minutes).
+    timeout_s: float = 60.0
 
 
 @dataclass

@@ -5,12 +5,14 @@ offline stages, the reward adapter and checkpoints are mixins of the actor (acto
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from ..common.config import LoRAConfig
+from ..common.devices import actor_device, model_dtype
 from ..common.records import AdapterSnapshot, ProbeResult, ScoredRollout, TrainStats
 from .algorithms.ppo import kl_penalty, masked_mean
 from .algorithms.registry import AlgoConfig
@@ -33,19 +35,34 @@ class BatchContext:
     kl: float  # per-token k3 KL(sampling policy || reference) on the batch's own samples
 
 
+# (micro-batch, its row indices in the batch) -> (loss, metrics)
+MicroLoss = Callable[[TokenBatch, Tensor], tuple[Tensor, dict[str, Tensor]]]
+
+
 class LearnerBase:
     with_value = False
+    # what the rl losses average over in a minibatch, "tokens" or "rows": weighs each
+    # micro-batch's gradient so that their sum is the minibatch's own
+    averaged_over = "tokens"
 
     def __init__(
-        self, model_path: str, lora: LoRAConfig, algo: AlgoConfig, *, dtype: str, seed: int,
-        threads: int, pad_token_id: int, device: str = "cpu",
+        self, model_path: str, lora: LoRAConfig, algo: AlgoConfig, *, dtype: str | None,
+        seed: int, threads: int, pad_token_id: int, device: str | None = None,
+        attn_implementation: str | None = None, gradient_checkpointing: bool = False,
     ) -> None:
+        """device None: the GPU Ray assigned this actor, else the CPU; dtype None: by device."""
         torch.set_num_threads(threads)
         self.algo = algo
         self.pad_id = pad_token_id
-        self.model_path, self.lora, self.dtype = model_path, lora, dtype
+        if device is None:
+            device, dtype = actor_device(dtype)
+        self.model_path, self.lora = model_path, lora
+        self.dtype = model_dtype(dtype, device != "cpu")
         adapters = (POLICY, VALUE) if self.with_value else (POLICY,)
-        self.net = PolicyValueModel(model_path, lora, DTYPES[dtype], seed, adapters, device)
+        self.net = PolicyValueModel(
+            model_path, lora, DTYPES[self.dtype], seed, adapters, device, attn_implementation,
+            gradient_checkpointing,
+        )
         self.policy_params = self.net.adapter_parameters(POLICY)
         self.start_stage(algo.policy_lr)
         if self.with_value:
@@ -118,9 +135,42 @@ class LearnerBase:
     def step(self, loss: Tensor, params: list, optimizer: torch.optim.Optimizer) -> Tensor:
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        return self.clip_and_step(params, optimizer)
+
+    def clip_and_step(self, params: list, optimizer: torch.optim.Optimizer) -> Tensor:
         grad_norm = torch.nn.utils.clip_grad_norm_(params, self.algo.max_grad_norm)
         optimizer.step()
         return grad_norm
+
+    def micro_batches(self, batch: TokenBatch, chunk: Tensor) -> list[tuple[Tensor, float]]:
+        """Minibatch rows `chunk` as micro-batches of at most algo.max_tokens_per_microbatch
+        tokens (rows x the batch's padded length), each with its share of the minibatch."""
+        budget = self.algo.max_tokens_per_microbatch
+        if budget is None:
+            return [(chunk, 1.0)]
+        parts = chunk.split(max(1, budget // batch.input_ids.shape[1]))
+        if self.averaged_over == "rows":
+            return [(rows, len(rows) / len(chunk)) for rows in parts]
+        tokens = batch.mask[chunk].sum()
+        return [(rows, float(batch.mask[rows].sum() / tokens)) for rows in parts]
+
+    def accumulated_step(
+        self, batch: TokenBatch, chunk: Tensor, loss_of: MicroLoss, params: list,
+        optimizer: torch.optim.Optimizer,
+    ) -> dict[str, Tensor]:
+        """One optimiser step on minibatch rows `chunk`, its gradient accumulated over
+        `micro_batches` weighted by their shares. Returns the metrics weighted alike, with the
+        loss as "loss" and the step's "grad_norm"."""
+        optimizer.zero_grad(set_to_none=True)
+        totals: dict[str, Tensor] = {}
+        for rows, share in self.micro_batches(batch, chunk):
+            loss, metrics = loss_of(batch.select(rows), rows)
+            (loss * share).backward()
+            for key, value in {"loss": loss, **metrics}.items():
+                value = share * value.detach()
+                totals[key] = totals[key] + value if key in totals else value
+        totals["grad_norm"] = self.clip_and_step(params, optimizer)
+        return totals
 
     def finish(
         self, ctx: BatchContext, totals: dict[str, float], start: float, **extra: float

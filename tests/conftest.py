@@ -47,14 +47,15 @@ def tokenizer(tiny_model_path):
 
 @pytest.fixture(scope="session")
 def ray_cluster():
-    """A real 2-CPU local Ray cluster; tests/ is on the workers' path for test-only rewards."""
+    """A real 2-CPU local Ray cluster with 2 logical GPUs (Ray hands out their ids; nothing
+    here runs CUDA); tests/ is on the workers' path for test-only rewards."""
     import ray
 
     from lorafleet.cluster.fleet import RUNTIME_ENV
 
     path = f"{TESTS_DIR}:{os.environ.get('PYTHONPATH', '')}"
     env = {**RUNTIME_ENV["env_vars"], "PYTHONPATH": path}
-    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": env})
+    ray.init(num_cpus=2, num_gpus=2, include_dashboard=False, runtime_env={"env_vars": env})
     yield ray
     ray.shutdown()
 

@@ -63,6 +63,9 @@ class AlgoConfig:
     epochs: int = 2  # passes over each iteration's batch
     minibatch_size: int = 64
     max_grad_norm: float = 1.0  # every optimiser step: rl, sft, dpo, rm
+    # rl minibatches run as micro-batches of at most this many tokens (padded rows x length),
+    # their gradients accumulated into one optimiser step; None: the whole minibatch at once
+    max_tokens_per_microbatch: int | None = None
 
     @classmethod
     def config_class(cls, data: Mapping[str, Any], prefix: str) -> type[AlgoConfig]:
@@ -81,6 +84,9 @@ class AlgoConfig:
         return f" (this is algo.name={cls.name}; {'; '.join(hints)})" if hints else ""
 
     def validate(self) -> None:
+        if self.max_tokens_per_microbatch is not None and self.max_tokens_per_microbatch < 1:
+            raise ConfigError("algo.max_tokens_per_microbatch must be >= 1 (or null), got "
+                              f"{self.max_tokens_per_microbatch}")
         if algorithm(self.name).config is not type(self):
             raise ConfigError(
                 f"algo.name={self.name} is configured by {algorithm(self.name).config.__name__}"

@@ -17,7 +17,8 @@ def test_the_default_job_has_a_learner_two_rollout_workers_and_two_reward_actors
     assert rollout.name.format(i=1) == "lorafleet-rollout-1" and rollout.max_restarts == 3
     assert rollout.max_task_retries == 0 and rollout.index_kwarg == "worker_id"
     assert reward.max_task_retries == 3  # scoring is pure: Ray re-runs a lost batch
-    assert learner.resources == Resources(cpus=0.8) and learner.resources_key == "learner.cpus"
+    assert learner.resources == Resources(cpus=0.8) and learner.resources.bundle() == {"CPU": 0.8}
+    assert learner.resource_keys == {"CPU": "learner.cpus", "GPU": "learner.num_gpus"}
 
 
 def test_a_reward_model_stage_alone_starts_only_the_learner():

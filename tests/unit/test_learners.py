@@ -53,7 +53,7 @@ def test_every_registered_algorithm_has_its_learner():
 
 
 def make_learner(name, tiny_model_path, tokenizer, **keys):
-    algo = algorithm(name).config(minibatch_size=32, **keys)
+    algo = algorithm(name).config(**{"minibatch_size": 32, **keys})
     return learner_class(algo)(
         tiny_model_path, LoRAConfig(), algo, dtype="float32", seed=0, threads=2,
         pad_token_id=tokenizer.pad_token_id,
@@ -100,3 +100,46 @@ def test_sft_and_dpo_steps(tiny_model_path, tokenizer):
     assert stats[0].reward_margin == pytest.approx(0.0, abs=1e-6)  # adapter starts as identity
     assert stats[-1].reward_margin > 0.05 and stats[-1].preference_accuracy > 0.5
     assert stats[-1].loss < stats[0].loss
+
+
+def policy_after_one_step(learner, tokenizer) -> list[torch.Tensor]:
+    """The policy adapter after one plain-SGD step on the whole contrast batch: the step is
+    the (clipped) gradient itself, which Adam's first step would reduce to its sign."""
+    learner.policy_opt = torch.optim.SGD(learner.policy_params, lr=1.0)
+    learner.train_step(contrast_batch(tokenizer, learner.version))
+    return [p.detach().clone() for p in learner.policy_params]
+
+
+@pytest.mark.parametrize("name", ["ppo", "spr"])  # losses averaged over tokens, over rows
+def test_micro_batches_accumulate_the_minibatch_gradient(name, tiny_model_path, tokenizer):
+    """One row per micro-batch (a 1-token budget) against the whole 64-row minibatch; the
+    responses differ in length, so a token-averaged loss needs token-share weights."""
+    keys = dict(epochs=1, minibatch_size=64)
+    whole = policy_after_one_step(make_learner(name, tiny_model_path, tokenizer, **keys),
+                                  tokenizer)
+    micro = policy_after_one_step(make_learner(
+        name, tiny_model_path, tokenizer, max_tokens_per_microbatch=1, **keys), tokenizer)
+    start = make_learner(name, tiny_model_path, tokenizer, **keys).policy_params
+    moved = max(float((w - s.detach()).abs().max()) for w, s in zip(whole, start, strict=True))
+    gap = max(float((w - m).abs().max()) for w, m in zip(whole, micro, strict=True))
+    # measured: moved 0.036 (ppo), 0.109 (spr); gap 2e-8, 6e-8 (spr weighted by token share
+    # instead: 0.011)
+    assert moved > 1e-3 and gap < 1e-6, (moved, gap)
+
+
+def test_gradient_checkpointing_changes_memory_not_the_step(tiny_model_path, tokenizer):
+    algo = algorithm("grpo").config(epochs=1, minibatch_size=64)
+
+    def learner(checkpointing: bool):
+        return learner_class(algo)(
+            tiny_model_path, LoRAConfig(), algo, dtype="float32", seed=0, threads=2,
+            pad_token_id=tokenizer.pad_token_id, gradient_checkpointing=checkpointing,
+            attn_implementation="sdpa",
+        )
+
+    plain, checkpointed = learner(False), learner(True)
+    layers = [m for m in checkpointed.net.model.modules() if getattr(m, "gradient_checkpointing",
+                                                                     False)]
+    assert layers and all(m.training for m in layers)  # transformers checkpoints in training
+    a, b = (policy_after_one_step(x, tokenizer) for x in (plain, checkpointed))
+    assert max(float((x - y).abs().max()) for x, y in zip(a, b, strict=True)) < 1e-6

@@ -82,3 +82,24 @@ def test_validate_prints_a_verdict_per_file(tmp_path, capsys):
     assert validate([str(SHIPPED[0]), str(bad)]) is False
     out = capsys.readouterr().out
     assert "bad.yaml: INVALID" in out and "cannot read as YAML" in out
+
+
+def test_train_config_fits_the_node_types_or_names_what_does_not(tmp_path, capsys):
+    """The shipped GPU config fits every cloud's node types; a worker asking for two GPUs
+    (tensor parallel) fits none of them (1 GPU per node), named with its keys."""
+    gpu = str(CLUSTER.parent / "configs" / "gpu.yaml")
+    clouds = [str(CLUSTER / n) for n in ("aws.yaml", "gcp.yaml", "kuberay-rayjob.yaml")]
+    assert validate(clouds + [str(CLUSTER / "local.yaml")], gpu) is True
+    out = capsys.readouterr().out
+    assert out.count("ok, holds") == 3 and "local provider's machines report" in out
+    tp = tmp_path / "tp.yaml"
+    tp.write_text((CLUSTER.parent / "configs" / "gpu.yaml").read_text().replace(
+        "num_gpus_per_worker: 1", "num_gpus_per_worker: 2\n  tensor_parallel_size: 2"))
+    assert validate(clouds, str(tp)) is False
+    out = capsys.readouterr().out
+    assert out.count("no node type holds a rollout actor's {'CPU': 2.0, 'GPU': 2.0} "
+                     "(rollout.cpus_per_worker, rollout.num_gpus_per_worker)") == 3
+    undeclared = broken(tmp_path, "aws.yaml",
+                        lambda d: d["available_node_types"]["gpu_worker"].update(resources={}))
+    assert validate([str(undeclared)], gpu) is False
+    assert "node types ['gpu_worker'] declare no resources" in capsys.readouterr().out
