@@ -18,7 +18,13 @@ from ..common.data import (
     pad_token_id,
     split_held_out,
 )
-from ..common.metrics import MetricsSink, plot_reward_curve, read_metrics, summarize
+from ..common.metrics import (
+    MetricsSink,
+    plot_reward_curve,
+    read_metrics,
+    response_lengths,
+    summarize,
+)
 from ..common.progress import progress
 from ..common.records import Prompt, ScoredRollout
 from ..common.run_dir import RunDir
@@ -391,7 +397,7 @@ class Trainer:
             gen_s = time.perf_counter() - gen_start
             if self.dashboard:
                 self.dashboard.in_flight.set(0)
-            tokens = sum(len(r.response_ids) for r in rollouts)
+            lengths = response_lengths(rollouts)
             errors_before = self.reward_errors
             scored = self.score(rollouts)
             normalized, reward_stats = self.normalize(scored)
@@ -410,7 +416,7 @@ class Trainer:
                 **evals,
                 "kl": stats.kl,
                 "samples": len(scored),
-                "rollout_tokens_per_s": tokens / gen_s,
+                "rollout_tokens_per_s": lengths["response_tokens"] / gen_s,
                 "step_seconds": time.perf_counter() - iter_start,
                 "sync_seconds": sync_s,
                 "probe_max_logprob_gap": probe_gap,
@@ -418,7 +424,7 @@ class Trainer:
                 "worker_restarts": self.fleet.rollout.restarts,
                 "reward_errors": self.reward_errors - errors_before,
                 **build_task(cfg.task).count_invalid(answer_pairs(scored)),  # NLU: invalid_answers
-                "response_tokens": tokens,
+                **lengths,
                 "prompt_cursor": self.stream.cursor,
                 **{k: v for k, v in vars(stats).items() if k not in ("adapter_version", "kl")},
             }

@@ -6,6 +6,7 @@ import json
 import math
 from pathlib import Path
 
+from .records import Rollout
 from .run_dir import RunDir
 
 
@@ -22,6 +23,18 @@ class MetricsSink:
         with self.path.open("a") as f:
             f.write(json.dumps(row) + "\n")
         self.lines += 1
+
+
+def response_lengths(rollouts: list[Rollout]) -> dict[str, float]:
+    """Per-iteration length statistics: tokens in all, mean and longest response, and the share
+    cut off at rollout.max_new_tokens (finish reason "length"; a stop string or EOS is "stop")."""
+    lengths = [len(r.response_ids) for r in rollouts]
+    return {
+        "response_tokens": sum(lengths),
+        "response_length_mean": sum(lengths) / len(lengths),
+        "response_length_max": max(lengths),
+        "truncated_fraction": sum(r.finish_reason == "length" for r in rollouts) / len(lengths),
+    }
 
 
 def read_metrics(run_dir: RunDir, stage: str = "rl") -> list[dict]:

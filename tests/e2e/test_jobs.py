@@ -172,6 +172,9 @@ def test_default_job_learns_and_saves_a_plain_peft_adapter(default_job, tiny_mod
     assert [r["adapter_version"] for r in rows] == list(range(ITERATIONS))
     for key in ("reward_mean", "kl", "rollout_tokens_per_s", "step_seconds"):
         assert all(isinstance(r[key], float) for r in rows), key
+    # answers of at most rollout.max_new_tokens (6) tokens; the share cut off there is logged
+    assert all(1 <= r["response_length_mean"] <= r["response_length_max"] <= 6 for r in rows)
+    assert all(0 <= r["truncated_fraction"] <= 1 for r in rows)
     # Every sync was verified against the learner, and vLLM's sampling log-probs agree with
     # the learner's recomputation (float32 both sides).
     assert max(r["probe_max_logprob_gap"] for r in rows) < 1e-3
