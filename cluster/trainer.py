@@ -184,6 +184,8 @@ class Trainer:
         probe_ids = [p.token_ids for p in self.held_out[: cfg.rollout.probe_prompts]]
         # -- what runs beside the driver; all of it stopped by close()
         with ExitStack() as stack:
+            if not resume:
+                stack.callback(self.run_dir.discard_if_unused)
             self.wandb = WandbLogger(recorded, self.run_dir) if cfg.logging.wandb else None
             if self.wandb is not None:
                 stack.callback(self.wandb.close)

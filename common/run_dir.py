@@ -4,6 +4,7 @@ them). The driver writes them, `--resume` rewinds them, the benchmarks and tests
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -95,6 +96,12 @@ class RunDir:
 
     def read_summary(self) -> dict:
         return json.loads(self.summary.read_text())
+
+    def discard_if_unused(self) -> None:
+        """Remove a run that logged nothing (its start failed, e.g. on resources): a failed
+        start leaves no half run, and the next run may take the same directory."""
+        if self.path.is_dir() and not self.metrics.exists() and not self.checkpoints.exists():
+            shutil.rmtree(self.path)
 
     def write_summary(self, summary: dict) -> None:
         self.summary.write_text(json.dumps(summary, indent=2))

@@ -26,3 +26,15 @@ def test_rollout_files_are_named_and_found_by_position(tmp_path):
     assert [(position, path.name) for position, path in run_dir.rollout_files()] == [
         ((0, 3), "stage0_iter00003.parquet"), ((1, 12), "stage1_iter00012.parquet"),
     ]
+
+
+def test_a_run_that_logged_nothing_is_discarded(tmp_path):
+    failed = RunDir.fresh(tmp_path / "failed")
+    failed.config.write_text("seed: 0\n")  # written before the fleet failed to start
+    failed.discard_if_unused()
+    assert not failed.path.exists()
+    started = RunDir.fresh(tmp_path / "started")
+    started.config.write_text("seed: 0\n")
+    started.metrics.write_text("{}\n")
+    started.discard_if_unused()
+    assert started.config.exists()
