@@ -132,6 +132,13 @@ class LearnerBase:
                 self.algo.minibatch_size
             )
 
+    def with_kl_loss(self, loss: Tensor, logp: Tensor, ref_logp: Tensor, mask: Tensor) -> Tensor:
+        """`loss` plus kl_coef * k3 KL to the reference when algo.kl_mode is "loss" (the
+        clipped-objective algorithms; with "reward" the KL shaped the rewards instead)."""
+        if self.algo.kl_mode != "loss":
+            return loss
+        return loss + self.algo.kl_coef * masked_mean(kl_penalty(logp, ref_logp, "k3"), mask)
+
     def step(self, loss: Tensor, params: list, optimizer: torch.optim.Optimizer) -> Tensor:
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

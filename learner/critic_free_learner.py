@@ -99,9 +99,7 @@ class GroupBaselineLearner(CriticFreeLearner):
             loss, clip_frac, approx_kl = sequence_advantage_loss(
                 logp, ctx.old_logp[chunk], advantages[chunk], mb.mask, algo.clip_eps
             )
-            if algo.kl_mode == "loss":
-                kl = masked_mean(kl_penalty(logp, ctx.ref_logp[chunk], "k3"), mb.mask)
-                loss = loss + algo.kl_coef * kl
+            loss = self.with_kl_loss(loss, logp, ctx.ref_logp[chunk], mb.mask)
             return loss, {"clip_fraction": clip_frac, "approx_kl": approx_kl}
 
         return objective, {}

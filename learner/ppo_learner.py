@@ -47,10 +47,7 @@ class PPOLearner(Learner):
             pg_loss, clip_frac, approx_kl = ppo_policy_loss(
                 logp, ctx.old_logp[rows], advantages[rows], mb.mask, algo.clip_eps
             )
-            loss = pg_loss
-            if algo.kl_mode == "loss":
-                kl = masked_mean(kl_penalty(logp, ctx.ref_logp[rows], "k3"), mb.mask)
-                loss = loss + algo.kl_coef * kl
+            loss = self.with_kl_loss(pg_loss, logp, ctx.ref_logp[rows], mb.mask)
             return loss, {"policy_loss": pg_loss, "entropy": masked_mean(entropy, mb.mask),
                           "clip_fraction": clip_frac, "approx_kl": approx_kl}
 
