@@ -251,6 +251,10 @@ class Fleet:
 
         if self.snapshot is None:
             return
+        # Published again: in async mode the learner may have moved past the last snapshot
+        # while the worker died (this call waits for its update), and the probe is checked
+        # against the learner's current weights.
+        self.snapshot = self.learner.publish.remote()
         worker = self.rollout.actors[i]
         ray.get(worker.load_snapshot.remote(self.snapshot))
         probe = ray.get(worker.probe.remote(self.probe_ids, self.cfg.rollout.max_new_tokens))
