@@ -76,6 +76,7 @@ def reward_per_sample(rows: list[dict]) -> tuple[float, float]:
 def bench_async(path: str | None, overrides: list[str], seeds: list[int]) -> None:
     base = [f"iterations={ITERATIONS}", "eval_every=0", "checkpoint_every=0", *overrides]
     iterations = load_train_config(path, base).iterations
+    curves = []  # (label, train reward per iteration)
     lines = ["| setting | seed | mode | samples/s | learner waits (s/iter) | workers wait "
              "(s/iter) | train reward, first -> last 3 iter. |", "| --- |" + " --- |" * 6]
     with tempfile.TemporaryDirectory(prefix="lorafleet-bench-async-") as tmp:
@@ -88,6 +89,8 @@ def bench_async(path: str | None, overrides: list[str], seeds: list[int]) -> Non
                     rows = run(path, [*base, *setting_overrides, f"seed={seed}",
                                       f"rollout.mode={mode}"], run_dir)
                     figures[mode] = loop_figures(rows)
+                    curves.append((f"{setting}, seed {seed}, {mode}",
+                                   [r["reward_mean"] for r in rows]))
                     first, last = reward_per_sample(rows)
                     f = figures[mode]
                     ratios = ["", "", ""] if mode == "sync" else [
@@ -97,8 +100,10 @@ def bench_async(path: str | None, overrides: list[str], seeds: list[int]) -> Non
                         f"| {setting} | {seed} | {mode} | {f['samples_per_s']:.1f}{ratios[0]} | "
                         f"{f['learner_wait_s']:.2f}{ratios[1]} | "
                         f"{f['workers_wait_s']:.2f}{ratios[2]} | {first:.3f} -> {last:.3f} |")
-                    print("\n".join(lines), flush=True)
     print(f"\nasync vs sync, {iterations} iterations (medians of iterations "
           f"{WARMUP_ITERATIONS}-{iterations - 1}; ratios async / sync in the same setting and "
           f"seed; slow reward: {SLOW_REWARD_SECONDS * 1000:g} ms per sample)")
     print("\n".join(lines))
+    print("\ntrain reward per sample, by iteration:")
+    for label, curve in curves:
+        print(f"  {label:>28s}: " + " ".join(f"{v:.2f}" for v in curve))
