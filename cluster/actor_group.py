@@ -144,6 +144,15 @@ def is_actor(exc: Exception, handle) -> bool:
     return actor_id is not None and actor_id == handle._actor_id.hex()
 
 
+@dataclass
+class Calls:
+    """Method calls under way on some of a group's actors: `refs` by actor index."""
+
+    method: Callable
+    items: dict[int, object]
+    refs: dict[int, object]
+
+
 class ActorGroup:
     """The running actors of one spec. `call` fans a method out and survives an actor's
     death: Ray restarts it (spec.max_restarts), `revive(i)` brings it back in step (e.g. the
@@ -179,12 +188,20 @@ class ActorGroup:
     def call(self, method: Callable, items: dict[int, object] | None = None) -> list:
         """`method(actor, item)` -> ObjectRef for each actor index in `items` (every actor,
         with item None, by default); results in the order of `items`."""
+        return self.collect(self.submit(method, items))
+
+    def submit(self, method: Callable, items: dict[int, object] | None = None) -> Calls:
+        """`call` without waiting: the calls are under way; `collect` gets their results."""
+        items = items if items is not None else dict.fromkeys(range(len(self.actors)))
+        return Calls(method, items, {i: method(self.actors[i], item) for i, item in items.items()})
+
+    def collect(self, calls: Calls) -> list:
+        """The results of submitted calls in the order of their items; a call whose actor died
+        is sent again once the actor is back."""
         import ray
 
-        items = items if items is not None else dict.fromkeys(range(len(self.actors)))
-        refs = {i: method(self.actors[i], item) for i, item in items.items()}
         results = []
-        for i, ref in refs.items():
+        for i, ref in calls.refs.items():
             while True:
                 try:
                     results.append(ray.get(ref))
@@ -193,7 +210,7 @@ class ActorGroup:
                     if not is_actor(exc, self.actors[i]):  # e.g. the learner behind an arg
                         raise
                     self.recover(i, exc)
-                    ref = method(self.actors[i], items[i])
+                    ref = calls.method(self.actors[i], calls.items[i])
         return results
 
     def recover(self, i: int, exc: Exception) -> None:

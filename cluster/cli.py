@@ -72,6 +72,11 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
         bench_demo(path, _int_list(args.seeds, "--seeds"), overrides, args.out)
         return
+    if args.what == "async":
+        from .bench_async import bench_async
+
+        bench_async(path, overrides, _int_list(args.seeds, "--seeds"))
+        return
     if args.what == "reward":
         from .bench_reward import bench_reward
 
@@ -181,11 +186,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser(
         "bench", help="`bench rollout`: the rollout fleet vs raw vLLM; `bench memory`: learner "
         "memory per algorithm; `bench reward`: reward-model scoring, 1 vs 2 reward actors; "
-        "`bench demo`: the default job (or CONFIG) over --seeds, start/end figures and spread",
+        "`bench demo`: the default job (or CONFIG) over --seeds, start/end figures and spread; "
+        "`bench async`: rollout.mode sync vs async over --seeds, and with a slow reward",
     )
-    bench.add_argument("what", choices=["rollout", "memory", "reward", "demo"])
+    bench.add_argument("what", choices=["rollout", "memory", "reward", "demo", "async"])
     bench.add_argument("items", nargs="*", metavar="CONFIG.yaml | key=value")
-    bench.add_argument("--seeds", default="0,1,2", help="demo: comma-separated seeds (0,1,2)")
+    bench.add_argument("--seeds", default="0,1,2",
+                       help="demo, async: comma-separated seeds (0,1,2)")
     bench.add_argument("--out", default="runs/demo", help="demo: output directory")
     add_bench_memory_arguments(bench)
     bench.set_defaults(func=cmd_bench)

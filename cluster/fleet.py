@@ -8,6 +8,7 @@ import logging
 import os
 import time
 from collections.abc import Collection
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..common.config import TINY
@@ -18,7 +19,7 @@ from ..common.records import Prompt, Rollout
 from ..common.run_dir import RunDir
 from ..common.tasks.registry import build_task
 from ..reward.pool import RewardSpec
-from .actor_group import ActorGroup, GroupSpec, Placement, Resources, place
+from .actor_group import ActorGroup, Calls, GroupSpec, Placement, Resources, place
 from .config import TrainConfig
 
 # Zero-copy tensors through the object store: the adapter reaches every worker without copies.
@@ -217,6 +218,15 @@ def fixed_cluster(cfg: TrainConfig) -> bool:
     return not (cfg.ray.address or os.environ.get("RAY_ADDRESS"))
 
 
+@dataclass
+class AdapterSync:
+    """A publish under way: when it started, the workers' swaps and their probes."""
+
+    start: float
+    loads: Calls
+    probes: Calls
+
+
 class Fleet:
     """The run's actor groups, the adapter the rollout workers must serve, and bringing a
     restarted rollout worker back to it (verified) before it works again."""
@@ -241,6 +251,10 @@ class Fleet:
 
         if self.snapshot is None:
             return
+        # Published again: in async mode the learner may have moved past the last snapshot
+        # while the worker died (this call waits for its update), and the probe is checked
+        # against the learner's current weights.
+        self.snapshot = self.learner.publish.remote()
         worker = self.rollout.actors[i]
         ray.get(worker.load_snapshot.remote(self.snapshot))
         probe = ray.get(worker.probe.remote(self.probe_ids, self.cfg.rollout.max_new_tokens))
@@ -250,33 +264,55 @@ class Fleet:
     def sync_adapter(self) -> tuple[float, float, dict[int, int]]:
         """Publish once, hot-swap on every worker, verify with the probe. Returns (publish ->
         all-serving seconds, max probe log-prob gap, {worker: adapter version})."""
-        import ray
+        return self.finish_sync(self.start_sync())
 
+    def start_sync(self) -> AdapterSync:
+        """`sync_adapter` without waiting: each worker swaps the adapter in after the requests
+        already queued on it (the fleet never pauses) and then runs the probe."""
         start = time.perf_counter()
         self.snapshot = self.learner.publish.remote()  # stored once in the object store
-        self.rollout.call(lambda w, _: w.load_snapshot.remote(self.snapshot))
-        seconds = time.perf_counter() - start
+        loads = self.rollout.submit(lambda w, _: w.load_snapshot.remote(self.snapshot))
         max_tokens = self.cfg.rollout.max_new_tokens
-        probes = self.rollout.call(lambda w, _: w.probe.remote(self.probe_ids, max_tokens))
+        probes = self.rollout.submit(lambda w, _: w.probe.remote(self.probe_ids, max_tokens))
+        return AdapterSync(start, loads, probes)
+
+    def finish_sync(self, sync: AdapterSync) -> tuple[float, float, dict[int, int]]:
+        """Waits for a started sync and verifies its probes against the learner, which must
+        still hold the published version (else SyncError). Returns as `sync_adapter`."""
+        import ray
+
+        self.rollout.collect(sync.loads)
+        seconds = time.perf_counter() - sync.start
+        probes = self.rollout.collect(sync.probes)
         gap = ray.get(self.learner.check_probe.remote(probes, sync_tolerance(self.cfg)))
         return seconds, gap, {p.worker_id: p.adapter_version for p in probes}
 
     def generate(
         self, prompts: list[Prompt], *, n: int, temperature: float, seed: int
     ) -> list[Rollout]:
+        calls = self.submit_generate(prompts, n=n, temperature=temperature, seed=seed)
+        return self.collect_generate(prompts, calls, n)
+
+    def submit_generate(
+        self, prompts: list[Prompt], *, n: int, temperature: float, seed: int
+    ) -> Calls:
+        """`generate` without waiting: the prompts sharded over the workers, queued on each
+        behind its earlier requests (and adapter swaps)."""
         if not self.rollout.actors:
             raise RuntimeError(f"stages {self.cfg.stages} generate nothing: this fleet has no "
                                "rollout workers")
         rollout = self.cfg.rollout
         parts = shard(prompts, len(self.rollout.actors))
-        results = self.rollout.call(
+        return self.rollout.submit(
             lambda w, part: w.generate.remote(
                 part, n=n, temperature=temperature, max_tokens=rollout.max_new_tokens, seed=seed,
                 stop=rollout.stop, stop_token_ids=rollout.stop_token_ids,
             ),
             {i: part for i, part in enumerate(parts) if part},  # fewer prompts than workers
         )
-        rollouts = [r for part in results for r in part]
+
+    def collect_generate(self, prompts: list[Prompt], calls: Calls, n: int) -> list[Rollout]:
+        rollouts = [r for part in self.rollout.collect(calls) for r in part]
         check_exactly_once(prompts, rollouts, n)
         return rollouts
 
@@ -302,6 +338,8 @@ def start_fleet(
         seed=cfg.seed, threads=cfg.learner.threads, pad_token_id=pad_token_id,
         attn_implementation=cfg.model.attn_implementation,
         gradient_checkpointing=cfg.learner.gradient_checkpointing,
+        max_staleness=cfg.rollout.staleness_bound,
+        behaviour_weight_cap=cfg.rollout.behaviour_weight_cap,
     )
     rollout = ActorGroup.start(
         rollout_spec, placement, model_path, dtype=cfg.model.dtype,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import time
 from contextlib import ExitStack
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ..common.configio import save_config
@@ -26,15 +26,16 @@ from ..common.metrics import (
     summarize,
 )
 from ..common.progress import progress
-from ..common.records import Prompt, ScoredRollout
+from ..common.records import Prompt, Rollout, ScoredRollout, TrainStats
 from ..common.run_dir import RunDir
 from ..common.tasks.registry import build_task
 from ..reward.normalize import RunningMoments, normalize_rewards
 from ..reward.pool import RewardPool, drop_failed_groups
-from .actor_group import is_actor
+from .actor_group import Calls, is_actor
 from .checkpoint import ResumeError, TrainerState, latest_checkpoint, rewind
 from .config import TrainConfig
 from .fleet import (
+    AdapterSync,
     connect_ray,
     driver_tokenizer,
     resolve_model,
@@ -128,6 +129,61 @@ def reward_part_means(scored: list[ScoredRollout]) -> dict[str, float | None]:
         values = [s.rule_parts[name] for s in scored if s.rule_parts.get(name) is not None]
         means[f"reward/{name}"] = mean(values) if values else None
     return means
+
+
+@dataclass
+class ScoredBatch:
+    """One iteration's rollouts, scored (before normalisation), and how they were made."""
+
+    scored: list[ScoredRollout]
+    lengths: dict[str, float]  # response_lengths of every rollout generated
+    gen_seconds: float  # queued -> last worker done
+    reward_errors: int  # failed rewards skipped (reward.on_error=skip)
+    cursor: int  # the prompt stream's position after this batch's prompts
+
+
+@dataclass
+class InFlightBatch:
+    """A batch the workers are generating (rollout.mode=async)."""
+
+    prompts: list[Prompt]
+    calls: Calls
+    sent: float  # perf_counter when queued
+
+
+@dataclass
+class FinishTimes:
+    """When the driver saw each tracked Ray call finish: while it waits for some calls, it
+    timestamps every tracked call that completes (a call that finishes while the driver is
+    busy elsewhere is stamped when it next waits)."""
+
+    pending: list = field(default_factory=list)
+    finished: dict = field(default_factory=dict)  # ObjectRef -> perf_counter
+    since: float = 0.0  # the previous idle_seconds: idle time before it is counted already
+
+    def track(self, refs) -> None:
+        self.pending += list(refs)
+
+    def wait(self, refs) -> None:
+        """Blocks until every ref of `refs` is done (tracked or not)."""
+        import ray
+
+        self.pending += [r for r in refs if r not in self.finished and r not in self.pending]
+        while any(r not in self.finished for r in refs):
+            done, self.pending = ray.wait(self.pending, num_returns=1)
+            self.finished[done[0]] = time.perf_counter()
+
+    def idle_seconds(self, last_calls: list, now: float) -> float:
+        """Mean seconds each worker has been idle since its latest call finished (0 while it
+        still runs), counting from the previous call of this method at the earliest."""
+        import ray
+
+        if self.pending:  # finished while the driver was busy: stamped now (no idle)
+            done, self.pending = ray.wait(self.pending, num_returns=len(self.pending), timeout=0)
+            self.finished |= dict.fromkeys(done, now)
+        idle = mean([now - max(self.finished.get(r, now), self.since) for r in last_calls])
+        self.since = now
+        return idle
 
 
 class LearnerDied(RuntimeError):
@@ -319,14 +375,18 @@ class Trainer:
                       "reward_running_std": self.moments.std}
         return [replace(s, reward=v) for s, v in zip(scored, values, strict=True)], stats
 
-    def checkpoint(self, name: str, next_stage: int, next_iteration: int) -> None:
-        """Learner state first, then the driver's: the trainer state file marks it complete."""
+    def checkpoint(self, name: str, next_stage: int, next_iteration: int,
+                   prompt_cursor: int | None = None) -> None:
+        """Learner state first, then the driver's: the trainer state file marks it complete.
+        `prompt_cursor`: the stream position after the last prompts trained on (None: where
+        the stream stands; async mode has drawn further)."""
         import ray
 
         directory = self.run_dir.checkpoint(name)
         ray.get(self.fleet.learner.save_checkpoint.remote(str(directory)))
+        cursor = self.stream.cursor if prompt_cursor is None else prompt_cursor
         TrainerState(
-            next_stage, next_iteration, self.stream.cursor, self.sink.lines, self.stage_evals,
+            next_stage, next_iteration, cursor, self.sink.lines, self.stage_evals,
             ray.get(self.fleet.learner.get_version.remote()), self.moments.state(),
             self.rm_eval,
         ).write(directory)
@@ -370,75 +430,178 @@ class Trainer:
             ))
 
     def run_rl_stage(self, index: int, first_iteration: int) -> None:
-        """`iterations` of: sync adapter, (evaluate), generate, score, update, log."""
+        """`iterations` of: sync adapter, (evaluate), generate, score, update, log; with
+        rollout.mode=async the workers generate the next batches during the update."""
         import ray
 
-        cfg, n = self.cfg, self.cfg.rollout.samples_per_prompt
+        cfg = self.cfg
         if first_iteration == 0:
             ray.get(self.fleet.learner.start_stage.remote(cfg.algo.policy_lr))
         bar = progress(
             range(first_iteration, cfg.iterations), desc=cfg.algo.name.upper(), unit="iter",
             initial=first_iteration, total=cfg.iterations,
         )
+        if cfg.rollout.mode == "async":
+            self.run_async_iterations(index, first_iteration, bar)
+        else:
+            self.run_sync_iterations(index, bar)
+
+    def run_sync_iterations(self, index: int, bar) -> None:
+        import ray
+
+        cfg, n = self.cfg, self.cfg.rollout.samples_per_prompt
         for it in bar:
             iter_start = time.perf_counter()
-            sync_s, probe_gap, versions = self.fleet.sync_adapter()
-            evals = {"eval_reward": None, "eval_greedy": None}
-            if it == 0:  # the adapter the previous stage evaluation just measured
-                evals = {k: self.stage_evals[-1][k] for k in EVAL_KEYS}
-            elif cfg.eval_every and it % cfg.eval_every == 0:
-                evals = self.evaluate()
+            sync = self.fleet.sync_adapter()
+            evals = self.iteration_evals(it)
             gen_start = time.perf_counter()
             prompts = self.stream.next_batch(cfg.prompts_per_iteration)
             if self.dashboard:
                 self.dashboard.in_flight.set(len(prompts) * n)
             rollouts = self.fleet.generate(
-                prompts, n=n, temperature=cfg.rollout.temperature,
-                seed=cfg.seed * 7919 + it * 104729,
+                prompts, n=n, temperature=cfg.rollout.temperature, seed=self.rollout_seed(it),
             )
             gen_s = time.perf_counter() - gen_start
             if self.dashboard:
                 self.dashboard.in_flight.set(0)
-            lengths = response_lengths(rollouts)
-            errors_before = self.reward_errors
-            scored = self.score(rollouts)
-            normalized, reward_stats = self.normalize(scored)
+            batch = self.scored_batch(rollouts, gen_s)
+            normalized, reward_stats = self.normalize(batch.scored)
             stats = ray.get(self.fleet.learner.train_step.remote(normalized))
-            if cfg.uses_reward_model:
-                reward_stats |= {"reward_rule_mean": mean([s.rule_reward for s in scored]),
-                                 "reward_model_mean": mean([s.model_reward for s in scored])}
-            if len(self.reward_spec.rules) > 1:
-                reward_stats |= reward_part_means(scored)
-            row = {
-                "stage": "rl",
-                "iteration": it,
-                "adapter_version": stats.adapter_version,
-                "reward_mean": mean([s.reward for s in scored]),  # before normalisation
-                **reward_stats,
-                **evals,
-                "kl": stats.kl,
-                "samples": len(scored),
-                "rollout_tokens_per_s": lengths["response_tokens"] / gen_s,
-                "step_seconds": time.perf_counter() - iter_start,
-                "sync_seconds": sync_s,
-                "probe_max_logprob_gap": probe_gap,
-                "worker_versions": [versions[i] for i in sorted(versions)],
-                "worker_restarts": self.fleet.rollout.restarts,
-                "reward_errors": self.reward_errors - errors_before,
-                **build_task(cfg.task).count_invalid(answer_pairs(scored)),  # NLU: invalid_answers
-                **lengths,
-                "prompt_cursor": self.stream.cursor,
-                **{k: v for k, v in vars(stats).items() if k not in ("adapter_version", "kl")},
+            row = self.iteration_row(it, batch, reward_stats, evals, stats, iter_start, sync)
+            self.record_iteration(bar, index, it, row, batch, stats, sync[2])
+
+    def run_async_iterations(self, index: int, first: int, bar) -> None:
+        """rollout.mode=async: batch j is generated by the adapter the workers hold when it is
+        queued, at most k = rollout.max_staleness versions behind the one that trains it
+        (batches first..first+k by the adapter the stage starts from; batch j > first + k
+        queued right after the swap to the version trained on batch j - k). While the learner
+        trains batch `it`, the workers generate and the reward actors score batch it + 1.
+        The learner checks each version's probe before its next update (so with k >= 2 it
+        waits for the requests queued before that swap). A checkpoint records the cursor of
+        the prompts trained on: in-flight batches are generated again after a resume."""
+        import ray
+
+        cfg, n, k = self.cfg, self.cfg.rollout.samples_per_prompt, self.cfg.rollout.staleness_bound
+        in_flight: dict[int, InFlightBatch] = {}
+        watch = FinishTimes()
+        last_request: dict[int, object] = {}  # worker -> its latest generate call
+
+        def launch(j: int) -> None:
+            if j < cfg.iterations:
+                prompts = self.stream.next_batch(cfg.prompts_per_iteration)
+                calls = self.fleet.submit_generate(
+                    prompts, n=n, temperature=cfg.rollout.temperature, seed=self.rollout_seed(j))
+                in_flight[j] = InFlightBatch(prompts, calls, time.perf_counter())
+                watch.track(calls.refs.values())
+                last_request.update(calls.refs)
+
+        def collect(j: int) -> ScoredBatch:
+            pending = in_flight.pop(j)
+            refs = list(pending.calls.refs.values())
+            watch.wait(refs)
+            rollouts = self.fleet.collect_generate(pending.prompts, pending.calls, n)
+            gen_s = max(watch.finished[ref] for ref in refs) - pending.sent
+            return self.scored_batch(rollouts, gen_s, cursor=pending.prompts[-1].index + 1)
+
+        iter_start = time.perf_counter()
+        sync_figures = self.fleet.sync_adapter()  # the version the first k + 1 batches sample
+        for j in range(first, first + k + 1):
+            launch(j)
+        batch = collect(first)
+        pending_sync: AdapterSync | None = None
+        for it in bar:
+            if pending_sync is not None:
+                sync_figures = self.fleet.finish_sync(pending_sync)
+            evals = self.iteration_evals(it)
+            normalized, reward_stats = self.normalize(batch.scored)
+            train = self.fleet.learner.train_step.remote(normalized)
+            next_batch = collect(it + 1) if it + 1 in in_flight else None  # overlaps the update
+            watch.wait([train])
+            stats = ray.get(train)
+            sent = time.perf_counter()
+            workers_wait = watch.idle_seconds(list(last_request.values()), sent)
+            if it + 1 < cfg.iterations:
+                pending_sync = self.fleet.start_sync()
+                launch(it + 1 + k)
+            row = self.iteration_row(it, batch, reward_stats, evals, stats, iter_start,
+                                     sync_figures)
+            lags = [stats.adapter_version - s.rollout.adapter_version for s in batch.scored]
+            row |= {
+                "staleness_histogram": [lags.count(lag) for lag in range(k + 1)],
+                "samples_per_s": len(batch.scored) / row["step_seconds"],
+                "learner_wait_seconds": row["step_seconds"] - stats.train_seconds,
+                "workers_wait_seconds": workers_wait,
             }
-            if cfg.logging.rollouts_parquet:
-                write_rollouts(self.run_dir, index, it, scored)
-            self.log(row, stats.adapter_version)
-            if self.dashboard:
-                self.dashboard.iteration(row)
-                self.dashboard.worker_versions(versions, stats.adapter_version)
-            bar.set_postfix(reward=f"{row['reward_mean']:.3f}", kl=f"{stats.kl:.4f}", refresh=False)
-            if cfg.checkpoint_every and (it + 1) % cfg.checkpoint_every == 0:
-                self.checkpoint(f"iter_{it + 1:05d}", index, it + 1)
+            self.record_iteration(bar, index, it, row, batch, stats, sync_figures[2])
+            iter_start, batch = time.perf_counter(), next_batch
+
+    def rollout_seed(self, iteration: int) -> int:
+        return self.cfg.seed * 7919 + iteration * 104729
+
+    def iteration_evals(self, it: int) -> dict:
+        if it == 0:  # the adapter the previous stage evaluation just measured
+            return {k: self.stage_evals[-1][k] for k in EVAL_KEYS}
+        if self.cfg.eval_every and it % self.cfg.eval_every == 0:
+            return self.evaluate()
+        return {"eval_reward": None, "eval_greedy": None}
+
+    def scored_batch(self, rollouts: list[Rollout], gen_s: float,
+                     cursor: int | None = None) -> ScoredBatch:
+        """A generated batch scored; `cursor`: the prompt stream's position after it (None:
+        where the stream stands)."""
+        errors_before = self.reward_errors
+        lengths = response_lengths(rollouts)
+        scored = self.score(rollouts)
+        return ScoredBatch(scored, lengths, gen_s, self.reward_errors - errors_before,
+                           self.stream.cursor if cursor is None else cursor)
+
+    def iteration_row(self, it: int, batch: ScoredBatch, reward_stats: dict, evals: dict,
+                      stats: TrainStats, iter_start: float,
+                      sync: tuple[float, float, dict[int, int]]) -> dict:
+        """The iteration's metrics.jsonl row."""
+        cfg, scored = self.cfg, batch.scored
+        sync_s, probe_gap, versions = sync
+        if cfg.uses_reward_model:
+            reward_stats |= {"reward_rule_mean": mean([s.rule_reward for s in scored]),
+                             "reward_model_mean": mean([s.model_reward for s in scored])}
+        if len(self.reward_spec.rules) > 1:
+            reward_stats |= reward_part_means(scored)
+        return {
+            "stage": "rl",
+            "iteration": it,
+            "adapter_version": stats.adapter_version,
+            "reward_mean": mean([s.reward for s in scored]),  # before normalisation
+            **reward_stats,
+            **evals,
+            "kl": stats.kl,
+            "samples": len(scored),
+            "rollout_tokens_per_s": batch.lengths["response_tokens"] / batch.gen_seconds,
+            "step_seconds": time.perf_counter() - iter_start,
+            "sync_seconds": sync_s,
+            "probe_max_logprob_gap": probe_gap,
+            "worker_versions": [versions[i] for i in sorted(versions)],
+            "worker_restarts": self.fleet.rollout.restarts,
+            "reward_errors": batch.reward_errors,
+            **build_task(cfg.task).count_invalid(answer_pairs(scored)),  # NLU: invalid_answers
+            **batch.lengths,
+            "prompt_cursor": batch.cursor,
+            **{k: v for k, v in vars(stats).items() if k not in ("adapter_version", "kl")},
+        }
+
+    def record_iteration(self, bar, index: int, it: int, row: dict, batch: ScoredBatch,
+                         stats: TrainStats, versions: dict[int, int]) -> None:
+        """Logs the row (metrics.jsonl, dashboard, rollouts Parquet) and checkpoints on
+        schedule."""
+        cfg = self.cfg
+        if cfg.logging.rollouts_parquet:
+            write_rollouts(self.run_dir, index, it, batch.scored)
+        self.log(row, stats.adapter_version)
+        if self.dashboard:
+            self.dashboard.iteration(row)
+            self.dashboard.worker_versions(versions, stats.adapter_version)
+        bar.set_postfix(reward=f"{row['reward_mean']:.3f}", kl=f"{stats.kl:.4f}", refresh=False)
+        if cfg.checkpoint_every and (it + 1) % cfg.checkpoint_every == 0:
+            self.checkpoint(f"iter_{it + 1:05d}", index, it + 1, batch.cursor)
 
     # -- the run ----------------------------------------------------------------------------
     def run(self) -> RunDir:

@@ -11,9 +11,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..common.config import LoRAConfig
+from ..common.config import DEFAULT_MAX_BEHAVIOUR_WEIGHT, LoRAConfig
 from ..common.devices import actor_device, model_dtype
 from ..common.records import AdapterSnapshot, ProbeResult, ScoredRollout, TrainStats
+from .algorithms.off_policy import behaviour_weights
 from .algorithms.ppo import kl_penalty, masked_mean
 from .algorithms.registry import AlgoConfig
 from .model import DTYPES, POLICY, VALUE, PolicyValueModel, TokenBatch, collate, collate_scored
@@ -30,6 +31,9 @@ class BatchContext:
     batch: TokenBatch
     scores: Tensor  # [B]
     old_logp: Tensor  # [B, T], recomputed by the learner (exact for importance ratios)
+    # [B, T] decoupled PPO's truncated pi_old / pi_vllm per token (off_policy.py); the mask
+    # itself when every sample is on-policy (rollout.mode=sync)
+    behaviour_weights: Tensor
     ref_logp: Tensor  # [B, T], adapters disabled
     logprob_gap: float  # mean |old_logp - vLLM logprob| over response tokens
     kl: float  # per-token k3 KL(sampling policy || reference) on the batch's own samples
@@ -49,11 +53,15 @@ class LearnerBase:
         self, model_path: str, lora: LoRAConfig, algo: AlgoConfig, *, dtype: str | None,
         seed: int, threads: int, pad_token_id: int, device: str | None = None,
         attn_implementation: str | None = None, gradient_checkpointing: bool = False,
+        max_staleness: int = 0, behaviour_weight_cap: float = DEFAULT_MAX_BEHAVIOUR_WEIGHT,
     ) -> None:
-        """device None: the GPU Ray assigned this actor, else the CPU; dtype None: by device."""
+        """device None: the GPU Ray assigned this actor, else the CPU; dtype None: by device.
+        max_staleness: how many versions behind the learner a rollout's adapter may be
+        (rollout.staleness_bound; 0: on-policy only, no behaviour weights)."""
         torch.set_num_threads(threads)
         self.algo = algo
         self.pad_id = pad_token_id
+        self.max_staleness, self.behaviour_weight_cap = max_staleness, behaviour_weight_cap
         if device is None:
             device, dtype = actor_device(dtype)
         self.model_path, self.lora = model_path, lora
@@ -107,20 +115,24 @@ class LearnerBase:
     # -- shared pieces of an update -----------------------------------------------------------
     @torch.no_grad()
     def prepare(self, scored: list[ScoredRollout]) -> BatchContext:
-        stale = [s.rollout for s in scored if s.rollout.adapter_version != self.version]
+        stale = [s.rollout for s in scored
+                 if not 0 <= self.version - s.rollout.adapter_version <= self.max_staleness]
         if stale:
             r = stale[0]
             raise SyncError(
-                f"{len(stale)} rollouts are stale: {r.sample_id} came from adapter "
-                f"v{r.adapter_version} on worker {r.worker_id}, learner is at v{self.version}"
+                f"{len(stale)} rollouts are stale (more than {self.max_staleness} versions "
+                f"behind): {r.sample_id} came from adapter v{r.adapter_version} on worker "
+                f"{r.worker_id}, learner is at v{self.version}"
             )
         batch = collate_scored(scored, self.pad_id, self.net.device)
         old_logp = self.net.logprobs(batch)
         ref_logp = self.net.reference_logprobs(batch)
         vllm_logp = padded([s.rollout.logprobs for s in scored], batch)
+        weights = batch.mask if self.max_staleness == 0 else behaviour_weights(
+            old_logp, vllm_logp, batch.mask, self.behaviour_weight_cap)
         return BatchContext(
             batch=batch, scores=torch.tensor([s.reward for s in scored], device=batch.mask.device),
-            old_logp=old_logp, ref_logp=ref_logp,
+            old_logp=old_logp, behaviour_weights=weights, ref_logp=ref_logp,
             logprob_gap=float(masked_mean((old_logp - vllm_logp).abs(), batch.mask)),
             kl=float(masked_mean(kl_penalty(old_logp, ref_logp, "k3"), batch.mask)),
         )

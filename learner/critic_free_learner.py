@@ -97,7 +97,8 @@ class GroupBaselineLearner(CriticFreeLearner):
 
         def objective(mb, chunk, logp):
             loss, clip_frac, approx_kl = sequence_advantage_loss(
-                logp, ctx.old_logp[chunk], advantages[chunk], mb.mask, algo.clip_eps
+                logp, ctx.old_logp[chunk], advantages[chunk], mb.mask, algo.clip_eps,
+                ctx.behaviour_weights[chunk],
             )
             loss = self.with_kl_loss(loss, logp, ctx.ref_logp[chunk], mb.mask)
             return loss, {"clip_fraction": clip_frac, "approx_kl": approx_kl}

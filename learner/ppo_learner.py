@@ -41,6 +41,7 @@ class PPOLearner(Learner):
             advantages, returns = gae_advantages(rewards, old_values, mask, algo.gamma, algo.lam)
             if algo.whiten_advantages:
                 advantages = masked_whiten(advantages, mask)
+            advantages = advantages * ctx.behaviour_weights  # decoupled PPO (off_policy.py)
 
         def policy_loss(mb, rows):
             logp, entropy = self.net.logprobs(mb, with_entropy=True)

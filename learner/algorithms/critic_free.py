@@ -79,8 +79,11 @@ def awr_weights(
 
 
 def sequence_advantage_loss(
-    logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, clip_eps: float
+    logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, clip_eps: float,
+    token_weights: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """GRPO/RLOO's clipped objective: the per-sample advantage [batch] applied to every token."""
-    return ppo_policy_loss(logp, old_logp, advantages[:, None] * mask, mask, clip_eps)
+    """GRPO/RLOO's clipped objective: the per-sample advantage [batch] applied to every token,
+    times `token_weights` ([batch, T], decoupled PPO's behaviour weights; default: the mask)."""
+    weights = mask if token_weights is None else token_weights
+    return ppo_policy_loss(logp, old_logp, advantages[:, None] * weights, mask, clip_eps)
 

@@ -154,6 +154,12 @@ class WeightedSFTConfig(AlgoConfig):
 
     length_normalize: bool = False  # per-token mean log-likelihood instead of the sum
 
+    def check_run(self, rollout: RolloutConfig) -> None:
+        if rollout.mode == "async":
+            raise ConfigError(
+                f"algo.name={self.name} has no importance ratio to correct samples of an older "
+                "adapter: rollout.mode=async needs algo.name=ppo, grpo or rloo")
+
 
 @dataclass
 class SPRConfig(WeightedSFTConfig):
@@ -176,6 +182,7 @@ class SPRConfig(WeightedSFTConfig):
             raise ConfigError(f"algo.weight_temperature must be > 0, got {self.weight_temperature}")
 
     def check_run(self, rollout: RolloutConfig) -> None:
+        super().check_run(rollout)
         if self.normalizer == "group" and rollout.samples_per_prompt == 1:
             raise ConfigError(
                 "algo.name=spr with rollout.samples_per_prompt=1 gives every sample weight 1 "

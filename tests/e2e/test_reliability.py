@@ -11,15 +11,13 @@ import sys
 import threading
 import time
 
-import pyarrow.parquet as pq
 import pytest
 
+from helpers import assert_each_prompt_once
 from lorafleet.cluster.config import load_train_config
 from lorafleet.cluster.trainer import Trainer
-from lorafleet.common.data import PromptStream, encode_prompts
 from lorafleet.common.metrics import read_metrics
 from lorafleet.common.run_dir import RunDir
-from lorafleet.common.tasks.registry import build_task
 
 ITERATIONS = 6
 SHORT_RUN = [
@@ -33,24 +31,6 @@ def lorafleet(*args: str, **kwargs) -> subprocess.Popen:
         [sys.executable, "-m", "lorafleet.cluster.cli", *args], stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT, text=True, start_new_session=True, **kwargs,
     )
-
-
-def expected_batches(cfg, tokenizer) -> list[list[int]]:
-    """The prompt indices an uninterrupted run serves per iteration (its PromptStream)."""
-    limit = cfg.model.max_model_len - cfg.rollout.max_new_tokens
-    examples = build_task(cfg.task).examples("train")
-    stream = PromptStream(encode_prompts(examples, tokenizer, limit), cfg.seed)
-    return [[p.index for p in stream.next_batch(cfg.prompts_per_iteration)]
-            for _ in range(cfg.iterations)]
-
-
-def assert_each_prompt_once(run_dir: RunDir, cfg, tokenizer) -> None:
-    n = cfg.rollout.samples_per_prompt
-    for it, indices in enumerate(expected_batches(cfg, tokenizer)):
-        table = pq.read_table(run_dir.rollout_file(0, it)).to_pylist()
-        served = sorted(r["prompt_index"] for r in table)
-        assert served == sorted(indices * n), f"iteration {it}: prompts lost or repeated"
-        assert {r["sample_index"] for r in table} == set(range(n))
 
 
 def test_killed_run_resumes_from_its_checkpoint(tmp_path, tokenizer):

@@ -1,0 +1,109 @@
+"""`lorafleet bench async`: the synchronous and the asynchronous loop on the same job, measured
+in one command, and a setting where overlap pays.
+
+Each setting runs the job (default: the default job, 12 iterations, no evaluation in between)
+with rollout.mode=sync and rollout.mode=async (max_staleness 1) for every seed, and prints the
+steady-state medians (the first WARMUP_ITERATIONS left out) of samples/s and of the seconds
+per iteration the learner waited for rollouts and the workers waited for the learner, with the
+async/sync ratios, then the train reward per sample of both modes.
+
+Settings: "default" (every actor computes on the same 2 cores: overlap buys little) and
+"slow reward" (reward.fns=[this module's exact_match_slow]: the task's exact match after a
+sleep of SLOW_REWARD_SECONDS per sample, e.g. a judge behind an API: in async mode the sleep
+overlaps the update).
+
+The sync rows carry no wait keys; their waits follow from the same definitions: the learner
+waits for everything but its own update (step_seconds - train_seconds), the workers for
+everything but generation (step_seconds - response_tokens / rollout_tokens_per_s).
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from ..common.metrics import read_metrics
+from ..reward.rules import exact_match
+from .config import load_train_config
+from .trainer import Trainer
+
+ITERATIONS = 12  # unless the overrides say otherwise
+WARMUP_ITERATIONS = 2
+SLOW_REWARD_SECONDS = 0.01
+SLOW_REWARD = f"{__name__}:exact_match_slow"
+SETTINGS = {"default": [], "slow reward": [f"reward.fns=[{SLOW_REWARD}]"]}
+WINDOW = 3  # iterations averaged for the first / last train reward
+
+
+def exact_match_slow(completions, reference, **kwargs) -> list[float]:
+    """The addition task's exact match, SLOW_REWARD_SECONDS per sample later."""
+    time.sleep(SLOW_REWARD_SECONDS * len(completions))
+    return exact_match(completions=completions, reference=reference, **kwargs)
+
+
+def loop_figures(rows: list[dict]) -> dict[str, float]:
+    """Medians over the steady iterations: samples/s and the two waits (s per iteration)."""
+    steady = rows[WARMUP_ITERATIONS:]
+
+    def waits(r: dict) -> tuple[float, float]:
+        if "learner_wait_seconds" in r:
+            return r["learner_wait_seconds"], r["workers_wait_seconds"]
+        gen_s = r["response_tokens"] / r["rollout_tokens_per_s"]
+        return r["step_seconds"] - r["train_seconds"], r["step_seconds"] - gen_s
+
+    return {
+        "samples_per_s": statistics.median(r["samples"] / r["step_seconds"] for r in steady),
+        "learner_wait_s": statistics.median(waits(r)[0] for r in steady),
+        "workers_wait_s": statistics.median(waits(r)[1] for r in steady),
+    }
+
+
+def run(path: str | None, overrides: list[str], run_dir: Path) -> list[dict]:
+    cfg = load_train_config(path, [*overrides, f"run_dir={run_dir}"])
+    with Trainer(cfg) as trainer:
+        return read_metrics(trainer.run())
+
+
+def reward_per_sample(rows: list[dict]) -> tuple[float, float]:
+    """Mean train reward of the first and the last WINDOW iterations."""
+    first, last = rows[:WINDOW], rows[-WINDOW:]
+    return (statistics.mean(r["reward_mean"] for r in first),
+            statistics.mean(r["reward_mean"] for r in last))
+
+
+def bench_async(path: str | None, overrides: list[str], seeds: list[int]) -> None:
+    base = [f"iterations={ITERATIONS}", "eval_every=0", "checkpoint_every=0", *overrides]
+    iterations = load_train_config(path, base).iterations
+    curves = []  # (label, train reward per iteration)
+    lines = ["| setting | seed | mode | samples/s | learner waits (s/iter) | workers wait "
+             "(s/iter) | train reward, first -> last 3 iter. |", "| --- |" + " --- |" * 6]
+    with tempfile.TemporaryDirectory(prefix="lorafleet-bench-async-") as tmp:
+        for setting, setting_overrides in SETTINGS.items():
+            # the slow reward shows the overlap; one seed says it as well as several
+            for seed in seeds if setting == "default" else seeds[:1]:
+                figures = {}
+                for mode in ("sync", "async"):
+                    run_dir = Path(tmp) / f"{setting.replace(' ', '_')}-{seed}-{mode}"
+                    rows = run(path, [*base, *setting_overrides, f"seed={seed}",
+                                      f"rollout.mode={mode}"], run_dir)
+                    figures[mode] = loop_figures(rows)
+                    curves.append((f"{setting}, seed {seed}, {mode}",
+                                   [r["reward_mean"] for r in rows]))
+                    first, last = reward_per_sample(rows)
+                    f = figures[mode]
+                    ratios = ["", "", ""] if mode == "sync" else [
+                        f" ({f[k] / figures['sync'][k]:.2f}x)"
+                        for k in ("samples_per_s", "learner_wait_s", "workers_wait_s")]
+                    lines.append(
+                        f"| {setting} | {seed} | {mode} | {f['samples_per_s']:.1f}{ratios[0]} | "
+                        f"{f['learner_wait_s']:.2f}{ratios[1]} | "
+                        f"{f['workers_wait_s']:.2f}{ratios[2]} | {first:.3f} -> {last:.3f} |")
+    print(f"\nasync vs sync, {iterations} iterations (medians of iterations "
+          f"{WARMUP_ITERATIONS}-{iterations - 1}; ratios async / sync in the same setting and "
+          f"seed; slow reward: {SLOW_REWARD_SECONDS * 1000:g} ms per sample)")
+    print("\n".join(lines))
+    print("\ntrain reward per sample, by iteration:")
+    for label, curve in curves:
+        print(f"  {label:>28s}: " + " ".join(f"{v:.2f}" for v in curve))
