@@ -301,7 +301,7 @@ def start_fleet(
         learner_spec, placement, model_path, cfg.lora, cfg.algo, dtype=cfg.model.dtype,
         seed=cfg.seed, threads=cfg.learner.threads, pad_token_id=pad_token_id,
         attn_implementation=cfg.model.attn_implementation,
-        gradient_checkpointing=cfg.learner.gradient_checkpointing,
+        gradient_checkpointing=cfg.learner.gradient_checkpointing, autocast=cfg.learner.autocast,
     )
     rollout = ActorGroup.start(
         rollout_spec, placement, model_path, dtype=cfg.model.dtype,

@@ -436,7 +436,8 @@ class Trainer:
             if self.dashboard:
                 self.dashboard.iteration(row)
                 self.dashboard.worker_versions(versions, stats.adapter_version)
-            bar.set_postfix(reward=f"{row['reward_mean']:.3f}", kl=f"{stats.kl:.4f}", refresh=False)
+            kl = "-" if stats.kl is None else f"{stats.kl:.4f}"  # None: no reference pass
+            bar.set_postfix(reward=f"{row['reward_mean']:.3f}", kl=kl, refresh=False)
             if cfg.checkpoint_every and (it + 1) % cfg.checkpoint_every == 0:
                 self.checkpoint(f"iter_{it + 1:05d}", index, it + 1)
 
