@@ -214,11 +214,17 @@ def learner_gflops(cfg, model_path: str, response_tokens: int, steps: int = 3) -
 
 # -- the benchmark -------------------------------------------------------------------------------
 def bench_vs_trl(path: str | None, overrides: list[str], scales: list[str], seeds: list[int],
-                 autocast: str, out: str) -> dict:
+                 autocast: str, out: str, reprint: bool = False) -> dict:
+    """Runs the benchmark into `out`; `reprint`: prints the tables of the run saved there."""
     from .config import load_train_config
     from .fleet import resolve_model
 
     out_dir = Path(out).resolve()
+    if reprint:
+        results = json.loads((out_dir / "vs_trl.json").read_text())
+        for name, scale in results["scales"].items():
+            print_scale(name, Scale(**scale["scale"]), scale["runs"], scale["learner"], results)
+        return results
     bf16 = autocast == "bf16" or (autocast == "auto" and native_bf16("cpu"))
     autocast = "bf16" if bf16 else "off"  # both sides alike
     results: dict = {"autocast": autocast, "seeds": seeds, "scales": {}}
@@ -247,8 +253,10 @@ def bench_vs_trl(path: str | None, overrides: list[str], scales: list[str], seed
 
 
 def steady_rate(side: dict, warmup: int) -> float:
-    """Samples per second over the steps after the warm-up ones."""
-    return sum(side["samples"][warmup:]) / sum(side["step_seconds"][warmup:])
+    """Samples per second of the median step after the warm-up ones (a median: one step slowed
+    by another process on a shared machine does not count)."""
+    return statistics.median(side["samples"][warmup:]) / statistics.median(
+        side["step_seconds"][warmup:])
 
 
 def print_scale(name: str, scale: Scale, runs: list[dict], learner: dict, results: dict) -> None:

@@ -78,7 +78,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
         bench_vs_trl(path, overrides, args.scales.split(","),
                      _int_list(args.seeds or "0", "--seeds"), args.autocast,
-                     args.out or "runs/vs-trl")
+                     args.out or "runs/vs-trl", args.reprint)
         return
     if args.what == "reward":
         from .bench_reward import bench_reward
@@ -200,6 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="vs-trl: small (the embedded model), large (~27M random-init)")
     bench.add_argument("--autocast", choices=["auto", "bf16", "off"], default="auto",
                        help="vs-trl: both learners' bfloat16 autocast (auto: where native)")
+    bench.add_argument("--reprint", action="store_true",
+                       help="vs-trl: print the tables of the run saved in --out, run nothing")
     add_bench_memory_arguments(bench)
     bench.set_defaults(func=cmd_bench)
     comp = sub.add_parser(
