@@ -70,7 +70,8 @@ def print_summary(run_dir: RunDir, summary: dict) -> None:
     w = summary["window"]
     print(f"  train reward, first {w} iterations : {summary['reward_first_iterations']:.3f}")
     print(f"  train reward, last {w} iterations  : {summary['reward_last_iterations']:.3f}")
-    print(f"  KL to reference, last {w} iter.    : {summary['kl_last_iterations']:.3f}")
+    kl = summary["kl_last_iterations"]  # None: no reference pass (kl_coef 0)
+    print(f"  KL to reference, last {w} iter.    : {'-' if kl is None else f'{kl:.3f}'}")
     print(f"  iteration time / wall time        : {summary['mean_step_seconds']:.2f} s / "
           f"{summary['wall_seconds']:.0f} s")
 
