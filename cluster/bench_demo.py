@@ -40,7 +40,7 @@ def figure_rows(summary: dict) -> list[tuple[str, float]]:
     rows = [(f"{label}, {'start' if e['stage'] == 'start' else 'after ' + e['stage']}", e[key])
             for e in summary["stage_evals"] for key, label in HELD_OUT]
     return rows + [(label.format(w=summary.get("window")), summary[key])
-                   for key, label in RUN_FIGURES if key in summary]
+                   for key, label in RUN_FIGURES if summary.get(key) is not None]
 
 
 def demo_table(summaries: list[dict], seeds: list[int]) -> str:

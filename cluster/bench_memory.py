@@ -108,7 +108,7 @@ def _restart_peak_rss() -> float:
     return _status_mb("VmRSS")
 
 
-def _scored(setup: BenchSetup, version: int, vocab_size: int):
+def random_scored_batch(setup: BenchSetup, version: int, vocab_size: int):
     """prompts x samples random responses with random 0/1 rewards (seeded: the same batch for
     every variant)."""
     import random
@@ -173,10 +173,10 @@ def _variant_update(variant: str, model_path: str, setup: BenchSetup, vocab_size
     from ..learner.reward_model import score_rows
 
     if variant == "ppo_full":
-        return _full_ppo_update(model_path, setup, _scored(setup, 0, vocab_size))
+        return _full_ppo_update(model_path, setup, random_scored_batch(setup, 0, vocab_size))
     lora = LoRAConfig()
     rows = [s.rollout.prompt.token_ids + s.rollout.response_ids
-            for s in _scored(setup, 0, vocab_size)]
+            for s in random_scored_batch(setup, 0, vocab_size)]
     if variant == "rm_actor":
         net = PolicyValueModel(
             model_path, lora, DTYPES[setup.dtype], 0, (REWARD,), setup.device
@@ -190,7 +190,7 @@ def _variant_update(variant: str, model_path: str, setup: BenchSetup, vocab_size
         device=setup.device,
     )
     # Each update trains on rollouts of the adapter version it is at (the learner checks).
-    batches = [_scored(setup, version, vocab_size) for version in range(setup.steps)]
+    batches = [random_scored_batch(setup, version, vocab_size) for version in range(setup.steps)]
     mb = setup.minibatch_rows
     if variant == "sft_lora":
         examples = [SFTExample(i, s.rollout.prompt.token_ids, s.rollout.response_ids)

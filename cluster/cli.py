@@ -70,12 +70,20 @@ def cmd_bench(args: argparse.Namespace) -> None:
     if args.what == "demo":
         from .bench_demo import bench_demo
 
-        bench_demo(path, _int_list(args.seeds, "--seeds"), overrides, args.out)
+        bench_demo(path, _int_list(args.seeds or "0,1,2", "--seeds"), overrides,
+                   args.out or "runs/demo")
+        return
+    if args.what == "vs-trl":
+        from .bench_trl import bench_vs_trl
+
+        bench_vs_trl(path, overrides, args.scales.split(","),
+                     _int_list(args.seeds or "0", "--seeds"), args.autocast,
+                     args.out or "runs/vs-trl", args.reprint)
         return
     if args.what == "async":
         from .bench_async import bench_async
 
-        bench_async(path, overrides, _int_list(args.seeds, "--seeds"))
+        bench_async(path, overrides, _int_list(args.seeds or "0,1,2", "--seeds"))
         return
     if args.what == "reward":
         from .bench_reward import bench_reward
@@ -187,13 +195,20 @@ def build_parser() -> argparse.ArgumentParser:
         "bench", help="`bench rollout`: the rollout fleet vs raw vLLM; `bench memory`: learner "
         "memory per algorithm; `bench reward`: reward-model scoring, 1 vs 2 reward actors; "
         "`bench demo`: the default job (or CONFIG) over --seeds, start/end figures and spread; "
-        "`bench async`: rollout.mode sync vs async over --seeds, and with a slow reward",
+        "`bench async`: rollout.mode sync vs async over --seeds, and with a slow reward; "
+        "`bench vs-trl`: TRL's GRPOTrainer vs lorafleet's GRPO, two scales",
     )
-    bench.add_argument("what", choices=["rollout", "memory", "reward", "demo", "async"])
+    bench.add_argument("what", choices=["rollout", "memory", "reward", "demo", "async", "vs-trl"])
     bench.add_argument("items", nargs="*", metavar="CONFIG.yaml | key=value")
-    bench.add_argument("--seeds", default="0,1,2",
-                       help="demo, async: comma-separated seeds (0,1,2)")
-    bench.add_argument("--out", default="runs/demo", help="demo: output directory")
+    bench.add_argument("--seeds", help="demo, async, vs-trl: comma-separated seeds (0,1,2; "
+                       "vs-trl 0)")
+    bench.add_argument("--out", help="demo, vs-trl: output directory (runs/demo, runs/vs-trl)")
+    bench.add_argument("--scales", default="small,large",
+                       help="vs-trl: small (the embedded model), large (~27M random-init)")
+    bench.add_argument("--autocast", choices=["auto", "bf16", "off"], default="auto",
+                       help="vs-trl: both learners' bfloat16 autocast (auto: where native)")
+    bench.add_argument("--reprint", action="store_true",
+                       help="vs-trl: print the tables of the run saved in --out, run nothing")
     add_bench_memory_arguments(bench)
     bench.set_defaults(func=cmd_bench)
     comp = sub.add_parser(

@@ -34,7 +34,9 @@ def run_all(
     return runs
 
 
-def _mean_std(values: list[float]) -> str:
+def _mean_std(values: list[float | None]) -> str:
+    if None in values:  # a figure some run has not (KL without a reference pass)
+        return "-"
     spread = statistics.stdev(values) if len(values) > 1 else 0.0
     return f"{statistics.mean(values):.3f} ± {spread:.3f}"
 

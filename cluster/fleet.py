@@ -337,7 +337,7 @@ def start_fleet(
         learner_spec, placement, model_path, cfg.lora, cfg.algo, dtype=cfg.model.dtype,
         seed=cfg.seed, threads=cfg.learner.threads, pad_token_id=pad_token_id,
         attn_implementation=cfg.model.attn_implementation,
-        gradient_checkpointing=cfg.learner.gradient_checkpointing,
+        gradient_checkpointing=cfg.learner.gradient_checkpointing, autocast=cfg.learner.autocast,
         max_staleness=cfg.rollout.staleness_bound,
         behaviour_weight_cap=cfg.rollout.behaviour_weight_cap,
     )

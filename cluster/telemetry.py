@@ -60,7 +60,8 @@ class DashboardMetrics:
     def iteration(self, row: dict) -> None:
         self.tokens_per_s.set(row["rollout_tokens_per_s"])
         self.reward_mean.set(row["reward_mean"])
-        self.kl.set(row["kl"])
+        if row["kl"] is not None:  # None: no reference pass (kl_coef 0)
+            self.kl.set(row["kl"])
         self.samples.inc(row["samples"])
         self.step_seconds.observe(row["train_seconds"])
 

@@ -71,7 +71,8 @@ def print_summary(run_dir: RunDir, summary: dict) -> None:
     w = summary["window"]
     print(f"  train reward, first {w} iterations : {summary['reward_first_iterations']:.3f}")
     print(f"  train reward, last {w} iterations  : {summary['reward_last_iterations']:.3f}")
-    print(f"  KL to reference, last {w} iter.    : {summary['kl_last_iterations']:.3f}")
+    kl = summary["kl_last_iterations"]  # None: no reference pass (kl_coef 0)
+    print(f"  KL to reference, last {w} iter.    : {'-' if kl is None else f'{kl:.3f}'}")
     print(f"  iteration time / wall time        : {summary['mean_step_seconds']:.2f} s / "
           f"{summary['wall_seconds']:.0f} s")
 
@@ -599,7 +600,8 @@ class Trainer:
         if self.dashboard:
             self.dashboard.iteration(row)
             self.dashboard.worker_versions(versions, stats.adapter_version)
-        bar.set_postfix(reward=f"{row['reward_mean']:.3f}", kl=f"{stats.kl:.4f}", refresh=False)
+        kl = "-" if stats.kl is None else f"{stats.kl:.4f}"  # None: no reference pass
+        bar.set_postfix(reward=f"{row['reward_mean']:.3f}", kl=kl, refresh=False)
         if cfg.checkpoint_every and (it + 1) % cfg.checkpoint_every == 0:
             self.checkpoint(f"iter_{it + 1:05d}", index, it + 1, batch.cursor)
 

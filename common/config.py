@@ -228,6 +228,10 @@ class LearnerConfig:
     num_gpus: float = 0.0  # the learner trains on one GPU (a fraction shares it)
     resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory
+    # bfloat16 autocast of the learner's forward/backward matmuls on float32 weights (the LoRA
+    # weights and Adam moments stay float32; the probe check runs in float32): "auto" where the
+    # CPU (AVX512-BF16/AMX) or GPU multiplies bfloat16 natively, "bf16" anywhere, "off" never
+    autocast: Literal["auto", "bf16", "off"] = "off"
 
     def validate(self) -> None:
         check_gpus("learner.num_gpus", self.num_gpus)

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+# /proc/cpuinfo flags of CPUs with native bfloat16 matmuls (AVX512-BF16, AMX)
+CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+
 
 def model_dtype(dtype: str | None, gpu: bool) -> str:
     """model.dtype when set, else bfloat16 on a GPU and float32 on the CPU."""
@@ -36,3 +41,24 @@ def actor_device(dtype: str | None) -> tuple[str, str]:
     import torch
 
     return pick_device(ids, dtype, torch.cuda.is_available())
+
+
+def autocast_dtype(setting: str, device: str, dtype: str) -> str | None:
+    """The dtype of the learner's autocast matmuls (None: no autocast) for learner.autocast
+    `setting` on `device` with weights in `dtype`: "bf16" always (on float32 weights), "auto"
+    where the hardware multiplies bfloat16 natively, "off" never."""
+    if setting == "off" or dtype != "float32":
+        return None
+    if setting == "bf16" or native_bf16(device):
+        return "bfloat16"
+    return None
+
+
+def native_bf16(device: str) -> bool:
+    import torch
+
+    if device == "cuda":
+        return torch.cuda.is_bf16_supported()
+    cpuinfo = Path("/proc/cpuinfo")
+    flags = set(cpuinfo.read_text().split()) if cpuinfo.exists() else set()
+    return any(flag in flags for flag in CPU_BF16_FLAGS)

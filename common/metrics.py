@@ -61,7 +61,8 @@ def summarize(rows: list[dict], window: int = 10) -> dict[str, float]:
         "window": window,
         "initial_eval_reward": rows[0].get("eval_reward"),
         "initial_eval_greedy": rows[0].get("eval_greedy"),
-        "kl_last_iterations": mean("kl", rows[-window:]),
+        # no reference pass (kl_coef 0): no KL
+        "kl_last_iterations": None if rows[-1]["kl"] is None else mean("kl", rows[-window:]),
         "mean_step_seconds": mean("step_seconds", rows[1:] or rows),
         "mean_rollout_tokens_per_s": mean("rollout_tokens_per_s", rows[1:] or rows),
         "mean_sync_seconds": mean("sync_seconds", rows[1:] or rows),

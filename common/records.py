@@ -130,7 +130,9 @@ class TrainStats:
     """What one learner update reports; the driver adds rollout/reward figures around it."""
 
     adapter_version: int  # the version trained on; the learner is at adapter_version + 1 after
-    kl: float  # per-token KL(sampling policy || adapter-off reference), k3 on its own samples
+    # per-token KL(sampling policy || adapter-off reference), k3 on its own samples; None
+    # when the algorithm computes no reference (kl_coef 0)
+    kl: float | None
     policy_loss: float
     grad_norm: float
     logprob_diff_vllm: float  # mean |learner old logprob - vLLM logprob| over response tokens

@@ -131,8 +131,12 @@ def sft_batches(tokenizer, recipe: ModelRecipe, batch_size: int, seed: int):
 
 
 def warm_start(model, tokenizer, recipe: ModelRecipe, spec: TinyModelSpec) -> float:
-    """Short full-parameter SFT on the task's warm-start examples; returns the last loss."""
+    """Short full-parameter SFT on the task's warm-start examples; returns the last loss (NaN
+    with spec.sft_steps 0: the model stays at its random init)."""
     import torch
+
+    if spec.sft_steps == 0:
+        return float("nan")
 
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=spec.sft_lr, weight_decay=0.0)

@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from ..common.config import DEFAULT_MAX_BEHAVIOUR_WEIGHT, LoRAConfig
-from ..common.devices import actor_device, model_dtype
+from ..common.devices import actor_device, autocast_dtype, model_dtype
 from ..common.records import AdapterSnapshot, ProbeResult, ScoredRollout, TrainStats
 from .algorithms.off_policy import behaviour_weights
 from .algorithms.ppo import kl_penalty, masked_mean
@@ -30,13 +31,35 @@ class BatchContext:
 
     batch: TokenBatch
     scores: Tensor  # [B]
-    old_logp: Tensor  # [B, T], recomputed by the learner (exact for importance ratios)
+    # [B, T], the learner's own (exact for importance ratios): from a forward pass before the
+    # update, or, when the update is one step on the whole batch, from that step's own pass
+    old_logp: Tensor
+    old_logp_from_update: bool
     # [B, T] decoupled PPO's truncated pi_old / pi_vllm per token (off_policy.py); the mask
     # itself when every sample is on-policy (rollout.mode=sync)
     behaviour_weights: Tensor
-    ref_logp: Tensor  # [B, T], adapters disabled
-    logprob_gap: float  # mean |old_logp - vLLM logprob| over response tokens
-    kl: float  # per-token k3 KL(sampling policy || reference) on the batch's own samples
+    ref_logp: Tensor | None  # [B, T], adapters disabled; None when the algorithm needs none
+    vllm_logp: Tensor  # [B, T], what the rollout engine reported while sampling
+
+    def old_logp_of(self, rows: Tensor, logp: Tensor) -> Tensor:
+        """The old log-probs of batch `rows`, whose current log-probs are `logp`. In a one-step
+        update they are `logp` itself, detached (the ratio is 1 by construction, as in TRL's
+        GRPO), recorded here for the metrics."""
+        if self.old_logp_from_update:
+            self.old_logp[rows] = logp.detach()
+        return self.old_logp[rows]
+
+    @property
+    def logprob_gap(self) -> float:
+        """Mean |old_logp - vLLM logprob| over response tokens."""
+        return float(masked_mean((self.old_logp - self.vllm_logp).abs(), self.batch.mask))
+
+    @property
+    def kl(self) -> float | None:
+        """Per-token k3 KL(sampling policy || reference) on the batch's own samples."""
+        if self.ref_logp is None:
+            return None
+        return float(masked_mean(kl_penalty(self.old_logp, self.ref_logp, "k3"), self.batch.mask))
 
 
 # (micro-batch, its row indices in the batch) -> (loss, metrics)
@@ -53,11 +76,13 @@ class LearnerBase:
         self, model_path: str, lora: LoRAConfig, algo: AlgoConfig, *, dtype: str | None,
         seed: int, threads: int, pad_token_id: int, device: str | None = None,
         attn_implementation: str | None = None, gradient_checkpointing: bool = False,
-        max_staleness: int = 0, behaviour_weight_cap: float = DEFAULT_MAX_BEHAVIOUR_WEIGHT,
+        autocast: str = "off", max_staleness: int = 0,
+        behaviour_weight_cap: float = DEFAULT_MAX_BEHAVIOUR_WEIGHT,
     ) -> None:
-        """device None: the GPU Ray assigned this actor, else the CPU; dtype None: by device.
-        max_staleness: how many versions behind the learner a rollout's adapter may be
-        (rollout.staleness_bound; 0: on-policy only, no behaviour weights)."""
+        """device None: the GPU Ray assigned this actor, else the CPU; dtype None: by device;
+        autocast: learner.autocast; max_staleness: how many versions behind the learner a
+        rollout's adapter may be (rollout.staleness_bound; 0: on-policy only, no behaviour
+        weights)."""
         torch.set_num_threads(threads)
         self.algo = algo
         self.pad_id = pad_token_id
@@ -66,6 +91,7 @@ class LearnerBase:
             device, dtype = actor_device(dtype)
         self.model_path, self.lora = model_path, lora
         self.dtype = model_dtype(dtype, device != "cpu")
+        self.autocast_dtype = autocast_dtype(autocast, device, self.dtype)
         adapters = (POLICY, VALUE) if self.with_value else (POLICY,)
         self.net = PolicyValueModel(
             model_path, lora, DTYPES[self.dtype], seed, adapters, device, attn_implementation,
@@ -113,6 +139,12 @@ class LearnerBase:
         self.policy_opt = torch.optim.AdamW(self.policy_params, lr=lr, weight_decay=0)
 
     # -- shared pieces of an update -----------------------------------------------------------
+    def autocast(self) -> AbstractContextManager:
+        """Where the update's forward passes run: in bfloat16 autocast per learner.autocast."""
+        dtype = self.autocast_dtype
+        return torch.autocast(self.net.device.type, dtype=DTYPES[dtype or "bfloat16"],
+                              enabled=dtype is not None)
+
     @torch.no_grad()
     def prepare(self, scored: list[ScoredRollout]) -> BatchContext:
         stale = [s.rollout for s in scored
@@ -125,16 +157,21 @@ class LearnerBase:
                 f"{r.worker_id}, learner is at v{self.version}"
             )
         batch = collate_scored(scored, self.pad_id, self.net.device)
-        old_logp = self.net.logprobs(batch)
-        ref_logp = self.net.reference_logprobs(batch)
+        algo = self.algo
+        # one on-policy step on the whole batch: the update's own pass gives the old log-probs
+        # (decoupled PPO's proximal policy needs them first, so never under async)
+        one_step = (algo.epochs == 1 and algo.minibatch_size >= len(scored)
+                    and not algo.needs_old_logp_first and self.max_staleness == 0)
+        with self.autocast():
+            old_logp = torch.zeros_like(batch.mask) if one_step else self.net.logprobs(batch)
+            ref_logp = self.net.reference_logprobs(batch) if algo.uses_reference else None
         vllm_logp = padded([s.rollout.logprobs for s in scored], batch)
         weights = batch.mask if self.max_staleness == 0 else behaviour_weights(
             old_logp, vllm_logp, batch.mask, self.behaviour_weight_cap)
         return BatchContext(
             batch=batch, scores=torch.tensor([s.reward for s in scored], device=batch.mask.device),
-            old_logp=old_logp, behaviour_weights=weights, ref_logp=ref_logp,
-            logprob_gap=float(masked_mean((old_logp - vllm_logp).abs(), batch.mask)),
-            kl=float(masked_mean(kl_penalty(old_logp, ref_logp, "k3"), batch.mask)),
+            old_logp=old_logp, old_logp_from_update=one_step, behaviour_weights=weights,
+            ref_logp=ref_logp, vllm_logp=vllm_logp,
         )
 
     def minibatches(self, size: int):
@@ -144,12 +181,14 @@ class LearnerBase:
                 self.algo.minibatch_size
             )
 
-    def with_kl_loss(self, loss: Tensor, logp: Tensor, ref_logp: Tensor, mask: Tensor) -> Tensor:
-        """`loss` plus kl_coef * k3 KL to the reference when algo.kl_mode is "loss" (the
-        clipped-objective algorithms; with "reward" the KL shaped the rewards instead)."""
-        if self.algo.kl_mode != "loss":
+    def with_kl_loss(self, loss: Tensor, logp: Tensor, ctx: BatchContext, rows: Tensor,
+                     mask: Tensor) -> Tensor:
+        """`loss` plus kl_coef * k3 KL to the reference of batch `rows` when algo.kl_mode is
+        "loss" (the clipped-objective algorithms; with "reward" the KL shaped the rewards)."""
+        if self.algo.kl_mode != "loss" or not self.algo.uses_reference:
             return loss
-        return loss + self.algo.kl_coef * masked_mean(kl_penalty(logp, ref_logp, "k3"), mask)
+        kl = kl_penalty(logp, ctx.ref_logp[rows], "k3")
+        return loss + self.algo.kl_coef * masked_mean(kl, mask)
 
     def step(self, loss: Tensor, params: list, optimizer: torch.optim.Optimizer) -> Tensor:
         optimizer.zero_grad(set_to_none=True)
@@ -183,7 +222,8 @@ class LearnerBase:
         optimizer.zero_grad(set_to_none=True)
         totals: dict[str, Tensor] = {}
         for rows, share in self.micro_batches(batch, chunk):
-            loss, metrics = loss_of(batch.select(rows), rows)
+            with self.autocast():
+                loss, metrics = loss_of(batch.select(rows), rows)
             (loss * share).backward()
             for key, value in {"loss": loss, **metrics}.items():
                 value = share * value.detach()

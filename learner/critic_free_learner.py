@@ -25,8 +25,8 @@ from .algorithms.ppo import kl_penalty, masked_mean
 from .base import BatchContext, accumulate
 from .model import TokenBatch
 
-# (minibatch, its row indices, its policy log-probs) -> (loss, metrics)
-Objective = Callable[[TokenBatch, Tensor, Tensor], tuple[Tensor, dict[str, Tensor]]]
+# (minibatch, its row indices, its policy log-probs, their old log-probs) -> (loss, metrics)
+Objective = Callable[[TokenBatch, Tensor, Tensor, Tensor], tuple[Tensor, dict[str, Tensor]]]
 
 
 def group_rewards(scored: list[ScoredRollout]) -> Tensor:
@@ -58,7 +58,7 @@ class CriticFreeLearner(Learner):
 
         def loss_of(mb, rows):
             logp, entropy = self.net.logprobs(mb, with_entropy=True)
-            loss, metrics = objective(mb, rows, logp)
+            loss, metrics = objective(mb, rows, logp, ctx.old_logp_of(rows, logp))
             return loss, {"entropy": masked_mean(entropy, mb.mask), **metrics}
 
         totals: dict[str, float] = {}
@@ -72,8 +72,8 @@ class CriticFreeLearner(Learner):
         return self.finish(ctx, totals, start, **extra)
 
     def objective(self, ctx: BatchContext, rewards: Tensor) -> tuple[Objective, dict[str, float]]:
-        """The minibatch loss `(mb, chunk, logp) -> (loss, metrics)` for this batch, and
-        per-update metrics; rewards: [prompts, n]."""
+        """The minibatch loss `(mb, chunk, logp, old_logp) -> (loss, metrics)` for this batch,
+        and per-update metrics; rewards: [prompts, n]."""
         raise NotImplementedError
 
     def fit_normalizer(self, mb: TokenBatch, rewards: Tensor) -> dict[str, Tensor]:
@@ -90,17 +90,17 @@ class GroupBaselineLearner(CriticFreeLearner):
 
     def objective(self, ctx: BatchContext, rewards: Tensor) -> tuple[Objective, dict[str, float]]:
         algo = self.algo
-        if algo.kl_mode == "reward":  # RLOO-style: the sequence KL lowers the score
+        if algo.needs_old_logp_first:  # RLOO-style: the sequence KL lowers the score
             seq_kl = (kl_penalty(ctx.old_logp, ctx.ref_logp, "k1") * ctx.batch.mask).sum(-1)
             rewards = rewards - algo.kl_coef * seq_kl.view_as(rewards)
         advantages = self.advantages(rewards).reshape(-1)
 
-        def objective(mb, chunk, logp):
+        def objective(mb, chunk, logp, old_logp):
             loss, clip_frac, approx_kl = sequence_advantage_loss(
-                logp, ctx.old_logp[chunk], advantages[chunk], mb.mask, algo.clip_eps,
+                logp, old_logp, advantages[chunk], mb.mask, algo.clip_eps,
                 ctx.behaviour_weights[chunk],
             )
-            loss = self.with_kl_loss(loss, logp, ctx.ref_logp[chunk], mb.mask)
+            loss = self.with_kl_loss(loss, logp, ctx, chunk, mb.mask)
             return loss, {"clip_fraction": clip_frac, "approx_kl": approx_kl}
 
         return objective, {}
@@ -129,7 +129,7 @@ class WeightedSFTLearner(CriticFreeLearner):
         weights = self.sample_weights(ctx, rewards)
         length_normalize = self.algo.length_normalize
 
-        def objective(mb, chunk, logp):
+        def objective(mb, chunk, logp, old_logp):
             return weighted_nll(logp, mb.mask, weights[chunk], length_normalize), {}
 
         return objective, {"weight_max": float(weights.max())}

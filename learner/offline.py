@@ -10,7 +10,8 @@ from .model import collate
 
 
 class OfflineStagesMixin:
-    """Uses the learner core's net, pad_id, policy_params, policy_opt, step and version."""
+    """Uses the learner core's net, pad_id, policy_params, policy_opt, autocast, step and
+    version."""
 
     def sft_step(self, examples: list[SFTExample]) -> OfflineStats:
         """Token-mean negative log-likelihood of the responses under the policy adapter."""
@@ -18,7 +19,8 @@ class OfflineStagesMixin:
             [e.prompt_ids for e in examples], [e.response_ids for e in examples], self.pad_id,
             self.net.device,
         )
-        loss = -masked_mean(self.net.logprobs(batch), batch.mask)
+        with self.autocast():
+            loss = -masked_mean(self.net.logprobs(batch), batch.mask)
         grad_norm = self.step(loss, self.policy_params, self.policy_opt)
         self.version += 1
         return OfflineStats(self.version, loss.item(), float(grad_norm), len(examples))
@@ -30,8 +32,9 @@ class OfflineStagesMixin:
             [p.chosen_ids for p in pairs] + [p.rejected_ids for p in pairs], self.pad_id,
             self.net.device,
         )
-        seq_logp = (self.net.logprobs(batch) * batch.mask).sum(-1)
-        ref_seq_logp = (self.net.reference_logprobs(batch) * batch.mask).sum(-1)
+        with self.autocast():
+            seq_logp = (self.net.logprobs(batch) * batch.mask).sum(-1)
+            ref_seq_logp = (self.net.reference_logprobs(batch) * batch.mask).sum(-1)
         n = len(pairs)
         loss, margin = dpo_loss(
             seq_logp[:n], seq_logp[n:], ref_seq_logp[:n], ref_seq_logp[n:], beta

@@ -33,10 +33,13 @@ class PPOLearner(Learner):
         algo = self.algo
         ctx = self.prepare(scored)
         mask = ctx.batch.mask
-        with torch.no_grad():
+        with torch.no_grad(), self.autocast():
             old_values = self.net.values(ctx.batch)
-            kl_in_reward = algo.kl_coef if algo.kl_mode == "reward" else 0.0
-            kl_old = kl_penalty(ctx.old_logp, ctx.ref_logp, "k1")
+        with torch.no_grad():
+            if algo.needs_old_logp_first:
+                kl_old, kl_in_reward = kl_penalty(ctx.old_logp, ctx.ref_logp, "k1"), algo.kl_coef
+            else:  # no KL in the rewards
+                kl_old, kl_in_reward = torch.zeros_like(mask), 0.0
             rewards = token_rewards(ctx.scores, kl_old, mask, kl_in_reward)
             advantages, returns = gae_advantages(rewards, old_values, mask, algo.gamma, algo.lam)
             if algo.whiten_advantages:
@@ -46,9 +49,9 @@ class PPOLearner(Learner):
         def policy_loss(mb, rows):
             logp, entropy = self.net.logprobs(mb, with_entropy=True)
             pg_loss, clip_frac, approx_kl = ppo_policy_loss(
-                logp, ctx.old_logp[rows], advantages[rows], mb.mask, algo.clip_eps
+                logp, ctx.old_logp_of(rows, logp), advantages[rows], mb.mask, algo.clip_eps
             )
-            loss = self.with_kl_loss(pg_loss, logp, ctx.ref_logp[rows], mb.mask)
+            loss = self.with_kl_loss(pg_loss, logp, ctx, rows, mb.mask)
             return loss, {"policy_loss": pg_loss, "entropy": masked_mean(entropy, mb.mask),
                           "clip_fraction": clip_frac, "approx_kl": approx_kl}
 

@@ -96,6 +96,18 @@ class AlgoConfig:
     def check_run(self, rollout: RolloutConfig) -> None:
         """Checks that need the run's other sections (called by the run config's validate)."""
 
+    @property
+    def uses_reference(self) -> bool:
+        """Whether the learner computes the adapter-off reference log-probs of each batch (a
+        forward pass): for the KL term, and where there is none (spr, best_of_n) to log it."""
+        return True
+
+    @property
+    def needs_old_logp_first(self) -> bool:
+        """Whether the old log-probs shape the rewards before the update's first forward pass
+        (then they cannot come from that pass)."""
+        return False
+
     def learner(self) -> str:
         """The learner, as "module:Class" in lorafleet.learner, that runs this config."""
         return algorithm(self.name).learner
@@ -115,6 +127,14 @@ class ClippedObjectiveConfig(AlgoConfig):
     # grpo/rloo the sequence sum is subtracted from the score before the group baseline);
     # "loss": kl_coef * k3 added to the policy loss (GRPO-style), rewards left unshaped.
     kl_mode: Literal["reward", "loss"] = "reward"
+
+    @property
+    def uses_reference(self) -> bool:
+        return self.kl_coef != 0  # the KL term is the reference's only use here
+
+    @property
+    def needs_old_logp_first(self) -> bool:
+        return self.kl_mode == "reward" and self.kl_coef != 0
 
 
 @dataclass

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from lorafleet.common.metrics import response_lengths
+from lorafleet.common.metrics import response_lengths, summarize
 from lorafleet.common.records import Prompt, Rollout
 
 
@@ -17,3 +17,12 @@ def test_response_lengths_and_truncated_share():
         "response_tokens": 9, "response_length_mean": 2.25, "response_length_max": 3,
         "truncated_fraction": 0.5,
     }
+
+
+def test_summary_without_a_reference_has_no_kl():
+    """kl_coef 0: the learner makes no reference pass and logs kl None."""
+    rows = [{"reward_mean": 0.5, "kl": kl, "step_seconds": 1.0, "rollout_tokens_per_s": 9.0,
+             "sync_seconds": 0.1} for kl in (None, None)]
+    assert summarize(rows)["kl_last_iterations"] is None
+    rows = [r | {"kl": 0.25} for r in rows]
+    assert summarize(rows)["kl_last_iterations"] == 0.25

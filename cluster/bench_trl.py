@@ -1,0 +1,291 @@
+"""`lorafleet bench vs-trl`: TRL's GRPOTrainer against lorafleet's GRPO on this machine, in one
+run, at two scales: the embedded model with the default answer length, and a ~27M-parameter
+random-init Llama (the embedded recipe at a larger shape, no warm start) with 64-token
+responses.
+
+Both sides train the same model on the same task prompts with the same reward function, 64
+prompts x 4 samples per step, LoRA r8 on every projection, AdamW at a constant lr 1e-3, grad-norm
+clip 1.0, clip eps 0.2, the k3 KL to the adapter-off reference in the loss (coefficient 0.02,
+TRL's beta), one epoch of one minibatch per step, a token-mean loss (TRL's loss_type "dapo"),
+and the same learner precision (`--autocast`: lorafleet's learner.autocast; TRL's bf16 flag,
+accelerate's CPU autocast). TRL runs in a subprocess from its own install (pip --target in the
+cache, --no-deps on top of this environment: its pins would pull another torch and vLLM).
+
+Prints per scale: samples/s in steady state, whole-command time, command -> first step, the
+reward-per-sample curves, the learner's achieved GFLOP/s (an update on a batch of the scale's
+shape, FLOPs counted by torch) next to this machine's measured float32 and bfloat16 matmul
+peaks. Nothing is asserted; TRL is not a dependency and CI does not run this.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from ..common.cache import cache_root
+from ..common.devices import native_bf16
+from ..common.run_dir import RunDir
+
+TRL_VERSION = "1.16.0"
+PROMPTS, SAMPLES = 64, 4
+LR, KL_COEF, CLIP_EPS = 1e-3, 0.02, 0.2
+LORA = dict(rank=8, alpha=16.0, target_modules=[
+    "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+
+
+@dataclass(frozen=True)
+class Scale:
+    max_new_tokens: int
+    steps: int
+    warmup: int  # first steps left out of the steady-state rate (engine and allocator warm-up)
+    model_overrides: tuple[str, ...] = ()  # model.tiny.* keys: the embedded recipe's shape
+
+
+SCALES = {
+    "small": Scale(max_new_tokens=6, steps=20, warmup=2),
+    "large": Scale(max_new_tokens=64, steps=4, warmup=1, model_overrides=(
+        "model.tiny.hidden_size=512", "model.tiny.num_layers=8", "model.tiny.num_heads=8",
+        "model.tiny.intermediate_size=1536", "model.tiny.sft_steps=0")),
+}
+
+
+def lorafleet_overrides(scale: Scale, seed: int, autocast: str, run_dir: Path) -> list[str]:
+    return [
+        f"run_dir={run_dir}", f"seed={seed}", f"iterations={scale.steps}",
+        f"prompts_per_iteration={PROMPTS}", "eval_every=0", "checkpoint_every=0",
+        f"rollout.samples_per_prompt={SAMPLES}", f"rollout.max_new_tokens={scale.max_new_tokens}",
+        "algo.name=grpo", "algo.epochs=1", f"algo.minibatch_size={PROMPTS * SAMPLES}",
+        f"algo.policy_lr={LR}", f"algo.kl_coef={KL_COEF}", "algo.kl_mode=loss",
+        f"algo.clip_eps={CLIP_EPS}", f"lora.rank={LORA['rank']}", f"lora.alpha={LORA['alpha']}",
+        f"learner.autocast={autocast}", *scale.model_overrides,
+    ]
+
+
+# -- lorafleet ---------------------------------------------------------------------------------
+def run_lorafleet(overrides: list[str], run_dir: Path) -> dict:
+    """`lorafleet train` as its own process: whole-command time, command -> first iteration
+    (when its metrics row appears, less the iteration's own seconds), steady rows."""
+    start = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "lorafleet.cluster.cli", "train", *overrides])
+    first_row_at = None
+    while proc.poll() is None:
+        if first_row_at is None and RunDir(run_dir).metrics.exists():
+            first_row_at = time.perf_counter() - start
+        time.sleep(0.2)
+    seconds = time.perf_counter() - start
+    if proc.returncode:
+        raise RuntimeError(f"lorafleet train failed (exit {proc.returncode}): {overrides}")
+    from ..common.metrics import read_metrics
+
+    rows = read_metrics(RunDir(run_dir))
+    return dict(
+        command_seconds=seconds, first_step_seconds=first_row_at - rows[0]["step_seconds"],
+        step_seconds=[r["step_seconds"] for r in rows], samples=[r["samples"] for r in rows],
+        reward=[r["reward_mean"] for r in rows],
+        train_seconds=[r["train_seconds"] for r in rows],
+        generate_tokens_per_s=[r["rollout_tokens_per_s"] for r in rows],
+    )
+
+
+# -- TRL -----------------------------------------------------------------------------------------
+def trl_target() -> Path:
+    """TRL installed once into the cache, without its dependencies (see the module doc)."""
+    target = cache_root() / f"trl-{TRL_VERSION}"
+    if not (target / "trl").exists():
+        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
+                        "--target", str(target), f"trl=={TRL_VERSION}"], check=True)
+    return target
+
+
+def run_trl(spec: dict) -> dict:
+    """TRL's side in a subprocess (`python -m lorafleet.cluster.bench_trl SPEC_JSON`)."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (str(trl_target()), env.get("PYTHONPATH")) if p)
+    start = time.perf_counter()
+    out = Path(spec["output_dir"]) / "trl_result.json"
+    spec = spec | {"launched_at": time.time()}  # wall clock: read in the other process
+    subprocess.run([sys.executable, "-m", "lorafleet.cluster.bench_trl", json.dumps(spec)],
+                   env=env, check=True)
+    result = json.loads(out.read_text())
+    return result | {"command_seconds": time.perf_counter() - start}
+
+
+def trl_main(spec: dict) -> None:
+    """Runs in TRL's process: GRPOTrainer with the shared settings, timed per step."""
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    from ..common.tasks.registry import TaskConfig, build_task
+    from ..reward.registry import get_reward_fn
+
+    torch.set_num_threads(spec["threads"])
+    task = TaskConfig()
+    examples = build_task(task).examples("train")
+    dataset = Dataset.from_list([{"prompt": e.prompt, **e.reward_columns()} for e in examples])
+    step_ends, rewards = [], []
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            step_ends.append(time.perf_counter())
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "reward" in logs:
+                rewards.append(logs["reward"])
+
+    args = GRPOConfig(
+        output_dir=spec["output_dir"], max_steps=spec["steps"], seed=spec["seed"],
+        per_device_train_batch_size=PROMPTS * SAMPLES, num_generations=SAMPLES,
+        max_completion_length=spec["max_new_tokens"], temperature=1.0,
+        learning_rate=LR, lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=1.0,
+        beta=KL_COEF, epsilon=CLIP_EPS, num_iterations=1, loss_type="dapo",
+        use_cpu=True, bf16=spec["bf16"], logging_steps=1, save_strategy="no", report_to=[],
+        disable_tqdm=True, dataloader_num_workers=0,
+    )
+    peft_config = LoraConfig(r=LORA["rank"], lora_alpha=LORA["alpha"], lora_dropout=0.0,
+                             target_modules=LORA["target_modules"], task_type="CAUSAL_LM")
+    trainer = GRPOTrainer(model=spec["model"], reward_funcs=get_reward_fn(task.reward_fn),
+                          args=args, train_dataset=dataset, peft_config=peft_config,
+                          callbacks=[Clock()])
+    first_step_seconds = time.time() - spec["launched_at"]
+    train_start = time.perf_counter()
+    trainer.train()
+    steps = [b - a for a, b in zip([train_start, *step_ends], step_ends, strict=False)]
+    result = dict(step_seconds=steps, samples=[PROMPTS * SAMPLES] * len(steps), reward=rewards,
+                  first_step_seconds=first_step_seconds)
+    (Path(spec["output_dir"]) / "trl_result.json").write_text(json.dumps(result))
+
+
+# -- the learner's FLOP rate and the machine's matmul peak ------------------------------------
+def matmul_gflops(dtype: str, threads: int, n: int = 2048, repeats: int = 5) -> float:
+    import torch
+
+    torch.set_num_threads(threads)
+    a, b = (torch.randn(n, n).to(getattr(torch, dtype)) for _ in range(2))
+    a @ b  # warm-up
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return 2 * n**3 * repeats / (time.perf_counter() - start) / 1e9
+
+
+def learner_gflops(cfg, model_path: str, response_tokens: int, steps: int = 3) -> dict:
+    """One GRPO update as the run's learner makes it (same config, threads, autocast) on a
+    batch of the scale's shape: torch's FLOP count of the update over its median time."""
+    from torch.utils.flop_counter import FlopCounterMode
+    from transformers import AutoTokenizer
+
+    from ..common.data import pad_token_id
+    from ..learner.algorithms.registry import learner_class
+    from .bench_memory import BenchSetup, random_scored_batch
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    learner = learner_class(cfg.algo)(
+        model_path, cfg.lora, cfg.algo, dtype=cfg.model.dtype, seed=0,
+        threads=cfg.learner.threads, pad_token_id=pad_token_id(tokenizer),
+        autocast=cfg.learner.autocast,
+    )
+    setup = BenchSetup(prompts=PROMPTS, samples=SAMPLES, prompt_tokens=6,
+                       response_tokens=response_tokens)
+    params = sum(p.numel() for p in learner.net.model.get_base_model().parameters())
+
+    def update() -> float:
+        batch = random_scored_batch(setup, learner.version, len(tokenizer))
+        start = time.perf_counter()
+        learner.train_step(batch)
+        return time.perf_counter() - start
+
+    with FlopCounterMode(display=False) as counter:
+        update()
+    seconds = statistics.median(update() for _ in range(steps))
+    flops = counter.get_total_flops()
+    return dict(params=params, gflop=flops / 1e9, seconds=seconds, gflops=flops / seconds / 1e9,
+                autocast=learner.autocast_dtype or "float32")
+
+
+# -- the benchmark -------------------------------------------------------------------------------
+def bench_vs_trl(path: str | None, overrides: list[str], scales: list[str], seeds: list[int],
+                 autocast: str, out: str, reprint: bool = False) -> dict:
+    """Runs the benchmark into `out`; `reprint`: prints the tables of the run saved there."""
+    from .config import load_train_config
+    from .fleet import resolve_model
+
+    out_dir = Path(out).resolve()
+    if reprint:
+        results = json.loads((out_dir / "vs_trl.json").read_text())
+        for name, scale in results["scales"].items():
+            print_scale(name, Scale(**scale["scale"]), scale["runs"], scale["learner"], results)
+        return results
+    bf16 = autocast == "bf16" or (autocast == "auto" and native_bf16("cpu"))
+    autocast = "bf16" if bf16 else "off"  # both sides alike
+    results: dict = {"autocast": autocast, "seeds": seeds, "scales": {}}
+    threads = os.cpu_count() or 1
+    results["peak_gflops"] = {d: matmul_gflops(d, threads) for d in ("float32", "bfloat16")}
+    for name in scales:
+        scale = SCALES[name]
+        runs = []
+        for seed in seeds:
+            run_dir = out_dir / f"lorafleet-{name}-seed{seed}"
+            keys = lorafleet_overrides(scale, seed, autocast, run_dir) + list(overrides)
+            cfg = load_train_config(path, keys)
+            model_path = str(resolve_model(cfg))  # builds the large model once, before timing
+            trl_dir = out_dir / f"trl-{name}-seed{seed}"
+            trl_dir.mkdir(parents=True, exist_ok=True)
+            theirs = run_trl(dict(
+                model=model_path, steps=scale.steps, seed=seed, bf16=bf16, threads=threads,
+                max_new_tokens=scale.max_new_tokens, output_dir=str(trl_dir)))
+            ours = run_lorafleet(keys, run_dir)
+            runs.append({"seed": seed, "lorafleet": ours, "trl": theirs})
+        learner = learner_gflops(cfg, model_path, scale.max_new_tokens)
+        results["scales"][name] = {"scale": asdict(scale), "runs": runs, "learner": learner}
+        print_scale(name, scale, runs, learner, results)
+    (out_dir / "vs_trl.json").write_text(json.dumps(results, indent=1))
+    return results
+
+
+def steady_rate(side: dict, warmup: int) -> float:
+    """Samples per second of the median step after the warm-up ones (a median: one step slowed
+    by another process on a shared machine does not count)."""
+    return statistics.median(side["samples"][warmup:]) / statistics.median(
+        side["step_seconds"][warmup:])
+
+
+def print_scale(name: str, scale: Scale, runs: list[dict], learner: dict, results: dict) -> None:
+    def figures(key, side):
+        return [run[side][key] if key in run[side] else steady_rate(run[side], scale.warmup)
+                for run in runs]
+
+    def spread(values) -> str:
+        return f"{min(values):.1f}-{max(values):.1f}" if len(values) > 1 else f"{values[0]:.1f}"
+
+    peak = results["peak_gflops"]
+    print(f"\nvs TRL {TRL_VERSION}, {name} scale: {learner['params'] / 1e6:.1f}M-param model, "
+          f"{PROMPTS} prompts x {SAMPLES} samples x <= {scale.max_new_tokens} new tokens, "
+          f"{scale.steps} steps, learner autocast {results['autocast']}, seeds {results['seeds']}")
+    print(f"  {'':34}{'TRL':>14}{'lorafleet':>14}{'ratio':>10}")
+    for label, key in (("samples/s (steady)", "rate"), ("whole command (s)", "command_seconds"),
+                       ("command -> first step (s)", "first_step_seconds")):
+        trl, ours = figures(key, "trl"), figures(key, "lorafleet")
+        ratio = statistics.mean(ours) / statistics.mean(trl)
+        ratio = ratio if key == "rate" else 1 / ratio  # > 1: lorafleet better
+        print(f"  {label:34}{spread(trl):>14}{spread(ours):>14}{ratio:>9.2f}x")
+    for run in runs:
+        for side in ("trl", "lorafleet"):
+            curve = " ".join(f"{r:.2f}" for r in run[side]["reward"])
+            print(f"  reward per sample, {side:9} seed {run['seed']}: {curve}")
+    print(f"  learner update ({learner['autocast']}): {learner['gflop']:.0f} GFLOP in "
+          f"{learner['seconds']:.1f} s = {learner['gflops']:.0f} GFLOP/s; matmul peak here: "
+          f"float32 {peak['float32']:.0f}, bfloat16 {peak['bfloat16']:.0f} GFLOP/s")
+
+
+if __name__ == "__main__":
+    trl_main(json.loads(sys.argv[1]))
