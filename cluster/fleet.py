@@ -305,7 +305,7 @@ def start_fleet(
     )
     rollout = ActorGroup.start(
         rollout_spec, placement, model_path, dtype=cfg.model.dtype,
-        max_model_len=cfg.model.max_model_len, max_lora_rank=cfg.lora.rank, seed=cfg.seed,
+        max_model_len=cfg.model.max_model_len, max_lora_rank=cfg.served_lora_rank, seed=cfg.seed,
         kv_cache_gib=cfg.rollout.kv_cache_gib, threads=cfg.rollout.threads_per_worker,
         tensor_parallel_size=cfg.rollout.tensor_parallel_size,
         gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,

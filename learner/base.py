@@ -4,6 +4,7 @@ offline stages, the reward adapter and checkpoints are mixins of the actor (acto
 
 from __future__ import annotations
 
+import resource
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -99,6 +100,13 @@ class LearnerBase:
                 )
             worst = max(worst, gap)
         return worst
+
+    def peak_memory_mib(self) -> float:
+        """The learner's peak memory so far: CUDA's max allocated on a GPU, else the actor
+        process's peak RSS (Linux reports ru_maxrss in KiB)."""
+        if self.net.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.net.device) / 2**20
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
     def start_stage(self, lr: float) -> None:
         """A fresh policy optimiser: each stage (sft, dpo, rl) starts its own Adam moments."""

@@ -3,10 +3,12 @@ minibatch, on the policy adapter."""
 
 from __future__ import annotations
 
+from torch import Tensor
+
 from ..common.records import OfflineStats, PreferencePair, SFTExample
 from .algorithms.critic_free import dpo_loss
 from .algorithms.ppo import masked_mean
-from .model import collate
+from .model import TokenBatch, collate
 
 
 class OfflineStagesMixin:
@@ -18,10 +20,14 @@ class OfflineStagesMixin:
             [e.prompt_ids for e in examples], [e.response_ids for e in examples], self.pad_id,
             self.net.device,
         )
-        loss = -masked_mean(self.net.logprobs(batch), batch.mask)
-        grad_norm = self.step(loss, self.policy_params, self.policy_opt)
+        return self.nll_step(batch, self.net.logprobs(batch), self.policy_params, self.policy_opt)
+
+    def nll_step(self, batch: TokenBatch, logp: Tensor, params: list, optimizer) -> OfflineStats:
+        """One step on the responses' token-mean negative log-likelihood (`logp`: [B, T])."""
+        loss = -masked_mean(logp, batch.mask)
+        grad_norm = self.step(loss, params, optimizer)
         self.version += 1
-        return OfflineStats(self.version, loss.item(), float(grad_norm), len(examples))
+        return OfflineStats(self.version, loss.item(), float(grad_norm), len(batch.mask))
 
     def dpo_step(self, pairs: list[PreferencePair], beta: float) -> OfflineStats:
         """DPO against the adapter-off reference: chosen and rejected rows in one forward."""
