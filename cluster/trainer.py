@@ -38,6 +38,7 @@ from ..common.run_dir import RunDir
 from ..common.tasks.registry import build_task
 from ..reward.normalize import RunningMoments, normalize_rewards
 from ..reward.pool import RewardPool, drop_failed_groups
+from ..rollout.worker import POLICY, level_slot
 from .actor_group import is_actor
 from .checkpoint import ResumeError, TrainerState, latest_checkpoint, rewind
 from .config import TrainConfig
@@ -199,6 +200,9 @@ class Trainer:
         self.level_prompts = [
             control_text_prompts(cfg, tokenizer, text) for text in cfg.meet.control_texts
         ] if "meet" in cfg.stages else []
+        # meet.control=lora: the level adapters the rollout workers serve beside the policy
+        self.served_levels = (len(level_counts(self.stage_data["meet"].items))
+                              if "meet" in cfg.stages and cfg.meet.control == "lora" else 0)
         self.stream = PromptStream(train, cfg.seed)
         # -- the run directory, created only once the inputs are known good (a failed start
         # leaves no half run), and where the run stands
@@ -231,7 +235,8 @@ class Trainer:
             if connect_ray(cfg):
                 stack.callback(ray.shutdown)
             self.fleet = start_fleet(
-                cfg, self.model_path, pad_token_id(tokenizer), probe_ids, self.reward_spec
+                cfg, self.model_path, pad_token_id(tokenizer), probe_ids, self.reward_spec,
+                served_levels=self.served_levels,
             )
             stack.callback(self.fleet.kill)
             self.dashboard = None
@@ -293,11 +298,13 @@ class Trainer:
             rm_steps = self.rm_eval["steps"] if self.rm_eval and row["stage"] != "rm" else 0
             self.wandb.log(row, step + rm_steps)
 
-    def evaluate(self, prompts: list[Prompt] | None = None) -> dict[str, float]:
-        """Held-out prompts (or `prompts`): mean reward of samples drawn as in training (the
-        quantity RL maximises), and of greedy answers (accuracy); with a reward model also each
-        part; plus the task's own metrics of the greedy answers (NLU: each task's official
-        metrics and invalid-answer rate)."""
+    def evaluate(
+        self, prompts: list[Prompt] | None = None, slot: str = POLICY
+    ) -> dict[str, float]:
+        """Held-out prompts (or `prompts`) under the served adapter of `slot`: mean reward of
+        samples drawn as in training (the quantity RL maximises), and of greedy answers
+        (accuracy); with a reward model also each part; plus the task's own metrics of the
+        greedy answers (NLU: each task's official metrics and invalid-answer rate)."""
         rollout = self.cfg.rollout
         result = {}
         for key, n, temperature in (
@@ -305,7 +312,8 @@ class Trainer:
             ("eval_greedy", 1, 0.0),
         ):
             scored = self.score(self.fleet.generate(
-                prompts or self.held_out, n=n, temperature=temperature, seed=self.cfg.seed
+                prompts or self.held_out, n=n, temperature=temperature, seed=self.cfg.seed,
+                slot=slot,
             ))
             result[key] = mean([s.reward for s in scored])
             if self.cfg.uses_reward_model:
@@ -414,9 +422,9 @@ class Trainer:
     def run_meet_stage(self, data: LoadedDataset, index: int) -> dict:
         """Stage 1 (each level's control alone), then stage 2 (the controls with the shared
         policy LoRA), each on shuffled minibatches of every level's rows; then every level's
-        held-out evaluation, the best level's last: the policy the later stages continue
-        from. Returns the best level's evaluation with each level's mean reward, sampled and
-        greedy (`meet/level{k}_sampled`, `meet/level{k}_greedy`)."""
+        held-out evaluation, and the best level's adapter becomes the policy the later stages
+        continue from. Returns the best level's evaluation with each level's mean reward,
+        sampled and greedy (`meet/level{k}_sampled`, `meet/level{k}_greedy`)."""
         import ray
 
         meet, learner = self.cfg.meet, self.fleet.learner
@@ -441,13 +449,13 @@ class Trainer:
                 self.log({"stage": "meet", "phase": phase, "step": step, "epoch": epoch,
                           **vars(stats)}, stats.adapter_version)
                 bar.set_postfix(loss=f"{stats.loss:.4f}", refresh=False)
-        per_level = {}
-        for level in [k for k in range(levels) if k != best] + [best]:
-            if meet.control == "lora":
-                ray.get(learner.use_level.remote(level))
-            self.fleet.sync_adapter()
-            per_level[level] = self.evaluate(self.level_prompts[level] if self.level_prompts
-                                             else None)
+        if meet.control == "lora":  # every level served at once, each chosen per request
+            self.fleet.sync_levels(levels)
+            per_level = {k: self.evaluate(slot=level_slot(k)) for k in range(levels)}
+            ray.get(learner.use_level.remote(best))
+        else:  # the policy, each level's control text leading the prompts
+            per_level = {k: self.evaluate(self.level_prompts[k]) for k in range(levels)}
+        self.fleet.sync_adapter()
         return {**per_level[best], **{
             f"meet/level{k}_{kind}": per_level[k][key] for k in range(levels)
             for kind, key in (("sampled", "eval_reward"), ("greedy", "eval_greedy"))

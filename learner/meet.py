@@ -4,7 +4,8 @@ Adapters beside the policy: `control0` .. `control{K-1}` (one LoRA per quality l
 `shared` (the policy LoRA that stage 2 trains with them). A response of level k trains under
 control k (stage 1) or control k and `shared` together (stage 2). The policy the fleet serves
 for level k is one LoRA holding both side by side (`side_by_side`), so publishing, the probe
-check and the later stages work on it unchanged.
+check and the later stages work on it unchanged; the K levels' LoRAs are also served at once
+(`publish_level`), each verified by the probe against the learner's own control + shared.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from dataclasses import replace
 import torch
 from torch import Tensor
 
-from ..common.records import OfflineStats, SFTExample
+from ..common.records import AdapterSnapshot, OfflineStats, ProbeResult, SFTExample
 from .model import POLICY, collate
 
 SHARED = "shared"
@@ -77,21 +78,42 @@ class MeetMixin:
             param.requires_grad_(True)
         return self.nll_step(batch, logp, self.meet_params, self.meet_opt)
 
-    @torch.no_grad()
-    def use_level(self, level: int) -> int:
-        """Make the policy adapter level `level`'s control and the shared LoRA side by side
-        (rank: control + shared); returns the new adapter version."""
-        from peft import get_peft_model_state_dict, set_peft_model_state_dict
+    def level_lora(self, level: int) -> tuple[dict[str, Tensor], int]:
+        """Level `level`'s served LoRA (PEFT tensor names, scale 1) and its rank."""
+        from peft import get_peft_model_state_dict
 
         model = self.net.model
         parts = [(get_peft_model_state_dict(model, adapter_name=name),
                   model.peft_config[name].lora_alpha / model.peft_config[name].r)
                  for name in (control_name(level), SHARED)]
         rank = model.peft_config[control_name(level)].r + model.peft_config[SHARED].r
+        return side_by_side(*parts[0], *parts[1]), rank
+
+    def publish_level(self, level: int) -> AdapterSnapshot:
+        """Level `level`'s served LoRA, for a rollout worker to hold beside the policy
+        (stamped with the policy's version: it is what the controls are at now)."""
+        tensors, rank = self.level_lora(level)
+        config = {**self.publish().peft_config, "r": rank, "lora_alpha": float(rank)}
+        tensors = {k: v.detach().to("cpu", copy=True) for k, v in tensors.items()}
+        return AdapterSnapshot(version=self.version, peft_config=config, tensors=tensors)
+
+    def check_level_probe(self, results: list[ProbeResult], tolerance: float, level: int) -> float:
+        """`check_probe` of workers serving level `level`'s LoRA, against the learner's own
+        control and shared adapters together (HF + PEFT, not the side-by-side copy)."""
+        return self.check_probe(results, tolerance, adapters=[control_name(level), SHARED])
+
+    @torch.no_grad()
+    def use_level(self, level: int) -> int:
+        """Make the policy adapter level `level`'s served LoRA (the later stages continue from
+        it); returns the new adapter version."""
+        from peft import set_peft_model_state_dict
+
+        tensors, rank = self.level_lora(level)
+        model = self.net.model
         if model.peft_config[POLICY].r != rank:
             model.delete_adapter(POLICY)
             self.net.add_adapter(POLICY, replace(self.lora, rank=rank, alpha=float(rank)))
             self.policy_params = self.net.adapter_parameters(POLICY)
-        set_peft_model_state_dict(model, side_by_side(*parts[0], *parts[1]), adapter_name=POLICY)
+        set_peft_model_state_dict(model, tensors, adapter_name=POLICY)
         self.version += 1
         return self.version
