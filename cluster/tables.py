@@ -36,10 +36,11 @@ def plot(results: dict[str, dict[str, float]], path: Path) -> None:
     keys = [k for k in metric_rows(results)
             if not k.endswith("/invalid_rate") and not k.startswith(COST_PREFIX)]
     width = 0.8 / len(results)
-    fig, ax = plt.subplots(figsize=(max(5.0, 1.6 * len(keys) * len(results) / 2), 3.5))
+    fig, ax = plt.subplots(figsize=(min(16.0, max(5.0, 0.8 * len(keys) * len(results))), 3.5))
     for i, (setting, metrics) in enumerate(results.items()):
-        xs = [j + i * width for j in range(len(keys))]
-        ys = [metrics.get(k, 0.0) for k in keys]
+        present = [j for j, k in enumerate(keys) if k in metrics]  # no bar for "—"
+        xs = [j + i * width for j in present]
+        ys = [metrics[keys[j]] for j in present]
         bars = ax.bar(xs, ys, width, label=setting)
         ax.bar_label(bars, fmt="%.2f", fontsize=7)
     ax.set_xticks([j + width * (len(results) - 1) / 2 for j in range(len(keys))], keys)
