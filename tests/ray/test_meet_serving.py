@@ -57,8 +57,7 @@ def test_level_adapters_served_at_once_match_hf_peft(tiny_model_path, tokenizer)
         slot = level_slot(level)
         probe = engine.probe([p.token_ids for p in prompts], MAX_TOKENS, slot)
         # vLLM's log-probs of its own greedy tokens vs the learner's under control + shared
-        # (float32): below 1e-4 in the one run so far (its printed gaps not yet recorded); the
-        # learner's side-by-side LoRA vs control + shared measured 1e-6 in-process
+        # (float32): measured max gaps 2.7e-6, 4.5e-6, 1.6e-6 for levels 0, 1, 2
         gap = learner.check_level_probe([probe], 1e-4, level)
         print(f"level {level}: max |vLLM - HF+PEFT| log-prob {gap:.2g}")
         assert gap < 1e-4
