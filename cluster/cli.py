@@ -1,5 +1,5 @@
 """`lorafleet` command line: train, train-rm, compare, bench, build-model, make-data, validate,
-tasks, eval, nlu-table."""
+tasks, eval, nlu-table, meet-table."""
 
 from __future__ import annotations
 
@@ -164,6 +164,14 @@ def cmd_nlu_table(args: argparse.Namespace) -> None:
     nlu_table(load_train_config(path, overrides), args.shots)
 
 
+def cmd_meet_table(args: argparse.Namespace) -> None:
+    from .config import load_train_config
+    from .meet_table import meet_table
+
+    path, overrides = _split_config_and_overrides(args.items)
+    meet_table(load_train_config(path, overrides))
+
+
 def cmd_validate(args: argparse.Namespace) -> None:
     from .validate import validate
 
@@ -258,6 +266,12 @@ def build_parser() -> argparse.ArgumentParser:
     table.add_argument("items", nargs="*", metavar="CONFIG.yaml | key=value")
     table.add_argument("--shots", type=int, default=4, help="k of the k-shot row (4)")
     table.set_defaults(func=cmd_nlu_table)
+    meet = sub.add_parser(
+        "meet-table", help="MEET against SFT (best level), Chain of Hindsight, DPO, its stage "
+        "ablations and MEET-DPO on the meet stage's data: table.md, table.json, table.png",
+    )
+    meet.add_argument("items", nargs="*", metavar="CONFIG.yaml | key=value")
+    meet.set_defaults(func=cmd_meet_table)
     check = sub.add_parser(
         "validate", help="check `ray up` cluster YAMLs (Ray's validator) and KubeRay RayJob "
         "manifests, and with --train-config that the run's resource asks fit them",

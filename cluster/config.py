@@ -13,10 +13,12 @@ from pathlib import Path
 from typing import Literal
 
 from ..common.config import (
+    VLLM_LORA_RANKS,
     DPOConfig,
     LearnerConfig,
     LoggingConfig,
     LoRAConfig,
+    MeetConfig,
     ModelConfig,
     PlacementConfig,
     RayConfig,
@@ -42,7 +44,10 @@ class TrainConfig:
     # (section sft), "dpo" (section dpo), "rl" (`iterations` of algo.name), e.g. [sft, rl].
     # "rm" (section rm) trains the reward model the later stages are scored with; it must come
     # first (it scores every evaluation; it trains on the base, so the chain does not alter it).
-    stages: list[Literal["rm", "sft", "dpo", "rl"]] = field(default_factory=lambda: ["rl"])
+    # "meet" (section meet) trains one control per quality level; the later stages continue
+    # from the best level's policy, e.g. [meet, rl] or [meet, dpo].
+    stages: list[Literal["rm", "sft", "dpo", "meet", "rl"]] = field(
+        default_factory=lambda: ["rl"])
     task: TaskConfig = field(default_factory=TaskConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
@@ -52,6 +57,7 @@ class TrainConfig:
     algo: AlgoConfig = field(default_factory=PPOConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
+    meet: MeetConfig = field(default_factory=MeetConfig)
     rm: RewardModelConfig = field(default_factory=RewardModelConfig)
     learner: LearnerConfig = field(default_factory=LearnerConfig)
     ray: RayConfig = field(default_factory=RayConfig)
@@ -62,7 +68,7 @@ class TrainConfig:
         if self.iterations < 1 or self.prompts_per_iteration < 1:
             raise ConfigError("iterations and prompts_per_iteration must be >= 1")
         if not self.stages:
-            raise ConfigError("stages is empty; allowed entries: rm, sft, dpo, rl")
+            raise ConfigError("stages is empty; allowed entries: rm, sft, dpo, meet, rl")
         if "rm" in self.stages[1:]:
             raise ConfigError(
                 f"stages {self.stages}: rm must be the first stage (its reward model scores "
@@ -82,6 +88,34 @@ class TrainConfig:
         if self.reward.model_on_learner and not self.uses_reward_model:
             raise ConfigError("reward.model_on_learner is set but there is no reward model")
         self.algo.check_run(self.rollout)
+        if "meet" in self.stages:
+            self.check_meet()
+
+    def check_meet(self) -> None:
+        meet = self.meet
+        if self.stages.count("meet") > 1:
+            raise ConfigError(f"stages {self.stages}: one meet stage per run")
+        if meet.control == "text" and self.stages[-1] != "meet":
+            raise ConfigError(f"stages {self.stages}: with meet.control=text (Chain of "
+                              "Hindsight) the meet stage comes last (later stages would need "
+                              "the control text in every prompt)")
+        levels = meet.levels
+        if levels is not None and meet.control == "text" and len(meet.control_texts) != levels:
+            raise ConfigError(f"meet.control_texts: {len(meet.control_texts)} texts for "
+                              f"{levels} levels (len(meet.bins) + 1)")
+        if levels is not None and meet.best_level is not None and meet.best_level >= levels:
+            raise ConfigError(f"meet.best_level={meet.best_level}: the levels are 0..{levels - 1}")
+        if self.served_lora_rank not in VLLM_LORA_RANKS:
+            raise ConfigError(f"meet.rank + lora.rank = {self.served_lora_rank} (the served "
+                              f"policy holds both): vLLM supports {VLLM_LORA_RANKS}")
+
+    @property
+    def served_lora_rank(self) -> int:
+        """The policy LoRA's rank in vLLM: after a meet stage with LoRA controls, a level's
+        control and the shared policy side by side."""
+        if "meet" in self.stages and self.meet.control == "lora":
+            return self.lora.rank + self.meet.rank
+        return self.lora.rank
 
     @property
     def uses_reward_model(self) -> bool:

@@ -19,6 +19,7 @@ from ..common.records import Prompt, Rollout
 from ..common.run_dir import RunDir
 from ..common.tasks.registry import build_task
 from ..reward.pool import RewardSpec
+from ..rollout.worker import POLICY, level_slot
 from .actor_group import ActorGroup, Calls, GroupSpec, Placement, Resources, place
 from .config import TrainConfig
 
@@ -243,22 +244,28 @@ class Fleet:
         self.reward = reward
         self.probe_ids = probe_ids
         self.snapshot = None  # ObjectRef of the adapter the workers must serve
+        self.level_snapshots: dict[int, object] = {}  # meet level -> ObjectRef, served beside
         rollout.revive = self.resync_worker
 
     def resync_worker(self, i: int) -> None:
-        """The current adapter on restarted worker i, verified with the probe."""
+        """The current adapters (policy, meet levels) on restarted worker i, verified with the
+        probe."""
         import ray
 
-        if self.snapshot is None:
-            return
-        # Published again: in async mode the learner may have moved past the last snapshot
-        # while the worker died (this call waits for its update), and the probe is checked
-        # against the learner's current weights.
-        self.snapshot = self.learner.publish.remote()
         worker = self.rollout.actors[i]
-        ray.get(worker.load_snapshot.remote(self.snapshot))
-        probe = ray.get(worker.probe.remote(self.probe_ids, self.cfg.rollout.max_new_tokens))
-        ray.get(self.learner.check_probe.remote([probe], sync_tolerance(self.cfg)))
+        if self.snapshot is not None:
+            # Published again: in async mode the learner may have moved past the last snapshot
+            # while the worker died (this call waits for its update), and the probe is checked
+            # against the learner's current weights.
+            self.snapshot = self.learner.publish.remote()
+            ray.get(worker.load_snapshot.remote(self.snapshot))
+            probe = ray.get(worker.probe.remote(self.probe_ids, self.cfg.rollout.max_new_tokens))
+            ray.get(self.learner.check_probe.remote([probe], sync_tolerance(self.cfg)))
+        for level, snapshot in self.level_snapshots.items():
+            ray.get(worker.load_snapshot.remote(snapshot, level_slot(level)))
+            probe = ray.get(worker.probe.remote(
+                self.probe_ids, self.cfg.rollout.max_new_tokens, level_slot(level)))
+            ray.get(self.learner.check_level_probe.remote([probe], sync_tolerance(self.cfg), level))
 
     # -- adapter publishing ---------------------------------------------------------------------
     def sync_adapter(self) -> tuple[float, float, dict[int, int]]:
@@ -287,8 +294,27 @@ class Fleet:
         gap = ray.get(self.learner.check_probe.remote(probes, sync_tolerance(self.cfg)))
         return seconds, gap, {p.worker_id: p.adapter_version for p in probes}
 
+    def sync_levels(self, levels: int) -> float:
+        """Publish every meet level's adapter once, load all of them beside the policy on every
+        worker, verify each with the probe against the learner's control + shared adapters.
+        Returns the max probe log-prob gap."""
+        import ray
+
+        max_tokens, worst = self.cfg.rollout.max_new_tokens, 0.0
+        for level in range(levels):
+            slot = level_slot(level)
+            self.level_snapshots[level] = snapshot = self.learner.publish_level.remote(level)
+            self.rollout.call(lambda w, _, ref=snapshot, slot=slot: w.load_snapshot.remote(
+                ref, slot))
+            probes = self.rollout.call(lambda w, _, slot=slot: w.probe.remote(
+                self.probe_ids, max_tokens, slot))
+            worst = max(worst, ray.get(self.learner.check_level_probe.remote(
+                probes, sync_tolerance(self.cfg), level)))
+        return worst
+
     def generate(
-        self, prompts: list[Prompt], *, n: int, temperature: float, seed: int
+        self, prompts: list[Prompt], *, n: int, temperature: float, seed: int,
+        slot: str = POLICY,
     ) -> list[Rollout]:
         calls = self.submit_generate(prompts, n=n, temperature=temperature, seed=seed)
         return self.collect_generate(prompts, calls, n)
@@ -306,7 +332,7 @@ class Fleet:
         return self.rollout.submit(
             lambda w, part: w.generate.remote(
                 part, n=n, temperature=temperature, max_tokens=rollout.max_new_tokens, seed=seed,
-                stop=rollout.stop, stop_token_ids=rollout.stop_token_ids,
+                stop=rollout.stop, stop_token_ids=rollout.stop_token_ids, slot=slot,
             ),
             {i: part for i, part in enumerate(parts) if part},  # fewer prompts than workers
         )
@@ -324,10 +350,11 @@ class Fleet:
 
 def start_fleet(
     cfg: TrainConfig, model_path: str, pad_token_id: int, probe_ids: list[list[int]],
-    reward: RewardSpec,
+    reward: RewardSpec, served_levels: int = 0,
 ) -> Fleet:
     """Places and starts the groups of `group_specs`; returns once every actor is up (a
-    construction error, e.g. a vLLM start failure, raises here, the actors stopped)."""
+    construction error, e.g. a vLLM start failure, raises here, the actors stopped). The
+    rollout workers serve the policy and `served_levels` meet level adapters at once."""
     import ray
 
     learner_spec, rollout_spec, reward_group = group_specs(cfg)
@@ -343,10 +370,10 @@ def start_fleet(
     )
     rollout = ActorGroup.start(
         rollout_spec, placement, model_path, dtype=cfg.model.dtype,
-        max_model_len=cfg.model.max_model_len, max_lora_rank=cfg.lora.rank, seed=cfg.seed,
+        max_model_len=cfg.model.max_model_len, max_lora_rank=cfg.served_lora_rank, seed=cfg.seed,
         kv_cache_gib=cfg.rollout.kv_cache_gib, threads=cfg.rollout.threads_per_worker,
         tensor_parallel_size=cfg.rollout.tensor_parallel_size,
-        gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
+        gpu_memory_utilization=cfg.rollout.gpu_memory_utilization, max_loras=1 + served_levels,
     )
     rewards = ActorGroup.start(reward_group, placement, reward)
     fleet = Fleet(cfg, placement, learner, rollout, rewards, probe_ids)

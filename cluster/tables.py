@@ -1,10 +1,13 @@
 """Result tables: settings (zero-shot, k-shot, each stage of a chain) against each task's
-official metrics, written as Markdown, JSON and a bar chart (`lorafleet eval`, `nlu-table`)."""
+official metrics, written as Markdown, JSON and a bar chart (`lorafleet eval`, `nlu-table`,
+`meet-table`)."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+
+COST_PREFIX = "cost/"  # rows of a table in seconds, MiB, steps: not plotted with the scores
 
 
 def metric_rows(results: dict[str, dict[str, float]]) -> list[str]:
@@ -23,19 +26,21 @@ def markdown(results: dict[str, dict[str, float]]) -> str:
 
 
 def plot(results: dict[str, dict[str, float]], path: Path) -> None:
-    """Grouped bars: one group per task/metric (invalid-answer rates left out), one bar per
-    setting."""
+    """Grouped bars: one group per task/metric (invalid-answer rates and costs left out), one
+    bar per setting."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = [k for k in metric_rows(results) if not k.endswith("/invalid_rate")]
+    keys = [k for k in metric_rows(results)
+            if not k.endswith("/invalid_rate") and not k.startswith(COST_PREFIX)]
     width = 0.8 / len(results)
-    fig, ax = plt.subplots(figsize=(max(5.0, 1.6 * len(keys) * len(results) / 2), 3.5))
+    fig, ax = plt.subplots(figsize=(min(16.0, max(5.0, 0.8 * len(keys) * len(results))), 3.5))
     for i, (setting, metrics) in enumerate(results.items()):
-        xs = [j + i * width for j in range(len(keys))]
-        ys = [metrics.get(k, 0.0) for k in keys]
+        present = [j for j, k in enumerate(keys) if k in metrics]  # no bar for "—"
+        xs = [j + i * width for j in present]
+        ys = [metrics[keys[j]] for j in present]
         bars = ax.bar(xs, ys, width, label=setting)
         ax.bar_label(bars, fmt="%.2f", fontsize=7)
     ax.set_xticks([j + width * (len(results) - 1) / 2 for j in range(len(keys))], keys)

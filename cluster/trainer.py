@@ -10,7 +10,14 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ..common.configio import save_config
-from ..common.corpora import LoadedDataset, load_preferences, load_sft
+from ..common.corpora import (
+    DatasetError,
+    LoadedDataset,
+    level_counts,
+    load_leveled,
+    load_preferences,
+    load_sft,
+)
 from ..common.data import (
     PromptStream,
     encode_prompts,
@@ -31,6 +38,7 @@ from ..common.run_dir import RunDir
 from ..common.tasks.registry import build_task
 from ..reward.normalize import RunningMoments, normalize_rewards
 from ..reward.pool import RewardPool, drop_failed_groups
+from ..rollout.worker import POLICY, level_slot
 from .actor_group import Calls, is_actor
 from .checkpoint import ResumeError, TrainerState, latest_checkpoint, rewind
 from .config import TrainConfig
@@ -87,6 +95,27 @@ def load_stage_data(cfg: TrainConfig, tokenizer) -> dict[str, LoadedDataset]:
             load, source = loaders[stage]
             data[stage] = load(source, build_task(cfg.task), tokenizer, cfg.model.max_model_len)
             print(f"{stage} data: {data[stage].describe()}")
+    if "meet" in cfg.stages:
+        data["meet"] = load_meet_data(cfg, tokenizer)
+    return data
+
+
+def load_meet_data(cfg: TrainConfig, tokenizer) -> LoadedDataset:
+    """The meet stage's rows with their levels (prompts led by the control text under
+    meet.control=text); a level count the config does not fit is an error."""
+    meet = cfg.meet
+    data = load_leveled(
+        meet.data, meet.level_column, meet.score_column, meet.bins, build_task(cfg.task),
+        tokenizer, cfg.model.max_model_len, meet.control_texts,
+    )
+    counts = level_counts(data.items)
+    if meet.best_level is not None and meet.best_level >= len(counts):
+        raise DatasetError(f"meet.best_level={meet.best_level}: {data.source} has levels "
+                           f"0..{len(counts) - 1}")
+    if meet.control == "text" and len(meet.control_texts) != len(counts):
+        raise DatasetError(f"meet.control_texts: {len(meet.control_texts)} texts for the "
+                           f"{len(counts)} levels of {data.source}")
+    print(f"meet data: {data.describe()}, rows per level {counts}")
     return data
 
 
@@ -116,6 +145,13 @@ def encode_task_prompts(cfg: TrainConfig, tokenizer) -> tuple[list[Prompt], list
         print(f"skipped {len(too_long)} prompts longer than {limit} tokens "
               f"(rollout.too_long_prompts=skip), e.g. {too_long[0][:60]!r}")
     return train, held_out, len(too_long or [])
+
+
+def control_text_prompts(cfg: TrainConfig, tokenizer, text: str) -> list[Prompt]:
+    """The held-out prompts led by a level's control text (Chain of Hindsight)."""
+    examples = [replace(ex, prompt=f"{text} {ex.prompt}")
+                for ex in build_task(cfg.task).examples("eval")]
+    return encode_prompts(examples, tokenizer, cfg.model.max_model_len - cfg.rollout.max_new_tokens)
 
 
 def answer_pairs(scored: list[ScoredRollout]) -> list[tuple[str, str]]:
@@ -217,6 +253,13 @@ class Trainer:
         train, self.held_out, self.prompts_skipped = encode_task_prompts(cfg, tokenizer)
         reward_rules(cfg, {c for p in train + self.held_out for c in p.columns})
         self.stage_data = load_stage_data(cfg, tokenizer)
+        # meet.control=text: each level's held-out prompts, led by its control text
+        self.level_prompts = [
+            control_text_prompts(cfg, tokenizer, text) for text in cfg.meet.control_texts
+        ] if "meet" in cfg.stages else []
+        # meet.control=lora: the level adapters the rollout workers serve beside the policy
+        self.served_levels = (len(level_counts(self.stage_data["meet"].items))
+                              if "meet" in cfg.stages and cfg.meet.control == "lora" else 0)
         self.stream = PromptStream(train, cfg.seed)
         # -- the run directory, created only once the inputs are known good (a failed start
         # leaves no half run), and where the run stands
@@ -249,7 +292,8 @@ class Trainer:
             if connect_ray(cfg):
                 stack.callback(ray.shutdown)
             self.fleet = start_fleet(
-                cfg, self.model_path, pad_token_id(tokenizer), probe_ids, self.reward_spec
+                cfg, self.model_path, pad_token_id(tokenizer), probe_ids, self.reward_spec,
+                served_levels=self.served_levels,
             )
             stack.callback(self.fleet.kill)
             self.dashboard = None
@@ -269,6 +313,9 @@ class Trainer:
     def restore(self) -> None:
         """Where the run stood at its last checkpoint; the logs after it are dropped."""
         self.resume_from, state = latest_checkpoint(self.run_dir)
+        if "meet" in self.cfg.stages[: state.next_stage]:
+            raise ResumeError(f"{self.run_dir}: resuming after a meet stage is not supported "
+                              "(its checkpoint does not hold the level controls); start again")
         rewind(self.run_dir, state, self.resume_from)
         self.stream.cursor = state.prompt_cursor
         self.stage_evals = state.stage_evals
@@ -308,11 +355,13 @@ class Trainer:
             rm_steps = self.rm_eval["steps"] if self.rm_eval and row["stage"] != "rm" else 0
             self.wandb.log(row, step + rm_steps)
 
-    def evaluate(self) -> dict[str, float]:
-        """Held-out prompts: mean reward of samples drawn as in training (the quantity RL
-        maximises), and of greedy answers (accuracy); with a reward model also each part;
-        plus the task's own metrics of the greedy answers (NLU: each task's official metrics
-        and invalid-answer rate)."""
+    def evaluate(
+        self, prompts: list[Prompt] | None = None, slot: str = POLICY
+    ) -> dict[str, float]:
+        """Held-out prompts (or `prompts`) under the served adapter of `slot`: mean reward of
+        samples drawn as in training (the quantity RL maximises), and of greedy answers
+        (accuracy); with a reward model also each part; plus the task's own metrics of the
+        greedy answers (NLU: each task's official metrics and invalid-answer rate)."""
         rollout = self.cfg.rollout
         result = {}
         for key, n, temperature in (
@@ -320,7 +369,8 @@ class Trainer:
             ("eval_greedy", 1, 0.0),
         ):
             scored = self.score(self.fleet.generate(
-                self.held_out, n=n, temperature=temperature, seed=self.cfg.seed
+                prompts or self.held_out, n=n, temperature=temperature, seed=self.cfg.seed,
+                slot=slot,
             ))
             result[key] = mean([s.reward for s in scored])
             if self.cfg.uses_reward_model:
@@ -429,6 +479,48 @@ class Trainer:
                 str(self.run_dir.reward_model), {"eval": after, "eval_before": before,
                                                  "data": data.describe()}
             ))
+
+    def run_meet_stage(self, data: LoadedDataset, index: int) -> dict:
+        """Stage 1 (each level's control alone), then stage 2 (the controls with the shared
+        policy LoRA), each on shuffled minibatches of every level's rows; then every level's
+        held-out evaluation, and the best level's adapter becomes the policy the later stages
+        continue from. Returns the best level's evaluation with each level's mean reward,
+        sampled and greedy (`meet/level{k}_sampled`, `meet/level{k}_greedy`)."""
+        import ray
+
+        meet, learner = self.cfg.meet, self.fleet.learner
+        levels = len(level_counts(data.items))
+        best = levels - 1 if meet.best_level is None else meet.best_level
+        if meet.control == "lora":
+            ray.get(learner.start_meet.remote(levels, meet.rank))
+        phases = [(1, meet.stage1_epochs, meet.stage1_lr), (2, meet.stage2_epochs, meet.stage2_lr)]
+        for phase, epochs, lr in phases:
+            if not epochs:
+                continue
+            if meet.control == "lora":
+                ray.get(learner.start_meet_phase.remote(lr, phase == 2))
+                step_call = learner.meet_step.remote
+            else:  # the text controls are in the prompts: stage 2 is SFT of the policy
+                ray.get(learner.start_stage.remote(lr))
+                step_call = learner.sft_step.remote
+            batches = epoch_batches(len(data.items), meet.batch_size, epochs, self.cfg.seed)
+            bar = progress(batches, desc=f"stage {index + 1} MEET-{phase}", unit="step")
+            for step, (epoch, rows) in enumerate(bar):
+                stats = ray.get(step_call([data.items[i] for i in rows]))
+                self.log({"stage": "meet", "phase": phase, "step": step, "epoch": epoch,
+                          **vars(stats)}, stats.adapter_version)
+                bar.set_postfix(loss=f"{stats.loss:.4f}", refresh=False)
+        if meet.control == "lora":  # every level served at once, each chosen per request
+            self.fleet.sync_levels(levels)
+            per_level = {k: self.evaluate(slot=level_slot(k)) for k in range(levels)}
+            ray.get(learner.use_level.remote(best))
+        else:  # the policy, each level's control text leading the prompts
+            per_level = {k: self.evaluate(self.level_prompts[k]) for k in range(levels)}
+        self.fleet.sync_adapter()
+        return {**per_level[best], **{
+            f"meet/level{k}_{kind}": per_level[k][key] for k in range(levels)
+            for kind, key in (("sampled", "eval_reward"), ("greedy", "eval_greedy"))
+        }}
 
     def run_rl_stage(self, index: int, first_iteration: int) -> None:
         """`iterations` of: sync adapter, (evaluate), generate, score, update, log; with
@@ -635,12 +727,15 @@ class Trainer:
                 continue
             if not self.stage_evals:
                 self.stage_evals = [{"stage": "start", **self.evaluate()}]
-            if stage == "rl":
-                self.run_rl_stage(index, next_iteration if index == next_stage else 0)
+            if stage == "meet":
+                evals = self.run_meet_stage(self.stage_data[stage], index)
             else:
-                self.run_offline_stage(stage, self.stage_data[stage], index)
-            self.fleet.sync_adapter()
-            evals = self.evaluate()
+                if stage == "rl":
+                    self.run_rl_stage(index, next_iteration if index == next_stage else 0)
+                else:
+                    self.run_offline_stage(stage, self.stage_data[stage], index)
+                self.fleet.sync_adapter()
+                evals = self.evaluate()
             self.stage_evals.append({"stage": stage, **evals})
             self.log({"stage": "eval", "after_stage": index + 1, "after": stage, **evals},
                      ray.get(self.fleet.learner.get_version.remote()))
@@ -659,6 +754,7 @@ class Trainer:
             "reward_model": self.reward_model,
             "reward_model_eval": self.rm_eval,
             "wall_seconds": time.perf_counter() - self.start_time,
+            "learner_peak_mib": ray.get(self.fleet.learner.peak_memory_mib.remote()),
             **(summarize(rl_rows) if rl_rows else {}),
         }
         self.run_dir.write_summary(summary)

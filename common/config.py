@@ -13,6 +13,7 @@ from .corpora import DatasetConfig
 from .tiny_model import TinyModelSpec
 
 TINY = "tiny"
+VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256)
 
 
 @dataclass
@@ -43,8 +44,8 @@ class LoRAConfig:
     )
 
     def validate(self) -> None:
-        if self.rank not in (8, 16, 32, 64, 128, 256):
-            raise ConfigError(f"lora.rank: vLLM supports 8, 16, 32, 64, 128, 256; got {self.rank}")
+        if self.rank not in VLLM_LORA_RANKS:
+            raise ConfigError(f"lora.rank: vLLM supports {VLLM_LORA_RANKS}; got {self.rank}")
 
 
 @dataclass
@@ -203,6 +204,65 @@ class DPOConfig:
     def validate(self) -> None:
         if self.beta <= 0:
             raise ConfigError(f"dpo.beta must be > 0, got {self.beta}")
+
+
+@dataclass
+class MeetConfig:
+    """The `meet` stage (MEET: alignment as controllable generation): one control per quality
+    level of the data, learned on that level's responses; at inference the best level's
+    control conditions generation. Stage 1 trains each level's control LoRA with everything
+    else frozen; stage 2 trains the controls together with a shared policy LoRA (standing for
+    the model), each response under its own level's control. The served policy of level k is
+    one LoRA, control k and the shared LoRA side by side (rank + lora.rank), so later stages
+    (`[meet, rl]`, `[meet, dpo]`) continue from the best level's. `control: text` is Chain of
+    Hindsight: the level's hand-written text leads the prompt, stage 2 trains the policy."""
+
+    data: DatasetConfig = field(default_factory=DatasetConfig)
+    # the level of a row: an integer column (0 = worst), or a score column cut at the
+    # increasing `bins` edges (K = len(bins) + 1 levels); path=task: the task's scored rows
+    level_column: str | None = None
+    score_column: str | None = "score"
+    bins: list[float] = field(default_factory=lambda: [-0.3, 0.3])
+    best_level: int | None = None  # None: the highest level
+    control: Literal["lora", "text"] = "lora"
+    rank: int = 8  # of each control LoRA
+    control_texts: list[str] = field(default_factory=list)  # control=text: one per level
+    stage1_epochs: int = 2  # 0: stage 2 only (an ablation)
+    stage1_lr: float = 2e-3
+    stage2_epochs: int = 1  # 0: stage 1 only (an ablation)
+    stage2_lr: float = 1e-3
+    batch_size: int = 32
+
+    def validate(self) -> None:
+        if (self.level_column is None) == (self.score_column is None):
+            raise ConfigError("meet: set one of meet.level_column and meet.score_column")
+        if self.level_column is not None and self.bins:
+            raise ConfigError("meet.bins cut meet.score_column; with meet.level_column leave "
+                              "them empty (bins: [])")
+        if self.score_column is not None and (
+            not self.bins or self.bins != sorted(set(self.bins))
+        ):
+            raise ConfigError(f"meet.bins must be increasing score edges (K-1 of them for K "
+                              f"levels), got {self.bins}")
+        if self.stage1_epochs < 0 or self.stage2_epochs < 0 or (
+            self.stage1_epochs + self.stage2_epochs == 0
+        ):
+            raise ConfigError("meet.stage1_epochs and meet.stage2_epochs must be >= 0, not both 0")
+        if self.control == "text":
+            if self.stage1_epochs:
+                raise ConfigError("meet.control=text has no control weights to train in stage "
+                                  "1: set meet.stage1_epochs=0")
+            if len(self.control_texts) < 2:
+                raise ConfigError("meet.control=text needs meet.control_texts, one per level")
+        elif self.control_texts:
+            raise ConfigError("meet.control_texts is for meet.control=text (Chain of Hindsight)")
+        if self.best_level is not None and self.best_level < 0:
+            raise ConfigError(f"meet.best_level must be >= 0, got {self.best_level}")
+
+    @property
+    def levels(self) -> int | None:
+        """K, when the bins fix it (a level column's K comes from its data)."""
+        return len(self.bins) + 1 if self.score_column is not None else None
 
 
 @dataclass

@@ -1,7 +1,8 @@
-"""Offline datasets for the SFT and DPO stages: prompt/response rows and preference pairs.
+"""Offline datasets for the SFT, DPO and MEET stages: prompt/response rows (MEET's with a
+quality level) and preference pairs.
 
-Sources: `task` (the run's task: its examples with their gold answers, or its
-`preference_rows`), a local file (.jsonl, .json, .parquet, .csv, .tsv), or a Hugging Face hub
+Sources: `task` (the run's task: its examples with their gold answers, its `preference_rows`
+or its `scored_rows`), a local file (.jsonl, .json, .parquet, .csv, .tsv), or a Hugging Face hub
 dataset name (read with `datasets.load_dataset`, needs network). Rows are checked before any
 actor starts; a bad row is an error naming the source, row and column, or is skipped and
 counted when `skip_bad_rows` is set.
@@ -9,10 +10,11 @@ counted when `skip_bad_rows` is set.
 
 from __future__ import annotations
 
+import bisect
 import csv
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -51,10 +53,13 @@ class DatasetConfig:
 
 
 def read_rows(cfg: DatasetConfig, task: Task, kind: str) -> list[dict]:
-    """The raw rows of a source as dicts (`kind` is "sft" or "preference" for task data)."""
+    """The raw rows of a source as dicts (`kind` is "sft", "scored" or "preference" for task
+    data)."""
     if cfg.path == TASK_SOURCE:
         if kind == "sft":
             return sft_rows(task.examples(cfg.split))
+        if kind == "scored":
+            return task.scored_rows(cfg.split)
         return task.preference_rows(cfg.split, rejected=cfg.task_rejected)
     return read_source(cfg)
 
@@ -157,9 +162,9 @@ def encode(tokenizer, prompt: str, response: str) -> tuple[list[int], list[int]]
     return tokenizer(prompt).input_ids, response_ids + [tokenizer.eos_token_id]
 
 
-def load_sft(
-    cfg: DatasetConfig, task: Task, tokenizer, max_tokens: int
-) -> LoadedDataset:
+def sft_builder(cfg: DatasetConfig, tokenizer, max_tokens: int):
+    """`build(checker, index, row)`: a row's tokenised SFTExample, or None to skip it."""
+
     def build(checker: RowChecker, i: int, row: dict) -> SFTExample | None:
         prompt = checker.text(row, i, cfg.prompt_column)
         response = prompt and checker.text(row, i, cfg.response_column)
@@ -170,7 +175,74 @@ def load_sft(
             return None
         return SFTExample(i, prompt_ids, response_ids)
 
-    return load_rows(cfg, read_rows(cfg, task, "sft"), build)
+    return build
+
+
+def load_sft(
+    cfg: DatasetConfig, task: Task, tokenizer, max_tokens: int
+) -> LoadedDataset:
+    return load_rows(cfg, read_rows(cfg, task, "sft"), sft_builder(cfg, tokenizer, max_tokens))
+
+
+def level_of(score: float, bins: list[float]) -> int:
+    """The quality level of a score: how many of the increasing bin edges are <= it."""
+    return bisect.bisect_right(bins, score)
+
+
+def load_leveled(
+    cfg: DatasetConfig, level_column: str | None, score_column: str | None, bins: list[float],
+    task: Task, tokenizer, max_tokens: int, control_texts: list[str] = (),
+) -> LoadedDataset:
+    """Prompt/response rows with a quality level: an integer `level_column` (0 = worst), or
+    `score_column` binned by `bins` (K = len(bins) + 1 levels), each prompt led by its level's
+    control text if any are given. Every level must have rows."""
+
+    def level(checker: RowChecker, i: int, row: dict) -> int | None:
+        column = level_column or score_column
+        value = row.get(column)
+        if isinstance(value, str):  # CSV/TSV give strings
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(
+            value
+        ):
+            return checker.bad(i, f"column {column!r} is not a finite number: {value!r}")
+        if score_column is not None:
+            return level_of(value, bins)
+        if value < 0 or value != int(value):
+            return checker.bad(i, f"column {column!r} is not a level 0, 1, ...: {value!r}")
+        return int(value)
+
+    def build(checker: RowChecker, i: int, row: dict) -> SFTExample | None:
+        row_level = level(checker, i, row)
+        if row_level is None:
+            return None
+        if control_texts:  # Chain of Hindsight: the level's text leads the prompt
+            if row_level >= len(control_texts):
+                return checker.bad(i, f"level {row_level} has no control text (meet."
+                                      f"control_texts has {len(control_texts)})")
+            prompt = checker.text(row, i, cfg.prompt_column)
+            row = prompt and {**row, cfg.prompt_column: f"{control_texts[row_level]} {prompt}"}
+        example = row and sft(checker, i, row)
+        return example and replace(example, level=row_level)
+
+    sft = sft_builder(cfg, tokenizer, max_tokens)
+    data = load_rows(cfg, read_rows(cfg, task, "scored"), build)
+    counts = level_counts(data.items, len(bins) + 1 if score_column is not None else None)
+    if 0 in counts:
+        raise DatasetError(f"{data.source}: no rows of level {counts.index(0)} (rows per level: "
+                           f"{counts}); change meet.bins or the data")
+    return data
+
+
+def level_counts(items: list[SFTExample], levels: int | None = None) -> list[int]:
+    """Rows per level, for `levels` levels (None: up to the highest level present)."""
+    counts = [0] * (levels or 1 + max(e.level for e in items))
+    for example in items:
+        counts[example.level] += 1
+    return counts
 
 
 def load_preferences(

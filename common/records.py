@@ -152,6 +152,7 @@ class SFTExample:
     index: int
     prompt_ids: list[int]
     response_ids: list[int]  # ends with EOS
+    level: int | None = None  # the meet stage: the row's quality level, 0 = worst
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,7 @@ offline stages, the reward adapter and checkpoints are mixins of the actor (acto
 
 from __future__ import annotations
 
+import resource
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
@@ -113,8 +114,11 @@ class LearnerBase:
         return self.version
 
     @torch.no_grad()
-    def check_probe(self, results: list[ProbeResult], tolerance: float) -> float:
-        """Raise SyncError unless every worker's probe log-probs match ours; returns max gap."""
+    def check_probe(
+        self, results: list[ProbeResult], tolerance: float, adapters: list[str] | None = None
+    ) -> float:
+        """Raise SyncError unless every worker's probe log-probs match ours (under the policy,
+        or under `adapters` together); returns max gap."""
         worst = 0.0
         for result in results:
             if result.adapter_version != self.version:
@@ -123,16 +127,24 @@ class LearnerBase:
                     f" learner published v{self.version}"
                 )
             batch = collate(result.prompt_ids, result.response_ids, self.pad_id, self.net.device)
-            gap = float(((self.net.logprobs(batch) - padded(result.logprobs, batch)).abs()
-                         * batch.mask).max())
+            logp = self.net.logprobs(batch, adapters=adapters)
+            gap = float(((logp - padded(result.logprobs, batch)).abs() * batch.mask).max())
             if gap > tolerance:
+                served = "" if adapters is None else f" ({'+'.join(adapters)})"
                 raise SyncError(
                     f"rollout worker {result.worker_id} claims adapter v{result.adapter_version}"
-                    f" but its probe log-probs differ from the learner's by {gap:.3g} (tolerance"
-                    f" {tolerance:g}): the adapter swap did not take effect"
+                    f"{served} but its probe log-probs differ from the learner's by {gap:.3g} "
+                    f"(tolerance {tolerance:g}): the adapter swap did not take effect"
                 )
             worst = max(worst, gap)
         return worst
+
+    def peak_memory_mib(self) -> float:
+        """The learner's peak memory so far: CUDA's max allocated on a GPU, else the actor
+        process's peak RSS (Linux reports ru_maxrss in KiB)."""
+        if self.net.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.net.device) / 2**20
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
     def start_stage(self, lr: float) -> None:
         """A fresh policy optimiser: each stage (sft, dpo, rl) starts its own Adam moments."""

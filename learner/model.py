@@ -165,9 +165,15 @@ class PolicyValueModel:
         base = self.model.get_base_model()
         return getattr(base, base.base_model_prefix)
 
-    def logprobs(self, batch: TokenBatch, with_entropy: bool = False):
-        """Log-probs of the response tokens under the active policy adapter ([B, T])."""
-        self.model.set_adapter(POLICY)
+    def logprobs(
+        self, batch: TokenBatch, with_entropy: bool = False, adapters: list[str] | None = None
+    ):
+        """Log-probs of the response tokens under the policy adapter, or under `adapters`
+        active together (their updates summed; the meet stage) ([B, T])."""
+        if adapters is None:
+            self.model.set_adapter(POLICY)
+        else:  # PEFT's model-level set_adapter takes one name; its LoRA model takes several
+            self.model.base_model.set_adapter(adapters)
         logits = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
         return token_logprobs(logits, batch, with_entropy)
 

@@ -3,10 +3,12 @@ minibatch, on the policy adapter."""
 
 from __future__ import annotations
 
+from torch import Tensor
+
 from ..common.records import OfflineStats, PreferencePair, SFTExample
 from .algorithms.critic_free import dpo_loss
 from .algorithms.ppo import masked_mean
-from .model import collate
+from .model import TokenBatch, collate
 
 
 class OfflineStagesMixin:
@@ -20,10 +22,15 @@ class OfflineStagesMixin:
             self.net.device,
         )
         with self.autocast():
-            loss = -masked_mean(self.net.logprobs(batch), batch.mask)
-        grad_norm = self.step(loss, self.policy_params, self.policy_opt)
+            logp = self.net.logprobs(batch)
+        return self.nll_step(batch, logp, self.policy_params, self.policy_opt)
+
+    def nll_step(self, batch: TokenBatch, logp: Tensor, params: list, optimizer) -> OfflineStats:
+        """One step on the responses' token-mean negative log-likelihood (`logp`: [B, T])."""
+        loss = -masked_mean(logp, batch.mask)
+        grad_norm = self.step(loss, params, optimizer)
         self.version += 1
-        return OfflineStats(self.version, loss.item(), float(grad_norm), len(examples))
+        return OfflineStats(self.version, loss.item(), float(grad_norm), len(batch.mask))
 
     def dpo_step(self, pairs: list[PreferencePair], beta: float) -> OfflineStats:
         """DPO against the adapter-off reference: chosen and rejected rows in one forward."""

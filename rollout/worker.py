@@ -26,7 +26,13 @@ if TYPE_CHECKING:
 # Zero-copy tensors from the object store are read-only views; we only ever clone them.
 warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
 
-POLICY_LORA_ID = 1  # one slot, replaced in place on every publish
+POLICY = "policy"  # the slot of the policy adapter; other slots: meet's level adapters
+POLICY_LORA_ID = 1  # the policy's slot, replaced in place on every publish
+
+
+def level_slot(level: int) -> str:
+    """The slot of meet level `level`'s adapter."""
+    return f"level{level}"
 
 
 def configure_vllm_env(kv_cache_gib: int, threads: int) -> None:
@@ -73,16 +79,16 @@ def _swap_lora_in_worker(worker, lora_id: int, tensors: dict, peft_config: dict)
 
 def engine_args(
     model_path: str, *, dtype: str, max_model_len: int, max_lora_rank: int, seed: int, gpu: bool,
-    tensor_parallel_size: int = 1, gpu_memory_utilization: float | None = None,
+    tensor_parallel_size: int = 1, gpu_memory_utilization: float | None = None, max_loras: int = 1,
 ) -> dict:
     """vLLM's `LLM(...)` keywords. The GPU ones only on a GPU: the CPU build sizes its KV
     cache by VLLM_CPU_KVCACHE_SPACE and has no tensor parallelism here."""
     args = dict(
         model=model_path, dtype=dtype, max_model_len=max_model_len, seed=seed,
-        enable_lora=True, max_lora_rank=max_lora_rank, max_loras=1,
-        # Above the adapters in use, so vLLM's LRU never evicts the in-memory adapter
+        enable_lora=True, max_lora_rank=max_lora_rank, max_loras=max_loras,
+        # Above the adapters in use, so vLLM's LRU never evicts an in-memory adapter
         # (an evicted one would be re-read from its placeholder path).
-        max_cpu_loras=2,
+        max_cpu_loras=max_loras + 1,
         enable_prefix_caching=True,
         # A partly prefilled request with a per-request seed crashes vllm-cpu 0.32
         # ("CPU Generator does not use offset"): prefill every prompt whole.
@@ -106,13 +112,15 @@ def engine_args(
 
 
 class RolloutWorker:
-    """One vLLM engine with LoRA enabled. The driver runs it as a Ray actor
-    (`ray.remote(RolloutWorker)`); tests use it in-process."""
+    """One vLLM engine with LoRA enabled, serving adapters in named slots: the policy, and
+    (meet stage) each level's adapter beside it, `max_loras` at once, chosen per request. The
+    driver runs it as a Ray actor (`ray.remote(RolloutWorker)`); tests use it in-process."""
 
     def __init__(
         self, model_path: str, *, dtype: str | None, max_model_len: int, max_lora_rank: int,
         seed: int, kv_cache_gib: int = 1, threads: int = 1, worker_id: int = 0,
         tensor_parallel_size: int = 1, gpu_memory_utilization: float | None = None,
+        max_loras: int = 1,
     ) -> None:
         configure_vllm_env(kv_cache_gib, threads)
         import torch
@@ -124,15 +132,20 @@ class RolloutWorker:
         self.llm: LLM = LLM(**engine_args(
             model_path, dtype=dtype, max_model_len=max_model_len, max_lora_rank=max_lora_rank,
             seed=seed, gpu=device != "cpu", tensor_parallel_size=tensor_parallel_size,
-            gpu_memory_utilization=gpu_memory_utilization,
+            gpu_memory_utilization=gpu_memory_utilization, max_loras=max_loras,
         ))
         self.tokenizer = self.llm.get_tokenizer()
-        self.adapter_version = -1  # -1: base model only
-        self._lora: LoRARequest | None = None
+        self.served: dict[str, tuple[LoRARequest, int]] = {}  # slot -> (request, version)
+        self.slot_ids = {POLICY: POLICY_LORA_ID}  # vLLM's adapter id of each slot
+
+    @property
+    def adapter_version(self) -> int:
+        """The policy's version; -1: base model only."""
+        return self.served[POLICY][1] if POLICY in self.served else -1
 
     # -- adapters -------------------------------------------------------------------------
-    def load_snapshot(self, snapshot: AdapterSnapshot) -> float:
-        """Hot-swap the policy adapter in memory; returns the seconds it took."""
+    def load_snapshot(self, snapshot: AdapterSnapshot, slot: str = POLICY) -> float:
+        """Hot-swap the adapter of `slot` in memory; returns the seconds it took."""
         from vllm.lora.request import LoRARequest
 
         start = time.perf_counter()
@@ -140,16 +153,14 @@ class RolloutWorker:
         # vLLM scales lora_B in place while loading: hand it copies, never the snapshot's own
         # tensors (in-process they would be corrupted; from the object store they are shared).
         tensors = {name: t.clone() for name, t in snapshot.tensors.items()}
-        self.llm.collective_rpc(
-            _swap_lora_in_worker, args=(POLICY_LORA_ID, tensors, snapshot.peft_config)
-        )
+        lora_id = self.slot_ids.setdefault(slot, len(self.slot_ids) + 1)
+        self.llm.collective_rpc(_swap_lora_in_worker, args=(lora_id, tensors, snapshot.peft_config))
         # Cached KV blocks were computed by the previous adapter: drop them.
         self.llm.reset_prefix_cache()
         # A distinct name/path per version keeps any per-LoRA cache key distinct too.
-        self._lora = LoRARequest(
-            f"policy-v{snapshot.version}", POLICY_LORA_ID, f"mem://policy/v{snapshot.version}"
-        )
-        self.adapter_version = snapshot.version
+        self.served[slot] = (LoRARequest(
+            f"{slot}-v{snapshot.version}", lora_id, f"mem://{slot}/v{snapshot.version}"
+        ), snapshot.version)
         return time.perf_counter() - start
 
     def lora_from_disk(self, directory: str | Path, lora_id: int) -> LoRARequest:
@@ -161,18 +172,23 @@ class RolloutWorker:
     # -- generation -----------------------------------------------------------------------
     def generate(
         self, prompts: list[Prompt], *, n: int, temperature: float, max_tokens: int, seed: int,
-        lora: LoRARequest | None = None, use_policy: bool = True,
+        lora: LoRARequest | None = None, use_policy: bool = True, slot: str = POLICY,
         stop: list[str] | None = None, stop_token_ids: list[int] | None = None,
     ) -> list[Rollout]:
         """n samples per prompt with vLLM's logprob of every sampled token; a sample also
         ends at a `stop` string (cut from its text) or a `stop_token_ids` token.
 
-        Each prompt gets its own sampling seed (seed + prompt.index), so a prompt's samples do
+        `slot`: the served adapter to sample (the policy unless a meet level's); `lora`: an
+        adapter from disk instead; use_policy=False: the base model. Each prompt gets its own
+        sampling seed (seed + prompt.index), so a prompt's samples do
         not depend on which worker or batch it landed in."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        lora = lora if lora is not None else (self._lora if use_policy else None)
+        if slot != POLICY and slot not in self.served:  # never the base model in its place
+            raise ValueError(f"worker {self.worker_id} serves no adapter in slot {slot!r}")
+        served, version = self.served.get(slot, (None, -1))
+        lora = lora if lora is not None else (served if use_policy else None)
         params = [
             SamplingParams(
                 n=n, temperature=temperature, max_tokens=max_tokens, logprobs=0,
@@ -185,7 +201,7 @@ class RolloutWorker:
             [TokensPrompt(prompt_token_ids=p.token_ids) for p in prompts], params,
             lora_request=lora, use_tqdm=False,
         )
-        version = self.adapter_version if (lora is not None and lora is self._lora) else -1
+        version = version if (lora is not None and lora is served) else -1
         rollouts = []
         for prompt, output in zip(prompts, outputs, strict=True):
             for k, completion in enumerate(output.outputs):
@@ -200,12 +216,14 @@ class RolloutWorker:
                 ))
         return rollouts
 
-    def probe(self, prompt_ids: list[list[int]], max_tokens: int) -> ProbeResult:
-        """Greedy continuation of the fixed probe under the current adapter."""
+    def probe(self, prompt_ids: list[list[int]], max_tokens: int, slot: str = POLICY
+              ) -> ProbeResult:
+        """Greedy continuation of the fixed probe under the adapter of `slot`."""
         prompts = [Prompt(i, "", ids, {}) for i, ids in enumerate(prompt_ids)]
-        rollouts = self.generate(prompts, n=1, temperature=0.0, max_tokens=max_tokens, seed=0)
+        rollouts = self.generate(prompts, n=1, temperature=0.0, max_tokens=max_tokens, seed=0,
+                                 slot=slot)
         return ProbeResult(
-            worker_id=self.worker_id, adapter_version=self.adapter_version,
+            worker_id=self.worker_id, adapter_version=self.served.get(slot, (None, -1))[1],
             prompt_ids=prompt_ids, response_ids=[r.response_ids for r in rollouts],
             logprobs=[r.logprobs for r in rollouts],
         )

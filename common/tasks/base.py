@@ -86,6 +86,12 @@ class Task(ABC):
     def rejected(self, split: str, example: TaskExample, rng: random.Random, kind: str) -> str:
         """A wrong answer of `kind` (one of `rejected_kinds`) to `example` of `split`."""
 
+    def scored_rows(self, split: str) -> list[dict[str, object]]:
+        """Responses of every quality with a score from a judge outside the project (the meet
+        stage's `data.path=task`): {"prompt", "response", "score"} rows."""
+        raise ConfigError(f"task {type(self).__name__} has no scored responses: give meet.data"
+                          ".path a file with a level or score column")
+
     def preference_rows(
         self, split: str, seed: int = 0, rejected: str = "near_miss"
     ) -> list[dict[str, str]]:

@@ -161,6 +161,13 @@ class WritePositiveTask(Task):
     def rejected(self, split: str, example: TaskExample, rng: random.Random, kind: str) -> str:
         return rng.choice(negative_rests(split))
 
+    def scored_rows(self, split: str) -> list[dict[str, object]]:
+        """Every continuation of the set, positive or not, with VADER's compound score of the
+        continuation itself (what `answer_metrics` scores)."""
+        check_split(split)
+        return [{"prompt": o, "response": " " + r, "score": compound(" " + r)}
+                for o, r, _ in vader_set()[split]]
+
     def answer_metrics(self, pairs: list[tuple[str, str]]) -> dict[str, float]:
         scores = [compound(response) for response, _ in pairs]
         return {"write_positive/vader_compound": sum(scores) / len(scores)}

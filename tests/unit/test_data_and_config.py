@@ -61,7 +61,7 @@ def test_overrides_and_errors_name_the_key():
 def test_stage_chain_config_and_its_errors():
     cfg = load_train_config(None, ["stages=[sft, dpo, rl]", "sft.data.path=my.jsonl"])
     assert cfg.stages == ["sft", "dpo", "rl"] and cfg.sft.data.path == "my.jsonl"
-    with pytest.raises(ConfigError, match="stages.*'rm', 'sft', 'dpo', 'rl'"):
+    with pytest.raises(ConfigError, match="stages.*'rm', 'sft', 'dpo', 'meet', 'rl'"):
         load_train_config(None, ["stages=[sft, ppo]"])
     with pytest.raises(ConfigError, match="stages is empty"):
         load_train_config(None, ["stages=[]"])

@@ -1,0 +1,112 @@
+"""MEET against its baselines in one command, same data, same budget: each variant is a run of
+the config with its stages changed, on the meet stage's data and epochs; a Markdown, JSON and
+PNG table of the held-out VADER (or the task's reward) means, each level's for the controlled
+variants, wall time and the learner's peak memory.
+
+Budget: every variant trains stage1_epochs + stage2_epochs passes over its own data (SFT: the
+best level's rows; DPO: best-vs-worst pairs of one prompt); MEET-DPO adds the dpo section's
+epochs on top of MEET (it is DPO on top of the control adapters)."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import replace
+from pathlib import Path
+
+from ..common.corpora import DatasetConfig, read_rows, write_jsonl
+from ..common.metrics import read_metrics
+from ..common.run_dir import RunDir, fresh_directory
+from ..common.tasks.registry import build_task
+from .config import TrainConfig
+from .fleet import connect_ray, driver_tokenizer, resolve_model
+from .tables import markdown, write_table
+from .trainer import Trainer, load_meet_data
+
+# Chain of Hindsight's hand-written control texts, worst level first
+CONTROL_TEXTS = {2: ["a bad sentence:", "a good sentence:"],
+                 3: ["a bad sentence:", "an okay sentence:", "a good sentence:"]}
+
+
+def baseline_data(cfg: TrainConfig, out: Path) -> tuple[Path, Path, int]:
+    """The meet data's best-level rows (SFT) and best-vs-worst pairs of one prompt (DPO, one
+    per best row, the worst drawn with the run's seed) as JSONL; returns them and K."""
+    tokenizer = driver_tokenizer(cfg, resolve_model(cfg))
+    items = load_meet_data(cfg, tokenizer).items
+    raw = read_rows(cfg.meet.data, build_task(cfg.task), "scored")
+    levels = 1 + max(e.level for e in items)
+    best = levels - 1 if cfg.meet.best_level is None else cfg.meet.best_level
+    data = cfg.meet.data
+    prompt, response = data.prompt_column, data.response_column
+    best_rows = [raw[e.index] for e in items if e.level == best]
+    worst: dict[str, list[str]] = {}
+    for e in items:
+        if e.level == 0:
+            worst.setdefault(raw[e.index][prompt], []).append(raw[e.index][response])
+    rng = random.Random(cfg.seed)
+    pairs = [{"prompt": r[prompt], "chosen": r[response],
+              "rejected": rng.choice(worst[r[prompt]])}
+             for r in best_rows if r[prompt] in worst]
+    sft = write_jsonl([{"prompt": r[prompt], "response": r[response]} for r in best_rows],
+                      out / "data" / "sft_best_level.jsonl")
+    return sft, write_jsonl(pairs, out / "data" / "dpo_best_vs_worst.jsonl"), levels
+
+
+def variants(cfg: TrainConfig, sft: Path, pairs: Path, levels: int) -> dict[str, TrainConfig]:
+    meet = cfg.meet
+    epochs = meet.stage1_epochs + meet.stage2_epochs
+    batch = meet.batch_size
+    if levels not in CONTROL_TEXTS:
+        raise ValueError(f"meet-table has Chain of Hindsight texts for 2 or 3 levels, the data "
+                         f"has {levels}")
+    dpo = replace(cfg.dpo, data=DatasetConfig(path=str(pairs)), batch_size=batch)
+    return {
+        "SFT (best level)": replace(cfg, stages=["sft"], sft=replace(
+            cfg.sft, data=DatasetConfig(path=str(sft)), epochs=epochs, batch_size=batch,
+            lr=meet.stage2_lr)),
+        "Chain of Hindsight": replace(cfg, stages=["meet"], meet=replace(
+            meet, control="text", control_texts=CONTROL_TEXTS[levels], stage1_epochs=0,
+            stage2_epochs=epochs)),
+        "DPO": replace(cfg, stages=["dpo"], dpo=replace(dpo, epochs=epochs)),
+        "MEET-LoRA": replace(cfg, stages=["meet"]),
+        "MEET stage 1 only": replace(cfg, stages=["meet"], meet=replace(
+            meet, stage1_epochs=epochs, stage2_epochs=0)),
+        "MEET stage 2 only": replace(cfg, stages=["meet"], meet=replace(
+            meet, stage1_epochs=0, stage2_epochs=epochs)),
+        "MEET-DPO": replace(cfg, stages=["meet", "dpo"], dpo=dpo),
+    }
+
+
+def table_row(run_dir: RunDir) -> dict[str, float]:
+    """The last stage's held-out means (the best level's, for a controlled variant), each
+    level's where the variant has them, the training steps, wall time and peak memory."""
+    summary = run_dir.read_summary()
+    steps = sum(len(read_metrics(run_dir, stage)) for stage in ("sft", "dpo", "meet"))
+    last = summary["stage_evals"][-1]
+    meet = next((row for row in summary["stage_evals"] if row["stage"] == "meet"), {})
+    return {
+        "reward/sampled": last["eval_reward"], "reward/greedy": last["eval_greedy"],
+        **{k.replace("meet/", "reward/"): v for k, v in meet.items() if k.startswith("meet/")},
+        "cost/train_steps": steps, "cost/wall_s": summary["wall_seconds"],
+        "cost/learner_peak_mib": summary["learner_peak_mib"],
+    }
+
+
+def meet_table(cfg: TrainConfig) -> Path:
+    import ray
+
+    out = fresh_directory(cfg.run_dir)
+    sft, pairs, levels = baseline_data(cfg, out)
+    results = {}
+    started = connect_ray(cfg)  # one cluster for every variant (a Trainer leaves it running)
+    try:
+        for name, variant in variants(cfg, sft, pairs, levels).items():
+            print(f"\n== {name}: stages {variant.stages}", flush=True)
+            run_dir = out / name.lower().replace(" ", "_").replace("(", "").replace(")", "")
+            with Trainer(replace(variant, run_dir=str(run_dir))) as trainer:
+                results[name] = table_row(trainer.run())
+    finally:
+        if started:
+            ray.shutdown()
+    write_table(out, "table", results)
+    print(f"\n{markdown(results)}\nwrote {out}/table.md, table.json, table.png")
+    return out

@@ -1,0 +1,108 @@
+"""The meet stage: its config and data checks, level binning, the side-by-side LoRA the fleet
+serves for a level (by hand), and on a real PEFT model that every level's control trains and
+that the served policy of a level is its control and the shared LoRA together."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from lorafleet.cluster.config import load_train_config
+from lorafleet.common.config import LoRAConfig
+from lorafleet.common.configio import ConfigError
+from lorafleet.common.corpora import DatasetConfig, DatasetError, level_of, load_leveled
+from lorafleet.common.records import SFTExample
+from lorafleet.common.tasks.addition import AdditionTask
+from lorafleet.learner.actor import Learner
+from lorafleet.learner.algorithms.registry import PPOConfig
+from lorafleet.learner.meet import SHARED, control_name, side_by_side
+from lorafleet.learner.model import collate
+
+
+def test_side_by_side_sums_the_scaled_updates():
+    # s1 B1 A1 = 0.5 * [[2]] @ [[1, 0]] = [[1, 0]];  s2 B2 A2 = 2 * [[3]] @ [[0, 1]] = [[0, 6]]
+    first = {"m.lora_A.weight": torch.tensor([[1.0, 0.0]]),
+             "m.lora_B.weight": torch.tensor([[2.0]])}
+    second = {"m.lora_A.weight": torch.tensor([[0.0, 1.0]]),
+              "m.lora_B.weight": torch.tensor([[3.0]])}
+    both = side_by_side(first, 0.5, second, 2.0)
+    assert both["m.lora_A.weight"].shape == (2, 2) and both["m.lora_B.weight"].shape == (1, 2)
+    update = both["m.lora_B.weight"] @ both["m.lora_A.weight"]
+    assert torch.equal(update, torch.tensor([[1.0, 6.0]]))
+
+
+def test_level_of_bins_scores():
+    scores = (-0.9, -0.3, 0.0, 0.29, 0.3, 1.0)
+    assert [level_of(s, [-0.3, 0.3]) for s in scores] == [0, 1, 1, 1, 2, 2]
+
+
+def test_meet_config_errors():
+    base = ["stages=[meet]"]
+    cfg = load_train_config(None, [*base, "meet.bins=[-0.5,0,0.5]"])
+    assert cfg.meet.levels == 4 and cfg.served_lora_rank == 16
+    cases = [
+        (["meet.level_column=level"], "set one of meet.level_column and meet.score_column"),
+        (["meet.bins=[0.3,-0.3]"], "meet.bins must be increasing"),
+        (["meet.stage1_epochs=0", "meet.stage2_epochs=0"], "not both 0"),
+        (["meet.control=text", "meet.stage1_epochs=0"], "needs meet.control_texts"),
+        (["meet.control=text", "meet.control_texts=[a,b,c]"], "set meet.stage1_epochs=0"),
+        (["meet.control_texts=[a,b,c]"], "control_texts is for meet.control=text"),
+        (["meet.best_level=3"], r"meet.best_level=3: the levels are 0..2"),
+        (["meet.rank=16"], r"meet.rank \+ lora.rank = 24"),
+    ]
+    for overrides, message in cases:
+        with pytest.raises(ConfigError, match=message):
+            load_train_config(None, [*base, *overrides])
+    with pytest.raises(ConfigError, match="meet stage comes last"):
+        load_train_config(None, ["stages=[meet, rl]", "meet.control=text", "meet.stage1_epochs=0",
+                                 "meet.control_texts=[a,b,c]"])
+    with pytest.raises(ConfigError, match="2 texts for 3 levels"):
+        load_train_config(None, [*base, "meet.control=text", "meet.stage1_epochs=0",
+                                 "meet.control_texts=[a,b]"])
+
+
+def test_leveled_data_from_scores_levels_and_control_texts(tmp_path, tokenizer):
+    rows = [{"prompt": "1+1=", "response": "2", "score": s, "level": lv}
+            for s, lv in ((-0.9, 0), (0.1, 1), (0.8, 1), ("0.5", 1))]
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    task, data = AdditionTask(), DatasetConfig(path=str(path))
+    by_score = load_leveled(data, None, "score", [-0.3, 0.3], task, tokenizer, 64)
+    assert [e.level for e in by_score.items] == [0, 1, 2, 2]  # a CSV-like "0.5" string too
+    by_column = load_leveled(data, "level", None, [], task, tokenizer, 64, ["bad:", "good:"])
+    assert [e.level for e in by_column.items] == [0, 1, 1, 1]
+    assert by_column.items[0].prompt_ids == tokenizer("bad: 1+1=").input_ids
+    with pytest.raises(DatasetError, match="no rows of level 1"):
+        load_leveled(data, None, "score", [-0.5, -0.3, 0.3], task, tokenizer, 64)
+    path.write_text(json.dumps({"prompt": "1+1=", "response": "2", "score": "high"}) + "\n")
+    with pytest.raises(DatasetError, match="row 0: column 'score' is not a finite number"):
+        load_leveled(data, None, "score", [0.0], task, tokenizer, 64)
+
+
+def test_every_control_trains_and_a_level_serves_control_plus_shared(tiny_model_path, tokenizer):
+    learner = Learner(tiny_model_path, LoRAConfig(), PPOConfig(), dtype="float32", seed=0,
+                      threads=2, pad_token_id=tokenizer.pad_token_id)
+    examples = [SFTExample(i, tokenizer(ex.prompt).input_ids,
+                           tokenizer(ex.answer, add_special_tokens=False).input_ids, level=i % 3)
+                for i, ex in enumerate(AdditionTask().examples("train")[:24])]
+    learner.start_meet(3, 8)
+    for with_shared in (False, True):
+        learner.start_meet_phase(2e-3, with_shared)
+        learner.meet_step(examples)
+    names = [control_name(k) for k in range(3)] + [SHARED]
+    for name in names:  # lora_B starts at zero: a trained adapter's is not
+        assert any(p.abs().sum() > 0 for n, p in learner.net.model.named_parameters()
+                   if f".{name}." in n and "lora_B" in n), name
+    batch = collate([e.prompt_ids for e in examples], [e.response_ids for e in examples],
+                    tokenizer.pad_token_id)
+    with torch.no_grad():
+        for level in (2, 0):  # the first call widens the policy to rank 16, the next reuses it
+            learner.use_level(level)
+            served = learner.net.logprobs(batch)
+            both = learner.net.logprobs(batch, adapters=[control_name(level), SHARED])
+            assert learner.publish().peft_config["r"] == 16
+            assert float((served - both).abs().max()) < 1e-5
+        alone = learner.net.logprobs(batch, adapters=[control_name(2), SHARED])
+        assert float((served - alone).abs().max()) > 1e-3  # levels differ
