@@ -316,14 +316,15 @@ class Fleet:
         self, prompts: list[Prompt], *, n: int, temperature: float, seed: int,
         slot: str = POLICY,
     ) -> list[Rollout]:
-        calls = self.submit_generate(prompts, n=n, temperature=temperature, seed=seed)
+        calls = self.submit_generate(prompts, n=n, temperature=temperature, seed=seed, slot=slot)
         return self.collect_generate(prompts, calls, n)
 
     def submit_generate(
-        self, prompts: list[Prompt], *, n: int, temperature: float, seed: int
+        self, prompts: list[Prompt], *, n: int, temperature: float, seed: int,
+        slot: str = POLICY,
     ) -> Calls:
         """`generate` without waiting: the prompts sharded over the workers, queued on each
-        behind its earlier requests (and adapter swaps)."""
+        behind its earlier requests (and adapter swaps); `slot`: the served adapter to use."""
         if not self.rollout.actors:
             raise RuntimeError(f"stages {self.cfg.stages} generate nothing: this fleet has no "
                                "rollout workers")
