@@ -87,7 +87,7 @@ def reward_rules(cfg: TrainConfig, columns: Collection[str] | None = None) -> tu
     key = "reward.fns" if cfg.reward.fns else "task.reward_fn"
     names = tuple(cfg.reward.fns) or (cfg.task.reward_fn,)
     for name in names:
-        fn = get_reward_fn(name, key)
+        fn = get_reward_fn(name, key, cfg.reward.fn_settings())
         if columns is not None:
             check_reward_fn(fn, name, key, columns)
     return names
@@ -111,6 +111,7 @@ def reward_spec(cfg: TrainConfig, model: str | None):
         rules=reward_rules(cfg), rule_weight=reward.rule_weight, model=model,
         model_weight=reward.model_weight, threads=reward.threads_per_actor,
         skip_errors=reward.on_error == "skip", weights=tuple(reward.weights) or None,
+        fn_settings=tuple(reward.fn_settings().items()),
     )
 
 

@@ -5,6 +5,7 @@ cluster/config.py; unknown keys and wrong types raise `ConfigError` naming the k
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -146,6 +147,8 @@ class RewardConfig:
     # contract), summed with `weights` (empty: 1.0 each); empty: the task's own reward
     fns: list[str] = field(default_factory=list)
     weights: list[float] = field(default_factory=list)
+    # the pattern of the format_regex reward (e.g. "^<think>.*</think>"; re.search, DOTALL)
+    format_regex: str | None = None
     batch_size: int = 64  # rollouts per scoring call (the unit of load balancing)
     cpus_per_actor: float = 0.1
     num_gpus_per_actor: float = 0.0  # a reward model on a GPU (a fraction shares one)
@@ -169,12 +172,25 @@ class RewardConfig:
     normalize: Literal["none", "running"] = "none"
     clip: float | None = None
 
+    def fn_settings(self) -> dict[str, str | None]:
+        """The keys reward functions are built from (reward.registry.CONFIGURED_FNS)."""
+        return {"reward.format_regex": self.format_regex}
+
     def validate(self) -> None:
         if self.weights and len(self.weights) != len(self.fns):
             raise ConfigError(f"reward.weights: {len(self.weights)} weights for "
                               f"{len(self.fns)} reward.fns (give one per function, or none)")
         if self.rule_weight == 0 and self.model_weight == 0:
             raise ConfigError("reward.rule_weight and reward.model_weight are both 0")
+        if self.format_regex is not None:
+            if "format_regex" not in self.fns:
+                raise ConfigError("reward.format_regex is the pattern of the format_regex reward; "
+                                  "add format_regex to reward.fns or remove the key")
+            try:
+                re.compile(self.format_regex)
+            except re.error as exc:
+                raise ConfigError(f"reward.format_regex={self.format_regex!r}: not a regular "
+                                  f"expression ({exc})") from exc
         if self.clip is not None and self.clip <= 0:
             raise ConfigError(f"reward.clip must be > 0 (or null), got {self.clip}")
         check_gpus("reward.num_gpus_per_actor", self.num_gpus_per_actor)

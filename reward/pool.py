@@ -31,6 +31,7 @@ class RewardSpec:
     threads: int = 1
     skip_errors: bool = False
     weights: tuple[float, ...] | None = None  # one per rule; None: 1.0 each
+    fn_settings: tuple[tuple[str, str | None], ...] = ()  # RewardConfig.fn_settings()
 
     def combine(
         self, r: Rollout, parts: dict[str, float | None], model_score: float | None
@@ -84,7 +85,8 @@ class RewardWorker:
 
     def __init__(self, spec: RewardSpec) -> None:
         self.spec = spec
-        self.fns = {name: get_reward_fn(name) for name in spec.rules}
+        settings = dict(spec.fn_settings)
+        self.fns = {name: get_reward_fn(name, settings=settings) for name in spec.rules}
         self.model: LearnedReward | None = None
 
     def score(self, rollouts: list[Rollout]) -> list[ScoredRollout]:

@@ -19,7 +19,7 @@ from collections.abc import Callable, Collection
 
 from ..common.configio import ConfigError
 from .nlu import label_match
-from .rules import boxed_format, exact_match, length_penalty, math_verify
+from .rules import boxed_format, exact_match, format_match, length_penalty, math_verify
 from .vader import vader_compound
 
 RewardFn = Callable[..., list[float | None]]
@@ -29,14 +29,25 @@ REWARD_FNS: dict[str, RewardFn] = {
     "exact_match": exact_match, "label_match": label_match, "vader_compound": vader_compound,
     "math_verify": math_verify, "boxed_format": boxed_format, "length_penalty": length_penalty,
 }
+# built from a config key: name -> (the key, the function of its value)
+CONFIGURED_FNS = {"format_regex": ("reward.format_regex", format_match)}
 CONTRACT = "fn(prompts, completions, **kwargs) -> list[float | None] (TRL's reward contract)"
 
 
-def get_reward_fn(name: str, key: str = "reward.fns") -> RewardFn:
-    """A registered name, or `package.module:function` for a user's own; a ConfigError
-    naming `key` (the config key that gave `name`) otherwise."""
-    forms = f"use one of {', '.join(REWARD_FNS)} or package.module:function"
+def get_reward_fn(name: str, key: str = "reward.fns",
+                  settings: dict[str, str | None] | None = None) -> RewardFn:
+    """A registered name, one built from its config key's value in `settings` (e.g.
+    format_regex from reward.format_regex), or `package.module:function` for a user's own; a
+    ConfigError naming `key` (the config key that gave `name`) otherwise."""
+    forms = (f"use one of {', '.join([*REWARD_FNS, *CONFIGURED_FNS])} or "
+             "package.module:function")
     module, colon, attr = name.partition(":")
+    if name in CONFIGURED_FNS:
+        setting, build = CONFIGURED_FNS[name]
+        value = (settings or {}).get(setting)
+        if value is None:
+            raise ConfigError(f"{key}={name!r} needs {setting} (its pattern)")
+        return build(value)
     if not colon:
         if name not in REWARD_FNS:
             raise ConfigError(f"{key}={name!r}: unknown reward function; {forms}")

@@ -33,13 +33,20 @@ def math_verify(completions: list[Completion], answer: list[str], **kwargs) -> l
     ]
 
 
-BOXED = re.compile(r"\\boxed\{[^{}]+\}")
+def format_match(pattern: str):
+    """The format reward of `pattern` (`reward.format_regex`): 1.0 where the completion
+    contains a match (`re.search`, `.` matching newlines too), else 0.0; pair it with a
+    correctness reward by weight."""
+    compiled = re.compile(pattern, re.DOTALL)
+
+    def format_regex(completions: list[Completion], **kwargs) -> list[float]:
+        return [1.0 if compiled.search(completion_text(c)) else 0.0 for c in completions]
+
+    return format_regex
 
 
-def boxed_format(completions: list[Completion], **kwargs) -> list[float]:
-    """1.0 where the completion states an answer as \\boxed{...} (a format reward: pair it
-    with math_verify by weight)."""
-    return [1.0 if BOXED.search(completion_text(c)) else 0.0 for c in completions]
+# an answer stated as \boxed{...}
+boxed_format = format_match(r"\\boxed\{[^{}]+\}")
 
 
 def length_penalty(completion_ids: list[list[int]], **kwargs) -> list[float]:

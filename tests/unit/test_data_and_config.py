@@ -125,7 +125,10 @@ def test_reward_model_config_errors():
      "HF_HUB_OFFLINE is set"),
     ("reward.fns=[nosuch.module:fn]", "reward.fns='nosuch.module:fn': cannot import "
      "'nosuch.module' (No module named 'nosuch'); use one of exact_match, label_match, "
-     "vader_compound, math_verify, boxed_format, length_penalty or package.module:function"),
+     "vader_compound, math_verify, boxed_format, length_penalty, format_regex or "
+     "package.module:function"),
+    ("reward.fns=[format_regex]", "reward.fns='format_regex' needs reward.format_regex (its "
+     "pattern)"),
     ("reward.fns=[nosuch]", "reward.fns='nosuch': unknown reward function; use one of "
      "exact_match"),
     ("reward.fns=[os:nosuch]", "reward.fns='os:nosuch': module 'os' has no 'nosuch'"),

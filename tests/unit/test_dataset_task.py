@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -181,6 +182,19 @@ def test_format_and_length_rewards():
     boxed = get_reward_fn("boxed_format")
     assert boxed(completions=["so \\boxed{7}", "so 7", "\\boxed{}"]) == [1.0, 0.0, 0.0]
     assert get_reward_fn("length_penalty")(completion_ids=[[1, 2, 3], []]) == [-3.0, 0.0]
+    think = get_reward_fn("format_regex", settings={"reward.format_regex": r"^<think>.*</think>"})
+    assert think(completions=["<think>a\nb</think> 7", "7 <think></think>", "<think>7"]) == [
+        1.0, 0.0, 0.0]  # across lines; anchored at the start; unclosed
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["reward.format_regex=^x"], "reward.format_regex is the pattern of the format_regex reward"),
+    (["reward.fns=[format_regex]", "reward.format_regex=(x"],
+     "reward.format_regex='(x': not a regular expression (missing ), unterminated subpattern"),
+])
+def test_format_regex_config_errors(overrides, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_train_config(None, overrides)
 
 
 @pytest.mark.parametrize("overrides, message", [
