@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import random
 
+from ..configio import ConfigError
+
 # (name, pronoun)
 PEOPLE = (("Tom", "He"), ("Ana", "She"), ("Sam", "He"), ("Mia", "She"), ("Leo", "He"),
           ("Zoe", "She"), ("Ben", "He"), ("Eva", "She"))
@@ -56,7 +58,7 @@ def word_problem(rng: random.Random) -> tuple[str, int]:
 def word_problem_rows(rows: int = ROWS, seed: int = SEED) -> list[dict]:
     """`rows` distinct problems as {"prompt": [user message], "answer": "14"}."""
     if rows < 1:
-        raise ValueError(f"word problems: rows must be >= 1, got {rows}")
+        raise ConfigError(f"make-data word-problems: --rows must be >= 1, got {rows}")
     rng = random.Random(seed)
     seen: dict[str, int] = {}
     while len(seen) < rows:
