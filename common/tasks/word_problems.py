@@ -2,8 +2,8 @@
 word-problems OUT.jsonl`): the worked example of bringing your own data, in the layout of a
 hub math set (a `prompt` conversation and an `answer` column that `math_verify` reads).
 
-"Tom has 12 apples. He buys 7 and gives away 5. How many apples does Tom have now?" -> "14":
-a start and 2 or 3 steps that add or take away 1-9, phrased by a few templates; the count
+"Tom has 12 apples. He buys 4 and gives away 5. How many apples does Tom have now?" -> "11":
+a start of 2-12 and 2 or 3 steps that add or take away 1-5, phrased by a few templates; the count
 never goes below zero. Rows are distinct, drawn by a seeded generator.
 """
 
@@ -21,8 +21,8 @@ ITEMS = ("apples", "books", "coins", "pens", "cards", "eggs", "stamps", "shells"
 PERSON_STEPS = (("buys {n}", "finds {n}", "gets {n} more"),
                 ("gives away {n}", "loses {n}", "sells {n}"))
 BOX_STEPS = (("puts in {n}", "adds {n}"), ("takes out {n}", "removes {n}"))
-START = (2, 20)
-STEP = (1, 9)
+START = (2, 12)
+STEP = (1, 5)
 ROWS, SEED = 3000, 0  # deploy/data/word_problems.jsonl
 
 

@@ -209,9 +209,9 @@ def test_make_data_word_problems_writes_the_shipped_file(tmp_path):
     main(["make-data", "word-problems", str(out)])
     assert out.read_bytes() == WORD_PROBLEMS.read_bytes()  # the shipped config's data
     rows = [json.loads(line) for line in out.read_text().splitlines()]
-    assert rows[0] == {"prompt": [{"role": "user", "content": "A box holds 18 stamps. Ben adds "
-                                   "7, takes out 8 and takes out 9. How many stamps are in the "
-                                   "box now?"}], "answer": "8"}  # 18 + 7 - 8 - 9, by hand
+    assert rows[0] == {"prompt": [{"role": "user", "content": "A box holds 10 stamps. Ben adds "
+                                   "4, takes out 4 and takes out 5. How many stamps are in the "
+                                   "box now?"}], "answer": "5"}  # 10 + 4 - 4 - 5, by hand
     assert len({r["prompt"][0]["content"] for r in rows}) == len(rows) == 3000
     assert min(int(r["answer"]) for r in rows) >= 0
     main(["make-data", "word-problems", str(out), "--rows", "5", "--seed", "3"])
