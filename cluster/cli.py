@@ -124,11 +124,19 @@ def cmd_make_data(args: argparse.Namespace) -> None:
     from ..common.tasks.registry import build_task
     from .config import load_train_config
 
+    if (args.rows, args.seed) != (None, None) and args.kind != "word-problems":
+        raise ConfigError("make-data: --rows and --seed are for word-problems only")
     if args.kind == "sentiment":
         from ..common.tasks.vader import write_sst2_layout
 
         for written in write_sst2_layout(Path(args.out)):
             print(f"wrote {written} ({len(written.read_text().splitlines()) - 1} rows)")
+        return
+    if args.kind == "word-problems":
+        from ..common.tasks.word_problems import ROWS, SEED, word_problem_rows
+
+        rows = word_problem_rows(ROWS if args.rows is None else args.rows, args.seed or SEED)
+        print(f"wrote {len(rows)} word problems to {write_jsonl(rows, Path(args.out))}")
         return
     path, overrides = _split_config_and_overrides(args.items)
     task = build_task(load_train_config(path, overrides).task)
@@ -242,10 +250,14 @@ def build_parser() -> argparse.ArgumentParser:
         "make-data", help="write the task's SFT pairs or preference pairs as JSONL (the format "
         "the sft / dpo stages read)",
     )
-    data.add_argument("kind", choices=["sft", "preferences", "sentiment"],
-                      help="sentiment: the VADER-labelled set in SST-2's layout (OUT/SST-2/)")
+    data.add_argument("kind", choices=["sft", "preferences", "sentiment", "word-problems"],
+                      help="sentiment: the VADER-labelled set in SST-2's layout (OUT/SST-2/); "
+                      "word-problems: chat-format arithmetic word problems with an answer "
+                      "column (deploy/data/word_problems.jsonl is the default one)")
     data.add_argument("out", help="output .jsonl path (sentiment: a directory)")
     data.add_argument("--split", default="train", choices=["train", "eval"])
+    data.add_argument("--rows", type=int, help="word-problems: rows (3000)")
+    data.add_argument("--seed", type=int, help="word-problems: generator seed (0)")
     data.add_argument("items", nargs="*", metavar="CONFIG.yaml | key=value",
                       help="the task comes from this config (default: the default task)")
     data.set_defaults(func=cmd_make_data)

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Literal
 
 from .cache import cache_root
+from .data import render_prompt
 from .progress import progress
 from .tasks.base import ModelRecipe
 
@@ -51,13 +52,14 @@ class TinyModelSpec:
         return spec
 
 
-def build_tokenizer(corpus: list[str]):
+def build_tokenizer(corpus: list[str], recipe: ModelRecipe):
     """A byte-level BPE tokenizer (GPT-2 style, so any text round-trips) over the task's corpus;
-    digits stay single tokens so numbers compose."""
+    digits stay single tokens so numbers compose. A chat recipe's tokens are special and the
+    last of them (the end of a turn) is the EOS, so generation stops after one reply."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
-    specials = ["<pad>", "<s>", "</s>", "<unk>"]
+    specials = ["<pad>", "<s>", "</s>", "<unk>", *recipe.chat_tokens]
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [pre_tokenizers.Digits(individual_digits=True),
@@ -72,10 +74,12 @@ def build_tokenizer(corpus: list[str]):
     tok.post_processor = processors.TemplateProcessing(
         single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))]
     )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-        unk_token="<unk>", clean_up_tokenization_spaces=False,
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token=specials[-1] if recipe.chat_tokens
+        else "</s>", pad_token="<pad>", unk_token="<unk>", clean_up_tokenization_spaces=False,
     )
+    tokenizer.chat_template = recipe.chat_template
+    return tokenizer
 
 
 def _init_model(spec: TinyModelSpec, tokenizer):
@@ -102,15 +106,16 @@ def _init_model(spec: TinyModelSpec, tokenizer):
 
 def sft_batches(tokenizer, recipe: ModelRecipe, batch_size: int, seed: int):
     """Endless shuffled batches of (input_ids, attention_mask, labels) of the task's warm-start
-    prompts with the teacher's answers (addition: biased; NLU: unlabelled text after an empty
-    prompt, i.e. language modelling); the loss covers the answer only."""
+    prompts (rendered as the rollouts render them) with the teacher's answers (addition and
+    datasets: biased; NLU: unlabelled text after an empty prompt, i.e. language modelling);
+    the loss covers the answer only."""
     import random
 
     import torch
 
     rng = random.Random(seed)
     examples = recipe.warm_start_examples()
-    prompts = [tokenizer(ex.prompt).input_ids for ex in examples]
+    prompts = [render_prompt(ex, tokenizer)[1] for ex in examples]
     order = list(range(len(examples)))
     while True:
         rng.shuffle(order)
@@ -181,7 +186,7 @@ def build_tiny_model(recipe: ModelRecipe, spec: TinyModelSpec, root: Path | None
         fcntl.flock(lock, fcntl.LOCK_EX)
         if (target / "config.json").exists():  # another process built it while we waited
             return target
-        tokenizer = build_tokenizer(list(recipe.tokenizer_corpus()))
+        tokenizer = build_tokenizer(list(recipe.tokenizer_corpus()), recipe)
         model = _init_model(spec, tokenizer)
         final_loss = warm_start(model, tokenizer, recipe, spec)
         staging = Path(tempfile.mkdtemp(dir=root, prefix=".staging-"))

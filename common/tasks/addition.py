@@ -6,7 +6,7 @@ import random
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
-from .base import ModelRecipe, Task, TaskExample, check_split
+from .base import ModelRecipe, Task, TaskExample, check_split, near_miss, teacher_answer
 
 
 @dataclass(frozen=True)
@@ -48,16 +48,7 @@ class AdditionTask(Task, ModelRecipe):
 
     def demonstration(self, example: TaskExample, rng: random.Random) -> str:
         """The teacher's answer to `example`."""
-        if rng.random() >= self.demo_error_rate:
-            return example.answer
-        if self.demo_slip == "one_high":
-            return str(int(example.answer) + 1)
-        return self.near_miss(example, rng)
-
-    def near_miss(self, example: TaskExample, rng: random.Random) -> str:
-        """The noisy teacher's slip: off by 1 or 10 (|5 - 10| = 5 is the one slip that lands on
-        the gold answer; kept, since the embedded model's recipe depends on it)."""
-        return str(abs(int(example.answer) + rng.choice((-10, -1, 1, 10))))
+        return teacher_answer(example.answer, rng, self.demo_error_rate, self.demo_slip)
 
     def rejected(self, split: str, example: TaskExample, rng: random.Random, kind: str) -> str:
         """A near miss (off by 1 or 10, never the gold sum), or for `"random"` a uniformly
@@ -65,7 +56,7 @@ class AdditionTask(Task, ModelRecipe):
         if kind == "random":
             wrong = rng.randrange(2 * self.max_operand)  # [0, 2 max] without the gold sum
             return str(wrong if wrong < int(example.answer) else wrong + 1)
-        miss = self.near_miss(example, rng)
+        miss = near_miss(example.answer, rng)
         return str(int(example.answer) + 1) if miss == example.answer else miss
 
     def tokenizer_corpus(self) -> Iterator[str]:

@@ -42,6 +42,24 @@ def check_split(split: str) -> None:
         raise ValueError(f"unknown split {split!r}; allowed: 'train', 'eval'")
 
 
+def teacher_answer(gold: str, rng: random.Random, error_rate: float, slip: str) -> str:
+    """The warm start's biased teacher: with probability `error_rate` a slip on the integer
+    answer `gold` instead of it. `one_high`: gold + 1, a systematic habit (a labeller's) that
+    SFT copies and RL against a correctness reward removes; `near_miss`: off by 1 or 10 at
+    random (ignorance, which a short RL run cannot fix)."""
+    if rng.random() >= error_rate:
+        return gold
+    if slip == "one_high":
+        return str(int(gold) + 1)
+    return near_miss(gold, rng)
+
+
+def near_miss(gold: str, rng: random.Random) -> str:
+    """Off by 1 or 10 (|5 - 10| = 5 is the one slip that lands on the gold answer; kept, since
+    the shipped addition model's recipe depends on it)."""
+    return str(abs(int(gold) + rng.choice((-10, -1, 1, 10))))
+
+
 def sft_rows(examples: list[TaskExample]) -> list[dict[str, str]]:
     """A prompt/response dataset with the gold answers (the `sft.data.path=task` stage)."""
     return [{"prompt": ex.prompt, "response": ex.answer} for ex in examples]
@@ -49,7 +67,13 @@ def sft_rows(examples: list[TaskExample]) -> list[dict[str, str]]:
 
 class ModelRecipe(ABC):
     """What the embedded tiny model is built from (`common/tiny_model.py`). `recipe()` is
-    hashed into the model's name: it must stay byte-identical for the shipped models to match."""
+    hashed into the model's name: it must stay byte-identical for the shipped models to match.
+    A recipe with a `chat_template` (Jinja) gets it on its tokenizer, with its special tokens
+    (`chat_tokens`, the last one the end of a turn: the EOS), and is warm-started on prompts
+    rendered with it."""
+
+    chat_template: str | None = None
+    chat_tokens: tuple[str, ...] = ()
 
     @abstractmethod
     def recipe(self) -> dict: ...

@@ -4,21 +4,34 @@ functions (TRL's contract, `reward/registry.py`).
 
 `prompt_column` holds a string or a conversation (a list of {role, content} messages, rendered
 with the tokenizer's chat template when tokenised: `common/data.py: render_prompt`).
+
+With `model.name_or_path=tiny` the embedded model is built from the data (`DatasetModel`): a
+tokenizer over its prompts and `answer` column, Qwen2's chat template (ChatML), and a warm
+start on the training rows' answers from the biased teacher (`task.demo_error_rate`,
+`task.demo_slip`), as for the addition task.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import random
-from dataclasses import dataclass, field, fields
+from collections.abc import Iterator
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
 
 from ..configio import ConfigError
 from ..corpora import TASK_SOURCE, DatasetConfig, LoadedDataset, RowChecker, load_rows, read_source
 from ..data import split_held_out
-from .base import ModelRecipe, Task, TaskExample, check_split
+from .base import ModelRecipe, Task, TaskExample, check_split, teacher_answer
 
 ROLES = ("system", "user", "assistant", "tool")
 # the DatasetConfig keys a prompt dataset reads; the others belong to the offline stages
 PROMPT_KEYS = ("path", "name", "split", "prompt_column", "skip_bad_rows", "max_rows")
+ANSWER_COLUMN = "answer"  # the gold answer the embedded model's warm start imitates
+# Qwen2's chat format (ChatML), without Qwen's default system prompt
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+          "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
 @dataclass
@@ -66,10 +79,13 @@ def conversation(checker: RowChecker, i: int, column: str, value: object) -> lis
 
 class DatasetTask(Task):
     """Prompts and columns of a user's dataset; no gold answers, so no SFT/DPO rows from it
-    (give those stages their own data) and no embedded model (set model.name_or_path)."""
+    (give those stages their own data). The embedded model (`DatasetModel`) needs an `answer`
+    column; `demo_error_rate` and `demo_slip` are its teacher's."""
 
-    def __init__(self, data: PromptDataConfig, seed: int) -> None:
+    def __init__(self, data: PromptDataConfig, seed: int, demo_error_rate: float = 0.7,
+                 demo_slip: str = "one_high") -> None:
         self.data = data
+        self.teacher = (demo_error_rate, demo_slip)
         self.train = self.load(data.train)
         if data.eval is not None:
             self.held_out = self.load(data.eval)
@@ -112,9 +128,53 @@ class DatasetTask(Task):
 
     @property
     def model_recipe(self) -> ModelRecipe:
-        raise ConfigError("task.name=dataset has no embedded model: set model.name_or_path to "
-                          "a model directory or hub name")
+        return DatasetModel(self)
 
     def rejected(self, split: str, example: TaskExample, rng: random.Random, kind: str) -> str:
         raise ConfigError("task.name=dataset has no gold answers to make preference pairs "
                           "from: give the dpo/rm stage its own data (dpo.data.path=...)")
+
+
+class DatasetModel(ModelRecipe):
+    """The embedded model of a prompt dataset with integer answers in its `answer` column
+    (`lorafleet make-data word-problems`): ChatML, a tokenizer over every prompt and answer,
+    and a warm start on the training prompts with the teacher's answers. The recipe covers
+    the rows themselves, so other data builds another model."""
+
+    chat_template = CHATML
+    chat_tokens = ("<|im_start|>", "<|im_end|>")
+
+    def __init__(self, task: DatasetTask) -> None:
+        self.task = task
+
+    def recipe(self) -> dict:
+        rows = [(ex.conversation or ex.prompt, ex.columns) for split in ("train", "eval")
+                for ex in self.task.examples(split)]
+        digest = hashlib.sha256(json.dumps(rows, sort_keys=True, default=str).encode())
+        error_rate, slip = self.task.teacher
+        return {"name": Path(self.task.data.train.path).stem, "rows": digest.hexdigest(),
+                "chat_template": CHATML, "demo_error_rate": error_rate, "demo_slip": slip}
+
+    def tokenizer_corpus(self) -> Iterator[str]:
+        for split in ("train", "eval"):
+            for ex in self.task.examples(split):
+                for message in ex.conversation or [{"role": "user", "content": ex.prompt}]:
+                    yield f"{message['role']}\n{message['content']}"
+                yield f"assistant\n{ex.columns.get(ANSWER_COLUMN, '')}"
+
+    def warm_start_examples(self) -> list[TaskExample]:
+        """The training prompts with their `answer` column as the gold answer."""
+        examples = []
+        for ex in self.task.examples("train"):
+            answer = str(ex.columns.get(ANSWER_COLUMN, "")).strip()
+            if not answer.lstrip("-").isdigit():
+                raise ConfigError(
+                    f"model.name_or_path=tiny on task.name=dataset warm-starts on an integer "
+                    f"{ANSWER_COLUMN!r} column; {self.task.train.source} has prompt "
+                    f"{ex.prompt[:60]!r} with {ANSWER_COLUMN}={answer!r}: give such a column "
+                    "or a model (model.name_or_path)")
+            examples.append(replace(ex, answer=answer))
+        return examples
+
+    def demonstration(self, example: TaskExample, rng: random.Random) -> str:
+        return teacher_answer(example.answer, rng, *self.task.teacher)

@@ -28,8 +28,9 @@ class TaskConfig:
     name: str = "addition"
     reward_fn: str | None = None  # None: the task's own (exact_match, label_match, ...)
     seed: int = 1234
-    # addition: the warm-start teacher slips with probability demo_error_rate; one_high: the
-    # sum + 1 (a systematic habit SFT copies and RL removes), near_miss: off by 1 or 10
+    # addition, and dataset on the embedded model: the warm-start teacher slips with
+    # probability demo_error_rate; one_high: the answer + 1 (a systematic habit SFT copies and
+    # RL removes), near_miss: off by 1 or 10
     max_operand: int = 49
     eval_fraction: float = 0.1
     demo_error_rate: float = 0.7
@@ -111,7 +112,8 @@ TASKS: dict[str, TaskEntry] = {
          "(free text; reward = VADER compound)", "vader_compound"),
     ),
     "dataset": TaskEntry(
-        lambda cfg: DatasetTask(cfg.data, cfg.seed), "exact_match",
+        lambda cfg: DatasetTask(cfg.data, cfg.seed, cfg.demo_error_rate, cfg.demo_slip),
+        "exact_match",
         ("`task.data.train`: a prompt file or hub dataset", "prompt column (text or messages)",
          "scored by reward.fns (TRL's contract)", "the rewards"),
     ),

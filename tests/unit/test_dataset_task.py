@@ -211,3 +211,56 @@ def test_train_names_a_bad_user_dataset_before_ray(
                               f"model.name_or_path={tiny_model_path}", *overrides],
                              tmp_path, capsys, monkeypatch)
     assert err.startswith(f"lorafleet: config error: {message}"), err
+
+
+WORD_PROBLEMS = Path(__file__).parents[2] / "deploy" / "data" / "word_problems.jsonl"
+
+
+def test_make_data_word_problems_writes_the_shipped_file(tmp_path):
+    from lorafleet.cluster.cli import main
+
+    out = tmp_path / "word_problems.jsonl"
+    main(["make-data", "word-problems", str(out)])
+    assert out.read_bytes() == WORD_PROBLEMS.read_bytes()  # the shipped config's data
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert rows[0] == {"prompt": [{"role": "user", "content": "A box holds 10 stamps. Ben adds "
+                                   "4, takes out 4 and takes out 5. How many stamps are in the "
+                                   "box now?"}], "answer": "5"}  # 10 + 4 - 4 - 5, by hand
+    assert len({r["prompt"][0]["content"] for r in rows}) == len(rows) == 3000
+    assert min(int(r["answer"]) for r in rows) >= 0
+    main(["make-data", "word-problems", str(out), "--rows", "5", "--seed", "3"])
+    assert len(out.read_text().splitlines()) == 5
+    with pytest.raises(SystemExit):  # a config error: --rows is for word-problems only
+        main(["make-data", "sft", str(out), "--rows", "5"])
+
+
+def test_dataset_model_recipe_chatml_tokenizer_and_biased_teacher(tmp_path):
+    """The embedded model of a dataset: ChatML with its tokens special (the end of a turn is
+    the EOS), warm-start answers from the `answer` column, one too high 70% of the time."""
+    import random
+
+    from lorafleet.common.data import render_prompt
+    from lorafleet.common.tiny_model import build_tokenizer
+
+    rows = [{"prompt": [{"role": "user", "content": f"Tom has {i} pens. How many?"}],
+             "answer": str(i)} for i in range(20)]
+    recipe = build_task(dataset_cfg(write_rows(tmp_path / "wp.jsonl", rows)).task).model_recipe
+    tokenizer = build_tokenizer(list(recipe.tokenizer_corpus()), recipe)
+    examples = recipe.warm_start_examples()
+    text, ids = render_prompt(examples[0], tokenizer)
+    assert text == (f"<|im_start|>user\n{examples[0].prompt}<|im_end|>\n"
+                    "<|im_start|>assistant\n")
+    assert ids[0] == tokenizer.convert_tokens_to_ids("<|im_start|>")
+    assert tokenizer.eos_token == "<|im_end|>"
+    assert all(ex.answer == ex.columns["answer"] for ex in examples)
+    rng = random.Random(0)
+    slips = [recipe.demonstration(examples[0], rng) for _ in range(1000)]
+    assert set(slips) == {examples[0].answer, str(int(examples[0].answer) + 1)}
+    assert 0.65 < slips.count(str(int(examples[0].answer) + 1)) / 1000 < 0.75
+    assert recipe.recipe()["name"] == "wp"
+    for row in rows:  # other rows, another model; a non-integer answer is named
+        row["answer"] = "seven"
+    other = build_task(dataset_cfg(write_rows(tmp_path / "wp2.jsonl", rows)).task).model_recipe
+    assert other.recipe()["rows"] != recipe.recipe()["rows"]
+    with pytest.raises(ConfigError, match=r"integer 'answer' column.*'Tom has \d+ pens.*seven"):
+        other.warm_start_examples()
