@@ -1,9 +1,10 @@
 """Shared fixtures: the embedded tiny model, a real local Ray cluster, and a check that every
 test module leaves no actor, engine or process running behind it.
 
-Tests sit in three tiers by folder, each marked after it (`pytest -m unit`, ...): unit/ (torch,
+Tests sit in four tiers by folder, each marked after it (`pytest -m unit`, ...): unit/ (torch,
 PEFT and config code in this process, about a minute), ray/ (real Ray actors or a vLLM engine,
-no training job), e2e/ (whole training jobs through the fleet, the CLI or `ray job submit`)."""
+no training job), e2e/ (whole training jobs through the fleet, the CLI or `ray job submit`),
+long/ (jobs that repeat what e2e covers at a larger scale; only when asked for, `-m long`)."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ TESTS_DIR = Path(__file__).parent
 RAY_SYSTEM = ("gcs_server", "raylet", "monitor.py", "dashboard.py", "log_monitor.py")
 RAY_IDLE = ("ray::IDLE", "ray::DashboardAgent", "ray::RuntimeEnvAgent")
 LEFTOVER_WAIT_S = 30  # ray.kill and engine shutdown are asynchronous
-TIERS = ("unit", "ray", "e2e")
+TIERS = ("unit", "ray", "e2e", "long")
 
 
 def pytest_collection_modifyitems(items):
