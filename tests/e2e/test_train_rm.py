@@ -18,7 +18,7 @@ def test_train_rm_is_the_rm_stage_on_the_learner_alone(ray_cluster, tokenizer, t
     fleets = []
     start_fleet = lorafleet.cluster.trainer.start_fleet
     monkeypatch.setattr(lorafleet.cluster.trainer, "start_fleet",
-                        lambda *args, **kwargs: fleets.append(start_fleet(*args, **kwargs)) or fleets[-1])
+                        lambda *args, **kw: fleets.append(start_fleet(*args, **kw)) or fleets[-1])
     directory = train_reward_model("deploy/configs/rm.yaml", [
         f"run_dir={tmp_path / 'rm'}", "rm.epochs=1", "rm.data.max_rows=320",
     ])
