@@ -5,6 +5,7 @@ group fans calls out to its actors and brings a restarted actor back before re-s
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -162,6 +163,7 @@ class ActorGroup:
         self.spec = spec
         self.actors = actors
         self.restarts = 0
+        self.pids: dict[int, int] = {}  # actor index -> its process after its last recovery
         self.revive: Callable[[int], None] | None = None
         self.on_restart: Callable[[str], None] | None = None  # callback(role), e.g. a metric
 
@@ -235,6 +237,13 @@ class ActorGroup:
                     f"{what} died and was not restarted (ray.max_actor_restarts="
                     f"{self.spec.max_restarts} used up, or its node is gone)"
                 ) from exc
+        pid = ray.get(actor.__ray_call__.remote(lambda _: os.getpid()))
+        if self.pids.get(i) == pid:
+            # The process that came back last time: a call that was under way when the actor
+            # died can fail again on the dead process's connection, after the restart
+            print(f"{what}: a call failed on the dead process; sending it again", flush=True)
+            return
+        self.pids[i] = pid
         if self.revive is not None:
             self.revive(i)
         self.restarts += 1
