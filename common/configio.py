@@ -23,6 +23,9 @@ class ConfigError(ValueError):
     """Invalid configuration; the message names the dotted key and what is allowed."""
 
 
+YAML_BOOL_WORDS = {False: ("off", "no", "false"), True: ("on", "yes", "true")}
+
+
 class _OverrideStr(str):
     """A string that came from a command-line override; only these may spell a bool as text."""
 
@@ -54,6 +57,9 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
         for allowed in args:
             # True == 1, so bool-ness must match too; return the declared member, not the input.
             if value == allowed and isinstance(value, bool) == isinstance(allowed, bool):
+                return allowed
+            # YAML 1.1 reads a bare off / no (on / yes) as a bool: `autocast: off` means "off"
+            if isinstance(value, bool) and str(allowed).lower() in YAML_BOOL_WORDS[value]:
                 return allowed
         choices = ", ".join(repr(a) for a in args)
         raise ConfigError(f"{key}: expected one of {choices}, got {value!r}")

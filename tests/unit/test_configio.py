@@ -50,6 +50,11 @@ class Config:
 
 
 @dataclass
+class Switch:
+    autocast: Literal["auto", "off"] = "auto"
+
+
+@dataclass
 class Named:
     name: str
 
@@ -110,6 +115,15 @@ def test_literal_error_lists_allowed_values() -> None:
         from_dict(Config, {"optim": {"grad_accum": True}})
     # The declared member is stored, so 2.0 from YAML becomes the int 2.
     assert type(from_dict(Optim, {"grad_accum": 2.0}).grad_accum) is int
+
+
+def test_literal_member_yaml_reads_as_a_bool(tmp_path: Path) -> None:
+    """YAML 1.1 reads a bare off as False: `autocast: off` in a file or `autocast=off` on the
+    command line is still the member "off" (learner.autocast once rejected both)."""
+    assert load_config(Switch, None, ["autocast=off"]).autocast == "off"
+    assert load_config(Switch, write(tmp_path, "autocast: Off\n")).autocast == "off"
+    with pytest.raises(ConfigError, match=r"^autocast: expected one of 'auto', 'off', got True$"):
+        load_config(Switch, None, ["autocast=yes"])
 
 
 def test_unknown_key_names_dotted_key_and_sorted_allowed_keys(tmp_path: Path) -> None:
