@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..common.cache import cache_root
-from ..common.devices import native_bf16
+from ..common.devices import attention_kernel, native_bf16
 from ..common.run_dir import RunDir
 
 TRL_VERSION = "1.16.0"
@@ -84,8 +84,11 @@ def run_lorafleet(overrides: list[str], run_dir: Path) -> dict:
     from ..common.metrics import read_metrics
 
     rows = read_metrics(RunDir(run_dir))
+    summary = RunDir(run_dir).read_summary()
     return dict(
         command_seconds=seconds, first_step_seconds=first_row_at - rows[0]["step_seconds"],
+        startup_seconds=summary["startup_seconds"],
+        start_eval_seconds=summary["start_eval_seconds"],
         step_seconds=[r["step_seconds"] for r in rows], samples=[r["samples"] for r in rows],
         reward=[r["reward_mean"] for r in rows],
         train_seconds=[r["train_seconds"] for r in rows],
@@ -144,6 +147,7 @@ def trl_main(spec: dict) -> None:
 
     args = GRPOConfig(
         output_dir=spec["output_dir"], max_steps=spec["steps"], seed=spec["seed"],
+        model_init_kwargs={"attn_implementation": spec["attention"]},
         per_device_train_batch_size=PROMPTS * SAMPLES, num_generations=SAMPLES,
         max_completion_length=spec["max_new_tokens"], temperature=1.0,
         learning_rate=LR, lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=1.0,
@@ -178,9 +182,11 @@ def matmul_gflops(dtype: str, threads: int, n: int = 2048, repeats: int = 5) -> 
     return 2 * n**3 * repeats / (time.perf_counter() - start) / 1e9
 
 
-def learner_gflops(cfg, model_path: str, response_tokens: int, steps: int = 3) -> dict:
-    """One GRPO update as the run's learner makes it (same config, threads, autocast) on a
-    batch of the scale's shape: torch's FLOP count of the update over its median time."""
+def learner_gflops(cfg, model_path: str, response_tokens: int, attention: str,
+                   steps: int = 3) -> dict:
+    """One GRPO update as the run's learner makes it (same config, threads, autocast; the
+    `attention` kernel) on a batch of the scale's shape: torch's FLOP count of the update over
+    its median time."""
     from torch.utils.flop_counter import FlopCounterMode
     from transformers import AutoTokenizer
 
@@ -192,7 +198,7 @@ def learner_gflops(cfg, model_path: str, response_tokens: int, steps: int = 3) -
     learner = learner_class(cfg.algo)(
         model_path, cfg.lora, cfg.algo, dtype=cfg.model.dtype, seed=0,
         threads=cfg.learner.threads, pad_token_id=pad_token_id(tokenizer),
-        autocast=cfg.learner.autocast,
+        autocast=cfg.learner.autocast, attn_implementation=attention,
     )
     setup = BenchSetup(prompts=PROMPTS, samples=SAMPLES, prompt_tokens=6,
                        response_tokens=response_tokens)
@@ -227,7 +233,9 @@ def bench_vs_trl(path: str | None, overrides: list[str], scales: list[str], seed
         return results
     bf16 = autocast == "bf16" or (autocast == "auto" and native_bf16("cpu"))
     autocast = "bf16" if bf16 else "off"  # both sides alike
-    results: dict = {"autocast": autocast, "seeds": seeds, "scales": {}}
+    # both sides use the learner's attention kernel (eager on the CPU: common/devices.py)
+    attention = attention_kernel(None, "cpu")
+    results: dict = {"autocast": autocast, "attention": attention, "seeds": seeds, "scales": {}}
     threads = os.cpu_count() or 1
     results["peak_gflops"] = {d: matmul_gflops(d, threads) for d in ("float32", "bfloat16")}
     for name in scales:
@@ -242,10 +250,14 @@ def bench_vs_trl(path: str | None, overrides: list[str], scales: list[str], seed
             trl_dir.mkdir(parents=True, exist_ok=True)
             theirs = run_trl(dict(
                 model=model_path, steps=scale.steps, seed=seed, bf16=bf16, threads=threads,
-                max_new_tokens=scale.max_new_tokens, output_dir=str(trl_dir)))
+                max_new_tokens=scale.max_new_tokens, output_dir=str(trl_dir),
+                attention=attention))
             ours = run_lorafleet(keys, run_dir)
             runs.append({"seed": seed, "lorafleet": ours, "trl": theirs})
-        learner = learner_gflops(cfg, model_path, scale.max_new_tokens)
+        # the run's kernel, and the other one for comparison (sdpa: transformers' default)
+        learner = learner_gflops(cfg, model_path, scale.max_new_tokens, attention)
+        learner["sdpa_seconds"] = learner_gflops(
+            cfg, model_path, scale.max_new_tokens, "sdpa")["seconds"]
         results["scales"][name] = {"scale": asdict(scale), "runs": runs, "learner": learner}
         print_scale(name, scale, runs, learner, results)
     (out_dir / "vs_trl.json").write_text(json.dumps(results, indent=1))
@@ -270,7 +282,8 @@ def print_scale(name: str, scale: Scale, runs: list[dict], learner: dict, result
     peak = results["peak_gflops"]
     print(f"\nvs TRL {TRL_VERSION}, {name} scale: {learner['params'] / 1e6:.1f}M-param model, "
           f"{PROMPTS} prompts x {SAMPLES} samples x <= {scale.max_new_tokens} new tokens, "
-          f"{scale.steps} steps, learner autocast {results['autocast']}, seeds {results['seeds']}")
+          f"{scale.steps} steps, learner autocast {results['autocast']}, "
+          f"{results['attention']} attention on both sides, seeds {results['seeds']}")
     print(f"  {'':34}{'TRL':>14}{'lorafleet':>14}{'ratio':>10}")
     for label, key in (("samples/s (steady)", "rate"), ("whole command (s)", "command_seconds"),
                        ("command -> first step (s)", "first_step_seconds")):
@@ -278,6 +291,10 @@ def print_scale(name: str, scale: Scale, runs: list[dict], learner: dict, result
         ratio = statistics.mean(ours) / statistics.mean(trl)
         ratio = ratio if key == "rate" else 1 / ratio  # > 1: lorafleet better
         print(f"  {label:34}{spread(trl):>14}{spread(ours):>14}{ratio:>9.2f}x")
+    startup, start_eval = (spread(figures(key, "lorafleet"))
+                           for key in ("startup_seconds", "start_eval_seconds"))
+    print(f"  lorafleet's first step, after its imports: start-up (inputs, Ray, the actors, "
+          f"the first sync) {startup} s, the start evaluation {start_eval} s")
     for run in runs:
         for side in ("trl", "lorafleet"):
             curve = " ".join(f"{r:.2f}" for r in run[side]["reward"])
@@ -285,6 +302,8 @@ def print_scale(name: str, scale: Scale, runs: list[dict], learner: dict, result
     print(f"  learner update ({learner['autocast']}): {learner['gflop']:.0f} GFLOP in "
           f"{learner['seconds']:.1f} s = {learner['gflops']:.0f} GFLOP/s; matmul peak here: "
           f"float32 {peak['float32']:.0f}, bfloat16 {peak['bfloat16']:.0f} GFLOP/s")
+    print(f"  the same update with {results['attention']} attention {learner['seconds']:.2f} s, "
+          f"with sdpa (transformers' default) {learner['sdpa_seconds']:.2f} s")
 
 
 if __name__ == "__main__":

@@ -309,6 +309,8 @@ class Trainer:
             self.load_learner_state()
             self.fleet.sync_adapter()
             self.running = stack.pop_all()
+        self.startup_seconds = time.perf_counter() - self.start_time
+        self.start_eval_seconds: float | None = None  # the held-out evaluation before stage 1
 
     def restore(self) -> None:
         """Where the run stood at its last checkpoint; the logs after it are dropped."""
@@ -726,7 +728,9 @@ class Trainer:
                 self.checkpoint(f"stage{index + 1}_{stage}", index + 1, 0)
                 continue
             if not self.stage_evals:
+                start = time.perf_counter()
                 self.stage_evals = [{"stage": "start", **self.evaluate()}]
+                self.start_eval_seconds = time.perf_counter() - start
             if stage == "meet":
                 evals = self.run_meet_stage(self.stage_data[stage], index)
             else:
@@ -754,6 +758,10 @@ class Trainer:
             "reward_model": self.reward_model,
             "reward_model_eval": self.rm_eval,
             "wall_seconds": time.perf_counter() - self.start_time,
+            # inputs, Ray, the actors, the first adapter sync; then the start evaluation (None:
+            # a resumed run does not repeat it)
+            "startup_seconds": self.startup_seconds,
+            "start_eval_seconds": self.start_eval_seconds,
             "learner_peak_mib": ray.get(self.fleet.learner.peak_memory_mib.remote()),
             **(summarize(rl_rows) if rl_rows else {}),
         }

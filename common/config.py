@@ -29,7 +29,8 @@ class ModelConfig:
     # a Jinja chat template in place of the tokenizer's own (renders conversational prompts)
     chat_template: str | None = None
     # the learner's attention kernel (transformers' attn_implementation; flash_attention_2
-    # needs the flash-attn package and a GPU); None: transformers' choice
+    # needs the flash-attn package and a GPU); None: eager on the CPU (faster there), else
+    # transformers' choice (common/devices.py attention_kernel)
     attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] | None = None
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from ..common.devices import attention_kernel
 from ..common.records import AdapterSnapshot, ScoredRollout
 
 # Ray warns on every zero-copy tensor it serialises; snapshot() below hands it detached clones.
@@ -113,7 +114,8 @@ class PolicyValueModel:
         from transformers import AutoModelForCausalLM
 
         torch.manual_seed(seed)
-        attention = {"attn_implementation": attn_implementation} if attn_implementation else {}
+        kernel = attention_kernel(attn_implementation, torch.device(device).type)
+        attention = {"attn_implementation": kernel} if kernel else {}
         base = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, **attention)
         base.config.use_cache = False
         if gradient_checkpointing:

@@ -27,6 +27,9 @@ def test_each_scale_is_a_one_step_grpo_run(name, tmp_path):
     # the one-step update takes its old log-probs from its own pass (what TRL does)
     assert not algo.needs_old_logp_first and algo.uses_reference
     assert cfg.rollout.max_new_tokens == scale.max_new_tokens and cfg.seed == 3
+    # --autocast off reaches the run as "off" (YAML once read it as False, a config error)
+    off = load_train_config(None, lorafleet_overrides(scale, 3, "off", tmp_path / "run"))
+    assert off.learner.autocast == "off"
 
 
 def test_steady_rate_leaves_out_the_warm_up_steps():

@@ -8,7 +8,7 @@ import torch
 
 from helpers import contrast_batch
 from lorafleet.common.config import LoRAConfig
-from lorafleet.common.devices import autocast_dtype, native_bf16
+from lorafleet.common.devices import attention_kernel, autocast_dtype, native_bf16
 from lorafleet.common.tasks.addition import AdditionTask
 from lorafleet.learner.actor import Learner
 from lorafleet.learner.algorithms.registry import (
@@ -202,6 +202,14 @@ def test_autocast_setting():
     assert autocast_dtype("auto", "cpu", "float32") == ("bfloat16" if native_bf16("cpu") else None)
 
 
+def test_attention_kernel_default():
+    """eager on the CPU unless model.attn_implementation says otherwise; transformers' choice
+    on a GPU. The learner below is built on the CPU with no setting."""
+    assert attention_kernel(None, "cpu") == "eager"
+    assert attention_kernel("sdpa", "cpu") == "sdpa"
+    assert attention_kernel(None, "cuda") is None
+
+
 def test_bf16_autocast_learns_on_float32_weights(tiny_model_path, tokenizer):
     """bf16 matmuls in the update; the LoRA weights, their Adam moments and the probe check
     stay float32."""
@@ -210,6 +218,7 @@ def test_bf16_autocast_learns_on_float32_weights(tiny_model_path, tokenizer):
         tiny_model_path, LoRAConfig(), algo, dtype="float32", seed=0, threads=2,
         pad_token_id=tokenizer.pad_token_id, autocast="bf16",
     )
+    assert learner.net.model.config._attn_implementation == "eager"  # the CPU default
     dtypes = set()
     layer = learner.net.model.get_base_model().model.layers[0].self_attn.q_proj.base_layer
     hook = layer.register_forward_hook(lambda module, args, out: dtypes.add(out.dtype))
