@@ -16,7 +16,7 @@ from torch import Tensor
 from ..common.config import DEFAULT_MAX_BEHAVIOUR_WEIGHT, LoRAConfig
 from ..common.devices import actor_device, autocast_dtype, model_dtype
 from ..common.records import AdapterSnapshot, ProbeResult, ScoredRollout, TrainStats
-from .algorithms.off_policy import behaviour_weights
+from .algorithms.off_policy import behaviour_weights, weighted_token_mean
 from .algorithms.ppo import kl_penalty, masked_mean
 from .algorithms.registry import AlgoConfig
 from .model import DTYPES, POLICY, VALUE, PolicyValueModel, TokenBatch, collate, collate_scored
@@ -57,10 +57,12 @@ class BatchContext:
 
     @property
     def kl(self) -> float | None:
-        """Per-token k3 KL(sampling policy || reference) on the batch's own samples."""
+        """Per-token k3 KL(learner || reference), on the batch's samples weighted by their
+        behaviour weights (all 1 on-policy)."""
         if self.ref_logp is None:
             return None
-        return float(masked_mean(kl_penalty(self.old_logp, self.ref_logp, "k3"), self.batch.mask))
+        kl = kl_penalty(self.old_logp, self.ref_logp, "k3")
+        return float(weighted_token_mean(kl, self.behaviour_weights, self.batch.mask))
 
 
 # (micro-batch, its row indices in the batch) -> (loss, metrics)
@@ -200,7 +202,8 @@ class LearnerBase:
         if self.algo.kl_mode != "loss" or not self.algo.uses_reference:
             return loss
         kl = kl_penalty(logp, ctx.ref_logp[rows], "k3")
-        return loss + self.algo.kl_coef * masked_mean(kl, mask)
+        return loss + self.algo.kl_coef * weighted_token_mean(
+            kl, ctx.behaviour_weights[rows], mask)
 
     def step(self, loss: Tensor, params: list, optimizer: torch.optim.Optimizer) -> Tensor:
         optimizer.zero_grad(set_to_none=True)

@@ -15,8 +15,8 @@ from lorafleet.cluster.config import load_train_config
 from lorafleet.common.config import LoRAConfig
 from lorafleet.common.configio import ConfigError
 from lorafleet.learner.algorithms.critic_free import sequence_advantage_loss
-from lorafleet.learner.algorithms.off_policy import behaviour_weights
-from lorafleet.learner.algorithms.ppo import ppo_policy_loss
+from lorafleet.learner.algorithms.off_policy import behaviour_weights, weighted_token_mean
+from lorafleet.learner.algorithms.ppo import kl_penalty, masked_mean, ppo_policy_loss
 from lorafleet.learner.algorithms.registry import GRPOConfig
 from lorafleet.learner.base import SyncError
 from lorafleet.learner.critic_free_learner import GRPOLearner
@@ -32,6 +32,24 @@ def test_behaviour_weights_are_truncated_ratios_zero_on_padding() -> None:
     mask = t([1.0, 1.0, 0.0])
     # 0.5 / 0.25 = 2; 0.9 / 0.1 = 9 -> cap 5; padding -> 0
     assert_close(behaviour_weights(prox, behaviour, mask, cap=5.0), t([2.0, 5.0, 0.0]))
+
+
+def test_k3_kl_on_another_policys_samples_is_weighted_back() -> None:
+    # token 1: the learner finds it unlikely (pi 1e-6) where mu and the reference do not
+    # (0.5): k3 = 0.5 / 1e-6 - log(5e5) - 1 = 499985.9; weight pi / mu = 2e-6 -> 1.0;
+    # token 2 on-policy (pi = mu = 0.4, ref 0.2): k3 = 0.5 - log 0.5 - 1 = 0.19315, weight 1
+    logp = t([math.log(1e-6), math.log(0.4), 0.0])
+    ref = t([math.log(0.5), math.log(0.2), 0.0])
+    mu = t([math.log(0.5), math.log(0.4), 0.0])
+    mask = t([1.0, 1.0, 0.0])
+    kl = kl_penalty(logp, ref, "k3")
+    assert_close(masked_mean(kl, mask), torch.tensor((499985.9 + 0.19315) / 2), rtol=1e-4,
+                 atol=0)
+    weights = behaviour_weights(logp, mu, mask, cap=5.0)
+    assert_close(weighted_token_mean(kl, weights, mask), torch.tensor((1.0 + 0.19315) / 2),
+                 rtol=1e-4, atol=0)
+    # on-policy (weights = mask) it is the plain mean, to the bit
+    assert torch.equal(weighted_token_mean(kl, mask, mask), masked_mean(kl, mask))
 
 
 def test_decoupled_loss_weights_each_token_of_the_clipped_objective() -> None:
