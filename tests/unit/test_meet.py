@@ -7,13 +7,15 @@ them and the shared LoRA, and a level's snapshot carries its soft prompt, checks
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
-from lorafleet.cluster.config import load_train_config
+from lorafleet.cluster.config import TrainConfig, load_train_config
+from lorafleet.cluster.meet_table import over_seeds, variants
 from lorafleet.common.config import LoRAConfig
-from lorafleet.common.configio import ConfigError
+from lorafleet.common.configio import ConfigError, from_dict, to_dict
 from lorafleet.common.corpora import DatasetConfig, DatasetError, level_of, load_leveled
 from lorafleet.common.records import SFTExample
 from lorafleet.common.tasks.addition import AdditionTask
@@ -21,6 +23,8 @@ from lorafleet.learner.actor import Learner
 from lorafleet.learner.algorithms.registry import PPOConfig
 from lorafleet.learner.meet import SHARED, control_name, side_by_side
 from lorafleet.learner.model import collate
+
+CONFIG = Path(__file__).parents[2] / "deploy" / "configs" / "meet_vader.yaml"
 
 
 def test_side_by_side_sums_the_scaled_updates():
@@ -169,3 +173,26 @@ def test_soft_prompt_controls(tiny_model_path, tokenizer):
         learner.use_level(2)
         assert float((net.logprobs(batch) - net.logprobs(batch, adapters=[SHARED])
                       ).abs().max()) < 1e-5
+
+
+def test_meet_table_variants_are_valid_configs_and_margins_over_seeds():
+    cfg = load_train_config(CONFIG)
+    runs = variants(cfg, Path("sft.jsonl"), Path("pairs.jsonl"), 3)
+    assert runs["MEET soft prompt"].meet.control == "prompt"
+    for name, variant in runs.items():  # each passes the checks a loaded config passes
+        assert from_dict(TrainConfig, to_dict(variant)).stages == variant.stages, name
+    seeds = {s: {name: {"reward/sampled": value + s, "reward/greedy": value - s,
+                        "cost/wall_s": 10.0 * (s + 1)}
+                 for name, value in (("SFT (best level)", 0.1), ("Chain of Hindsight", 0.0),
+                                     ("DPO", 0.2), ("MEET-LoRA", 0.3))}
+             for s in (0, 1)}
+    seeds[1]["DPO"]["reward/sampled"] = 0.0  # MEET-LoRA - DPO, sampled: 0.3 - 0.2, 1.3 - 0.0
+    table, margins = over_seeds(seeds)
+    assert table["MEET-LoRA"] == pytest.approx({
+        "reward/sampled seed 0": 0.3, "reward/sampled seed 1": 1.3, "reward/sampled mean": 0.8,
+        "reward/greedy seed 0": 0.3, "reward/greedy seed 1": -0.7, "reward/greedy mean": -0.2,
+        "cost/wall_s mean": 15.0})
+    assert list(margins) == ["MEET-LoRA"]
+    assert margins["MEET-LoRA"]["sampled/over DPO: min"] == pytest.approx(0.1)
+    assert margins["MEET-LoRA"]["sampled/over DPO: max"] == pytest.approx(1.3)
+    assert margins["MEET-LoRA"]["greedy/over SFT (best level): max"] == pytest.approx(0.2)
