@@ -196,3 +196,26 @@ def test_meet_table_variants_are_valid_configs_and_margins_over_seeds():
     assert margins["MEET-LoRA"]["sampled/over DPO: min"] == pytest.approx(0.1)
     assert margins["MEET-LoRA"]["sampled/over DPO: max"] == pytest.approx(1.3)
     assert margins["MEET-LoRA"]["greedy/over SFT (best level): max"] == pytest.approx(0.2)
+
+
+def test_text_controls_train_the_shared_lora_and_the_policy_becomes_it(tiny_model_path,
+                                                                       tokenizer):
+    learner = Learner(tiny_model_path, LoRAConfig(), PPOConfig(), dtype="float32", seed=0,
+                      threads=2, pad_token_id=tokenizer.pad_token_id)
+    examples = [SFTExample(i, tokenizer(ex.prompt).input_ids,
+                           tokenizer(ex.answer, add_special_tokens=False).input_ids, level=i % 2)
+                for i, ex in enumerate(AdditionTask().examples("train")[:16])]
+    learner.start_meet("text", 2, 0)  # Chain of Hindsight: the control text is in the prompts
+    learner.start_meet_phase(1e-2, with_shared=True)
+    weights = {n: p.detach().clone() for n, p in learner.net.model.named_parameters()}
+    learner.meet_step(examples)
+    changed = {n for n, p in learner.net.model.named_parameters() if not torch.equal(p, weights[n])}
+    assert changed and all(f".{SHARED}." in n for n in changed)
+    batch = collate([e.prompt_ids for e in examples], [e.response_ids for e in examples],
+                    tokenizer.pad_token_id)
+    with torch.no_grad():
+        learner.use_level(1)
+        gap = learner.net.logprobs(batch) - learner.net.logprobs(batch, adapters=[SHARED])
+        assert float(gap.abs().max()) < 1e-5
+        assert float((learner.net.logprobs(batch) - learner.net.reference_logprobs(batch)
+                      ).abs().max()) > 1e-3
