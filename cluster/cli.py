@@ -177,7 +177,8 @@ def cmd_meet_table(args: argparse.Namespace) -> None:
     from .meet_table import meet_table
 
     path, overrides = _split_config_and_overrides(args.items)
-    meet_table(load_train_config(path, overrides))
+    seeds = None if args.seeds is None else _int_list(args.seeds, "--seeds")
+    meet_table(load_train_config(path, overrides), seeds)
 
 
 def cmd_validate(args: argparse.Namespace) -> None:
@@ -279,10 +280,14 @@ def build_parser() -> argparse.ArgumentParser:
     table.add_argument("--shots", type=int, default=4, help="k of the k-shot row (4)")
     table.set_defaults(func=cmd_nlu_table)
     meet = sub.add_parser(
-        "meet-table", help="MEET against SFT (best level), Chain of Hindsight, DPO, its stage "
-        "ablations and MEET-DPO on the meet stage's data: table.md, table.json, table.png",
+        "meet-table", help="MEET (LoRA and soft-prompt controls) against SFT (best level), "
+        "Chain of Hindsight, DPO, its stage ablations and MEET-DPO on the meet stage's data: "
+        "table.md, table.json, table.png",
     )
     meet.add_argument("items", nargs="*", metavar="CONFIG.yaml | key=value")
+    meet.add_argument("--seeds", help="comma-separated seeds: a table per seed (RUN_DIR/seedS) "
+                      "and one over them, with each MEET variant's min/max margin over each "
+                      "baseline (default: the config's seed alone)")
     meet.set_defaults(func=cmd_meet_table)
     check = sub.add_parser(
         "validate", help="check `ray up` cluster YAMLs (Ray's validator) and KubeRay RayJob "

@@ -95,10 +95,12 @@ class TrainConfig:
         meet = self.meet
         if self.stages.count("meet") > 1:
             raise ConfigError(f"stages {self.stages}: one meet stage per run")
-        if meet.control == "text" and self.stages[-1] != "meet":
-            raise ConfigError(f"stages {self.stages}: with meet.control=text (Chain of "
-                              "Hindsight) the meet stage comes last (later stages would need "
-                              "the control text in every prompt)")
+        if meet.control != "lora" and self.stages[-1] != "meet":
+            needs = {"text": "the control text in every prompt (Chain of Hindsight)",
+                     "prompt": "the soft prompt before every prompt, in the learner's passes "
+                               "and in generation (not built)"}[meet.control]
+            raise ConfigError(f"stages {self.stages}: with meet.control={meet.control} the meet "
+                              f"stage comes last (later stages would need {needs})")
         levels = meet.levels
         if levels is not None and meet.control == "text" and len(meet.control_texts) != levels:
             raise ConfigError(f"meet.control_texts: {len(meet.control_texts)} texts for "
@@ -114,8 +116,13 @@ class TrainConfig:
         """The policy LoRA's rank in vLLM: after a meet stage with LoRA controls, a level's
         control and the shared policy side by side."""
         if "meet" in self.stages and self.meet.control == "lora":
-            return self.lora.rank + self.meet.rank
+            return self.lora.rank + self.meet.control_size
         return self.lora.rank
+
+    @property
+    def serves_soft_prompts(self) -> bool:
+        """The rollout workers take prompts as embeddings (meet's soft-prompt controls)."""
+        return "meet" in self.stages and self.meet.control == "prompt"
 
     @property
     def uses_reward_model(self) -> bool:

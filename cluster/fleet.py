@@ -376,6 +376,7 @@ def start_fleet(
         kv_cache_gib=cfg.rollout.kv_cache_gib, threads=cfg.rollout.threads_per_worker,
         tensor_parallel_size=cfg.rollout.tensor_parallel_size,
         gpu_memory_utilization=cfg.rollout.gpu_memory_utilization, max_loras=1 + served_levels,
+        prompt_embeds=cfg.serves_soft_prompts,
     )
     rewards = ActorGroup.start(reward_group, placement, reward)
     fleet = Fleet(cfg, placement, learner, rollout, rewards, probe_ids)

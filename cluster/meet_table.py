@@ -22,6 +22,8 @@ from .fleet import connect_ray, driver_tokenizer, resolve_model
 from .tables import markdown, write_table
 from .trainer import Trainer, load_meet_data
 
+# the variants a MEET variant's margin is taken over (`--seeds`)
+BASELINES = ("SFT (best level)", "Chain of Hindsight", "DPO")
 # Chain of Hindsight's hand-written control texts, worst level first
 CONTROL_TEXTS = {2: ["a bad sentence:", "a good sentence:"],
                  3: ["a bad sentence:", "an okay sentence:", "a good sentence:"]}
@@ -64,10 +66,12 @@ def variants(cfg: TrainConfig, sft: Path, pairs: Path, levels: int) -> dict[str,
             cfg.sft, data=DatasetConfig(path=str(sft)), epochs=epochs, batch_size=batch,
             lr=meet.stage2_lr)),
         "Chain of Hindsight": replace(cfg, stages=["meet"], meet=replace(
-            meet, control="text", control_texts=CONTROL_TEXTS[levels], stage1_epochs=0,
-            stage2_epochs=epochs)),
+            meet, control="text", rank=None, control_texts=CONTROL_TEXTS[levels],
+            stage1_epochs=0, stage2_epochs=epochs)),
         "DPO": replace(cfg, stages=["dpo"], dpo=replace(dpo, epochs=epochs)),
         "MEET-LoRA": replace(cfg, stages=["meet"]),
+        "MEET soft prompt": replace(cfg, stages=["meet"], meet=replace(
+            meet, control="prompt", rank=None)),
         "MEET stage 1 only": replace(cfg, stages=["meet"], meet=replace(
             meet, stage1_epochs=epochs, stage2_epochs=0)),
         "MEET stage 2 only": replace(cfg, stages=["meet"], meet=replace(
@@ -91,22 +95,69 @@ def table_row(run_dir: RunDir) -> dict[str, float]:
     }
 
 
-def meet_table(cfg: TrainConfig) -> Path:
+def variant_results(cfg: TrainConfig, out: Path) -> dict[str, dict[str, float]]:
+    """Every variant run under `out` (on the connected Ray cluster); writes out/table.*."""
+    sft, pairs, levels = baseline_data(cfg, out)
+    results = {}
+    for name, variant in variants(cfg, sft, pairs, levels).items():
+        print(f"\n== seed {cfg.seed}, {name}: stages {variant.stages}", flush=True)
+        run_dir = out / name.lower().replace(" ", "_").replace("(", "").replace(")", "")
+        with Trainer(replace(variant, run_dir=str(run_dir))) as trainer:
+            results[name] = table_row(trainer.run())
+    write_table(out, "table", results)
+    return results
+
+
+def over_seeds(per_seed: dict[int, dict[str, dict[str, float]]]
+               ) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, float]]]:
+    """One table of each variant's best-level means per seed and their mean (costs: the
+    mean), and each MEET variant's margin over each baseline: its min and max over seeds."""
+    seeds = list(per_seed)
+    first = per_seed[seeds[0]]
+    table = {}
+    for name in first:
+        row = {}
+        for key in first[name]:
+            values = [per_seed[s][name][key] for s in seeds]
+            if key in ("reward/sampled", "reward/greedy"):
+                row |= {f"{key} seed {s}": v for s, v in zip(seeds, values, strict=True)}
+            row[f"{key} mean"] = sum(values) / len(values)
+        table[name] = row
+    margins = {}
+    for name in first:
+        if name in BASELINES:
+            continue
+        margins[name] = {}
+        for baseline in BASELINES:
+            for key in ("reward/sampled", "reward/greedy"):
+                gaps = [per_seed[s][name][key] - per_seed[s][baseline][key] for s in seeds]
+                kind = key.split("/")[1]
+                margins[name][f"{kind}/over {baseline}: min"] = min(gaps)
+                margins[name][f"{kind}/over {baseline}: max"] = max(gaps)
+    return table, margins
+
+
+def meet_table(cfg: TrainConfig, seeds: list[int] | None = None) -> Path:
+    """The variants at cfg.seed (out/table.*), or at each of `seeds` (out/seed{s}/table.*)
+    with out/table.* over the seeds and out/margins.* (MEET variants minus baselines)."""
     import ray
 
     out = fresh_directory(cfg.run_dir)
-    sft, pairs, levels = baseline_data(cfg, out)
-    results = {}
+    per_seed = {}
     started = connect_ray(cfg)  # one cluster for every variant (a Trainer leaves it running)
     try:
-        for name, variant in variants(cfg, sft, pairs, levels).items():
-            print(f"\n== {name}: stages {variant.stages}", flush=True)
-            run_dir = out / name.lower().replace(" ", "_").replace("(", "").replace(")", "")
-            with Trainer(replace(variant, run_dir=str(run_dir))) as trainer:
-                results[name] = table_row(trainer.run())
+        for seed in seeds or [cfg.seed]:
+            seed_out = out / f"seed{seed}" if seeds else out
+            per_seed[seed] = variant_results(replace(cfg, seed=seed), seed_out)
+            print(f"\n{markdown(per_seed[seed])}\nwrote {seed_out}/table.md, table.json, "
+                  "table.png", flush=True)
     finally:
         if started:
             ray.shutdown()
-    write_table(out, "table", results)
-    print(f"\n{markdown(results)}\nwrote {out}/table.md, table.json, table.png")
+    if seeds:
+        table, margins = over_seeds(per_seed)
+        write_table(out, "table", table)
+        write_table(out, "margins", margins, plot_png=False)
+        print(f"\n{markdown(table)}\n{markdown(margins)}\nwrote {out}/table.md, table.json, "
+              "table.png, margins.md, margins.json")
     return out

@@ -257,9 +257,9 @@ class Trainer:
         self.level_prompts = [
             control_text_prompts(cfg, tokenizer, text) for text in cfg.meet.control_texts
         ] if "meet" in cfg.stages else []
-        # meet.control=lora: the level adapters the rollout workers serve beside the policy
+        # meet.control=lora|prompt: the levels the rollout workers serve beside the policy
         self.served_levels = (len(level_counts(self.stage_data["meet"].items))
-                              if "meet" in cfg.stages and cfg.meet.control == "lora" else 0)
+                              if "meet" in cfg.stages and cfg.meet.control != "text" else 0)
         self.stream = PromptStream(train, cfg.seed)
         # -- the run directory, created only once the inputs are known good (a failed start
         # leaves no half run), and where the run stands
@@ -493,32 +493,26 @@ class Trainer:
         meet, learner = self.cfg.meet, self.fleet.learner
         levels = len(level_counts(data.items))
         best = levels - 1 if meet.best_level is None else meet.best_level
-        if meet.control == "lora":
-            ray.get(learner.start_meet.remote(levels, meet.rank))
+        ray.get(learner.start_meet.remote(meet.control, levels, meet.control_size))
         phases = [(1, meet.stage1_epochs, meet.stage1_lr), (2, meet.stage2_epochs, meet.stage2_lr)]
         for phase, epochs, lr in phases:
             if not epochs:
                 continue
-            if meet.control == "lora":
-                ray.get(learner.start_meet_phase.remote(lr, phase == 2))
-                step_call = learner.meet_step.remote
-            else:  # the text controls are in the prompts: stage 2 is SFT of the policy
-                ray.get(learner.start_stage.remote(lr))
-                step_call = learner.sft_step.remote
+            ray.get(learner.start_meet_phase.remote(lr, phase == 2))
             batches = epoch_batches(len(data.items), meet.batch_size, epochs, self.cfg.seed)
             bar = progress(batches, desc=f"stage {index + 1} MEET-{phase}", unit="step")
             for step, (epoch, rows) in enumerate(bar):
-                stats = ray.get(step_call([data.items[i] for i in rows]))
+                stats = ray.get(learner.meet_step.remote([data.items[i] for i in rows]))
                 self.log({"stage": "meet", "phase": phase, "step": step, "epoch": epoch,
                           **vars(stats)}, stats.adapter_version)
                 bar.set_postfix(loss=f"{stats.loss:.4f}", refresh=False)
-        if meet.control == "lora":  # every level served at once, each chosen per request
+        ray.get(learner.use_level.remote(best))
+        self.fleet.sync_adapter()  # the policy the later stages continue from
+        if meet.control == "text":  # that policy (the shared LoRA) under each level's text
+            per_level = {k: self.evaluate(self.level_prompts[k]) for k in range(levels)}
+        else:  # every level served at once beside it, each chosen per request
             self.fleet.sync_levels(levels)
             per_level = {k: self.evaluate(slot=level_slot(k)) for k in range(levels)}
-            ray.get(learner.use_level.remote(best))
-        else:  # the policy, each level's control text leading the prompts
-            per_level = {k: self.evaluate(self.level_prompts[k]) for k in range(levels)}
-        self.fleet.sync_adapter()
         return {**per_level[best], **{
             f"meet/level{k}_{kind}": per_level[k][key] for k in range(levels)
             for kind, key in (("sampled", "eval_reward"), ("greedy", "eval_greedy"))

@@ -231,8 +231,10 @@ class MeetConfig:
     else frozen; stage 2 trains the controls together with a shared policy LoRA (standing for
     the model), each response under its own level's control. The served policy of level k is
     one LoRA, control k and the shared LoRA side by side (rank + lora.rank), so later stages
-    (`[meet, rl]`, `[meet, dpo]`) continue from the best level's. `control: text` is Chain of
-    Hindsight: the level's hand-written text leads the prompt, stage 2 trains the policy."""
+    (`[meet, rl]`, `[meet, dpo]`) continue from the best level's. `control: prompt`: each
+    level's control is a soft prompt of `prompt_tokens` trained embeddings before the prompt's
+    tokens (prompt tuning). `control: text` is Chain of Hindsight: the level's hand-written
+    text leads the prompt, stage 2 trains the shared LoRA."""
 
     data: DatasetConfig = field(default_factory=DatasetConfig)
     # the level of a row: an integer column (0 = worst), or a score column cut at the
@@ -241,8 +243,9 @@ class MeetConfig:
     score_column: str | None = "score"
     bins: list[float] = field(default_factory=lambda: [-0.3, 0.3])
     best_level: int | None = None  # None: the highest level
-    control: Literal["lora", "text"] = "lora"
-    rank: int = 8  # of each control LoRA
+    control: Literal["lora", "prompt", "text"] = "lora"
+    rank: int | None = None  # control=lora: each control LoRA's rank (None: 8)
+    prompt_tokens: int | None = None  # control=prompt: each soft prompt's length (None: 8)
     control_texts: list[str] = field(default_factory=list)  # control=text: one per level
     stage1_epochs: int = 2  # 0: stage 2 only (an ablation)
     stage1_lr: float = 2e-3
@@ -265,6 +268,13 @@ class MeetConfig:
             self.stage1_epochs + self.stage2_epochs == 0
         ):
             raise ConfigError("meet.stage1_epochs and meet.stage2_epochs must be >= 0, not both 0")
+        for key, control in (("rank", "lora"), ("prompt_tokens", "prompt")):
+            if getattr(self, key) is not None and self.control != control:
+                raise ConfigError(f"meet.{key} is for meet.control={control}, this is "
+                                  f"meet.control={self.control}")
+        if self.control != "text" and self.control_size < 1:
+            key = "rank" if self.control == "lora" else "prompt_tokens"
+            raise ConfigError(f"meet.{key} must be >= 1, got {self.control_size}")
         if self.control == "text":
             if self.stage1_epochs:
                 raise ConfigError("meet.control=text has no control weights to train in stage "
@@ -275,6 +285,15 @@ class MeetConfig:
             raise ConfigError("meet.control_texts is for meet.control=text (Chain of Hindsight)")
         if self.best_level is not None and self.best_level < 0:
             raise ConfigError(f"meet.best_level must be >= 0, got {self.best_level}")
+
+    @property
+    def control_size(self) -> int:
+        """A control LoRA's rank or a soft prompt's length (0: text controls)."""
+        if self.control == "lora":
+            return 8 if self.rank is None else self.rank
+        if self.control == "prompt":
+            return 8 if self.prompt_tokens is None else self.prompt_tokens
+        return 0
 
     @property
     def levels(self) -> int | None:

@@ -80,20 +80,28 @@ class ProbeResult:
 @dataclass
 class AdapterSnapshot:
     """A published LoRA adapter: PEFT's adapter_config.json content plus its state dict under
-    PEFT's tensor names (`base_model.model....lora_A.weight`), stamped with a version."""
+    PEFT's tensor names (`base_model.model....lora_A.weight`), stamped with a version; a meet
+    level with a soft-prompt control also carries the embeddings put before every prompt."""
 
     version: int
     peft_config: dict
     tensors: dict[str, Tensor]
     checksum: str = field(default="")
+    soft_prompt: Tensor | None = None  # [prompt_tokens, hidden]
 
     def __post_init__(self) -> None:
         if not self.checksum:
-            self.checksum = tensors_checksum(self.tensors)
+            self.checksum = tensors_checksum(self.checked_tensors)
+
+    @property
+    def checked_tensors(self) -> dict[str, Tensor]:
+        if self.soft_prompt is None:
+            return self.tensors
+        return {**self.tensors, "soft_prompt": self.soft_prompt}
 
     def verify(self) -> None:
         """Raise if the tensors are not the ones that were published (a torn or wrong transfer)."""
-        actual = tensors_checksum(self.tensors)
+        actual = tensors_checksum(self.checked_tensors)
         if actual != self.checksum:
             raise ValueError(
                 f"adapter v{self.version}: checksum {actual} != published {self.checksum}"

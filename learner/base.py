@@ -117,10 +117,11 @@ class LearnerBase:
 
     @torch.no_grad()
     def check_probe(
-        self, results: list[ProbeResult], tolerance: float, adapters: list[str] | None = None
+        self, results: list[ProbeResult], tolerance: float, adapters: list[str] | None = None,
+        prefix: Tensor | None = None,
     ) -> float:
         """Raise SyncError unless every worker's probe log-probs match ours (under the policy,
-        or under `adapters` together); returns max gap."""
+        or under `adapters` together, after the `prefix` embeddings); returns max gap."""
         worst = 0.0
         for result in results:
             if result.adapter_version != self.version:
@@ -129,7 +130,7 @@ class LearnerBase:
                     f" learner published v{self.version}"
                 )
             batch = collate(result.prompt_ids, result.response_ids, self.pad_id, self.net.device)
-            logp = self.net.logprobs(batch, adapters=adapters)
+            logp = self.net.logprobs(batch, adapters=adapters, prefix=prefix)
             gap = float(((logp - padded(result.logprobs, batch)).abs() * batch.mask).max())
             if gap > tolerance:
                 served = "" if adapters is None else f" ({'+'.join(adapters)})"

@@ -1,11 +1,16 @@
 """The meet stage on the learner actor (MEET: alignment as controllable generation).
 
-Adapters beside the policy: `control0` .. `control{K-1}` (one LoRA per quality level) and
-`shared` (the policy LoRA that stage 2 trains with them). A response of level k trains under
-control k (stage 1) or control k and `shared` together (stage 2). The policy the fleet serves
-for level k is one LoRA holding both side by side (`side_by_side`), so publishing, the probe
-check and the later stages work on it unchanged; the K levels' LoRAs are also served at once
-(`publish_level`), each verified by the probe against the learner's own control + shared.
+A level's control (`Controls`, one per quality level) conditions the model beside `shared`,
+the policy LoRA that stage 2 trains with the controls. Three kinds (meet.control):
+- `lora`: adapters `control0` .. `control{K-1}`; level k is control k and `shared` together.
+- `prompt`: a soft prompt per level, trained embeddings put before the prompt's tokens.
+- `text`: Chain of Hindsight; the control text is already in the prompt, nothing to train.
+
+A response of level k trains under its control (stage 1) or its control and `shared` (stage 2).
+Level k is served as one LoRA (`Controls.served_lora`: a LoRA control side by side with the
+shared LoRA, or the shared LoRA alone) plus its soft prompt, if any (`publish_level`); each
+worker's copy is verified by the probe against the learner's own control + shared. The policy
+the later stages continue from is the best level's served LoRA (`use_level`).
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import torch
 from torch import Tensor
 
 from ..common.records import AdapterSnapshot, OfflineStats, ProbeResult, SFTExample
-from .model import POLICY, collate
+from .model import POLICY, PolicyValueModel, collate
 
 SHARED = "shared"
 
@@ -41,26 +46,107 @@ def side_by_side(
     return out
 
 
-class MeetMixin:
-    """Uses the learner core's net, lora, pad_id, step, version and policy_params."""
+def lora_of(net: PolicyValueModel, name: str) -> tuple[dict[str, Tensor], float, int]:
+    """Adapter `name`'s tensors (PEFT names), its scale alpha / r and its rank."""
+    from peft import get_peft_model_state_dict
 
-    def start_meet(self, levels: int, rank: int) -> None:
-        """K control LoRAs of `rank` and the shared policy LoRA, all fresh."""
-        self.meet_levels = levels
+    config = net.model.peft_config[name]
+    return (get_peft_model_state_dict(net.model, adapter_name=name),
+            config.lora_alpha / config.r, config.r)
+
+
+class Controls:
+    """Text controls, and the base of the trained ones: what conditions level k besides
+    `shared` (adapters, embeddings before the prompt), what trains in stage 1, and level k's
+    served LoRA at scale 1 with its rank."""
+
+    def __init__(self, net: PolicyValueModel, levels: int) -> None:
+        self.net, self.levels = net, levels
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        return []
+
+    def adapters(self, level: int) -> list[str]:
+        return []
+
+    def soft_prompt(self, level: int) -> Tensor | None:
+        return None
+
+    def served_lora(self, level: int) -> tuple[dict[str, Tensor], int]:
+        tensors, scale, rank = lora_of(self.net, SHARED)
+        return {k: v * scale if ".lora_B." in k else v for k, v in tensors.items()}, rank
+
+
+class LoRAControls(Controls):
+    """One LoRA of `rank` per level; served side by side with the shared LoRA."""
+
+    def __init__(self, net: PolicyValueModel, levels: int, rank: int, lora: object) -> None:
+        super().__init__(net, levels)
         for level in range(levels):
-            self.net.add_adapter(control_name(level), replace(self.lora, rank=rank))
+            net.add_adapter(control_name(level), replace(lora, rank=rank))
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        return [p for k in range(self.levels)
+                for p in self.net.adapter_parameters(control_name(k))]
+
+    def adapters(self, level: int) -> list[str]:
+        return [control_name(level)]
+
+    def served_lora(self, level: int) -> tuple[dict[str, Tensor], int]:
+        control, control_scale, control_rank = lora_of(self.net, control_name(level))
+        shared, shared_scale, shared_rank = lora_of(self.net, SHARED)
+        return (side_by_side(control, control_scale, shared, shared_scale),
+                control_rank + shared_rank)
+
+
+class PromptControls(Controls):
+    """One soft prompt of `length` embeddings per level (prompt tuning), each started from the
+    embeddings of `length` tokens drawn from the vocabulary (the learner's seed)."""
+
+    def __init__(self, net: PolicyValueModel, levels: int, length: int) -> None:
+        super().__init__(net, levels)
+        table = net.model.get_input_embeddings().weight
+        tokens = torch.randint(0, len(table), (levels, length)).to(table.device)
+        self.embeddings = torch.nn.Parameter(table.detach()[tokens].float().clone())
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        return [self.embeddings]
+
+    def soft_prompt(self, level: int) -> Tensor:
+        return self.embeddings[level]
+
+
+class MeetMixin:
+    """Uses the learner core's net, lora, pad_id, step, version, publish, check_probe and
+    policy_params."""
+
+    def start_meet(self, control: str, levels: int, size: int) -> None:
+        """K fresh controls of `control` kind (`size`: a LoRA's rank or a soft prompt's
+        length) and the fresh shared policy LoRA."""
+        self.controls = {
+            "lora": lambda: LoRAControls(self.net, levels, size, self.lora),
+            "prompt": lambda: PromptControls(self.net, levels, size),
+            "text": lambda: Controls(self.net, levels),
+        }[control]()
         self.net.add_adapter(SHARED, self.lora)
 
     def start_meet_phase(self, lr: float, with_shared: bool) -> None:
         """Stage 1 (controls alone) or stage 2 (controls and the shared LoRA): a fresh
         optimiser over what the phase trains."""
         self.meet_shared = with_shared
-        names = [control_name(k) for k in range(self.meet_levels)] + [SHARED] * with_shared
-        self.meet_params = [p for name in names for p in self.net.adapter_parameters(name)]
+        shared = self.net.adapter_parameters(SHARED) if with_shared else []
+        self.meet_params = self.controls.parameters() + shared
         self.meet_opt = torch.optim.AdamW(self.meet_params, lr=lr, weight_decay=0)
 
+    def level_logprobs(self, batch, level: int, with_shared: bool = True) -> Tensor:
+        """Response log-probs under level `level`'s control (and the shared LoRA)."""
+        return self.net.logprobs(
+            batch, adapters=self.controls.adapters(level) + [SHARED] * with_shared,
+            prefix=self.controls.soft_prompt(level),
+        )
+
     def meet_step(self, examples: list[SFTExample]) -> OfflineStats:
-        """The SFT token loss over the minibatch, each row under its own level's adapters (one
+        """The SFT token loss over the minibatch, each row under its own level's control (one
         forward per level present)."""
         batch = collate(
             [e.prompt_ids for e in examples], [e.response_ids for e in examples], self.pad_id,
@@ -70,9 +156,8 @@ class MeetMixin:
         logp = torch.zeros_like(batch.mask)
         for level in levels.unique().tolist():
             rows = (levels == level).nonzero().squeeze(1)
-            adapters = [control_name(level)] + [SHARED] * self.meet_shared
             with self.autocast():
-                level_logp = self.net.logprobs(batch.select(rows), adapters=adapters)
+                level_logp = self.level_logprobs(batch.select(rows), level, self.meet_shared)
             logp = logp.index_put((rows,), level_logp.float())
         # set_adapter leaves only the last level's adapters requiring grad: a parameter that
         # does not at backward time gets no gradient, so every trained one must again
@@ -80,29 +165,23 @@ class MeetMixin:
             param.requires_grad_(True)
         return self.nll_step(batch, logp, self.meet_params, self.meet_opt)
 
-    def level_lora(self, level: int) -> tuple[dict[str, Tensor], int]:
-        """Level `level`'s served LoRA (PEFT tensor names, scale 1) and its rank."""
-        from peft import get_peft_model_state_dict
-
-        model = self.net.model
-        parts = [(get_peft_model_state_dict(model, adapter_name=name),
-                  model.peft_config[name].lora_alpha / model.peft_config[name].r)
-                 for name in (control_name(level), SHARED)]
-        rank = model.peft_config[control_name(level)].r + model.peft_config[SHARED].r
-        return side_by_side(*parts[0], *parts[1]), rank
-
     def publish_level(self, level: int) -> AdapterSnapshot:
-        """Level `level`'s served LoRA, for a rollout worker to hold beside the policy
-        (stamped with the policy's version: it is what the controls are at now)."""
-        tensors, rank = self.level_lora(level)
+        """Level `level`'s served LoRA and soft prompt, for a rollout worker to hold beside the
+        policy (stamped with the policy's version: it is what the controls are at now)."""
+        tensors, rank = self.controls.served_lora(level)
         config = {**self.publish().peft_config, "r": rank, "lora_alpha": float(rank)}
-        tensors = {k: v.detach().to("cpu", copy=True) for k, v in tensors.items()}
-        return AdapterSnapshot(version=self.version, peft_config=config, tensors=tensors)
+        soft_prompt = self.controls.soft_prompt(level)
+        return AdapterSnapshot(
+            version=self.version, peft_config=config,
+            tensors={k: v.detach().to("cpu", copy=True) for k, v in tensors.items()},
+            soft_prompt=None if soft_prompt is None else soft_prompt.detach().to("cpu", copy=True),
+        )
 
     def check_level_probe(self, results: list[ProbeResult], tolerance: float, level: int) -> float:
-        """`check_probe` of workers serving level `level`'s LoRA, against the learner's own
-        control and shared adapters together (HF + PEFT, not the side-by-side copy)."""
-        return self.check_probe(results, tolerance, adapters=[control_name(level), SHARED])
+        """`check_probe` of workers serving level `level`, against the learner's own control
+        and shared adapters together (HF + PEFT, not the served copy)."""
+        return self.check_probe(results, tolerance, self.controls.adapters(level) + [SHARED],
+                                self.controls.soft_prompt(level))
 
     @torch.no_grad()
     def use_level(self, level: int) -> int:
@@ -110,12 +189,12 @@ class MeetMixin:
         it); returns the new adapter version."""
         from peft import set_peft_model_state_dict
 
-        tensors, rank = self.level_lora(level)
-        model = self.net.model
-        if model.peft_config[POLICY].r != rank:
-            model.delete_adapter(POLICY)
+        tensors, rank = self.controls.served_lora(level)
+        config = self.net.model.peft_config[POLICY]
+        if (config.r, config.lora_alpha) != (rank, rank):  # scale 1, as served
+            self.net.model.delete_adapter(POLICY)
             self.net.add_adapter(POLICY, replace(self.lora, rank=rank, alpha=float(rank)))
             self.policy_params = self.net.adapter_parameters(POLICY)
-        set_peft_model_state_dict(model, tensors, adapter_name=POLICY)
+        set_peft_model_state_dict(self.net.model, tensors, adapter_name=POLICY)
         self.version += 1
         return self.version

