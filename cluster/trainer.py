@@ -15,6 +15,7 @@ from ..common.corpora import (
     LoadedDataset,
     level_counts,
     load_leveled,
+    load_paired_levels,
     load_preferences,
     load_sft,
 )
@@ -104,10 +105,14 @@ def load_meet_data(cfg: TrainConfig, tokenizer) -> LoadedDataset:
     """The meet stage's rows with their levels (prompts led by the control text under
     meet.control=text); a level count the config does not fit is an error."""
     meet = cfg.meet
-    data = load_leveled(
-        meet.data, meet.level_column, meet.score_column, meet.bins, build_task(cfg.task),
-        tokenizer, cfg.model.max_model_len, meet.control_texts,
-    )
+    if meet.pairs:
+        data = load_paired_levels(meet.data, build_task(cfg.task), tokenizer,
+                                  cfg.model.max_model_len)
+    else:
+        data = load_leveled(
+            meet.data, meet.level_column, meet.score_column, meet.bins, build_task(cfg.task),
+            tokenizer, cfg.model.max_model_len, meet.control_texts,
+        )
     counts = level_counts(data.items)
     if meet.best_level is not None and meet.best_level >= len(counts):
         raise DatasetError(f"meet.best_level={meet.best_level}: {data.source} has levels "
@@ -513,9 +518,11 @@ class Trainer:
         else:  # every level served at once beside it, each chosen per request
             self.fleet.sync_levels(levels)
             per_level = {k: self.evaluate(slot=level_slot(k)) for k in range(levels)}
+        kinds = [("sampled", "eval_reward"), ("greedy", "eval_greedy")]
+        if self.cfg.uses_reward_model:  # each level's reward-model score too
+            kinds += [("sampled_model", "eval_reward_model"), ("greedy_model", "eval_greedy_model")]
         return {**per_level[best], **{
-            f"meet/level{k}_{kind}": per_level[k][key] for k in range(levels)
-            for kind, key in (("sampled", "eval_reward"), ("greedy", "eval_greedy"))
+            f"meet/level{k}_{kind}": per_level[k][key] for k in range(levels) for kind, key in kinds
         }}
 
     def run_rl_stage(self, index: int, first_iteration: int) -> None:

@@ -242,6 +242,9 @@ class MeetConfig:
     level_column: str | None = None
     score_column: str | None = "score"
     bins: list[float] = field(default_factory=lambda: [-0.3, 0.3])
+    # preference rows instead (data's chosen / rejected columns or a published layout by
+    # data.row_format, e.g. hh-rlhf): rejected = level 0, chosen = level 1
+    pairs: bool = False
     best_level: int | None = None  # None: the highest level
     control: Literal["lora", "prompt", "text"] = "lora"
     rank: int | None = None  # control=lora: each control LoRA's rank (None: 8)
@@ -254,11 +257,17 @@ class MeetConfig:
     batch_size: int = 32
 
     def validate(self) -> None:
-        if (self.level_column is None) == (self.score_column is None):
-            raise ConfigError("meet: set one of meet.level_column and meet.score_column")
-        if self.level_column is not None and self.bins:
-            raise ConfigError("meet.bins cut meet.score_column; with meet.level_column leave "
-                              "them empty (bins: [])")
+        sources = (self.level_column is not None, self.score_column is not None, self.pairs)
+        if sum(sources) != 1:
+            raise ConfigError("meet: set one of meet.level_column, meet.score_column and "
+                              "meet.pairs (score_column defaults to 'score': set it to null "
+                              "with the others)")
+        if self.score_column is None and self.bins:
+            raise ConfigError("meet.bins cut meet.score_column; with meet.level_column or "
+                              "meet.pairs leave them empty (bins: [])")
+        if self.pairs and self.control == "text":
+            raise ConfigError("meet.pairs with meet.control=text is not supported: give the "
+                              "levels as a column (the control text leads each row's prompt)")
         if self.score_column is not None and (
             not self.bins or self.bins != sorted(set(self.bins))
         ):
@@ -297,7 +306,9 @@ class MeetConfig:
 
     @property
     def levels(self) -> int | None:
-        """K, when the bins fix it (a level column's K comes from its data)."""
+        """K, when the bins or pairs fix it (a level column's K comes from its data)."""
+        if self.pairs:
+            return 2
         return len(self.bins) + 1 if self.score_column is not None else None
 
 

@@ -237,6 +237,19 @@ def load_leveled(
     return data
 
 
+def load_paired_levels(
+    cfg: DatasetConfig, task: Task, tokenizer, max_tokens: int
+) -> LoadedDataset:
+    """Preference rows (prompt / chosen / rejected columns, or a published layout by
+    `row_format`) as two quality levels: each row's rejected response is level 0, its chosen
+    one level 1, both under the row's prompt."""
+    pairs = load_preferences(cfg, task, tokenizer, max_tokens)
+    items = [SFTExample(pair.index, pair.prompt_ids, response, level)
+             for pair in pairs.items
+             for level, response in enumerate((pair.rejected_ids, pair.chosen_ids))]
+    return LoadedDataset(items, pairs.skipped, pairs.source)
+
+
 def level_counts(items: list[SFTExample], levels: int | None = None) -> list[int]:
     """Rows per level, for `levels` levels (None: up to the highest level present)."""
     counts = [0] * (levels or 1 + max(e.level for e in items))

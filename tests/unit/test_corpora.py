@@ -13,6 +13,7 @@ import pytest
 from lorafleet.common.corpora import (
     DatasetConfig,
     DatasetError,
+    load_paired_levels,
     load_preferences,
     load_sft,
     write_jsonl,
@@ -133,6 +134,13 @@ def test_hub_layouts_map_to_prompt_chosen_rejected(tmp_path, tokenizer):
     )
     assert tokenizer.decode(tldr[0].chosen_ids, skip_special_tokens=True) == " cat ate homework"
     assert tldr[1].chosen_ids == tldr[0].rejected_ids
+    # the meet stage's two levels from the same rows: rejected = 0, chosen = 1
+    levels = load_paired_levels(
+        DatasetConfig(path=write(tmp_path / "hh2.jsonl", [HH_ROW]), row_format="hh-rlhf"),
+        TASK, tokenizer, 10_000,
+    ).items
+    assert [(e.level, e.prompt_ids, e.response_ids) for e in levels] == [
+        (0, hh.prompt_ids, hh.rejected_ids), (1, hh.prompt_ids, hh.chosen_ids)]
 
 
 @pytest.mark.parametrize(("row_format", "row", "problem"), [

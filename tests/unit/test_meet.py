@@ -49,7 +49,12 @@ def test_meet_config_errors():
     cfg = load_train_config(None, [*base, "meet.bins=[-0.5,0,0.5]"])
     assert cfg.meet.levels == 4 and cfg.served_lora_rank == 16
     cases = [
-        (["meet.level_column=level"], "set one of meet.level_column and meet.score_column"),
+        (["meet.level_column=level"], "set one of meet.level_column, meet.score_column and "
+                                      "meet.pairs"),
+        (["meet.pairs=true"], "set one of meet.level_column, meet.score_column and meet.pairs"),
+        (["meet.pairs=true", "meet.score_column=null"], "leave them empty"),
+        (["meet.pairs=true", "meet.score_column=null", "meet.bins=[]", "meet.control=text",
+          "meet.stage1_epochs=0", "meet.control_texts=[a,b]"], "not supported"),
         (["meet.bins=[0.3,-0.3]"], "meet.bins must be increasing"),
         (["meet.stage1_epochs=0", "meet.stage2_epochs=0"], "not both 0"),
         (["meet.control=text", "meet.stage1_epochs=0"], "needs meet.control_texts"),
@@ -70,6 +75,9 @@ def test_meet_config_errors():
                                  "meet.control_texts=[a,b,c]"])
     with pytest.raises(ConfigError, match="control=prompt the meet stage comes last"):
         load_train_config(None, ["stages=[meet, rl]", "meet.control=prompt"])
+    pairs = load_train_config(None, [*base, "meet.pairs=true", "meet.score_column=null",
+                                     "meet.bins=[]"])
+    assert pairs.meet.levels == 2
     prompt = load_train_config(None, [*base, "meet.control=prompt"])
     assert prompt.meet.control_size == 8 and prompt.served_lora_rank == 8
     assert prompt.serves_soft_prompts and not cfg.serves_soft_prompts
