@@ -15,7 +15,7 @@ from ..common.config import TINY
 from ..common.configio import ConfigError
 from ..common.devices import model_dtype
 from ..common.logs import library_env, log_level
-from ..common.records import Prompt, Rollout
+from ..common.records import ProbeResult, Prompt, Rollout
 from ..common.run_dir import RunDir
 from ..common.tasks.registry import build_task
 from ..reward.pool import RewardSpec
@@ -259,14 +259,23 @@ class Fleet:
             # while the worker died (this call waits for its update), and the probe is checked
             # against the learner's current weights.
             self.snapshot = self.learner.publish.remote()
-            ray.get(worker.load_snapshot.remote(self.snapshot))
-            probe = ray.get(worker.probe.remote(self.probe_ids, self.cfg.rollout.max_new_tokens))
-            ray.get(self.learner.check_probe.remote([probe], sync_tolerance(self.cfg)))
-        for level, snapshot in self.level_snapshots.items():
-            ray.get(worker.load_snapshot.remote(snapshot, level_slot(level)))
+        served = [(None, self.snapshot)] if self.snapshot is not None else []
+        for level, snapshot in served + list(self.level_snapshots.items()):
+            slot = POLICY if level is None else level_slot(level)
+            ray.get(worker.load_snapshot.remote(snapshot, slot))
             probe = ray.get(worker.probe.remote(
-                self.probe_ids, self.cfg.rollout.max_new_tokens, level_slot(level)))
-            ray.get(self.learner.check_level_probe.remote([probe], sync_tolerance(self.cfg), level))
+                self.probe_ids, self.cfg.rollout.max_new_tokens, slot))
+            self.check_served([probe], level)
+
+    def check_served(self, probes: list[ProbeResult], level: int | None) -> float:
+        """The learner's check of the workers' probes of the policy (`level` None) or of meet
+        level `level` (its control + shared adapters); returns the max log-prob gap."""
+        import ray
+
+        tolerance = sync_tolerance(self.cfg)
+        check = (self.learner.check_probe.remote(probes, tolerance) if level is None
+                 else self.learner.check_level_probe.remote(probes, tolerance, level))
+        return ray.get(check)
 
     # -- adapter publishing ---------------------------------------------------------------------
     def sync_adapter(self) -> tuple[float, float, dict[int, int]]:
@@ -287,20 +296,16 @@ class Fleet:
     def finish_sync(self, sync: AdapterSync) -> tuple[float, float, dict[int, int]]:
         """Waits for a started sync and verifies its probes against the learner, which must
         still hold the published version (else SyncError). Returns as `sync_adapter`."""
-        import ray
-
         self.rollout.collect(sync.loads)
         seconds = time.perf_counter() - sync.start
         probes = self.rollout.collect(sync.probes)
-        gap = ray.get(self.learner.check_probe.remote(probes, sync_tolerance(self.cfg)))
+        gap = self.check_served(probes, None)
         return seconds, gap, {p.worker_id: p.adapter_version for p in probes}
 
     def sync_levels(self, levels: int) -> float:
         """Publish every meet level's adapter once, load all of them beside the policy on every
         worker, verify each with the probe against the learner's control + shared adapters.
         Returns the max probe log-prob gap."""
-        import ray
-
         max_tokens, worst = self.cfg.rollout.max_new_tokens, 0.0
         for level in range(levels):
             slot = level_slot(level)
@@ -309,8 +314,7 @@ class Fleet:
                 ref, slot))
             probes = self.rollout.call(lambda w, _, slot=slot: w.probe.remote(
                 self.probe_ids, max_tokens, slot))
-            worst = max(worst, ray.get(self.learner.check_level_probe.remote(
-                probes, sync_tolerance(self.cfg), level)))
+            worst = max(worst, self.check_served(probes, level))
         return worst
 
     def generate(

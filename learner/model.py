@@ -184,23 +184,19 @@ class PolicyValueModel:
                 logits = self.model(
                     input_ids=batch.input_ids, attention_mask=batch.attention_mask
                 ).logits
-                return token_logprobs(logits, batch, with_entropy)
-            rows, length = len(batch.input_ids), len(prefix)
-            embeds = self.model.get_input_embeddings()(batch.input_ids)
-            embeds = torch.cat([prefix.to(embeds.dtype).expand(rows, -1, -1), embeds], dim=1)
-            mask = torch.cat([batch.attention_mask.new_ones(rows, length), batch.attention_mask],
-                             dim=1)
-            logits = self.model(inputs_embeds=embeds, attention_mask=mask).logits
-        return token_logprobs(logits, replace(batch, positions=batch.positions + length),
-                              with_entropy)
+            else:
+                rows, length = len(batch.input_ids), len(prefix)
+                embeds = self.model.get_input_embeddings()(batch.input_ids)
+                embeds = torch.cat([prefix.to(embeds.dtype).expand(rows, -1, -1), embeds], dim=1)
+                mask = torch.cat(
+                    [batch.attention_mask.new_ones(rows, length), batch.attention_mask], dim=1)
+                logits = self.model(inputs_embeds=embeds, attention_mask=mask).logits
+                batch = replace(batch, positions=batch.positions + length)  # the prefix first
+        return token_logprobs(logits, batch, with_entropy)
 
     @torch.no_grad()
     def reference_logprobs(self, batch: TokenBatch) -> Tensor:
-        with self.model.disable_adapter():
-            logits = self.model(
-                input_ids=batch.input_ids, attention_mask=batch.attention_mask
-            ).logits
-        return token_logprobs(logits, batch, False)
+        return self.logprobs(batch, adapters=[])  # every adapter off: the base model
 
     def values(self, batch: TokenBatch) -> Tensor:
         """V(state before response token k) from the value adapter + head ([B, T])."""
