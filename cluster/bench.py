@@ -69,7 +69,7 @@ def bench_rollout(path: str | None, overrides: list[str]) -> None:
     cfg = load_train_config(path, overrides)
     if cfg.iterations <= WARMUP_ITERATIONS:
         cfg = replace(cfg, iterations=WARMUP_ITERATIONS + 6)
-    model_path = resolve_model(cfg)
+    model_path = resolve_model(cfg, build_task(cfg.task))
     base_tps, lora_tps = raw_vllm_tokens_per_s(cfg, model_path)
     with tempfile.TemporaryDirectory(prefix="lorafleet-bench-") as tmp:
         run_cfg = replace(cfg, run_dir=str(Path(tmp) / "run"), checkpoint_every=0)

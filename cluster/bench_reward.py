@@ -44,7 +44,7 @@ def bench_reward(path: str | None, overrides: list[str], repeats: int = 3) -> No
     from ..reward.pool import RewardPool, RewardWorker
 
     cfg = load_train_config(path, overrides)
-    model_path = resolve_model(cfg)
+    model_path = resolve_model(cfg, build_task(cfg.task))
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     count = cfg.prompts_per_iteration * cfg.rollout.samples_per_prompt * 4
     rollouts = answer_rollouts(build_task(cfg.task), tokenizer, count)

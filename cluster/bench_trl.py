@@ -222,6 +222,7 @@ def learner_gflops(cfg, model_path: str, response_tokens: int, attention: str,
 def bench_vs_trl(path: str | None, overrides: list[str], scales: list[str], seeds: list[int],
                  autocast: str, out: str, reprint: bool = False) -> dict:
     """Runs the benchmark into `out`; `reprint`: prints the tables of the run saved there."""
+    from ..common.tasks.registry import build_task
     from .config import load_train_config
     from .fleet import resolve_model
 
@@ -245,7 +246,8 @@ def bench_vs_trl(path: str | None, overrides: list[str], scales: list[str], seed
             run_dir = out_dir / f"lorafleet-{name}-seed{seed}"
             keys = lorafleet_overrides(scale, seed, autocast, run_dir) + list(overrides)
             cfg = load_train_config(path, keys)
-            model_path = str(resolve_model(cfg))  # builds the large model once, before timing
+            # builds the large model once, before timing
+            model_path = str(resolve_model(cfg, build_task(cfg.task)))
             trl_dir = out_dir / f"trl-{name}-seed{seed}"
             trl_dir.mkdir(parents=True, exist_ok=True)
             theirs = run_trl(dict(

@@ -38,7 +38,7 @@ def evaluate_shots(
     from ..rollout.worker import RolloutWorker
 
     reward = RewardWorker(reward_spec(cfg, None))
-    model_path = resolve_model(cfg)
+    model_path = resolve_model(cfg, build_task(cfg.task))
     rank = adapter_rank(adapter) if adapter else cfg.lora.rank
     worker = RolloutWorker(
         model_path, dtype=cfg.model.dtype, max_model_len=cfg.model.max_model_len,

@@ -17,7 +17,7 @@ from ..common.devices import model_dtype
 from ..common.logs import library_env, log_level
 from ..common.records import ProbeResult, Prompt, Rollout
 from ..common.run_dir import RunDir
-from ..common.tasks.registry import build_task
+from ..common.tasks.base import Task
 from ..reward.pool import RewardSpec
 from ..rollout.worker import POLICY, level_slot
 from .actor_group import ActorGroup, Calls, GroupSpec, Placement, Resources, place
@@ -27,14 +27,14 @@ from .config import TrainConfig
 RUNTIME_ENV = {"env_vars": {"RAY_ENABLE_ZERO_COPY_TORCH_TENSORS": "1"}}
 
 
-def resolve_model(cfg: TrainConfig) -> str:
+def resolve_model(cfg: TrainConfig, task: Task) -> str:
     """The model directory (absolute) or hub name every actor loads; builds the embedded model
-    if asked. A model that cannot be found fails here, naming model.name_or_path."""
+    (for `task`) if asked. A model that cannot be found fails here, naming model.name_or_path."""
     name = cfg.model.name_or_path
     if name == TINY:
         from ..common.tiny_model import build_tiny_model
 
-        return str(build_tiny_model(build_task(cfg.task).model_recipe, cfg.model.tiny))
+        return str(build_tiny_model(task.model_recipe, cfg.model.tiny))
     what = f"model.name_or_path={name!r}"
     path = Path(name).expanduser()
     if name.startswith(("/", "./", "../", "~")) or path.is_dir():
@@ -220,6 +220,16 @@ def fixed_cluster(cfg: TrainConfig) -> bool:
     return not (cfg.ray.address or os.environ.get("RAY_ADDRESS"))
 
 
+@dataclass(frozen=True)
+class SyncFigures:
+    """A verified sync: publish -> all-serving seconds, the largest probe log-prob gap, and
+    the adapter version each worker reported."""
+
+    seconds: float
+    probe_gap: float
+    versions: dict[int, int]  # worker -> adapter version
+
+
 @dataclass
 class AdapterSync:
     """A publish under way: when it started, the workers' swaps and their probes."""
@@ -246,6 +256,7 @@ class Fleet:
         self.probe_ids = probe_ids
         self.snapshot = None  # ObjectRef of the adapter the workers must serve
         self.level_snapshots: dict[int, object] = {}  # meet level -> ObjectRef, served beside
+        self.verified: SyncFigures | None = None  # the last verified sync of the policy
         rollout.revive = self.resync_worker
 
     def resync_worker(self, i: int) -> None:
@@ -278,9 +289,15 @@ class Fleet:
         return ray.get(check)
 
     # -- adapter publishing ---------------------------------------------------------------------
-    def sync_adapter(self) -> tuple[float, float, dict[int, int]]:
-        """Publish once, hot-swap on every worker, verify with the probe. Returns (publish ->
-        all-serving seconds, max probe log-prob gap, {worker: adapter version})."""
+    def sync_adapter(self) -> SyncFigures:
+        """Publish once, hot-swap on every worker, verify with the probe; nothing to do when
+        the workers already serve the learner's version, verified (a restarted worker is
+        brought back by `resync_worker`). Returns the verified sync's figures."""
+        import ray
+
+        version = ray.get(self.learner.get_version.remote())
+        if self.verified is not None and set(self.verified.versions.values()) == {version}:
+            return self.verified
         return self.finish_sync(self.start_sync())
 
     def start_sync(self) -> AdapterSync:
@@ -293,14 +310,15 @@ class Fleet:
         probes = self.rollout.submit(lambda w, _: w.probe.remote(self.probe_ids, max_tokens))
         return AdapterSync(start, loads, probes)
 
-    def finish_sync(self, sync: AdapterSync) -> tuple[float, float, dict[int, int]]:
+    def finish_sync(self, sync: AdapterSync) -> SyncFigures:
         """Waits for a started sync and verifies its probes against the learner, which must
         still hold the published version (else SyncError). Returns as `sync_adapter`."""
         self.rollout.collect(sync.loads)
         seconds = time.perf_counter() - sync.start
         probes = self.rollout.collect(sync.probes)
         gap = self.check_served(probes, None)
-        return seconds, gap, {p.worker_id: p.adapter_version for p in probes}
+        self.verified = SyncFigures(seconds, gap, {p.worker_id: p.adapter_version for p in probes})
+        return self.verified
 
     def sync_levels(self, levels: int) -> float:
         """Publish every meet level's adapter once, load all of them beside the policy on every

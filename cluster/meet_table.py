@@ -19,8 +19,9 @@ from ..common.run_dir import RunDir, fresh_directory
 from ..common.tasks.registry import build_task
 from .config import TrainConfig
 from .fleet import connect_ray, driver_tokenizer, resolve_model
+from .inputs import load_meet_data
 from .tables import markdown, write_table
-from .trainer import Trainer, load_meet_data
+from .trainer import Trainer
 
 # the variants a MEET variant's margin is taken over (`--seeds`)
 BASELINES = ("SFT (best level)", "Chain of Hindsight", "DPO")
@@ -32,9 +33,10 @@ CONTROL_TEXTS = {2: ["a bad sentence:", "a good sentence:"],
 def baseline_data(cfg: TrainConfig, out: Path) -> tuple[Path, Path, int]:
     """The meet data's best-level rows (SFT) and best-vs-worst pairs of one prompt (DPO, one
     per best row, the worst drawn with the run's seed) as JSONL; returns them and K."""
-    tokenizer = driver_tokenizer(cfg, resolve_model(cfg))
-    items = load_meet_data(cfg, tokenizer).items
-    raw = read_rows(cfg.meet.data, build_task(cfg.task), "scored")
+    task = build_task(cfg.task)
+    tokenizer = driver_tokenizer(cfg, resolve_model(cfg, task))
+    items = load_meet_data(cfg, task, tokenizer).items
+    raw = read_rows(cfg.meet.data, task, "scored")
     levels = 1 + max(e.level for e in items)
     best = levels - 1 if cfg.meet.best_level is None else cfg.meet.best_level
     data = cfg.meet.data

@@ -1,0 +1,98 @@
+"""What a run reports: each RL iteration's metrics.jsonl row, the reward model's held-out
+report, summary.json, and the summary printed at the end."""
+
+from __future__ import annotations
+
+import json
+
+from ..common.corpora import LoadedDataset
+from ..common.records import ScoredRollout, TrainStats
+from ..common.run_dir import RunDir
+from ..common.tasks.base import Task
+from .fleet import SyncFigures
+from .pipeline import ScoredBatch
+
+EVAL_KEYS = ("eval_reward", "eval_greedy")
+
+
+def mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+def answer_pairs(scored: list[ScoredRollout]) -> list[tuple[str, str]]:
+    return [(s.rollout.response_text, s.rollout.prompt.reference) for s in scored]
+
+
+def iteration_row(
+    it: int, batch: ScoredBatch, reward_stats: dict, evals: dict, stats: TrainStats,
+    sync: SyncFigures, task: Task, *, step_seconds: float, workers_wait_seconds: float,
+    worker_restarts: int, staleness_bound: int,
+) -> dict:
+    """The iteration's metrics.jsonl row. `reward_stats`: the reward parts' and the
+    normalisation's statistics of the batch."""
+    scored = batch.scored
+    lags = [stats.adapter_version - s.rollout.adapter_version for s in scored]
+    return {
+        "stage": "rl",
+        "iteration": it,
+        "adapter_version": stats.adapter_version,
+        "reward_mean": mean([s.reward for s in scored]),  # before normalisation
+        **reward_stats,
+        **evals,
+        "kl": stats.kl,
+        "samples": len(scored),
+        "rollout_tokens_per_s": batch.lengths["response_tokens"] / batch.gen_seconds,
+        "step_seconds": step_seconds,
+        "sync_seconds": sync.seconds,
+        "probe_max_logprob_gap": sync.probe_gap,
+        "worker_versions": [sync.versions[i] for i in sorted(sync.versions)],
+        "worker_restarts": worker_restarts,
+        "reward_errors": batch.reward_errors,
+        **task.count_invalid(answer_pairs(scored)),  # NLU: invalid_answers
+        **batch.lengths,
+        "prompt_cursor": batch.cursor,
+        **{k: v for k, v in vars(stats).items() if k not in ("adapter_version", "kl")},
+        # how far behind the trained version each sample's adapter was (all 0 in sync mode)
+        "staleness_histogram": [lags.count(lag) for lag in range(staleness_bound + 1)],
+        "samples_per_s": len(scored) / step_seconds,
+        "learner_wait_seconds": step_seconds - stats.train_seconds,
+        "workers_wait_seconds": workers_wait_seconds,
+    }
+
+
+def reward_model_report(
+    run_dir: RunDir, before: dict, after: dict, data: LoadedDataset, train_pairs: int,
+    steps: int,
+) -> dict:
+    """Write rm_eval.json and print the held-out accuracy / margin before and after."""
+    report = {"before": before, "after": after, "train_pairs": train_pairs, "steps": steps,
+              "data": data.describe()}
+    run_dir.rm_eval.write_text(json.dumps(report, indent=2))
+    print(f"reward model on {after['pairs']} held-out pairs: accuracy {before['accuracy']:.3f}"
+          f" -> {after['accuracy']:.3f}, mean margin {before['mean_margin']:.3f} -> "
+          f"{after['mean_margin']:.3f}", flush=True)
+    return report
+
+
+def print_summary(run_dir: RunDir, summary: dict) -> None:
+    print(f"\nrun directory: {run_dir}")
+    if summary.get("reward_model_eval"):
+        rm = summary["reward_model_eval"]["after"]
+        print(f"  reward model, held-out pairs: accuracy {rm['accuracy']:.3f}, mean margin "
+              f"{rm['mean_margin']:.3f} ({rm['pairs']} pairs)")
+    if summary["stage_evals"]:  # (an rm-only run trains no policy: nothing evaluated)
+        print("  held-out reward after each stage   (sampled / greedy):")
+    for row in summary["stage_evals"]:
+        metrics = "".join(f", {k} {v:.3f}" for k, v in row.items() if "/" in k)
+        print(f"    {row['stage']:>5s}: {row['eval_reward']:.3f} / {row['eval_greedy']:.3f}"
+              f"{metrics}")
+    if "window" not in summary:  # no RL stage
+        print(f"  wall time: {summary['wall_seconds']:.0f} s")
+        return
+    w = summary["window"]
+    print(f"  train reward, first {w} iterations : {summary['reward_first_iterations']:.3f}")
+    print(f"  train reward, last {w} iterations  : {summary['reward_last_iterations']:.3f}")
+    kl = summary["kl_last_iterations"]  # None: no reference pass (kl_coef 0)
+    print(f"  KL to reference, last {w} iter.    : {'-' if kl is None else f'{kl:.3f}'}")
+    print(f"  iteration time / wall time        : {summary['mean_step_seconds']:.2f} s / "
+          f"{summary['wall_seconds']:.0f} s")
