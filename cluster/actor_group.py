@@ -53,6 +53,9 @@ class GroupSpec:
     max_restarts: int = 0  # Ray restarts a dead actor up to this often (0: never)
     max_task_retries: int = 0  # and re-runs the call it lost (for pure calls only)
     index_kwarg: str | None = None  # the constructor keyword that gets the actor's index
+    # errors by which an actor says it lost its state: it restarted without the group seeing
+    # its death (the calls that met the dead process were already done); recovered as a death
+    lost_state: tuple[type[Exception], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -212,10 +215,17 @@ class ActorGroup:
                     if not is_actor(exc, self.actors[i]):  # e.g. the learner behind an arg
                         raise
                     self.recover(i, exc)
-                    ref = calls.method(self.actors[i], calls.items[i])
+                except ray.exceptions.RayTaskError as exc:
+                    if not isinstance(exc.cause, self.spec.lost_state):
+                        raise
+                    if not self.recover(i, exc):  # the process it was brought back in
+                        raise
+                ref = calls.method(self.actors[i], calls.items[i])
         return results
 
-    def recover(self, i: int, exc: Exception) -> None:
+    def recover(self, i: int, exc: Exception) -> bool:
+        """Waits for Ray to bring actor i back, then `revive`s it; False (nothing done) when
+        it is the process the last recovery brought back."""
         import ray
 
         actor, what = self.actors[i], f"{self.spec.role} actor {i}"
@@ -242,7 +252,7 @@ class ActorGroup:
             # The process that came back last time: a call that was under way when the actor
             # died can fail again on the dead process's connection, after the restart
             print(f"{what}: a call failed on the dead process; sending it again", flush=True)
-            return
+            return False
         self.pids[i] = pid
         if self.revive is not None:
             self.revive(i)
@@ -250,6 +260,7 @@ class ActorGroup:
         if self.on_restart is not None:
             self.on_restart(self.spec.role)
         print(f"{what} is back ({time.perf_counter() - start:.1f} s)", flush=True)
+        return True
 
     def kill(self) -> None:
         import ray

@@ -184,7 +184,7 @@ def group_specs(cfg: TrainConfig) -> list[GroupSpec]:
     generates (an rm stage alone trains on preference pairs and evaluates nothing)."""
     from ..learner.algorithms.registry import learner_class
     from ..reward.pool import RewardWorker
-    from ..rollout.worker import RolloutWorker
+    from ..rollout.worker import AdapterMissing, RolloutWorker
 
     generates = any(stage != "rm" for stage in cfg.stages)
     algo = cfg.algo if "rl" in cfg.stages else None
@@ -203,7 +203,8 @@ def group_specs(cfg: TrainConfig) -> list[GroupSpec]:
                       "rollout", ("cpus_per_worker", rollout.cpus_per_worker),
                       ("num_gpus_per_worker", rollout.num_gpus_per_worker),
                       ("resources_per_worker", rollout.resources_per_worker)),
-                  "lorafleet-rollout-{i}", max_restarts=restarts, index_kwarg="worker_id"),
+                  "lorafleet-rollout-{i}", max_restarts=restarts, index_kwarg="worker_id",
+                  lost_state=(AdapterMissing,)),
         # Scoring is a pure function of the rollout: Ray itself re-runs a lost batch on the
         # restarted actor (max_task_retries); a reward that raises is not retried.
         GroupSpec("reward", RewardWorker, reward.num_actors if generates else 0,

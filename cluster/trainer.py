@@ -8,6 +8,7 @@ queued behind the new version; at k >= 1 (async) k batches are in flight ahead o
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -114,6 +115,11 @@ class Trainer:
             self.running = stack.pop_all()
         self.startup_seconds = time.perf_counter() - self.start_time
         self.start_eval_seconds: float | None = None  # the held-out evaluation before stage 1
+        # Called at two fixed points of each RL iteration, for whoever must act at a known
+        # place in the loop (the fault-injection tests kill actors there): ("trained", it)
+        # once the learner's update of iteration `it` is back and before the next version is
+        # published; ("queued", j) right after batch j was queued on the rollout workers.
+        self.on_event: Callable[[str, int], None] = lambda event, index: None
 
     def make_scorer(self, spec, moments: RunningMoments) -> Scorer:
         import ray
@@ -244,7 +250,7 @@ class Trainer:
         iter_start = time.perf_counter()
         sync = self.fleet.sync_adapter()  # the version the first k + 1 batches sample
         for j in range(first, min(first + k + 1, cfg.iterations)):
-            pipeline.launch(j)
+            self.launch(pipeline, j)
         pending_sync, batch = None, None
         for it in bar:
             if pending_sync is not None:
@@ -257,12 +263,13 @@ class Trainer:
             next_batch = pipeline.collect(it + 1) if it + 1 in pipeline.in_flight else None
             pipeline.wait(train)
             stats = ray.get(train)
+            self.on_event("trained", it)
             now = time.perf_counter()
             workers_wait = pipeline.workers_idle_seconds(now)
             if it + 1 < cfg.iterations:
                 pending_sync = self.fleet.start_sync()
                 if it + 1 + k < cfg.iterations:
-                    pipeline.launch(it + 1 + k)
+                    self.launch(pipeline, it + 1 + k)
             row = iteration_row(
                 it, batch, {**normalize_stats, **policy.scorer.parts_stats(batch.scored)}, evals,
                 stats, sync, self.inputs.task, step_seconds=now - iter_start,
@@ -272,6 +279,10 @@ class Trainer:
             self.record_iteration(bar, index, it, row, batch, stats, sync)
             iter_start, batch = time.perf_counter(), next_batch
         self.show_in_flight(pipeline)
+
+    def launch(self, pipeline: RolloutPipeline, j: int) -> None:
+        pipeline.launch(j)
+        self.on_event("queued", j)
 
     def show_in_flight(self, pipeline: RolloutPipeline) -> None:
         if self.dashboard:

@@ -127,6 +127,11 @@ def engine_args(
     return args
 
 
+class AdapterMissing(RuntimeError):
+    """Asked to sample an adapter the worker does not hold: after a restart that the driver
+    has not seen yet, the worker holds none."""
+
+
 class RolloutWorker:
     """One vLLM engine with LoRA enabled, serving adapters in named slots: the policy, and
     (meet stage) each level's adapter beside it, `max_loras` at once, chosen per request; a
@@ -209,8 +214,10 @@ class RolloutWorker:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        if slot != POLICY and slot not in self.served:  # never the base model in its place
-            raise ValueError(f"worker {self.worker_id} serves no adapter in slot {slot!r}")
+        if lora is None and use_policy and slot not in self.served:
+            raise AdapterMissing(  # never the base model in the adapter's place
+                f"rollout worker {self.worker_id} (pid {os.getpid()}) serves no adapter in slot "
+                f"{slot!r}: a restarted worker that was not re-synced")
         served, version = self.served.get(slot, (None, -1))
         lora = lora if lora is not None else (served if use_policy else None)
         params = [

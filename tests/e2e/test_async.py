@@ -8,15 +8,12 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
-import time
 
 from helpers import assert_each_prompt_once
 from lorafleet.cluster.checkpoint import TrainerState
 from lorafleet.cluster.config import load_train_config
 from lorafleet.cluster.trainer import Trainer
 from lorafleet.common.metrics import read_metrics
-from lorafleet.common.run_dir import RunDir
 
 ITERATIONS = 10
 MAX_STALENESS = 2
@@ -25,21 +22,17 @@ WINDOW = 3
 # measured 0.280 -> 0.750, +0.470 (`pytest tests/e2e/test_async.py`, 2 cores, AMD EPYC, 50 s);
 # asserted at about a quarter of that.
 MIN_REWARD_GAIN = 0.12
-KILL_AFTER = 5  # rows logged when rollout worker 0 is killed (requests queued ahead on it)
+# rollout worker 0 is killed right after batch KILL_AT is queued on it (at the end of iteration
+# KILL_AT - MAX_STALENESS - 1): that request and the adapter swap queued before it are
+# outstanding, so its replacement must re-sync and generate them again. Batches up to
+# KILL_AT - 2 were collected and scored before the kill.
+KILL_AT = 7
 
 
-def kill_worker_after(run_dir: RunDir, rows: int) -> threading.Thread:
+def actor_pid(name: str) -> int:
     import ray
 
-    def kill() -> None:
-        while len(read_metrics(run_dir)) < rows:
-            time.sleep(0.05)
-        worker = ray.get_actor("lorafleet-rollout-0")
-        os.kill(ray.get(worker.__ray_call__.remote(lambda self: os.getpid())), signal.SIGKILL)
-
-    thread = threading.Thread(target=kill, daemon=True)
-    thread.start()
-    return thread
+    return ray.get(ray.get_actor(name).__ray_call__.remote(lambda self: os.getpid()))
 
 
 def test_async_run_bounds_staleness_and_learns(ray_cluster, tmp_path, tokenizer):
@@ -48,11 +41,15 @@ def test_async_run_bounds_staleness_and_learns(ray_cluster, tmp_path, tokenizer)
         "checkpoint_every=4", "logging.rollouts_parquet=true", "rollout.mode=async",
         f"rollout.max_staleness={MAX_STALENESS}",
     ])
-    killer = kill_worker_after(RunDir(tmp_path / "run"), KILL_AFTER)
     with Trainer(cfg) as trainer:
+        worker = actor_pid("lorafleet-rollout-0")  # asked while the worker is idle
+
+        def kill_worker(event: str, index: int) -> None:
+            if (event, index) == ("queued", KILL_AT):
+                os.kill(worker, signal.SIGKILL)
+
+        trainer.on_event = kill_worker
         run_dir = trainer.run()
-    killer.join(timeout=5)
-    assert not killer.is_alive()
     rows = read_metrics(run_dir)
     samples = cfg.prompts_per_iteration * cfg.rollout.samples_per_prompt
     assert [r["adapter_version"] for r in rows] == list(range(ITERATIONS))
@@ -62,7 +59,7 @@ def test_async_run_bounds_staleness_and_learns(ray_cluster, tmp_path, tokenizer)
     histograms = [r["staleness_histogram"] for r in rows]
     assert all(len(h) == MAX_STALENESS + 1 and sum(h) == samples for h in histograms)
     assert histograms[:3] == [[samples, 0, 0], [0, samples, 0], [0, 0, samples]]
-    assert all(h == [0, 0, samples] for h in histograms[3:KILL_AFTER]), histograms
+    assert all(h == [0, 0, samples] for h in histograms[3:KILL_AT - 1]), histograms
     # the killed worker's lost requests are generated again by its replacement, which serves
     # the learner's newest adapter: those samples lag less, never more
     assert rows[-1]["worker_restarts"] == 1
