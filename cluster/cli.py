@@ -1,5 +1,5 @@
 """`lorafleet` command line: train, train-rm, compare, bench, build-model, make-data, validate,
-tasks, eval, nlu-table, meet-table."""
+tasks, eval, nlu-table, meet-table, config-reference."""
 
 from __future__ import annotations
 
@@ -181,6 +181,15 @@ def cmd_meet_table(args: argparse.Namespace) -> None:
     meet_table(load_train_config(path, overrides), seeds)
 
 
+def cmd_config_reference(args: argparse.Namespace) -> None:
+    from .config_reference import write_reference
+
+    current = write_reference(Path(args.out), check=args.check)
+    if args.check and not current:
+        sys.exit(f"{args.out} is out of date: run `lorafleet config-reference`")
+    print(f"{args.out}: {'up to date' if current else 'written'}")
+
+
 def cmd_validate(args: argparse.Namespace) -> None:
     from .validate import validate
 
@@ -298,6 +307,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--train-config", metavar="CONFIG.yaml", help="also check that this run config's "
         "resource asks (learner, rollout, reward; placement.strategy) fit the node types")
     check.set_defaults(func=cmd_validate)
+    ref = sub.add_parser("config-reference", help="write the configuration reference "
+                         "(docs/configuration.md) from the config dataclasses")
+    ref.add_argument("--out", default="docs/configuration.md", help="output path")
+    ref.add_argument("--check", action="store_true",
+                     help="write nothing; exit 1 if --out differs from what would be written")
+    ref.set_defaults(func=cmd_config_reference)
     for command in (train, train_rm, bench, comp, ev, table):  # those that load models
         command.add_argument(
             "--verbose", action="store_true", help="show the warnings of vLLM, Ray, transformers "
