@@ -1,6 +1,6 @@
 """The rollout pipeline of one policy: batches of prompts queued on the rollout workers ahead
 of the update that trains them (none ahead at rollout.max_staleness 0, the synchronous loop),
-then collected, checked exactly once and scored as one `ScoredBatch`."""
+then collected, checked exactly once, scored and normalised as one `ScoredBatch`."""
 
 from __future__ import annotations
 
@@ -18,9 +18,11 @@ from .fleet import Fleet
 
 @dataclass
 class ScoredBatch:
-    """One iteration's rollouts, scored (before normalisation), and how they were made."""
+    """One iteration's rollouts, scored, and how they were made."""
 
-    scored: list[ScoredRollout]
+    scored: list[ScoredRollout]  # as the reward functions scored them
+    train: list[ScoredRollout]  # what the learner trains on: the rewards normalised
+    reward_stats: dict  # the batch's reward parts and normalisation statistics
     lengths: dict[str, float]  # response_lengths of every rollout generated
     gen_seconds: float  # queued -> last worker done
     reward_errors: int  # failed rewards dropped (reward.on_error=skip)
@@ -113,8 +115,12 @@ class RolloutPipeline:
         gen_seconds = max(self.watch.finished[ref] for ref in refs) - pending.sent
         errors_before = self.scorer.errors
         scored = self.scorer.score(rollouts)
-        return ScoredBatch(scored, response_lengths(rollouts), gen_seconds,
-                           self.scorer.errors - errors_before, pending.prompts[-1].index + 1)
+        train, normalize_stats = self.scorer.normalize(scored)
+        return ScoredBatch(
+            scored, train, {**normalize_stats, **self.scorer.parts_stats(scored)},
+            response_lengths(rollouts), gen_seconds, self.scorer.errors - errors_before,
+            pending.prompts[-1].index + 1,
+        )
 
     def wait(self, ref) -> None:
         """Waits for a learner call, stamping the workers' calls that finish meanwhile."""

@@ -24,12 +24,11 @@ def answer_pairs(scored: list[ScoredRollout]) -> list[tuple[str, str]]:
 
 
 def iteration_row(
-    it: int, batch: ScoredBatch, reward_stats: dict, evals: dict, stats: TrainStats,
-    sync: SyncFigures, task: Task, *, step_seconds: float, workers_wait_seconds: float,
-    worker_restarts: int, staleness_bound: int,
+    it: int, batch: ScoredBatch, evals: dict, stats: TrainStats, sync: SyncFigures, task: Task,
+    *, step_seconds: float, workers_wait_seconds: float, worker_restarts: int,
+    staleness_bound: int,
 ) -> dict:
-    """The iteration's metrics.jsonl row. `reward_stats`: the reward parts' and the
-    normalisation's statistics of the batch."""
+    """The iteration's metrics.jsonl row."""
     scored = batch.scored
     lags = [stats.adapter_version - s.rollout.adapter_version for s in scored]
     return {
@@ -37,7 +36,7 @@ def iteration_row(
         "iteration": it,
         "adapter_version": stats.adapter_version,
         "reward_mean": mean([s.reward for s in scored]),  # before normalisation
-        **reward_stats,
+        **batch.reward_stats,
         **evals,
         "kl": stats.kl,
         "samples": len(scored),

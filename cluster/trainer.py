@@ -258,8 +258,7 @@ class Trainer:
             evals = self.iteration_evals(it)
             self.show_in_flight(pipeline)
             batch = batch or pipeline.collect(it)
-            normalized, normalize_stats = policy.scorer.normalize(batch.scored)
-            train = learner.train_step.remote(normalized)
+            train = learner.train_step.remote(batch.train)
             next_batch = pipeline.collect(it + 1) if it + 1 in pipeline.in_flight else None
             pipeline.wait(train)
             stats = ray.get(train)
@@ -271,8 +270,7 @@ class Trainer:
                 if it + 1 + k < cfg.iterations:
                     self.launch(pipeline, it + 1 + k)
             row = iteration_row(
-                it, batch, {**normalize_stats, **policy.scorer.parts_stats(batch.scored)}, evals,
-                stats, sync, self.inputs.task, step_seconds=now - iter_start,
+                it, batch, evals, stats, sync, self.inputs.task, step_seconds=now - iter_start,
                 workers_wait_seconds=workers_wait, worker_restarts=self.fleet.rollout.restarts,
                 staleness_bound=k,
             )

@@ -7,9 +7,8 @@ in-context examples, and its row in `lorafleet tasks`.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Literal
 
 from ..configio import ConfigError
@@ -132,13 +131,7 @@ def task_entry(name: str) -> TaskEntry:
     return TASKS[name]
 
 
-_built: dict[str, Task] = {}
-
-
 def build_task(cfg: TaskConfig) -> Task:
-    """The task `cfg` configures, built once per distinct config: NLU tasks keep the data they
-    read on first use."""
-    key = json.dumps(asdict(cfg), sort_keys=True)
-    if key not in _built:
-        _built[key] = task_entry(cfg.name).build(cfg)
-    return _built[key]
+    """The task `cfg` configures (an NLU task reads its data on first use): build it once per
+    run and pass it on (the driver's RunInputs holds it)."""
+    return task_entry(cfg.name).build(cfg)
