@@ -68,35 +68,35 @@ def cmd_bench(args: argparse.Namespace) -> None:
         return
     path, overrides = _split_config_and_overrides(args.items)
     if args.what == "demo":
-        from .bench_demo import bench_demo
+        from .bench.demo import bench_demo
 
         bench_demo(path, _int_list(args.seeds or "0,1,2", "--seeds"), overrides,
                    args.out or "runs/demo")
         return
     if args.what == "vs-trl":
-        from .bench_trl import bench_vs_trl
+        from .bench.vs_trl import bench_vs_trl
 
         bench_vs_trl(path, overrides, args.scales.split(","),
                      _int_list(args.seeds or "0", "--seeds"), args.autocast,
                      args.out or "runs/vs-trl", args.reprint)
         return
     if args.what == "async":
-        from .bench_async import bench_async
+        from .bench.async_mode import bench_async
 
         bench_async(path, overrides, _int_list(args.seeds or "0,1,2", "--seeds"))
         return
     if args.what == "reward":
-        from .bench_reward import bench_reward
+        from .bench.reward import bench_reward
 
         bench_reward(path, overrides)
         return
-    from .bench import bench_rollout
+    from .bench.rollout import bench_rollout
 
     bench_rollout(path, overrides)
 
 
 def cmd_compare(args: argparse.Namespace) -> None:
-    from .compare import compare
+    from .bench.compare import compare
 
     configs = [i for i in args.items if "=" not in i]
     overrides = [i for i in args.items if "=" in i]
@@ -157,24 +157,24 @@ def cmd_tasks(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
+    from .bench.model_eval import run_eval
     from .config import load_train_config
-    from .evaluate import run_eval
 
     path, overrides = _split_config_and_overrides(args.items)
     run_eval(load_train_config(path, overrides), _int_list(args.shots, "--shots"), args.adapter)
 
 
 def cmd_nlu_table(args: argparse.Namespace) -> None:
+    from .bench.nlu_table import nlu_table
     from .config import load_train_config
-    from .nlu_table import nlu_table
 
     path, overrides = _split_config_and_overrides(args.items)
     nlu_table(load_train_config(path, overrides), args.shots)
 
 
 def cmd_meet_table(args: argparse.Namespace) -> None:
+    from .bench.meet_table import meet_table
     from .config import load_train_config
-    from .meet_table import meet_table
 
     path, overrides = _split_config_and_overrides(args.items)
     seeds = None if args.seeds is None else _int_list(args.seeds, "--seeds")

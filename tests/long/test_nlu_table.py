@@ -8,8 +8,8 @@ import json
 
 import pytest
 
+from lorafleet.cluster.bench.nlu_table import nlu_table
 from lorafleet.cluster.config import load_train_config
-from lorafleet.cluster.nlu_table import nlu_table
 from lorafleet.common.metrics import read_metrics
 from lorafleet.common.run_dir import RunDir
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from lorafleet.cluster.bench_async import WARMUP_ITERATIONS, exact_match_slow, loop_figures
+from lorafleet.cluster.bench.async_mode import WARMUP_ITERATIONS, exact_match_slow, loop_figures
 
 
 def test_loop_figures_of_sync_and_async_rows():

@@ -3,7 +3,7 @@ smallest, and the gains the README quotes."""
 
 from __future__ import annotations
 
-from lorafleet.cluster.bench_demo import demo_table
+from lorafleet.cluster.bench.demo import demo_table
 
 
 def summary(start: float, end: float, greedy_end: float) -> dict:

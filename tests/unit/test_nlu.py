@@ -182,8 +182,8 @@ def test_cli_tasks_and_make_data_sentiment(tmp_path, capsys):
 
 
 def test_result_table_markdown_and_stage_labels(tmp_path):
-    from lorafleet.cluster.nlu_table import stage_label
-    from lorafleet.cluster.tables import markdown, write_table
+    from lorafleet.cluster.bench.harness import markdown, write_table
+    from lorafleet.cluster.bench.nlu_table import stage_label
 
     results = {"0-shot": {"eval_greedy": 0.0, "rte/accuracy": 0.5, "rte/invalid_rate": 0.25},
                "SFT": {"rte/accuracy": 0.625, "cb/macro_f1": 0.4}}

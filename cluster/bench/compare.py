@@ -7,11 +7,11 @@ import statistics
 from dataclasses import replace
 from pathlib import Path
 
-from ..common.configio import ConfigError
-from ..common.metrics import read_metrics
-from ..common.run_dir import RunDir
-from .config import load_train_config
-from .trainer import Trainer
+from ...common.configio import ConfigError
+from ...common.metrics import read_metrics
+from ...common.run_dir import RunDir
+from ..config import load_train_config
+from ..trainer import Trainer
 
 DEFAULT_CONFIGS = [f"deploy/configs/{name}.yaml" for name in ("default", "grpo", "rloo", "spr")]
 

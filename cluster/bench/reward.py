@@ -12,12 +12,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from ..common.devices import model_dtype
-from ..common.records import Prompt, Rollout
-from ..common.tasks.base import Task
-from ..common.tasks.registry import build_task
-from .config import load_train_config
-from .fleet import connect_ray, resolve_model, reward_spec
+from ...common.devices import model_dtype
+from ...common.records import Prompt, Rollout
+from ...common.tasks.base import Task
+from ...common.tasks.registry import build_task
+from ..config import load_train_config
+from ..fleet import connect_ray, resolve_model, reward_spec
 
 ACTOR_COUNTS = (1, 2)
 
@@ -39,9 +39,9 @@ def bench_reward(path: str | None, overrides: list[str], repeats: int = 3) -> No
     import ray
     from transformers import AutoTokenizer
 
-    from ..learner.model import DTYPES, REWARD, PolicyValueModel
-    from ..learner.reward_model import save_reward_model
-    from ..reward.pool import RewardPool, RewardWorker
+    from ...learner.model import DTYPES, REWARD, PolicyValueModel
+    from ...learner.reward_model import save_reward_model
+    from ...reward.pool import RewardPool, RewardWorker
 
     cfg = load_train_config(path, overrides)
     model_path = resolve_model(cfg)

@@ -24,10 +24,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from ..common.metrics import read_metrics
-from ..reward.rules import exact_match
-from .config import load_train_config
-from .trainer import Trainer
+from ...common.metrics import read_metrics
+from ...reward.rules import exact_match
+from ..config import load_train_config
+from ..trainer import Trainer
 
 ITERATIONS = 12  # unless the overrides say otherwise
 WARMUP_ITERATIONS = 2

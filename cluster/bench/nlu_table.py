@@ -6,11 +6,11 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
-from ..common.run_dir import fresh_directory
-from .config import TrainConfig
-from .evaluate import evaluate_shots
-from .tables import markdown, write_table
-from .trainer import Trainer
+from ...common.run_dir import fresh_directory
+from ..config import TrainConfig
+from ..trainer import Trainer
+from .harness import markdown, write_table
+from .model_eval import evaluate_shots
 
 
 def stage_label(stages: list[str], index: int, algo: str) -> str:

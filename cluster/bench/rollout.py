@@ -15,12 +15,12 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from ..common.data import PromptStream, encode_prompts, pad_token_id
-from ..common.metrics import read_metrics
-from ..common.tasks.registry import build_task
-from .config import load_train_config
-from .fleet import resolve_model
-from .trainer import Trainer
+from ...common.data import PromptStream, encode_prompts, pad_token_id
+from ...common.metrics import read_metrics
+from ...common.tasks.registry import build_task
+from ..config import load_train_config
+from ..fleet import resolve_model
+from ..trainer import Trainer
 
 WARMUP_ITERATIONS = 2  # engine warm-up (first compiles, allocator growth) is not steady state
 
@@ -29,8 +29,8 @@ def raw_vllm_tokens_per_s(cfg, model_path: str, repeats: int = 3) -> tuple[float
     """(base model tok/s, LoRA tok/s) of one engine given all the fleet's threads."""
     from transformers import AutoTokenizer
 
-    from ..learner.algorithms.registry import learner_class
-    from ..rollout.worker import RolloutWorker
+    from ...learner.algorithms.registry import learner_class
+    from ...rollout.worker import RolloutWorker
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     limit = cfg.model.max_model_len - cfg.rollout.max_new_tokens

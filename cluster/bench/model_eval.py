@@ -8,14 +8,14 @@ import dataclasses
 import json
 from pathlib import Path
 
-from ..common.configio import ConfigError
-from ..common.data import encode_prompts
-from ..common.run_dir import fresh_directory
-from ..common.tasks.registry import build_task, task_entry
-from ..reward.pool import RewardWorker
-from .config import TrainConfig
-from .fleet import driver_tokenizer, resolve_model, reward_spec
-from .tables import write_table
+from ...common.configio import ConfigError
+from ...common.data import encode_prompts
+from ...common.run_dir import fresh_directory
+from ...common.tasks.registry import build_task, task_entry
+from ...reward.pool import RewardWorker
+from ..config import TrainConfig
+from ..fleet import driver_tokenizer, resolve_model, reward_spec
+from .harness import write_table
 
 
 def adapter_rank(adapter: str) -> int:
@@ -35,7 +35,7 @@ def evaluate_shots(
     if any(shots) and not task_entry(cfg.task.name).shots:
         raise ConfigError(f"--shots {shots}: task.name={cfg.task.name} takes no in-context "
                           "examples (an NLU task does)")
-    from ..rollout.worker import RolloutWorker
+    from ...rollout.worker import RolloutWorker
 
     reward = RewardWorker(reward_spec(cfg, None))
     model_path = resolve_model(cfg)

@@ -28,9 +28,9 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ..common.cache import cache_root
-from ..common.devices import attention_kernel, native_bf16
-from ..common.run_dir import RunDir
+from ...common.cache import cache_root
+from ...common.devices import attention_kernel, native_bf16
+from ...common.run_dir import RunDir
 
 TRL_VERSION = "1.16.0"
 PROMPTS, SAMPLES = 64, 4
@@ -81,7 +81,7 @@ def run_lorafleet(overrides: list[str], run_dir: Path) -> dict:
     seconds = time.perf_counter() - start
     if proc.returncode:
         raise RuntimeError(f"lorafleet train failed (exit {proc.returncode}): {overrides}")
-    from ..common.metrics import read_metrics
+    from ...common.metrics import read_metrics
 
     rows = read_metrics(RunDir(run_dir))
     summary = RunDir(run_dir).read_summary()
@@ -107,14 +107,14 @@ def trl_target() -> Path:
 
 
 def run_trl(spec: dict) -> dict:
-    """TRL's side in a subprocess (`python -m lorafleet.cluster.bench_trl SPEC_JSON`)."""
+    """TRL's side in a subprocess (`python -m lorafleet.cluster.bench.vs_trl SPEC_JSON`)."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(
         p for p in (str(trl_target()), env.get("PYTHONPATH")) if p)
     start = time.perf_counter()
     out = Path(spec["output_dir"]) / "trl_result.json"
     spec = spec | {"launched_at": time.time()}  # wall clock: read in the other process
-    subprocess.run([sys.executable, "-m", "lorafleet.cluster.bench_trl", json.dumps(spec)],
+    subprocess.run([sys.executable, "-m", "lorafleet.cluster.bench.vs_trl", json.dumps(spec)],
                    env=env, check=True)
     result = json.loads(out.read_text())
     return result | {"command_seconds": time.perf_counter() - start}
@@ -128,8 +128,8 @@ def trl_main(spec: dict) -> None:
     from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from ..common.tasks.registry import TaskConfig, build_task
-    from ..reward.registry import get_reward_fn
+    from ...common.tasks.registry import TaskConfig, build_task
+    from ...reward.registry import get_reward_fn
 
     torch.set_num_threads(spec["threads"])
     task = TaskConfig()
@@ -190,9 +190,9 @@ def learner_gflops(cfg, model_path: str, response_tokens: int, attention: str,
     from torch.utils.flop_counter import FlopCounterMode
     from transformers import AutoTokenizer
 
-    from ..common.data import pad_token_id
-    from ..learner.algorithms.registry import learner_class
-    from .bench_memory import BenchSetup, random_scored_batch
+    from ...common.data import pad_token_id
+    from ...learner.algorithms.registry import learner_class
+    from ..bench_memory import BenchSetup, random_scored_batch
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     learner = learner_class(cfg.algo)(
@@ -222,8 +222,8 @@ def learner_gflops(cfg, model_path: str, response_tokens: int, attention: str,
 def bench_vs_trl(path: str | None, overrides: list[str], scales: list[str], seeds: list[int],
                  autocast: str, out: str, reprint: bool = False) -> dict:
     """Runs the benchmark into `out`; `reprint`: prints the tables of the run saved there."""
-    from .config import load_train_config
-    from .fleet import resolve_model
+    from ..config import load_train_config
+    from ..fleet import resolve_model
 
     out_dir = Path(out).resolve()
     if reprint:

@@ -13,14 +13,14 @@ import random
 from dataclasses import replace
 from pathlib import Path
 
-from ..common.corpora import DatasetConfig, read_rows, write_jsonl
-from ..common.metrics import read_metrics
-from ..common.run_dir import RunDir, fresh_directory
-from ..common.tasks.registry import build_task
-from .config import TrainConfig
-from .fleet import connect_ray, driver_tokenizer, resolve_model
-from .tables import markdown, write_table
-from .trainer import Trainer, load_meet_data
+from ...common.corpora import DatasetConfig, read_rows, write_jsonl
+from ...common.metrics import read_metrics
+from ...common.run_dir import RunDir, fresh_directory
+from ...common.tasks.registry import build_task
+from ..config import TrainConfig
+from ..fleet import connect_ray, driver_tokenizer, resolve_model
+from ..trainer import Trainer, load_meet_data
+from .harness import markdown, write_table
 
 # the variants a MEET variant's margin is taken over (`--seeds`)
 BASELINES = ("SFT (best level)", "Chain of Hindsight", "DPO")
