@@ -11,8 +11,8 @@ from ..common.configio import ConfigError
 from ..common.corpora import DatasetError
 from ..common.logs import apply_log_level
 from .actor_group import PlacementError
-from .bench_memory import add_arguments as add_bench_memory_arguments
-from .bench_memory import bench_memory
+from .bench.memory import add_arguments as add_bench_memory_arguments
+from .bench.memory import bench_memory
 from .checkpoint import ResumeError
 
 

@@ -192,7 +192,7 @@ def learner_gflops(cfg, model_path: str, response_tokens: int, attention: str,
 
     from ...common.data import pad_token_id
     from ...learner.algorithms.registry import learner_class
-    from ..bench_memory import BenchSetup, random_scored_batch
+    from .memory import BenchSetup, random_scored_batch
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     learner = learner_class(cfg.algo)(
