@@ -7,6 +7,7 @@ import json
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 
 from ..common.configio import save_config
@@ -43,6 +44,7 @@ from ..rollout.worker import POLICY, level_slot
 from .actor_group import Calls, is_actor
 from .checkpoint import ResumeError, TrainerState, latest_checkpoint, rewind
 from .config import TrainConfig
+from .evaluation import answer_pairs, evaluate_prompts
 from .fleet import (
     AdapterSync,
     connect_ray,
@@ -157,10 +159,6 @@ def control_text_prompts(cfg: TrainConfig, tokenizer, text: str) -> list[Prompt]
     examples = [replace(ex, prompt=f"{text} {ex.prompt}")
                 for ex in build_task(cfg.task).examples("eval")]
     return encode_prompts(examples, tokenizer, cfg.model.max_model_len - cfg.rollout.max_new_tokens)
-
-
-def answer_pairs(scored: list[ScoredRollout]) -> list[tuple[str, str]]:
-    return [(s.rollout.response_text, s.rollout.prompt.reference) for s in scored]
 
 
 def reward_part_means(scored: list[ScoredRollout]) -> dict[str, float | None]:
@@ -365,26 +363,13 @@ class Trainer:
     def evaluate(
         self, prompts: list[Prompt] | None = None, slot: str = POLICY
     ) -> dict[str, float]:
-        """Held-out prompts (or `prompts`) under the served adapter of `slot`: mean reward of
-        samples drawn as in training (the quantity RL maximises), and of greedy answers
-        (accuracy); with a reward model also each part; plus the task's own metrics of the
-        greedy answers (NLU: each task's official metrics and invalid-answer rate)."""
-        rollout = self.cfg.rollout
-        result = {}
-        for key, n, temperature in (
-            ("eval_reward", rollout.samples_per_prompt, rollout.temperature),
-            ("eval_greedy", 1, 0.0),
-        ):
-            scored = self.score(self.fleet.generate(
-                prompts or self.held_out, n=n, temperature=temperature, seed=self.cfg.seed,
-                slot=slot,
-            ))
-            result[key] = mean([s.reward for s in scored])
-            if self.cfg.uses_reward_model:
-                result[f"{key}_rule"] = mean([s.rule_reward for s in scored])
-                result[f"{key}_model"] = mean([s.model_reward for s in scored])
-        # `scored` is the greedy pass here
-        return {**result, **build_task(self.cfg.task).answer_metrics(answer_pairs(scored))}
+        """Held-out prompts (or `prompts`) under the served adapter of `slot`, sampled and
+        greedy (`evaluation.evaluate_prompts`)."""
+        return evaluate_prompts(
+            partial(self.fleet.generate, slot=slot), self.score, prompts or self.held_out,
+            build_task(self.cfg.task), self.cfg.rollout, self.cfg.seed,
+            reward_parts=self.cfg.uses_reward_model,
+        )
 
     def score(self, rollouts: list) -> list[ScoredRollout]:
         """The reward pool's scores (plus the learner's reward adapter's, when it holds the

@@ -27,7 +27,7 @@ from pathlib import Path
 from ...common.metrics import read_metrics
 from ...reward.rules import exact_match
 from ..config import load_train_config
-from ..trainer import Trainer
+from .harness import markdown_table, publish, ratio, report, train
 
 ITERATIONS = 12  # unless the overrides say otherwise
 WARMUP_ITERATIONS = 2
@@ -60,12 +60,6 @@ def loop_figures(rows: list[dict]) -> dict[str, float]:
     }
 
 
-def run(path: str | None, overrides: list[str], run_dir: Path) -> list[dict]:
-    cfg = load_train_config(path, [*overrides, f"run_dir={run_dir}"])
-    with Trainer(cfg) as trainer:
-        return read_metrics(trainer.run())
-
-
 def reward_per_sample(rows: list[dict]) -> tuple[float, float]:
     """Mean train reward of the first and the last WINDOW iterations."""
     first, last = rows[:WINDOW], rows[-WINDOW:]
@@ -73,37 +67,39 @@ def reward_per_sample(rows: list[dict]) -> tuple[float, float]:
             statistics.mean(r["reward_mean"] for r in last))
 
 
-def bench_async(path: str | None, overrides: list[str], seeds: list[int]) -> None:
+def bench_async(path: str | None, overrides: list[str], seeds: list[int], command: str) -> None:
     base = [f"iterations={ITERATIONS}", "eval_every=0", "checkpoint_every=0", *overrides]
     iterations = load_train_config(path, base).iterations
     curves = []  # (label, train reward per iteration)
-    lines = ["| setting | seed | mode | samples/s | learner waits (s/iter) | workers wait "
-             "(s/iter) | train reward, first -> last 3 iter. |", "| --- |" + " --- |" * 6]
+    rows = []
     with tempfile.TemporaryDirectory(prefix="lorafleet-bench-async-") as tmp:
         for setting, setting_overrides in SETTINGS.items():
             # the slow reward shows the overlap; one seed says it as well as several
             for seed in seeds if setting == "default" else seeds[:1]:
                 figures = {}
                 for mode in ("sync", "async"):
+                    cfg = load_train_config(path, [*base, *setting_overrides, f"seed={seed}",
+                                                   f"rollout.mode={mode}"])
                     run_dir = Path(tmp) / f"{setting.replace(' ', '_')}-{seed}-{mode}"
-                    rows = run(path, [*base, *setting_overrides, f"seed={seed}",
-                                      f"rollout.mode={mode}"], run_dir)
-                    figures[mode] = loop_figures(rows)
+                    metrics = read_metrics(train(cfg, run_dir))
+                    figures[mode] = loop_figures(metrics)
                     curves.append((f"{setting}, seed {seed}, {mode}",
-                                   [r["reward_mean"] for r in rows]))
-                    first, last = reward_per_sample(rows)
+                                   [r["reward_mean"] for r in metrics]))
+                    first, last = reward_per_sample(metrics)
                     f = figures[mode]
-                    ratios = ["", "", ""] if mode == "sync" else [
-                        f" ({f[k] / figures['sync'][k]:.2f}x)"
-                        for k in ("samples_per_s", "learner_wait_s", "workers_wait_s")]
-                    lines.append(
-                        f"| {setting} | {seed} | {mode} | {f['samples_per_s']:.1f}{ratios[0]} | "
-                        f"{f['learner_wait_s']:.2f}{ratios[1]} | "
-                        f"{f['workers_wait_s']:.2f}{ratios[2]} | {first:.3f} -> {last:.3f} |")
-    print(f"\nasync vs sync, {iterations} iterations (medians of iterations "
-          f"{WARMUP_ITERATIONS}-{iterations - 1}; ratios async / sync in the same setting and "
-          f"seed; slow reward: {SLOW_REWARD_SECONDS * 1000:g} ms per sample)")
-    print("\n".join(lines))
+                    cells = [f"{f['samples_per_s']:.1f}", f"{f['learner_wait_s']:.2f}",
+                             f"{f['workers_wait_s']:.2f}"]
+                    if mode == "async":  # the baseline: sync in the same setting and seed
+                        cells = [f"{cell} ({ratio(f[k], figures['sync'][k])})" for cell, k in
+                                 zip(cells, ("samples_per_s", "learner_wait_s", "workers_wait_s"),
+                                     strict=True)]
+                    rows.append([setting, str(seed), mode, *cells, f"{first:.3f} -> {last:.3f}"])
+    table = markdown_table(["setting", "seed", "mode", "samples/s", "learner waits (s/iter)",
+                            "workers wait (s/iter)", "train reward, first -> last 3 iter."], rows)
+    publish(report(command, f"async vs sync, {iterations} iterations (medians of iterations "
+                   f"{WARMUP_ITERATIONS}-{iterations - 1}; ratios async / sync in the same "
+                   f"setting and seed; slow reward: {SLOW_REWARD_SECONDS * 1000:g} ms per "
+                   "sample)", table))
     print("\ntrain reward per sample, by iteration:")
     for label, curve in curves:
         print(f"  {label:>28s}: " + " ".join(f"{v:.2f}" for v in curve))

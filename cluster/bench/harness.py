@@ -1,13 +1,91 @@
-"""Result tables: settings (zero-shot, k-shot, each stage of a chain) against each task's
-official metrics, written as Markdown, JSON and a bar chart (`lorafleet eval`, `nlu-table`,
-`meet-table`)."""
+"""What every experiment shares: runs of a config through the Trainer, Markdown tables (with
+ratios against a baseline measured in the same command), each printed and written under a line
+naming the command, the commit and the CPU it came from; and the result tables of settings
+(zero-shot, k-shot, each stage of a chain, each variant) against each task's metrics, as
+Markdown, JSON and a bar chart (`eval`, `nlu-table`, `meet-table`)."""
 
 from __future__ import annotations
 
 import json
+import os
+import platform
+import subprocess
+from dataclasses import replace
 from pathlib import Path
 
+from ...common.run_dir import RunDir
+from ..config import TrainConfig, load_train_config
+from ..trainer import Trainer
+
 COST_PREFIX = "cost/"  # rows of a table in seconds, MiB, steps: not plotted with the scores
+
+
+# -- where a figure comes from -----------------------------------------------------------------
+def commit() -> str:
+    """This checkout's short commit; "unknown" outside a git checkout (e.g. a wheel install)."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True, cwd=Path(__file__).resolve().parent, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def provenance(command: str) -> str:
+    return f"`{command}` at commit {commit()} on {cpu_name()} ({os.cpu_count()} cores)"
+
+
+def report(command: str, title: str, table: str) -> str:
+    """A table under its title and the line naming where it came from."""
+    return f"{title}\n{provenance(command)}\n\n{table}"
+
+
+def publish(text: str, path: Path | None = None, beside: tuple[str, ...] = ()) -> None:
+    """Prints a report, and writes it to `path` (next to the runs it came from); `beside`:
+    the names of files written next to it, for the reader."""
+    print("\n" + text)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        print(f"wrote {', '.join([str(path), *beside])}")
+
+
+# -- runs ---------------------------------------------------------------------------------------
+def train(cfg: TrainConfig, run_dir: Path) -> RunDir:
+    """One training job of `cfg` into `run_dir`, through the Trainer."""
+    with Trainer(replace(cfg, run_dir=str(run_dir))) as trainer:
+        return trainer.run()
+
+
+def train_over_seeds(path: str, seeds: list[int], overrides: list[str], out: Path
+                     ) -> list[RunDir]:
+    """The config at `path` with each seed, into out/{algorithm}-seed{seed}."""
+    runs = []
+    for seed in seeds:
+        cfg = load_train_config(path, [*overrides, f"seed={seed}"])
+        print(f"\n== {cfg.algo.name} (seed {seed}) from {path}")
+        runs.append(train(cfg, out / f"{cfg.algo.name}-seed{seed}"))
+    return runs
+
+
+# -- tables -------------------------------------------------------------------------------------
+def ratio(value: float, baseline: float) -> str:
+    return f"{value / baseline:.2f}x"
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "| --- |" + " --- |" * (len(header) - 1)]
+    return "\n".join([*lines, *("| " + " | ".join(row) + " |" for row in rows)]) + "\n"
 
 
 def metric_rows(results: dict[str, dict[str, float]]) -> list[str]:
@@ -15,17 +93,16 @@ def metric_rows(results: dict[str, dict[str, float]]) -> list[str]:
     return list(dict.fromkeys(k for metrics in results.values() for k in metrics if "/" in k))
 
 
-def markdown(results: dict[str, dict[str, float]]) -> str:
+def results_markdown(results: dict[str, dict[str, float]]) -> str:
+    """One column per setting, one row per `task/metric` ("—": a setting without it)."""
     settings = list(results)
-    lines = ["| task / metric | " + " | ".join(settings) + " |",
-             "| --- |" + " --- |" * len(settings)]
-    for key in metric_rows(results):
-        cells = [f"{results[s][key]:.3f}" if key in results[s] else "—" for s in settings]
-        lines.append(f"| {key} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    return markdown_table(["task / metric", *settings], [
+        [key, *(f"{results[s][key]:.3f}" if key in results[s] else "—" for s in settings)]
+        for key in metric_rows(results)
+    ])
 
 
-def plot(results: dict[str, dict[str, float]], path: Path) -> None:
+def plot_results(results: dict[str, dict[str, float]], path: Path) -> None:
     """Grouped bars: one group per task/metric (invalid-answer rates and costs left out), one
     bar per setting."""
     import matplotlib
@@ -51,11 +128,13 @@ def plot(results: dict[str, dict[str, float]], path: Path) -> None:
     plt.close(fig)
 
 
-def write_table(run_dir: Path, name: str, results: dict[str, dict[str, float]],
-                plot_png: bool = True) -> None:
-    """run_dir/{name}.md, {name}.json (and {name}.png)."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / f"{name}.md").write_text(markdown(results))
-    (run_dir / f"{name}.json").write_text(json.dumps(results, indent=2))
+def write_results(out: Path, name: str, results: dict[str, dict[str, float]], command: str,
+                  title: str, plot_png: bool = True) -> None:
+    """Writes out/{name}.json (and {name}.png), then prints and writes the table as
+    out/{name}.md."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(results, indent=2))
     if plot_png:
-        plot(results, run_dir / f"{name}.png")
+        plot_results(results, out / f"{name}.png")
+    publish(report(command, title, results_markdown(results)), out / f"{name}.md",
+            (f"{name}.json", *([f"{name}.png"] if plot_png else [])))

@@ -220,10 +220,12 @@ def learner_gflops(cfg, model_path: str, response_tokens: int, attention: str,
 
 # -- the benchmark -------------------------------------------------------------------------------
 def bench_vs_trl(path: str | None, overrides: list[str], scales: list[str], seeds: list[int],
-                 autocast: str, out: str, reprint: bool = False) -> dict:
-    """Runs the benchmark into `out`; `reprint`: prints the tables of the run saved there."""
+                 autocast: str, out: str, command: str, reprint: bool = False) -> dict:
+    """Runs the benchmark into `out`; `reprint`: prints the tables of the run saved there (with
+    the command, commit and CPU they came from)."""
     from ..config import load_train_config
     from ..fleet import resolve_model
+    from .harness import provenance
 
     out_dir = Path(out).resolve()
     if reprint:
@@ -235,7 +237,8 @@ def bench_vs_trl(path: str | None, overrides: list[str], scales: list[str], seed
     autocast = "bf16" if bf16 else "off"  # both sides alike
     # both sides use the learner's attention kernel (eager on the CPU: common/devices.py)
     attention = attention_kernel(None, "cpu")
-    results: dict = {"autocast": autocast, "attention": attention, "seeds": seeds, "scales": {}}
+    results: dict = {"autocast": autocast, "attention": attention, "seeds": seeds, "scales": {},
+                     "provenance": provenance(command)}
     threads = os.cpu_count() or 1
     results["peak_gflops"] = {d: matmul_gflops(d, threads) for d in ("float32", "bfloat16")}
     for name in scales:
@@ -284,6 +287,7 @@ def print_scale(name: str, scale: Scale, runs: list[dict], learner: dict, result
           f"{PROMPTS} prompts x {SAMPLES} samples x <= {scale.max_new_tokens} new tokens, "
           f"{scale.steps} steps, learner autocast {results['autocast']}, "
           f"{results['attention']} attention on both sides, seeds {results['seeds']}")
+    print(results.get("provenance", "command, commit and CPU not recorded"))
     print(f"  {'':34}{'TRL':>14}{'lorafleet':>14}{'ratio':>10}")
     for label, key in (("samples/s (steady)", "rate"), ("whole command (s)", "command_seconds"),
                        ("command -> first step (s)", "first_step_seconds")):
