@@ -35,6 +35,7 @@ SLOW_REWARD_SECONDS = 0.01
 SLOW_REWARD = f"{__name__}:exact_match_slow"
 SETTINGS = {"default": [], "slow reward": [f"reward.fns=[{SLOW_REWARD}]"]}
 WINDOW = 3  # iterations averaged for the first / last train reward
+FIGURES = ("samples_per_s", "learner_wait_s", "workers_wait_s")  # loop_figures' keys
 
 
 def exact_match_slow(completions, reference, **kwargs) -> list[float]:
@@ -67,6 +68,19 @@ def reward_per_sample(rows: list[dict]) -> tuple[float, float]:
             statistics.mean(r["reward_mean"] for r in last))
 
 
+def mode_cells(figures: dict[str, dict[str, float]], mode: str, rows: list[dict]) -> list[str]:
+    """A run's figures (`figures[mode]`), async's each with its ratio to sync's (the baseline:
+    the same setting and seed), and its train reward first -> last."""
+    f = figures[mode]
+    cells = [f"{f['samples_per_s']:.1f}", f"{f['learner_wait_s']:.2f}",
+             f"{f['workers_wait_s']:.2f}"]
+    if mode == "async":
+        cells = [f"{cell} ({ratio(f[k], figures['sync'][k])})"
+                 for cell, k in zip(cells, FIGURES, strict=True)]
+    first, last = reward_per_sample(rows)
+    return [*cells, f"{first:.3f} -> {last:.3f}"]
+
+
 def bench_async(path: str | None, overrides: list[str], seeds: list[int], command: str) -> None:
     base = [f"iterations={ITERATIONS}", "eval_every=0", "checkpoint_every=0", *overrides]
     iterations = load_train_config(path, base).iterations
@@ -85,15 +99,7 @@ def bench_async(path: str | None, overrides: list[str], seeds: list[int], comman
                     figures[mode] = loop_figures(metrics)
                     curves.append((f"{setting}, seed {seed}, {mode}",
                                    [r["reward_mean"] for r in metrics]))
-                    first, last = reward_per_sample(metrics)
-                    f = figures[mode]
-                    cells = [f"{f['samples_per_s']:.1f}", f"{f['learner_wait_s']:.2f}",
-                             f"{f['workers_wait_s']:.2f}"]
-                    if mode == "async":  # the baseline: sync in the same setting and seed
-                        cells = [f"{cell} ({ratio(f[k], figures['sync'][k])})" for cell, k in
-                                 zip(cells, ("samples_per_s", "learner_wait_s", "workers_wait_s"),
-                                     strict=True)]
-                    rows.append([setting, str(seed), mode, *cells, f"{first:.3f} -> {last:.3f}"])
+                    rows.append([setting, str(seed), mode, *mode_cells(figures, mode, metrics)])
     table = markdown_table(["setting", "seed", "mode", "samples/s", "learner waits (s/iter)",
                             "workers wait (s/iter)", "train reward, first -> last 3 iter."], rows)
     publish(report(command, f"async vs sync, {iterations} iterations (medians of iterations "

@@ -5,7 +5,13 @@ from __future__ import annotations
 
 import pytest
 
-from lorafleet.cluster.bench.async_mode import WARMUP_ITERATIONS, exact_match_slow, loop_figures
+from helpers import numbers
+from lorafleet.cluster.bench.async_mode import (
+    WARMUP_ITERATIONS,
+    exact_match_slow,
+    loop_figures,
+    mode_cells,
+)
 
 
 def test_loop_figures_of_sync_and_async_rows():
@@ -24,3 +30,14 @@ def test_loop_figures_of_sync_and_async_rows():
 def test_slow_reward_is_exact_match():
     assert exact_match_slow(completions=["12", " 7 ", "3"], reference=["12", "7", "4"],
                             prompts=["", "", ""]) == [1.0, 1.0, 0.0]
+
+
+def test_async_rows_carry_their_ratio_to_sync():
+    figures = {"sync": {"samples_per_s": 50.0, "learner_wait_s": 2.0, "workers_wait_s": 3.0},
+               "async": {"samples_per_s": 75.0, "learner_wait_s": 0.5, "workers_wait_s": 1.5}}
+    rows = [{"reward_mean": r} for r in (0.1, 0.2, 0.3, 0.5, 0.6, 0.7)]
+    sync = mode_cells(figures, "sync", rows)
+    assert numbers(sync) == pytest.approx([50.0, 2.0, 3.0, 0.2, 0.6])
+    # async / sync, same setting and seed
+    assert numbers(mode_cells(figures, "async", rows)) == pytest.approx(
+        [75.0, 1.5, 0.5, 0.25, 1.5, 0.5, 0.2, 0.6])
