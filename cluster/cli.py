@@ -4,6 +4,7 @@ tasks, eval, nlu-table, meet-table, config-reference."""
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from pathlib import Path
 
@@ -11,8 +12,8 @@ from ..common.configio import ConfigError
 from ..common.corpora import DatasetError
 from ..common.logs import apply_log_level
 from .actor_group import PlacementError
-from .bench_memory import add_arguments as add_bench_memory_arguments
-from .bench_memory import bench_memory
+from .bench.memory import add_arguments as add_bench_memory_arguments
+from .bench.memory import bench_memory
 from .checkpoint import ResumeError
 
 
@@ -68,39 +69,40 @@ def cmd_bench(args: argparse.Namespace) -> None:
         return
     path, overrides = _split_config_and_overrides(args.items)
     if args.what == "demo":
-        from .bench_demo import bench_demo
+        from .bench.demo import bench_demo
 
         bench_demo(path, _int_list(args.seeds or "0,1,2", "--seeds"), overrides,
-                   args.out or "runs/demo")
+                   args.out or "runs/demo", args.command_line)
         return
     if args.what == "vs-trl":
-        from .bench_trl import bench_vs_trl
+        from .bench.vs_trl import bench_vs_trl
 
         bench_vs_trl(path, overrides, args.scales.split(","),
                      _int_list(args.seeds or "0", "--seeds"), args.autocast,
-                     args.out or "runs/vs-trl", args.reprint)
+                     args.out or "runs/vs-trl", args.command_line, args.reprint)
         return
     if args.what == "async":
-        from .bench_async import bench_async
+        from .bench.async_mode import bench_async
 
-        bench_async(path, overrides, _int_list(args.seeds or "0,1,2", "--seeds"))
+        bench_async(path, overrides, _int_list(args.seeds or "0,1,2", "--seeds"),
+                    args.command_line)
         return
     if args.what == "reward":
-        from .bench_reward import bench_reward
+        from .bench.reward import bench_reward
 
-        bench_reward(path, overrides)
+        bench_reward(path, overrides, args.command_line)
         return
-    from .bench import bench_rollout
+    from .bench.rollout import bench_rollout
 
-    bench_rollout(path, overrides)
+    bench_rollout(path, overrides, args.command_line)
 
 
 def cmd_compare(args: argparse.Namespace) -> None:
-    from .compare import compare
+    from .bench.compare import compare
 
     configs = [i for i in args.items if "=" not in i]
     overrides = [i for i in args.items if "=" in i]
-    compare(configs, _int_list(args.seeds, "--seeds"), overrides, args.out)
+    compare(configs, _int_list(args.seeds, "--seeds"), overrides, args.out, args.command_line)
 
 
 def cmd_build_model(args: argparse.Namespace) -> None:
@@ -157,28 +159,29 @@ def cmd_tasks(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
+    from .bench.model_eval import run_eval
     from .config import load_train_config
-    from .evaluate import run_eval
 
     path, overrides = _split_config_and_overrides(args.items)
-    run_eval(load_train_config(path, overrides), _int_list(args.shots, "--shots"), args.adapter)
+    run_eval(load_train_config(path, overrides), _int_list(args.shots, "--shots"), args.adapter,
+             args.command_line)
 
 
 def cmd_nlu_table(args: argparse.Namespace) -> None:
+    from .bench.nlu_table import nlu_table
     from .config import load_train_config
-    from .nlu_table import nlu_table
 
     path, overrides = _split_config_and_overrides(args.items)
-    nlu_table(load_train_config(path, overrides), args.shots)
+    nlu_table(load_train_config(path, overrides), args.shots, args.command_line)
 
 
 def cmd_meet_table(args: argparse.Namespace) -> None:
+    from .bench.meet_table import meet_table
     from .config import load_train_config
-    from .meet_table import meet_table
 
     path, overrides = _split_config_and_overrides(args.items)
     seeds = None if args.seeds is None else _int_list(args.seeds, "--seeds")
-    meet_table(load_train_config(path, overrides), seeds)
+    meet_table(load_train_config(path, overrides), seeds, args.command_line)
 
 
 def cmd_config_reference(args: argparse.Namespace) -> None:
@@ -323,9 +326,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
     """Overrides may also follow the options (`bench demo --seeds 0 learner.threads=1`), which
-    argparse leaves over once an option has ended the positional list."""
+    argparse leaves over once an option has ended the positional list. `command_line`: the
+    command as typed (the benchmarks' tables name it)."""
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
     args, rest = parser.parse_known_args(argv)
+    args.command_line = shlex.join(["lorafleet", *argv])
     if rest and (not hasattr(args, "items") or any("=" not in r for r in rest)):
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if rest:

@@ -6,21 +6,15 @@ from __future__ import annotations
 import json
 
 from ..common.corpora import LoadedDataset
-from ..common.records import ScoredRollout, TrainStats
+from ..common.metrics import mean
+from ..common.records import TrainStats
 from ..common.run_dir import RunDir
 from ..common.tasks.base import Task
+from .evaluation import answer_pairs
 from .fleet import SyncFigures
 from .pipeline import ScoredBatch
 
 EVAL_KEYS = ("eval_reward", "eval_greedy")
-
-
-def mean(values: list[float]) -> float:
-    return sum(values) / len(values)
-
-
-def answer_pairs(scored: list[ScoredRollout]) -> list[tuple[str, str]]:
-    return [(s.rollout.response_text, s.rollout.prompt.reference) for s in scored]
 
 
 def iteration_row(

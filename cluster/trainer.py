@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 
 from ..common.configio import save_config
@@ -26,10 +27,11 @@ from ..rollout.worker import POLICY
 from .actor_group import is_actor
 from .checkpoint import ResumeError, TrainerState, latest_checkpoint, rewind
 from .config import TrainConfig
+from .evaluation import evaluate_prompts
 from .fleet import SyncFigures, connect_ray, reward_model_dir, reward_spec, start_fleet
 from .inputs import load_run_inputs
 from .pipeline import RolloutPipeline, ScoredBatch
-from .report import EVAL_KEYS, answer_pairs, iteration_row, mean, print_summary
+from .report import EVAL_KEYS, iteration_row, print_summary
 from .stages import run_meet_stage, run_offline_stage, run_rm_stage
 from .telemetry import DashboardMetrics, WandbLogger, write_rollouts
 
@@ -184,26 +186,13 @@ class Trainer:
     def evaluate(
         self, prompts: list[Prompt] | None = None, slot: str = POLICY
     ) -> dict[str, float]:
-        """Held-out prompts (or `prompts`) under the served adapter of `slot`: mean reward of
-        samples drawn as in training (the quantity RL maximises), and of greedy answers
-        (accuracy); with a reward model also each part; plus the task's own metrics of the
-        greedy answers (NLU: each task's official metrics and invalid-answer rate)."""
-        rollout = self.cfg.rollout
-        result = {}
-        for key, n, temperature in (
-            ("eval_reward", rollout.samples_per_prompt, rollout.temperature),
-            ("eval_greedy", 1, 0.0),
-        ):
-            scored = self.scorer().score(self.fleet.generate(
-                prompts or self.inputs.held_out, n=n, temperature=temperature,
-                seed=self.cfg.seed, slot=slot,
-            ))
-            result[key] = mean([s.reward for s in scored])
-            if self.cfg.uses_reward_model:
-                result[f"{key}_rule"] = mean([s.rule_reward for s in scored])
-                result[f"{key}_model"] = mean([s.model_reward for s in scored])
-        # `scored` is the greedy pass here
-        return {**result, **self.inputs.task.answer_metrics(answer_pairs(scored))}
+        """Held-out prompts (or `prompts`) under the served adapter of `slot`, scored as in
+        training (`evaluation.evaluate_prompts`)."""
+        return evaluate_prompts(
+            partial(self.fleet.generate, slot=slot), self.scorer().score,
+            prompts or self.inputs.held_out, self.inputs.task, self.cfg.rollout, self.cfg.seed,
+            reward_parts=self.cfg.uses_reward_model,
+        )
 
     def scorer(self) -> Scorer:
         if self.policy.scorer is None:

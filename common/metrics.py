@@ -25,6 +25,10 @@ class MetricsSink:
         self.lines += 1
 
 
+def mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
 def response_lengths(rollouts: list[Rollout]) -> dict[str, float]:
     """Per-iteration length statistics: tokens in all, mean and longest response, and the share
     cut off at rollout.max_new_tokens (finish reason "length"; a stop string or EOS is "stop")."""

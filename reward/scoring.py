@@ -9,13 +9,10 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Literal
 
+from ..common.metrics import mean
 from ..common.records import Rollout, ScoredRollout
 from .normalize import RunningMoments, normalize_rewards
 from .pool import RewardPool, RewardSpec, drop_failed_groups
-
-
-def mean(values: list[float]) -> float:
-    return sum(values) / len(values)
 
 
 class Scorer:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import torch
 
@@ -121,3 +122,16 @@ def assert_each_prompt_once(run_dir, cfg, tokenizer) -> None:
         served = sorted(r["prompt_index"] for r in table)
         assert served == sorted(indices * n), f"iteration {it}: prompts lost or repeated"
         assert {r["sample_index"] for r in table} == set(range(n))
+
+
+def table_cells(markdown: str) -> dict[str, list[str]]:
+    """A Markdown table's rows (the header's too) by their first cell, each row's other cells
+    stripped: what a reader sees, whatever the spacing."""
+    rows = [[cell.strip() for cell in line.strip().strip("|").split("|")]
+            for line in markdown.splitlines() if line.startswith("|")]
+    return {row[0]: row[1:] for row in rows if set(row[0]) != {"-"}}
+
+
+def numbers(cells: list[str]) -> list[float]:
+    """The numbers in table cells, in order ("0.875 ± 0.035" is two, "3.40x" one)."""
+    return [float(x) for cell in cells for x in re.findall(r"[-+]?\d+(?:\.\d+)?", cell)]

@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from lorafleet.cluster.bench_memory import VARIANTS, BenchSetup, run_variant
+from lorafleet.cluster.bench.memory import VARIANTS, BenchSetup, run_variant
 
 
 @pytest.fixture(scope="module")

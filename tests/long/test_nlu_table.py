@@ -8,8 +8,8 @@ import json
 
 import pytest
 
+from lorafleet.cluster.bench.nlu_table import nlu_table
 from lorafleet.cluster.config import load_train_config
-from lorafleet.cluster.nlu_table import nlu_table
 from lorafleet.common.metrics import read_metrics
 from lorafleet.common.run_dir import RunDir
 
@@ -26,7 +26,8 @@ MIN_PPO_SAMPLED_GAIN = 0.06
 
 def test_vader_zero_shot_sft_ppo_table(ray_cluster, tmp_path):
     cfg = load_train_config("deploy/configs/nlu_sst2_vader.yaml", [f"run_dir={tmp_path / 't'}"])
-    out = nlu_table(cfg, shots=2)
+    out = nlu_table(cfg, shots=2,
+                    command="lorafleet nlu-table deploy/configs/nlu_sst2_vader.yaml --shots 2")
 
     table = json.loads((out / "table.json").read_text())
     assert list(table) == ["0-shot", "2-shot", "SFT", "SFT+PPO"]

@@ -3,7 +3,10 @@ smallest, and the gains the README quotes."""
 
 from __future__ import annotations
 
-from lorafleet.cluster.bench_demo import demo_table
+import pytest
+
+from helpers import numbers, table_cells
+from lorafleet.cluster.bench.demo import demo_table
 
 
 def summary(start: float, end: float, greedy_end: float) -> dict:
@@ -16,12 +19,18 @@ def summary(start: float, end: float, greedy_end: float) -> dict:
 
 
 def test_demo_table_spread_and_gains():
-    rows = demo_table([summary(0.25, 0.85, 0.95), summary(0.2, 0.9, 0.85)], [0, 1]).splitlines()
-    assert rows[0] == "| figure | seed 0 | seed 1 | mean ± std | min |"
-    assert "| held-out reward, sampled, after rl | 0.850 | 0.900 | 0.875 ± 0.035 | 0.850 |" in rows
-    assert "| train reward, last 10 iterations | 0.900 | 0.900 | 0.900 ± 0.000 | 0.900 |" in rows
-    assert rows[-2] == "| held-out sampled, end / start | 3.40x | 4.50x | | 3.40x |"
-    assert rows[-1] == "| held-out greedy, end - start | +0.900 | +0.800 | | +0.800 |"
+    cells = table_cells(demo_table([summary(0.25, 0.85, 0.95), summary(0.2, 0.9, 0.85)], [0, 1]))
+    assert cells["figure"] == ["seed 0", "seed 1", "mean ± std", "min"]
+    # per seed, mean ± std, min
+    assert numbers(cells["held-out reward, sampled, after rl"]) == pytest.approx(
+        [0.85, 0.9, 0.875, 0.035, 0.85])
+    assert numbers(cells["train reward, last 10 iterations"]) == pytest.approx(
+        [0.9, 0.9, 0.9, 0.0, 0.9])
+    # the changes from the start, last: per seed and the smallest
+    assert list(cells)[-2:] == ["held-out sampled, end / start", "held-out greedy, end - start"]
+    assert numbers(cells["held-out sampled, end / start"]) == pytest.approx([3.4, 4.5, 3.4])
+    assert numbers(cells["held-out greedy, end - start"]) == pytest.approx([0.9, 0.8, 0.8])
     # no ratio for a reward that starts at or below 0 (VADER's compound)
-    table = demo_table([summary(-0.01, 0.5, 0.6)], [0])
-    assert "end / start" not in table and "| +0.550 |" in table
+    cells = table_cells(demo_table([summary(-0.01, 0.5, 0.6)], [0]))
+    assert "held-out sampled, end / start" not in cells
+    assert numbers(cells["held-out greedy, end - start"]) == pytest.approx([0.55, 0.55])

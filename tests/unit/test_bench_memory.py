@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from lorafleet.cluster.bench_memory import VARIANTS, BenchSetup, one_variant
+from lorafleet.cluster.bench.memory import VARIANTS, BenchSetup, one_variant
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from lorafleet.cluster.bench_trl import (
+from lorafleet.cluster.bench.vs_trl import (
     KL_COEF,
     PROMPTS,
     SAMPLES,

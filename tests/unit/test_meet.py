@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from lorafleet.cluster.bench.meet_table import over_seeds, variants
 from lorafleet.cluster.config import TrainConfig, load_train_config
-from lorafleet.cluster.meet_table import over_seeds, variants
 from lorafleet.common.config import LoRAConfig
 from lorafleet.common.configio import ConfigError, from_dict, to_dict
 from lorafleet.common.corpora import DatasetConfig, DatasetError, level_of, load_leveled

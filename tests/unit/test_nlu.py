@@ -182,17 +182,21 @@ def test_cli_tasks_and_make_data_sentiment(tmp_path, capsys):
 
 
 def test_result_table_markdown_and_stage_labels(tmp_path):
-    from lorafleet.cluster.nlu_table import stage_label
-    from lorafleet.cluster.tables import markdown, write_table
+    from lorafleet.cluster.bench.harness import results_markdown, write_results
+    from lorafleet.cluster.bench.nlu_table import stage_label
 
     results = {"0-shot": {"eval_greedy": 0.0, "rte/accuracy": 0.5, "rte/invalid_rate": 0.25},
                "SFT": {"rte/accuracy": 0.625, "cb/macro_f1": 0.4}}
-    assert markdown(results).splitlines() == [
+    assert results_markdown(results).splitlines() == [
         "| task / metric | 0-shot | SFT |", "| --- | --- | --- |",
         "| rte/accuracy | 0.500 | 0.625 |", "| rte/invalid_rate | 0.250 | — |",
         "| cb/macro_f1 | — | 0.400 |",
     ]
     assert [stage_label(["sft", "rl"], i, "ppo") for i in (0, 1)] == ["SFT", "SFT+PPO"]
-    write_table(tmp_path, "table", results)
+    write_results(tmp_path, "table", results, "lorafleet nlu-table --shots 4", "rte")
     assert json.loads((tmp_path / "table.json").read_text()) == results
     assert (tmp_path / "table.png").read_bytes()[:4] == b"\x89PNG"
+    # the Markdown names the command it came from, then holds the table
+    markdown = (tmp_path / "table.md").read_text()
+    assert "`lorafleet nlu-table --shots 4`" in markdown
+    assert markdown.endswith(results_markdown(results))

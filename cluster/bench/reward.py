@@ -6,18 +6,18 @@ threads; Ray's ActorPool hands each batch to the next idle actor. Nothing is ass
 
 from __future__ import annotations
 
-import os
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
-from ..common.devices import model_dtype
-from ..common.records import Prompt, Rollout
-from ..common.tasks.base import Task
-from ..common.tasks.registry import build_task
-from .config import load_train_config
-from .fleet import connect_ray, resolve_model, reward_spec
+from ...common.devices import model_dtype
+from ...common.records import Prompt, Rollout
+from ...common.tasks.base import Task
+from ...common.tasks.registry import build_task
+from ..config import load_train_config
+from ..fleet import connect_ray, resolve_model, reward_spec
+from .harness import markdown_table, publish, ratio, report
 
 ACTOR_COUNTS = (1, 2)
 
@@ -35,13 +35,13 @@ def answer_rollouts(task: Task, tokenizer, count: int) -> list[Rollout]:
     return out
 
 
-def bench_reward(path: str | None, overrides: list[str], repeats: int = 3) -> None:
+def bench_reward(path: str | None, overrides: list[str], command: str, repeats: int = 3) -> None:
     import ray
     from transformers import AutoTokenizer
 
-    from ..learner.model import DTYPES, REWARD, PolicyValueModel
-    from ..learner.reward_model import save_reward_model
-    from ..reward.pool import RewardPool, RewardWorker
+    from ...learner.model import DTYPES, REWARD, PolicyValueModel
+    from ...learner.reward_model import save_reward_model
+    from ...reward.pool import RewardPool, RewardWorker
 
     cfg = load_train_config(path, overrides)
     model_path = resolve_model(cfg, build_task(cfg.task))
@@ -79,10 +79,8 @@ def bench_reward(path: str | None, overrides: list[str], repeats: int = 3) -> No
             if started:
                 ray.shutdown()
     base = rates[ACTOR_COUNTS[0]]
-    print(f"\nreward-model scoring ({cfg.model.name_or_path}, {count} samples in batches of "
-          f"{cfg.reward.batch_size}, {spec.threads} thread(s) per actor, {os.cpu_count()} "
-          f"cores here; median of {repeats})")
-    print("| reward actors | samples/s | vs 1 actor |")
-    print("| --- | --- | --- |")
-    for n, rate in rates.items():
-        print(f"| {n} | {rate:.0f} | {rate / base:.2f}x |")
+    rows = [[str(n), f"{rate:.0f}", ratio(rate, base)] for n, rate in rates.items()]
+    table = markdown_table(["reward actors", "samples/s", f"vs {ACTOR_COUNTS[0]} actor"], rows)
+    publish(report(command, f"reward-model scoring ({cfg.model.name_or_path}, {count} samples in "
+                   f"batches of {cfg.reward.batch_size}, {spec.threads} thread(s) per actor; "
+                   f"median of {repeats})", table))

@@ -15,12 +15,12 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from ..common.data import PromptStream, encode_prompts, pad_token_id
-from ..common.metrics import read_metrics
-from ..common.tasks.registry import build_task
-from .config import load_train_config
-from .fleet import resolve_model
-from .trainer import Trainer
+from ...common.data import PromptStream, encode_prompts, pad_token_id
+from ...common.metrics import read_metrics
+from ...common.tasks.registry import build_task
+from ..config import load_train_config
+from ..fleet import resolve_model
+from .harness import markdown_table, publish, ratio, report, train
 
 WARMUP_ITERATIONS = 2  # engine warm-up (first compiles, allocator growth) is not steady state
 
@@ -29,8 +29,8 @@ def raw_vllm_tokens_per_s(cfg, model_path: str, repeats: int = 3) -> tuple[float
     """(base model tok/s, LoRA tok/s) of one engine given all the fleet's threads."""
     from transformers import AutoTokenizer
 
-    from ..learner.algorithms.registry import learner_class
-    from ..rollout.worker import RolloutWorker
+    from ...learner.algorithms.registry import learner_class
+    from ...rollout.worker import RolloutWorker
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     limit = cfg.model.max_model_len - cfg.rollout.max_new_tokens
@@ -65,25 +65,26 @@ def raw_vllm_tokens_per_s(cfg, model_path: str, repeats: int = 3) -> tuple[float
     return rate(use_policy=False), rate(use_policy=True)
 
 
-def bench_rollout(path: str | None, overrides: list[str]) -> None:
+def bench_rollout(path: str | None, overrides: list[str], command: str) -> None:
     cfg = load_train_config(path, overrides)
     if cfg.iterations <= WARMUP_ITERATIONS:
         cfg = replace(cfg, iterations=WARMUP_ITERATIONS + 6)
     model_path = resolve_model(cfg, build_task(cfg.task))
     base_tps, lora_tps = raw_vllm_tokens_per_s(cfg, model_path)
     with tempfile.TemporaryDirectory(prefix="lorafleet-bench-") as tmp:
-        run_cfg = replace(cfg, run_dir=str(Path(tmp) / "run"), checkpoint_every=0)
-        with Trainer(run_cfg) as trainer:
-            rows = read_metrics(trainer.run())[WARMUP_ITERATIONS:]
+        run_cfg = replace(cfg, checkpoint_every=0)
+        rows = read_metrics(train(run_cfg, Path(tmp) / "run"))[WARMUP_ITERATIONS:]
     fleet_tps = statistics.median(r["rollout_tokens_per_s"] for r in rows)
     sync_s = statistics.median(r["sync_seconds"] for r in rows)
     step_s = statistics.median(r["step_seconds"] for r in rows)
-    print(f"\nrollout benchmark ({len(rows)} steady iterations; model {cfg.model.name_or_path}, "
-          f"{cfg.rollout.num_workers} workers, {cfg.prompts_per_iteration} prompts x "
-          f"{cfg.rollout.samples_per_prompt} samples x <= {cfg.rollout.max_new_tokens} tokens)")
-    print(f"  raw vLLM, base model, one engine     : {base_tps:9.0f} tok/s")
-    print(f"  raw vLLM, LoRA active, one engine    : {lora_tps:9.0f} tok/s")
-    print(f"  fleet during training (end to end)   : {fleet_tps:9.0f} tok/s")
-    print(f"  fleet / raw vLLM with LoRA           : {fleet_tps / lora_tps:9.2f}x")
-    print(f"  adapter publish -> all serving       : {sync_s * 1000:9.1f} ms "
-          f"({sync_s / step_s:.1%} of a {step_s:.2f} s iteration)")
+    table = markdown_table(["", "tok/s", "vs raw vLLM with LoRA"], [
+        ["raw vLLM, base model, one engine", f"{base_tps:.0f}", ratio(base_tps, lora_tps)],
+        ["raw vLLM, LoRA active, one engine", f"{lora_tps:.0f}", ratio(lora_tps, lora_tps)],
+        ["fleet during training (end to end)", f"{fleet_tps:.0f}", ratio(fleet_tps, lora_tps)],
+    ])
+    publish(report(command, f"rollout benchmark ({len(rows)} steady iterations; model "
+                   f"{cfg.model.name_or_path}, {cfg.rollout.num_workers} workers, "
+                   f"{cfg.prompts_per_iteration} prompts x {cfg.rollout.samples_per_prompt} "
+                   f"samples x <= {cfg.rollout.max_new_tokens} tokens)", table)
+            + f"\nadapter publish -> all serving: {sync_s * 1000:.1f} ms ({sync_s / step_s:.1%} "
+            f"of a {step_s:.2f} s iteration)\n")

@@ -8,11 +8,10 @@ figures vary with the seed and with the CPU's float kernels (run it with other t
 
 from __future__ import annotations
 
-import platform
 import statistics
 from pathlib import Path
 
-from .compare import run_all
+from .harness import markdown_table, publish, report, train_over_seeds
 
 # summary keys shown after the held-out evaluations of every stage ({w}: summary's window)
 RUN_FIGURES = [
@@ -22,16 +21,6 @@ RUN_FIGURES = [
     ("wall_seconds", "wall time (s)"),
 ]
 HELD_OUT = [("eval_reward", "held-out reward, sampled"), ("eval_greedy", "held-out greedy")]
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def figure_rows(summary: dict) -> list[tuple[str, float]]:
@@ -44,35 +33,30 @@ def figure_rows(summary: dict) -> list[tuple[str, float]]:
 
 
 def demo_table(summaries: list[dict], seeds: list[int]) -> str:
-    lines = [
-        "| figure | " + " | ".join(f"seed {s}" for s in seeds) + " | mean ± std | min |",
-        "| --- |" + " --- |" * (len(seeds) + 2),
-    ]
+    """Each figure per seed with its mean ± std and min; then the held-out change from the
+    start (the start is the baseline, measured in the same run)."""
+    rows = []
     per_seed = [figure_rows(s) for s in summaries]
     for i, (label, _) in enumerate(per_seed[0]):
-        values = [rows[i][1] for rows in per_seed]
+        values = [figures[i][1] for figures in per_seed]
         std = statistics.stdev(values) if len(values) > 1 else 0.0
-        lines.append(f"| {label} | " + " | ".join(f"{v:.3f}" for v in values)
-                     + f" | {statistics.mean(values):.3f} ± {std:.3f} | {min(values):.3f} |")
+        rows.append([label, *(f"{v:.3f}" for v in values),
+                     f"{statistics.mean(values):.3f} ± {std:.3f}", f"{min(values):.3f}"])
     first, last = (lambda s: s["stage_evals"][0]), (lambda s: s["stage_evals"][-1])
     gains = [last(s)["eval_greedy"] - first(s)["eval_greedy"] for s in summaries]
     # a ratio of rewards that start near 0 or below (VADER's compound) says nothing
     if all(first(s)["eval_reward"] > 0.01 for s in summaries):
         ratios = [last(s)["eval_reward"] / first(s)["eval_reward"] for s in summaries]
-        lines.append("| held-out sampled, end / start | "
-                     + " | ".join(f"{r:.2f}x" for r in ratios) + f" | | {min(ratios):.2f}x |")
-    lines.append("| held-out greedy, end - start | " + " | ".join(f"{g:+.3f}" for g in gains)
-                 + f" | | {min(gains):+.3f} |")
-    return "\n".join(lines) + "\n"
+        rows.append(["held-out sampled, end / start", *(f"{r:.2f}x" for r in ratios), "",
+                     f"{min(ratios):.2f}x"])
+    rows.append(["held-out greedy, end - start", *(f"{g:+.3f}" for g in gains), "",
+                 f"{min(gains):+.3f}"])
+    return markdown_table(["figure", *(f"seed {s}" for s in seeds), "mean ± std", "min"], rows)
 
 
-def bench_demo(config: str | None, seeds: list[int], overrides: list[str], out: str) -> None:
+def bench_demo(config: str | None, seeds: list[int], overrides: list[str], out: str,
+               command: str) -> None:
     out_dir = Path(out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    runs = run_all([config or "deploy/configs/default.yaml"], seeds, overrides, out_dir)
-    dirs = next(iter(runs.values()))
-    summaries = [d.read_summary() for d in dirs]
-    table = (f"CPU: {cpu_name()}; overrides: {' '.join(overrides) or 'none'}\n\n"
-             + demo_table(summaries, seeds))
-    (out_dir / "demo.md").write_text(table)
-    print("\n" + table + f"\ntable: {out_dir / 'demo.md'}")
+    runs = train_over_seeds(config or "deploy/configs/default.yaml", seeds, overrides, out_dir)
+    table = demo_table([run.read_summary() for run in runs], seeds)
+    publish(report(command, f"bench demo over seeds {seeds}", table), out_dir / "demo.md")

@@ -28,9 +28,9 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ..common.cache import cache_root
-from ..common.devices import attention_kernel, native_bf16
-from ..common.run_dir import RunDir
+from ...common.cache import cache_root
+from ...common.devices import attention_kernel, native_bf16
+from ...common.run_dir import RunDir
 
 TRL_VERSION = "1.16.0"
 PROMPTS, SAMPLES = 64, 4
@@ -81,7 +81,7 @@ def run_lorafleet(overrides: list[str], run_dir: Path) -> dict:
     seconds = time.perf_counter() - start
     if proc.returncode:
         raise RuntimeError(f"lorafleet train failed (exit {proc.returncode}): {overrides}")
-    from ..common.metrics import read_metrics
+    from ...common.metrics import read_metrics
 
     rows = read_metrics(RunDir(run_dir))
     summary = RunDir(run_dir).read_summary()
@@ -107,14 +107,14 @@ def trl_target() -> Path:
 
 
 def run_trl(spec: dict) -> dict:
-    """TRL's side in a subprocess (`python -m lorafleet.cluster.bench_trl SPEC_JSON`)."""
+    """TRL's side in a subprocess (`python -m lorafleet.cluster.bench.vs_trl SPEC_JSON`)."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(
         p for p in (str(trl_target()), env.get("PYTHONPATH")) if p)
     start = time.perf_counter()
     out = Path(spec["output_dir"]) / "trl_result.json"
     spec = spec | {"launched_at": time.time()}  # wall clock: read in the other process
-    subprocess.run([sys.executable, "-m", "lorafleet.cluster.bench_trl", json.dumps(spec)],
+    subprocess.run([sys.executable, "-m", "lorafleet.cluster.bench.vs_trl", json.dumps(spec)],
                    env=env, check=True)
     result = json.loads(out.read_text())
     return result | {"command_seconds": time.perf_counter() - start}
@@ -128,8 +128,8 @@ def trl_main(spec: dict) -> None:
     from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from ..common.tasks.registry import TaskConfig, build_task
-    from ..reward.registry import get_reward_fn
+    from ...common.tasks.registry import TaskConfig, build_task
+    from ...reward.registry import get_reward_fn
 
     torch.set_num_threads(spec["threads"])
     task = TaskConfig()
@@ -190,9 +190,9 @@ def learner_gflops(cfg, model_path: str, response_tokens: int, attention: str,
     from torch.utils.flop_counter import FlopCounterMode
     from transformers import AutoTokenizer
 
-    from ..common.data import pad_token_id
-    from ..learner.algorithms.registry import learner_class
-    from .bench_memory import BenchSetup, random_scored_batch
+    from ...common.data import pad_token_id
+    from ...learner.algorithms.registry import learner_class
+    from .memory import BenchSetup, random_scored_batch
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     learner = learner_class(cfg.algo)(
@@ -220,11 +220,13 @@ def learner_gflops(cfg, model_path: str, response_tokens: int, attention: str,
 
 # -- the benchmark -------------------------------------------------------------------------------
 def bench_vs_trl(path: str | None, overrides: list[str], scales: list[str], seeds: list[int],
-                 autocast: str, out: str, reprint: bool = False) -> dict:
-    """Runs the benchmark into `out`; `reprint`: prints the tables of the run saved there."""
-    from ..common.tasks.registry import build_task
-    from .config import load_train_config
-    from .fleet import resolve_model
+                 autocast: str, out: str, command: str, reprint: bool = False) -> dict:
+    """Runs the benchmark into `out`; `reprint`: prints the tables of the run saved there (with
+    the command, commit and CPU they came from)."""
+    from ...common.tasks.registry import build_task
+    from ..config import load_train_config
+    from ..fleet import resolve_model
+    from .harness import provenance
 
     out_dir = Path(out).resolve()
     if reprint:
@@ -236,7 +238,8 @@ def bench_vs_trl(path: str | None, overrides: list[str], scales: list[str], seed
     autocast = "bf16" if bf16 else "off"  # both sides alike
     # both sides use the learner's attention kernel (eager on the CPU: common/devices.py)
     attention = attention_kernel(None, "cpu")
-    results: dict = {"autocast": autocast, "attention": attention, "seeds": seeds, "scales": {}}
+    results: dict = {"autocast": autocast, "attention": attention, "seeds": seeds, "scales": {},
+                     "provenance": provenance(command)}
     threads = os.cpu_count() or 1
     results["peak_gflops"] = {d: matmul_gflops(d, threads) for d in ("float32", "bfloat16")}
     for name in scales:
@@ -286,6 +289,7 @@ def print_scale(name: str, scale: Scale, runs: list[dict], learner: dict, result
           f"{PROMPTS} prompts x {SAMPLES} samples x <= {scale.max_new_tokens} new tokens, "
           f"{scale.steps} steps, learner autocast {results['autocast']}, "
           f"{results['attention']} attention on both sides, seeds {results['seeds']}")
+    print(results.get("provenance", "command, commit and CPU not recorded"))
     print(f"  {'':34}{'TRL':>14}{'lorafleet':>14}{'ratio':>10}")
     for label, key in (("samples/s (steady)", "rate"), ("whole command (s)", "command_seconds"),
                        ("command -> first step (s)", "first_step_seconds")):

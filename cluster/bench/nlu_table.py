@@ -3,14 +3,12 @@ chain (e.g. SFT, SFT+PPO), per task and official metric, as Markdown, JSON and a
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 
-from ..common.run_dir import fresh_directory
-from .config import TrainConfig
-from .evaluate import evaluate_shots
-from .tables import markdown, write_table
-from .trainer import Trainer
+from ...common.run_dir import fresh_directory
+from ..config import TrainConfig
+from .harness import train, write_results
+from .model_eval import evaluate_shots
 
 
 def stage_label(stages: list[str], index: int, algo: str) -> str:
@@ -19,16 +17,16 @@ def stage_label(stages: list[str], index: int, algo: str) -> str:
     return "+".join(names)
 
 
-def nlu_table(cfg: TrainConfig, shots: int) -> Path:
+def nlu_table(cfg: TrainConfig, shots: int, command: str) -> Path:
     """Zero-/k-shot of the base model (`lorafleet eval`), then the config's stage chain with its
-    held-out evaluation after each stage (`lorafleet train`)."""
+    held-out evaluation after each stage (`lorafleet train`): both through
+    `evaluation.evaluate_prompts`."""
     out = fresh_directory(cfg.run_dir)
     results = evaluate_shots(cfg, [0, shots] if shots else [0])
-    with Trainer(replace(cfg, run_dir=str(out / "train"))) as trainer:
-        summary = trainer.run().read_summary()
+    summary = train(cfg, out / "train").read_summary()
     for index, row in enumerate(summary["stage_evals"][1:]):
         label = stage_label(cfg.stages, index, cfg.algo.name)
         results[label] = {k: v for k, v in row.items() if k != "stage"}
-    write_table(out, "table", results)
-    print(f"\n{markdown(results)}\nwrote {out}/table.md, table.json, table.png")
+    write_results(out, "table", results, command, f"{cfg.task.name}: zero-shot, {shots}-shot "
+                  f"and the chain {' -> '.join(cfg.stages)}, held-out")
     return out

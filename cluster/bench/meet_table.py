@@ -13,15 +13,14 @@ import random
 from dataclasses import replace
 from pathlib import Path
 
-from ..common.corpora import DatasetConfig, read_rows, write_jsonl
-from ..common.metrics import read_metrics
-from ..common.run_dir import RunDir, fresh_directory
-from ..common.tasks.registry import build_task
-from .config import TrainConfig
-from .fleet import connect_ray, driver_tokenizer, resolve_model
-from .inputs import load_meet_data
-from .tables import markdown, write_table
-from .trainer import Trainer
+from ...common.corpora import DatasetConfig, read_rows, write_jsonl
+from ...common.metrics import read_metrics
+from ...common.run_dir import RunDir, fresh_directory
+from ...common.tasks.registry import build_task
+from ..config import TrainConfig
+from ..fleet import connect_ray, driver_tokenizer, resolve_model
+from ..inputs import load_meet_data
+from .harness import train, write_results
 
 # the variants a MEET variant's margin is taken over (`--seeds`)
 BASELINES = ("SFT (best level)", "Chain of Hindsight", "DPO")
@@ -97,16 +96,15 @@ def table_row(run_dir: RunDir) -> dict[str, float]:
     }
 
 
-def variant_results(cfg: TrainConfig, out: Path) -> dict[str, dict[str, float]]:
+def variant_results(cfg: TrainConfig, out: Path, command: str) -> dict[str, dict[str, float]]:
     """Every variant run under `out` (on the connected Ray cluster); writes out/table.*."""
     sft, pairs, levels = baseline_data(cfg, out)
     results = {}
     for name, variant in variants(cfg, sft, pairs, levels).items():
         print(f"\n== seed {cfg.seed}, {name}: stages {variant.stages}", flush=True)
         run_dir = out / name.lower().replace(" ", "_").replace("(", "").replace(")", "")
-        with Trainer(replace(variant, run_dir=str(run_dir))) as trainer:
-            results[name] = table_row(trainer.run())
-    write_table(out, "table", results)
+        results[name] = table_row(train(variant, run_dir))
+    write_results(out, "table", results, command, f"MEET and its baselines, seed {cfg.seed}")
     return results
 
 
@@ -139,7 +137,7 @@ def over_seeds(per_seed: dict[int, dict[str, dict[str, float]]]
     return table, margins
 
 
-def meet_table(cfg: TrainConfig, seeds: list[int] | None = None) -> Path:
+def meet_table(cfg: TrainConfig, seeds: list[int] | None, command: str) -> Path:
     """The variants at cfg.seed (out/table.*), or at each of `seeds` (out/seed{s}/table.*)
     with out/table.* over the seeds and out/margins.* (MEET variants minus baselines)."""
     import ray
@@ -150,16 +148,13 @@ def meet_table(cfg: TrainConfig, seeds: list[int] | None = None) -> Path:
     try:
         for seed in seeds or [cfg.seed]:
             seed_out = out / f"seed{seed}" if seeds else out
-            per_seed[seed] = variant_results(replace(cfg, seed=seed), seed_out)
-            print(f"\n{markdown(per_seed[seed])}\nwrote {seed_out}/table.md, table.json, "
-                  "table.png", flush=True)
+            per_seed[seed] = variant_results(replace(cfg, seed=seed), seed_out, command)
     finally:
         if started:
             ray.shutdown()
     if seeds:
         table, margins = over_seeds(per_seed)
-        write_table(out, "table", table)
-        write_table(out, "margins", margins, plot_png=False)
-        print(f"\n{markdown(table)}\n{markdown(margins)}\nwrote {out}/table.md, table.json, "
-              "table.png, margins.md, margins.json")
+        write_results(out, "table", table, command, f"MEET and its baselines over seeds {seeds}")
+        write_results(out, "margins", margins, command, "each MEET variant's margin over each "
+                      f"baseline, min and max over seeds {seeds}", plot_png=False)
     return out

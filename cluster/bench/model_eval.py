@@ -6,16 +6,18 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from functools import partial
 from pathlib import Path
 
-from ..common.configio import ConfigError
-from ..common.data import encode_prompts
-from ..common.run_dir import fresh_directory
-from ..common.tasks.registry import build_task, task_entry
-from ..reward.pool import RewardWorker
-from .config import TrainConfig
-from .fleet import driver_tokenizer, resolve_model, reward_spec
-from .tables import write_table
+from ...common.configio import ConfigError
+from ...common.data import encode_prompts
+from ...common.run_dir import fresh_directory
+from ...common.tasks.registry import build_task, task_entry
+from ...reward.pool import RewardWorker
+from ..config import TrainConfig
+from ..evaluation import evaluate_prompts
+from ..fleet import driver_tokenizer, resolve_model, reward_spec
+from .harness import write_results
 
 
 def adapter_rank(adapter: str) -> int:
@@ -29,13 +31,13 @@ def adapter_rank(adapter: str) -> int:
 def evaluate_shots(
     cfg: TrainConfig, shots: list[int], adapter: str | None = None
 ) -> dict[str, dict[str, float]]:
-    """{"0-shot": metrics, "k-shot": metrics, ...}: `eval_greedy` (mean reward of the greedy
-    answers), each task's official metrics and invalid-answer rate, prompts left out as too
-    long for the model (`prompts_skipped`)."""
+    """{"0-shot": metrics, "k-shot": metrics, ...}: `evaluation.evaluate_prompts`'s greedy
+    pass (`eval_greedy` and each task's official metrics and invalid-answer rate), and the
+    prompts left out as too long for the model (`prompts_skipped`)."""
     if any(shots) and not task_entry(cfg.task.name).shots:
         raise ConfigError(f"--shots {shots}: task.name={cfg.task.name} takes no in-context "
                           "examples (an NLU task does)")
-    from ..rollout.worker import RolloutWorker
+    from ...rollout.worker import RolloutWorker
 
     reward = RewardWorker(reward_spec(cfg, None))
     model_path = resolve_model(cfg, build_task(cfg.task))
@@ -46,32 +48,31 @@ def evaluate_shots(
         threads=cfg.learner.threads,
     )
     tokenizer = driver_tokenizer(cfg, model_path)
-    lora = worker.lora_from_disk(adapter, 1) if adapter else None
+    generate = partial(
+        worker.generate, max_tokens=cfg.rollout.max_new_tokens, use_policy=False,
+        lora=worker.lora_from_disk(adapter, 1) if adapter else None, stop=cfg.rollout.stop,
+        stop_token_ids=cfg.rollout.stop_token_ids,
+    )
     limit = cfg.model.max_model_len - cfg.rollout.max_new_tokens
     results = {}
     for k in shots:
         task = build_task(dataclasses.replace(cfg.task, shots=k))
         skipped: list[str] = []
         prompts = encode_prompts(task.examples("eval"), tokenizer, limit, skipped=skipped)
-        rollouts = worker.generate(
-            prompts, n=1, temperature=0.0, max_tokens=cfg.rollout.max_new_tokens, seed=cfg.seed,
-            lora=lora, use_policy=False, stop=cfg.rollout.stop,
-            stop_token_ids=cfg.rollout.stop_token_ids,
-        )
-        pairs = [(r.response_text, r.prompt.reference) for r in rollouts]
-        scored = reward.score(rollouts)
         results[f"{k}-shot"] = {
-            "eval_greedy": sum(s.reward for s in scored) / len(scored),
-            **task.answer_metrics(pairs), "prompts_skipped": len(skipped),
+            **evaluate_prompts(generate, reward.score, prompts, task, cfg.rollout, cfg.seed,
+                               sampled=False),
+            "prompts_skipped": len(skipped),
         }
         print(f"{k}-shot: " + ", ".join(f"{m} {v:.3g}" for m, v in results[f"{k}-shot"].items()))
-    del worker  # frees the engine's KV cache before anything else starts
+    del worker, generate  # frees the engine's KV cache before anything else starts
     return results
 
 
-def run_eval(cfg: TrainConfig, shots: list[int], adapter: str | None) -> Path:
+def run_eval(cfg: TrainConfig, shots: list[int], adapter: str | None, command: str) -> Path:
     run_dir = fresh_directory(cfg.run_dir)
     results = evaluate_shots(cfg, shots, adapter)
-    write_table(run_dir, "eval", results, plot_png=False)
-    print(f"wrote {run_dir / 'eval.md'} and {run_dir / 'eval.json'}")
+    write_results(run_dir, "eval", results, command, f"{cfg.model.name_or_path}"
+                  + (f" + {adapter}" if adapter else "") + f" on {cfg.task.name}, held-out",
+                  plot_png=False)
     return run_dir

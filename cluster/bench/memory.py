@@ -6,7 +6,7 @@ them; `torch.cuda.max_memory_allocated` on GPU); the "own" column subtracts the 
 imports (nothing on GPU), i.e. what the model, the optimiser and the update itself cost. Speed
 is the batch's tokens (prompt + response, every row) over the median update time. Runs without
 Ray or vLLM:
-`python -m lorafleet.cluster.bench_memory --device cuda --model qwen2.5-1.5b`.
+`python -m lorafleet.cluster.bench.memory --device cuda --model qwen2.5-1.5b`.
 """
 
 from __future__ import annotations
@@ -66,8 +66,8 @@ class BenchSetup:
 def bench_model(name: str, root: Path) -> Path:
     """The model `name` (MODELS): the tests' tiny model, or a random-init one built once."""
     if name == "tiny":
-        from ..common.tasks.addition import AdditionTask
-        from ..common.tiny_model import TinyModelSpec, build_tiny_model
+        from ...common.tasks.addition import AdditionTask
+        from ...common.tiny_model import TinyModelSpec, build_tiny_model
 
         return build_tiny_model(AdditionTask(), TinyModelSpec())
     import torch
@@ -113,7 +113,7 @@ def random_scored_batch(setup: BenchSetup, version: int, vocab_size: int):
     every variant)."""
     import random
 
-    from ..common.records import Prompt, Rollout, ScoredRollout
+    from ...common.records import Prompt, Rollout, ScoredRollout
 
     rng = random.Random(0)
     out = []
@@ -166,11 +166,11 @@ def one_variant(variant: str, model_path: str, setup: BenchSetup) -> dict:
 
 def _variant_update(variant: str, model_path: str, setup: BenchSetup, vocab_size: int):
     """The variant's model, optimisers and batch; returns one update as a callable."""
-    from ..common.config import LoRAConfig
-    from ..common.records import PreferencePair, SFTExample
-    from ..learner.algorithms.registry import algorithm, learner_class
-    from ..learner.model import DTYPES, REWARD, PolicyValueModel
-    from ..learner.reward_model import score_rows
+    from ...common.config import LoRAConfig
+    from ...common.records import PreferencePair, SFTExample
+    from ...learner.algorithms.registry import algorithm, learner_class
+    from ...learner.model import DTYPES, REWARD, PolicyValueModel
+    from ...learner.reward_model import score_rows
 
     if variant == "ppo_full":
         return _full_ppo_update(model_path, setup, random_scored_batch(setup, 0, vocab_size))
@@ -228,15 +228,15 @@ def _full_ppo_update(model_path: str, setup: BenchSetup, scored):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from ..learner.algorithms.ppo import (
+    from ...learner.algorithms.ppo import (
         gae_advantages,
         masked_whiten,
         ppo_policy_loss,
         ppo_value_loss,
         token_rewards,
     )
-    from ..learner.algorithms.registry import PPOConfig
-    from ..learner.model import (
+    from ...learner.algorithms.registry import PPOConfig
+    from ...learner.model import (
         DTYPES,
         TokenBatch,
         collate_scored,
@@ -294,7 +294,7 @@ def _full_ppo_update(model_path: str, setup: BenchSetup, scored):
 def run_variant(variant: str, model_path: Path, setup: BenchSetup) -> dict:
     """`one_variant` in a fresh Python process (its own peak)."""
     out = subprocess.run(
-        [sys.executable, "-m", "lorafleet.cluster.bench_memory", "--child", variant,
+        [sys.executable, "-m", "lorafleet.cluster.bench.memory", "--child", variant,
          str(model_path), json.dumps(asdict(setup))],
         capture_output=True, text=True,
     )
@@ -342,7 +342,7 @@ def setup_from_args(args: argparse.Namespace) -> BenchSetup:
 
 def bench_memory(args: argparse.Namespace) -> list[dict]:
     """Every chosen variant in its own process; prints the table, returns the rows."""
-    from ..common.cache import cache_root
+    from ...common.cache import cache_root
 
     setup = setup_from_args(args)
     variants = args.variants.split(",")
@@ -387,7 +387,7 @@ if __name__ == "__main__":
         variant, model_path, setup_json = sys.argv[2:]
         print(json.dumps(one_variant(variant, model_path, BenchSetup(**json.loads(setup_json)))))
     else:
-        parser = argparse.ArgumentParser(prog="python -m lorafleet.cluster.bench_memory",
+        parser = argparse.ArgumentParser(prog="python -m lorafleet.cluster.bench.memory",
                                          description=__doc__.splitlines()[0])
         add_arguments(parser)
         bench_memory(parser.parse_args())
