@@ -23,7 +23,7 @@ from torch import Tensor
 
 from ..common.records import AdapterSnapshot, OfflineStats, SFTExample
 from .core import LearnerCore
-from .model import POLICY, PolicyValueModel
+from .model import POLICY, PolicyValueModel, TokenBatch, token_logprobs
 
 SHARED = "shared"
 
@@ -55,6 +55,21 @@ def lora_of(net: PolicyValueModel, name: str) -> tuple[dict[str, Tensor], float,
     config = net.model.peft_config[name]
     return (get_peft_model_state_dict(net.model, adapter_name=name),
             config.lora_alpha / config.r, config.r)
+
+
+def prefixed_logprobs(net: PolicyValueModel, batch: TokenBatch, adapters: list[str],
+                      prefix: Tensor) -> Tensor:
+    """Response log-probs under `adapters` (PolicyValueModel.active) with the `prefix`
+    embeddings ([P, hidden], a soft prompt) before every row's ([B, T])."""
+    with net.active(adapters):
+        rows, length = len(batch.input_ids), len(prefix)
+        embeds = net.model.get_input_embeddings()(batch.input_ids)
+        embeds = torch.cat([prefix.to(embeds.dtype).expand(rows, -1, -1), embeds], dim=1)
+        mask = torch.cat([batch.attention_mask.new_ones(rows, length), batch.attention_mask],
+                         dim=1)
+        logits = net.model(inputs_embeds=embeds, attention_mask=mask).logits
+    # the prefix comes first: every response position moves past it
+    return token_logprobs(logits, replace(batch, positions=batch.positions + length), False)
 
 
 class Controls:
@@ -148,10 +163,11 @@ class MeetUpdater:
 
     def level_logprobs(self, batch, level: int, with_shared: bool = True) -> Tensor:
         """Response log-probs under level `level`'s control (and the shared LoRA)."""
-        return self.core.net.logprobs(
-            batch, adapters=self.controls.adapters(level) + [SHARED] * with_shared,
-            prefix=self.controls.soft_prompt(level),
-        )
+        adapters = self.controls.adapters(level) + [SHARED] * with_shared
+        soft_prompt = self.controls.soft_prompt(level)
+        if soft_prompt is None:
+            return self.core.net.logprobs(batch, adapters=adapters)
+        return prefixed_logprobs(self.core.net, batch, adapters, soft_prompt)
 
     def step(self, examples: list[SFTExample], version: int) -> OfflineStats:
         """The SFT token loss over the minibatch, each row under its own level's control (one

@@ -19,7 +19,7 @@ from lorafleet.common.configio import ConfigError, from_dict, to_dict
 from lorafleet.common.corpora import DatasetConfig, DatasetError, level_of, load_leveled
 from lorafleet.common.records import SFTExample
 from lorafleet.common.tasks.addition import AdditionTask
-from lorafleet.learner.meet import SHARED, control_name, side_by_side
+from lorafleet.learner.meet import SHARED, control_name, prefixed_logprobs, side_by_side
 from lorafleet.learner.model import collate
 
 CONFIG = Path(__file__).parents[2] / "deploy" / "configs" / "meet_vader.yaml"
@@ -146,7 +146,7 @@ def test_soft_prompt_controls(tiny_model_path, tokenizer):
         prefix = net.model.get_input_embeddings().weight[lead]
         led = collate([lead + e.prompt_ids for e in examples],
                       [e.response_ids for e in examples], tokenizer.pad_token_id)
-        gap = (net.logprobs(batch, adapters=[], prefix=prefix)
+        gap = (prefixed_logprobs(net, batch, [], prefix)
                - net.logprobs(led, adapters=[])).abs() * batch.mask
         assert float(gap.max()) < 1e-5
         # each level's soft prompt changes the log-probs (here: from its vocabulary start)
