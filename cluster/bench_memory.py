@@ -278,12 +278,14 @@ class FullParameterModels:
 def _full_ppo_update(model_path: str, setup: BenchSetup, algo, batch: list):
     """Full-parameter PPO through the learner's RL updater (every update on version 0's
     rollouts: nothing here counts versions)."""
+    from ..common.config import DEFAULT_MAX_BEHAVIOUR_WEIGHT
     from ..learner.core import LearnerCore
     from ..learner.rl import RLUpdater
 
     core = LearnerCore(FullParameterModels(model_path, setup), PAD, algo.max_grad_norm, None,
                        algo.policy_lr)
-    rl = RLUpdater(core, algo, seed=0, max_staleness=0, max_behaviour_weight=1.0)
+    rl = RLUpdater(core, algo, seed=0, max_staleness=0,
+                   max_behaviour_weight=DEFAULT_MAX_BEHAVIOUR_WEIGHT)
     return lambda: rl.train_step(batch, 0)
 
 
