@@ -17,6 +17,7 @@ from ..common.devices import model_dtype
 from ..common.logs import library_env, log_level
 from ..common.records import ProbeResult, Prompt, Rollout
 from ..common.run_dir import RunDir
+from ..common.specs import LearnerSpec
 from ..common.tasks.base import Task
 from ..reward.pool import RewardSpec
 from ..rollout.worker import POLICY, level_slot
@@ -182,18 +183,17 @@ def role_resources(
 def group_specs(cfg: TrainConfig) -> list[GroupSpec]:
     """The learner, the rollout workers and the reward actors; the last two only when a stage
     generates (an rm stage alone trains on preference pairs and evaluates nothing)."""
-    from ..learner.algorithms.registry import learner_class
+    from ..learner.actor import Learner
     from ..reward.pool import RewardWorker
     from ..rollout.worker import AdapterMissing, RolloutWorker
 
     generates = any(stage != "rm" for stage in cfg.stages)
-    algo = cfg.algo if "rl" in cfg.stages else None
     restarts = cfg.ray.max_actor_restarts
     learner, rollout, reward = cfg.learner, cfg.rollout, cfg.reward
     return [
         # The learner holds the only copy of the training state: no restart (resume from the
         # last checkpoint instead); rollout and reward actors are stateless and restart.
-        GroupSpec("learner", learner_class(algo), 1, *role_resources(
+        GroupSpec("learner", Learner, 1, *role_resources(
             "learner", ("cpus", learner.cpus), ("num_gpus", learner.num_gpus),
             ("resources", learner.resources)), "lorafleet-learner"),
         # A worker's bundle holds all its engine's GPUs (tensor_parallel_size of them), so
@@ -373,6 +373,18 @@ class Fleet:
         self.placement.remove()
 
 
+def learner_spec(cfg: TrainConfig, model_path: str, pad_token_id: int) -> LearnerSpec:
+    """What the learner actor is built from (`model_path`: resolve_model's)."""
+    return LearnerSpec(
+        model_path=model_path, pad_token_id=pad_token_id, algo=cfg.algo, lora=cfg.lora,
+        stages=tuple(cfg.stages), dtype=cfg.model.dtype, seed=cfg.seed,
+        threads=cfg.learner.threads, attn_implementation=cfg.model.attn_implementation,
+        gradient_checkpointing=cfg.learner.gradient_checkpointing,
+        autocast=cfg.learner.autocast, max_staleness=cfg.rollout.staleness_bound,
+        max_behaviour_weight=cfg.rollout.max_behaviour_weight,
+    )
+
+
 def start_fleet(
     cfg: TrainConfig, model_path: str, pad_token_id: int, probe_ids: list[list[int]],
     reward: RewardSpec, served_levels: int = 0,
@@ -382,17 +394,11 @@ def start_fleet(
     rollout workers serve the policy and `served_levels` meet level adapters at once."""
     import ray
 
-    learner_spec, rollout_spec, reward_group = group_specs(cfg)
-    placement = place([learner_spec, rollout_spec, reward_group], cfg.placement.strategy,
+    learner_group, rollout_spec, reward_group = group_specs(cfg)
+    placement = place([learner_group, rollout_spec, reward_group], cfg.placement.strategy,
                       cfg.placement.timeout_s, fixed_cluster(cfg))
     learner = ActorGroup.start(
-        learner_spec, placement, model_path, cfg.lora, cfg.algo, dtype=cfg.model.dtype,
-        seed=cfg.seed, threads=cfg.learner.threads, pad_token_id=pad_token_id,
-        attn_implementation=cfg.model.attn_implementation,
-        gradient_checkpointing=cfg.learner.gradient_checkpointing, autocast=cfg.learner.autocast,
-        max_staleness=cfg.rollout.staleness_bound,
-        behaviour_weight_cap=cfg.rollout.behaviour_weight_cap,
-    )
+        learner_group, placement, learner_spec(cfg, model_path, pad_token_id))
     rollout = ActorGroup.start(
         rollout_spec, placement, model_path, dtype=cfg.model.dtype,
         max_model_len=cfg.model.max_model_len, max_lora_rank=cfg.served_lora_rank, seed=cfg.seed,

@@ -50,6 +50,10 @@ class LoRAConfig:
             raise ConfigError(f"lora.rank: vLLM supports {VLLM_LORA_RANKS}; got {self.rank}")
 
 
+# decoupled PPO's truncation of the behaviour weight (AReaL calls it behav_imp_weight_cap)
+DEFAULT_MAX_BEHAVIOUR_WEIGHT = 5.0
+
+
 @dataclass
 class RolloutConfig:
     num_workers: int = 2
@@ -81,23 +85,23 @@ class RolloutConfig:
     # the learner trains, each sample at most max_staleness adapter versions behind the one
     # it trains (decoupled PPO corrects for the gap, learner/algorithms/off_policy.py)
     mode: Literal["sync", "async"] = "sync"
-    max_staleness: int | None = None  # async only; None: 1
-    # async only: decoupled PPO's behaviour weight pi_learner / pi_vllm is truncated here;
-    # None: DEFAULT_MAX_BEHAVIOUR_WEIGHT
-    max_behaviour_weight: float | None = None
+    max_staleness: int = 1  # async only
+    # async only: decoupled PPO's behaviour weight pi_learner / pi_vllm is truncated here
+    max_behaviour_weight: float = DEFAULT_MAX_BEHAVIOUR_WEIGHT
 
     def validate(self) -> None:
         if self.num_workers < 1 or self.samples_per_prompt < 1:
             raise ConfigError("rollout.num_workers and rollout.samples_per_prompt must be >= 1")
         if self.mode == "sync":
+            defaults = RolloutConfig()
             for key in ("max_staleness", "max_behaviour_weight"):
-                if getattr(self, key) is not None:
+                if getattr(self, key) != getattr(defaults, key):
                     raise ConfigError(f"rollout.{key} is read only with rollout.mode=async "
                                       "(sync mode trains every batch on-policy): drop it or "
                                       "set rollout.mode=async")
         if self.staleness_bound < (1 if self.mode == "async" else 0):
             raise ConfigError(f"rollout.max_staleness must be >= 1, got {self.max_staleness}")
-        if self.behaviour_weight_cap <= 0:
+        if self.max_behaviour_weight <= 0:
             raise ConfigError("rollout.max_behaviour_weight must be > 0, got "
                               f"{self.max_behaviour_weight}")
         check_gpus("rollout.num_gpus_per_worker", self.num_gpus_per_worker)
@@ -118,20 +122,10 @@ class RolloutConfig:
 
     @property
     def staleness_bound(self) -> int:
-        """How many adapter versions a training sample may lag the learner (0: sync)."""
-        if self.mode == "sync":
-            return 0
-        return 1 if self.max_staleness is None else self.max_staleness
+        """How many adapter versions a training sample may lag the learner: max_staleness,
+        0 in sync mode."""
+        return 0 if self.mode == "sync" else self.max_staleness
 
-    @property
-    def behaviour_weight_cap(self) -> float:
-        if self.max_behaviour_weight is None:
-            return DEFAULT_MAX_BEHAVIOUR_WEIGHT
-        return self.max_behaviour_weight
-
-
-# decoupled PPO's truncation of the behaviour weight (AReaL calls it behav_imp_weight_cap)
-DEFAULT_MAX_BEHAVIOUR_WEIGHT = 5.0
 
 
 def check_gpus(key: str, gpus: float) -> None:

@@ -137,7 +137,8 @@ def tensors_checksum(tensors: dict[str, Tensor]) -> str:
 class TrainStats:
     """What one learner update reports; the driver adds rollout/reward figures around it."""
 
-    adapter_version: int  # the version trained on; the learner is at adapter_version + 1 after
+    # the version trained on; the learner is at adapter_version + 1 after (learner/actor.py)
+    adapter_version: int
     # per-token KL(sampling policy || adapter-off reference), k3 on its own samples; None
     # when the algorithm computes no reference (kl_coef 0)
     kl: float | None
@@ -179,7 +180,8 @@ class PreferencePair:
 class OfflineStats:
     """One optimiser step of an offline stage (SFT, DPO, reward model) on one minibatch."""
 
-    adapter_version: int  # the version this step produced
+    # the version trained on, as TrainStats's (the rm stage: the reward adapter's steps before)
+    adapter_version: int
     loss: float
     grad_norm: float
     rows: int

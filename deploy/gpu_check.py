@@ -19,9 +19,11 @@ def main() -> None:
     from helpers import contrast_batch
     from lorafleet.common.config import LoRAConfig
     from lorafleet.common.devices import pick_device
+    from lorafleet.common.specs import LearnerSpec
     from lorafleet.common.tasks.addition import AdditionTask
     from lorafleet.common.tiny_model import TinyModelSpec, build_tiny_model
-    from lorafleet.learner.algorithms.registry import algorithm, learner_class
+    from lorafleet.learner.actor import Learner
+    from lorafleet.learner.algorithms.registry import algorithm
 
     out = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__}
     out["pick_device"] = pick_device(["0"], None, torch.cuda.is_available())
@@ -31,14 +33,14 @@ def main() -> None:
     def make(name, dtype, **keys):
         ckpt = keys.pop("gradient_checkpointing", False)
         algo = algorithm(name).config(**{"epochs": 1, "minibatch_size": 64, **keys})
-        return learner_class(algo)(path, LoRAConfig(), algo, dtype=dtype, seed=0, threads=2,
-                                   pad_token_id=tok.pad_token_id, device="cuda",
-                                   attn_implementation="sdpa", gradient_checkpointing=ckpt)
+        return Learner(LearnerSpec(path, tok.pad_token_id, algo, LoRAConfig(), dtype=dtype,
+                                   seed=0, threads=2, device="cuda",
+                                   attn_implementation="sdpa", gradient_checkpointing=ckpt))
 
     def sgd_step(learner, batch):
-        learner.policy_opt = torch.optim.SGD(learner.policy_params, lr=1.0)
+        learner.core.policy_opt = torch.optim.SGD(learner.core.policy_params, lr=1.0)
         learner.train_step(batch)
-        return [p.detach().clone() for p in learner.policy_params]
+        return [p.detach().clone() for p in learner.core.policy_params]
 
     for name in ("ppo", "spr"):
         a = sgd_step(make(name, "float32"), contrast_batch(tok, 0))
@@ -54,7 +56,8 @@ def main() -> None:
         torch.cuda.synchronize()
         snap = learner.publish()
         out[f"grpo_bf16_ckpt={ckpt}"] = {
-            "dtype": str(learner.net.dtype), "param_device": str(learner.policy_params[0].device),
+            "dtype": str(learner.net.dtype),
+            "param_device": str(learner.core.policy_params[0].device),
             "snapshot_devices": sorted({str(t.device) for t in snap.tensors.values()}),
             "policy_loss": stats.policy_loss, "grad_norm": stats.grad_norm,
             "peak_mib": torch.cuda.max_memory_allocated() / 2**20,

@@ -1,2 +1,3 @@
-"""The learner role: one base model with LoRA adapters and the algorithms that train them
-(`algorithms.registry.learner_class` picks the learner of a config)."""
+"""The learner role: one base model with LoRA adapters (model.py), the actor that owns them and
+the adapter version (actor.py), and the updaters composed into it (rl.py with the algorithms'
+objectives.py, offline.py, reward_adapter.py, meet.py)."""

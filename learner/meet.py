@@ -9,8 +9,9 @@ the policy LoRA that stage 2 trains with the controls. Three kinds (meet.control
 A response of level k trains under its control (stage 1) or its control and `shared` (stage 2).
 Level k is served as one LoRA (`Controls.served_lora`: a LoRA control side by side with the
 shared LoRA, or the shared LoRA alone) plus its soft prompt, if any (`publish_level`); each
-worker's copy is verified by the probe against the learner's own control + shared. The policy
-the later stages continue from is the best level's served LoRA (`use_level`).
+worker's copy is verified by the probe against the learner's own control + shared
+(`level_logprobs`). The policy the later stages continue from is the best level's served LoRA
+(`use_level`).
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ from dataclasses import replace
 import torch
 from torch import Tensor
 
-from ..common.records import AdapterSnapshot, OfflineStats, ProbeResult, SFTExample
-from .model import POLICY, PolicyValueModel, collate
+from ..common.records import AdapterSnapshot, OfflineStats, SFTExample
+from .core import LearnerCore
+from .model import POLICY, PolicyValueModel, TokenBatch, token_logprobs
 
 SHARED = "shared"
 
@@ -53,6 +55,21 @@ def lora_of(net: PolicyValueModel, name: str) -> tuple[dict[str, Tensor], float,
     config = net.model.peft_config[name]
     return (get_peft_model_state_dict(net.model, adapter_name=name),
             config.lora_alpha / config.r, config.r)
+
+
+def prefixed_logprobs(net: PolicyValueModel, batch: TokenBatch, adapters: list[str],
+                      prefix: Tensor) -> Tensor:
+    """Response log-probs under `adapters` (PolicyValueModel.active) with the `prefix`
+    embeddings ([P, hidden], a soft prompt) before every row's ([B, T])."""
+    with net.active(adapters):
+        rows, length = len(batch.input_ids), len(prefix)
+        embeds = net.model.get_input_embeddings()(batch.input_ids)
+        embeds = torch.cat([prefix.to(embeds.dtype).expand(rows, -1, -1), embeds], dim=1)
+        mask = torch.cat([batch.attention_mask.new_ones(rows, length), batch.attention_mask],
+                         dim=1)
+        logits = net.model(inputs_embeds=embeds, attention_mask=mask).logits
+    # the prefix comes first: every response position moves past it
+    return token_logprobs(logits, replace(batch, positions=batch.positions + length), False)
 
 
 class Controls:
@@ -116,85 +133,84 @@ class PromptControls(Controls):
         return self.embeddings[level]
 
 
-class MeetMixin:
-    """Uses the learner core's net, lora, pad_id, step, version, publish, check_probe and
-    policy_params."""
+class MeetUpdater:
+    """The meet stage on the learner: K controls of one kind and the shared policy LoRA,
+    created when the stage starts; each phase trains with its own optimiser."""
 
-    def start_meet(self, control: str, levels: int, size: int) -> None:
+    def __init__(self, core: LearnerCore, lora: object, control: str, levels: int,
+                 size: int) -> None:
         """K fresh controls of `control` kind (`size`: a LoRA's rank or a soft prompt's
         length) and the fresh shared policy LoRA."""
+        self.core, self.lora = core, lora
         self.controls = {
-            "lora": lambda: LoRAControls(self.net, levels, size, self.lora),
-            "prompt": lambda: PromptControls(self.net, levels, size),
-            "text": lambda: Controls(self.net, levels),
+            "lora": lambda: LoRAControls(core.net, levels, size, lora),
+            "prompt": lambda: PromptControls(core.net, levels, size),
+            "text": lambda: Controls(core.net, levels),
         }[control]()
-        self.net.add_adapter(SHARED, self.lora)
+        core.net.add_adapter(SHARED, lora)
+        # what the phase trains (start_phase)
+        self.with_shared = False
+        self.params: list[torch.nn.Parameter] = []
+        self.opt: torch.optim.Optimizer | None = None
 
-    def start_meet_phase(self, lr: float, with_shared: bool) -> None:
+    def start_phase(self, lr: float, with_shared: bool) -> None:
         """Stage 1 (controls alone) or stage 2 (controls and the shared LoRA): a fresh
         optimiser over what the phase trains."""
-        self.meet_shared = with_shared
-        shared = self.net.adapter_parameters(SHARED) if with_shared else []
-        self.meet_params = self.controls.parameters() + shared
-        self.meet_opt = torch.optim.AdamW(self.meet_params, lr=lr, weight_decay=0)
+        self.with_shared = with_shared
+        shared = self.core.net.adapter_parameters(SHARED) if with_shared else []
+        self.params = self.controls.parameters() + shared
+        self.opt = torch.optim.AdamW(self.params, lr=lr, weight_decay=0)
 
     def level_logprobs(self, batch, level: int, with_shared: bool = True) -> Tensor:
         """Response log-probs under level `level`'s control (and the shared LoRA)."""
-        return self.net.logprobs(
-            batch, adapters=self.controls.adapters(level) + [SHARED] * with_shared,
-            prefix=self.controls.soft_prompt(level),
-        )
+        adapters = self.controls.adapters(level) + [SHARED] * with_shared
+        soft_prompt = self.controls.soft_prompt(level)
+        if soft_prompt is None:
+            return self.core.net.logprobs(batch, adapters=adapters)
+        return prefixed_logprobs(self.core.net, batch, adapters, soft_prompt)
 
-    def meet_step(self, examples: list[SFTExample]) -> OfflineStats:
+    def step(self, examples: list[SFTExample], version: int) -> OfflineStats:
         """The SFT token loss over the minibatch, each row under its own level's control (one
         forward per level present)."""
-        batch = collate(
-            [e.prompt_ids for e in examples], [e.response_ids for e in examples], self.pad_id,
-            self.net.device,
-        )
-        levels = torch.tensor([e.level for e in examples], device=self.net.device)
+        core = self.core
+        batch = core.collate([e.prompt_ids for e in examples], [e.response_ids for e in examples])
+        levels = torch.tensor([e.level for e in examples], device=core.net.device)
         logp = torch.zeros_like(batch.mask)
         for level in levels.unique().tolist():
             rows = (levels == level).nonzero().squeeze(1)
-            with self.autocast():
-                level_logp = self.level_logprobs(batch.select(rows), level, self.meet_shared)
+            with core.autocast():
+                level_logp = self.level_logprobs(batch.select(rows), level, self.with_shared)
             logp = logp.index_put((rows,), level_logp.float())
         # set_adapter leaves only the last level's adapters requiring grad: a parameter that
         # does not at backward time gets no gradient, so every trained one must again
-        for param in self.meet_params:
+        for param in self.params:
             param.requires_grad_(True)
-        return self.nll_step(batch, logp, self.meet_params, self.meet_opt)
+        return core.nll_step(batch, logp, self.params, self.opt, version)
 
-    def publish_level(self, level: int) -> AdapterSnapshot:
+    def publish_level(self, level: int, policy: AdapterSnapshot) -> AdapterSnapshot:
         """Level `level`'s served LoRA and soft prompt, for a rollout worker to hold beside the
-        policy (stamped with the policy's version: it is what the controls are at now)."""
+        policy (`policy`: the policy's snapshot; the level carries its version, which is what
+        the controls are at now, and its LoRA settings but the rank)."""
         tensors, rank = self.controls.served_lora(level)
-        config = {**self.publish().peft_config, "r": rank, "lora_alpha": float(rank)}
+        config = {**policy.peft_config, "r": rank, "lora_alpha": float(rank)}
         soft_prompt = self.controls.soft_prompt(level)
         return AdapterSnapshot(
-            version=self.version, peft_config=config,
+            version=policy.version, peft_config=config,
             tensors={k: v.detach().to("cpu", copy=True) for k, v in tensors.items()},
             soft_prompt=None if soft_prompt is None else soft_prompt.detach().to("cpu", copy=True),
         )
 
-    def check_level_probe(self, results: list[ProbeResult], tolerance: float, level: int) -> float:
-        """`check_probe` of workers serving level `level`, against the learner's own control
-        and shared adapters together (HF + PEFT, not the served copy)."""
-        return self.check_probe(results, tolerance, self.controls.adapters(level) + [SHARED],
-                                self.controls.soft_prompt(level))
-
     @torch.no_grad()
-    def use_level(self, level: int) -> int:
+    def use_level(self, level: int) -> None:
         """Make the policy adapter level `level`'s served LoRA (the later stages continue from
-        it); returns the new adapter version."""
+        it)."""
         from peft import set_peft_model_state_dict
 
+        net = self.core.net
         tensors, rank = self.controls.served_lora(level)
-        config = self.net.model.peft_config[POLICY]
+        config = net.model.peft_config[POLICY]
         if (config.r, config.lora_alpha) != (rank, rank):  # scale 1, as served
-            self.net.model.delete_adapter(POLICY)
-            self.net.add_adapter(POLICY, replace(self.lora, rank=rank, alpha=float(rank)))
-            self.policy_params = self.net.adapter_parameters(POLICY)
-        set_peft_model_state_dict(self.net.model, tensors, adapter_name=POLICY)
-        self.version += 1
-        return self.version
+            net.model.delete_adapter(POLICY)
+            net.add_adapter(POLICY, replace(self.lora, rank=rank, alpha=float(rank)))
+            self.core.policy_params = net.adapter_parameters(POLICY)
+        set_peft_model_state_dict(net.model, tensors, adapter_name=POLICY)

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import json
 import warnings
-from contextlib import nullcontext
-from dataclasses import dataclass, replace
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
@@ -168,30 +168,24 @@ class PolicyValueModel:
         base = self.model.get_base_model()
         return getattr(base, base.base_model_prefix)
 
-    def logprobs(
-        self, batch: TokenBatch, with_entropy: bool = False, adapters: list[str] | None = None,
-        prefix: Tensor | None = None,
-    ):
-        """Log-probs of the response tokens under the policy adapter, or under `adapters`
-        active together (their updates summed; [] = none: the base; the meet stage), with the
-        `prefix` embeddings ([P, hidden], a meet soft prompt) before every row ([B, T])."""
+    def active(self, adapters: list[str] | None) -> AbstractContextManager:
+        """The context of forward passes under the policy adapter (None), or under `adapters`
+        active together (their updates summed; [] = none: the base; the meet stage)."""
         if adapters is None:
             self.model.set_adapter(POLICY)
         elif adapters:  # PEFT's model-level set_adapter takes one name; its LoRA model several
             self.model.base_model.set_adapter(adapters)
-        with self.model.disable_adapter() if adapters == [] else nullcontext():
-            if prefix is None:
-                logits = self.model(
-                    input_ids=batch.input_ids, attention_mask=batch.attention_mask
-                ).logits
-            else:
-                rows, length = len(batch.input_ids), len(prefix)
-                embeds = self.model.get_input_embeddings()(batch.input_ids)
-                embeds = torch.cat([prefix.to(embeds.dtype).expand(rows, -1, -1), embeds], dim=1)
-                mask = torch.cat(
-                    [batch.attention_mask.new_ones(rows, length), batch.attention_mask], dim=1)
-                logits = self.model(inputs_embeds=embeds, attention_mask=mask).logits
-                batch = replace(batch, positions=batch.positions + length)  # the prefix first
+        return self.model.disable_adapter() if adapters == [] else nullcontext()
+
+    def logprobs(
+        self, batch: TokenBatch, with_entropy: bool = False, adapters: list[str] | None = None,
+    ):
+        """Log-probs of the response tokens under the policy adapter, or under `adapters`
+        (`active`) ([B, T])."""
+        with self.active(adapters):
+            logits = self.model(
+                input_ids=batch.input_ids, attention_mask=batch.attention_mask
+            ).logits
         return token_logprobs(logits, batch, with_entropy)
 
     @torch.no_grad()

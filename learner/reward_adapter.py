@@ -1,11 +1,13 @@
-"""The reward adapter on the learner actor (PERL: the reward model on the learner's own base,
-next to the policy): train it (the rm stage), save it, load a saved one, score rollouts."""
+"""The reward adapter on the learner (PERL: the reward model on the learner's own base, next
+to the policy): trained by the rm stage or loaded from a saved reward model; scores rollouts."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from ..common.records import OfflineStats, PreferencePair
+from ..common.specs import LearnerSpec
+from .core import LearnerCore
 from .model import REWARD, load_adapter
 from .reward_model import (
     RewardModelTrainer,
@@ -17,49 +19,49 @@ from .reward_model import (
 )
 
 
-class RewardAdapterMixin:
-    """Uses the learner core's net, lora, model_path, dtype, pad_id and algo.max_grad_norm."""
+class RewardAdapter:
+    def __init__(self, core: LearnerCore, spec: LearnerSpec, dtype: str,
+                 lr: float | None = None) -> None:
+        """dtype: the base's (model.dtype as resolved); lr: a fresh reward adapter + head that
+        the rm stage trains, None: one to `load`."""
+        self.core, self.spec, self.dtype = core, spec, dtype
+        self.trainer: RewardModelTrainer | None = None
+        if lr is not None:
+            core.net.add_adapter(REWARD, spec.lora)
+            self.trainer = RewardModelTrainer(core.net, lr, core.max_grad_norm, core.pad_id)
+        self.tokenizer = None  # loaded by the first `score`
 
-    reward_trainer: RewardModelTrainer | None = None  # set by start_reward_model
-    reward_tokenizer = None  # loaded by the first score_rollouts
+    def step(self, pairs: list[PreferencePair]) -> OfflineStats:
+        return self.trainer.step(pairs)
 
-    def start_reward_model(self, lr: float) -> None:
-        """Add a fresh reward adapter + head (the `rm` stage trains it)."""
-        self.net.add_adapter(REWARD, self.lora)
-        self.reward_trainer = RewardModelTrainer(
-            self.net, lr, self.algo.max_grad_norm, self.pad_id
-        )
+    def evaluate(self, pairs: list[PreferencePair]) -> dict[str, float]:
+        return self.trainer.evaluate(pairs)
 
-    def rm_step(self, pairs: list[PreferencePair]) -> OfflineStats:
-        return self.reward_trainer.step(pairs)
+    def save(self, directory: str, info: dict) -> str:
+        spec = self.spec
+        return str(save_reward_model(self.core.net, Path(directory), spec.model_path, spec.lora,
+                                     self.dtype, info))
 
-    def rm_evaluate(self, pairs: list[PreferencePair]) -> dict[str, float]:
-        return self.reward_trainer.evaluate(pairs)
-
-    def save_reward_model(self, directory: str, info: dict) -> str:
-        return str(save_reward_model(
-            self.net, Path(directory), self.model_path, self.lora, self.dtype, info
-        ))
-
-    def load_reward_model(self, directory: str) -> dict:
+    def load(self, directory: str) -> dict:
         """Serve a saved reward model from this base (reward.model_on_learner); it must have
         been trained on the same base model."""
         meta = read_reward_model_meta(Path(directory))
-        if meta["base_model"] != self.model_path:
+        if meta["base_model"] != self.spec.model_path:
             raise ValueError(
                 f"reward model {directory} was trained on {meta['base_model']}, the learner "
-                f"holds {self.model_path}: reward.model_on_learner needs the same base"
+                f"holds {self.spec.model_path}: reward.model_on_learner needs the same base"
             )
-        if REWARD in self.net.heads:  # e.g. restored from a checkpoint
-            load_adapter(self.net, REWARD, Path(directory))
+        if REWARD in self.core.net.heads:  # e.g. restored from a checkpoint
+            load_adapter(self.core.net, REWARD, Path(directory))
         else:
-            attach_reward_model(self.net, Path(directory))
+            attach_reward_model(self.core.net, Path(directory))
         return meta
 
-    def score_rollouts(self, rollouts: list) -> list[float]:
+    def score(self, rollouts: list) -> list[float]:
         """The reward adapter's scores of finished rollouts (re-tokenised as in training)."""
-        if self.reward_tokenizer is None:
+        if self.tokenizer is None:
             from transformers import AutoTokenizer
 
-            self.reward_tokenizer = AutoTokenizer.from_pretrained(self.model_path)
-        return score_rows(self.net, rollout_rows(self.reward_tokenizer, rollouts), self.pad_id)
+            self.tokenizer = AutoTokenizer.from_pretrained(self.spec.model_path)
+        return score_rows(self.core.net, rollout_rows(self.tokenizer, rollouts),
+                          self.core.pad_id)

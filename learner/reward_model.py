@@ -57,7 +57,8 @@ def rollout_rows(tokenizer, rollouts: list[Rollout]) -> list[list[int]]:
 
 
 class RewardModelTrainer:
-    """Bradley-Terry steps and pairwise evaluation of the reward adapter of `net`."""
+    """Bradley-Terry steps and pairwise evaluation of the reward adapter of `net`; a step's
+    stats carry the steps taken before it (the reward adapter's version it trained)."""
 
     def __init__(self, net: PolicyValueModel, lr: float, max_grad_norm: float, pad_id: int):
         self.net = net
@@ -82,12 +83,13 @@ class RewardModelTrainer:
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
         self.opt.step()
-        self.steps += 1
-        return OfflineStats(
+        stats = OfflineStats(
             self.steps, loss.item(), float(grad_norm), len(pairs),
             preference_accuracy=float(pairwise_accuracy(diff.detach(), tie)),
             reward_margin=float(diff.detach().mean()),
         )
+        self.steps += 1
+        return stats
 
     def evaluate(self, pairs: list[PreferencePair], batch_size: int = 64) -> dict[str, float]:
         """Pairwise accuracy (non-tie pairs) and mean score margin chosen - rejected."""

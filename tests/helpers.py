@@ -10,25 +10,30 @@ import torch
 from lorafleet.common.config import LoRAConfig
 from lorafleet.common.data import PromptStream, encode_prompts
 from lorafleet.common.records import Prompt, Rollout, ScoredRollout
+from lorafleet.common.specs import LearnerSpec
 from lorafleet.common.tasks.addition import AdditionTask
 from lorafleet.common.tasks.registry import build_task
+from lorafleet.learner.actor import Learner
 from lorafleet.learner.algorithms.registry import PPOConfig
-from lorafleet.learner.ppo_learner import PPOLearner
+
+
+def new_learner(model_path: str, pad_id: int, algo=None, **keys) -> Learner:
+    """A float32 CPU learner with 2 threads, of `algo` (default: PPO) and the LearnerSpec
+    `keys` (default: an rl stage, seed 0)."""
+    return Learner(LearnerSpec(model_path, pad_id, algo or PPOConfig(), LoRAConfig(),
+                               dtype="float32", threads=2, **keys))
 
 
 def perturbed_learner(
     model_path: str, pad_id: int, seed: int = 0, scale: float = 0.05
-) -> PPOLearner:
-    """A learner whose policy adapter is not the identity (PEFT inits lora_B to zero)."""
-    learner = PPOLearner(
-        model_path, LoRAConfig(), PPOConfig(), dtype="float32", seed=seed, threads=2,
-        pad_token_id=pad_id,
-    )
+) -> Learner:
+    """A PPO learner whose policy adapter is not the identity (PEFT inits lora_B to zero)."""
+    learner = new_learner(model_path, pad_id, seed=seed)
     perturb_policy(learner, seed + 1, scale)
     return learner
 
 
-def perturb_policy(learner: PPOLearner, seed: int, scale: float = 0.05) -> None:
+def perturb_policy(learner: Learner, seed: int, scale: float = 0.05) -> None:
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in learner.net.model.named_parameters():

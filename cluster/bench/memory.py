@@ -1,5 +1,7 @@
 """`lorafleet bench memory`: peak learner memory and update speed per algorithm, on one model and
-one batch, each variant in a fresh process (so one peak cannot hide another).
+one batch, each variant in a fresh process (so one peak cannot hide another). Every variant is
+the learner's own update (`Learner.train_step`, `sft_step`, `dpo_step` on a synthetic batch);
+full-parameter PPO runs the learner's RL updater on three full model copies.
 
 Peak memory is the process's peak RSS since its imports on CPU (Linux's VmHWM, restarted after
 them; `torch.cuda.max_memory_allocated` on GPU); the "own" column subtracts the RSS after
@@ -165,36 +167,37 @@ def one_variant(variant: str, model_path: str, setup: BenchSetup) -> dict:
 
 
 def _variant_update(variant: str, model_path: str, setup: BenchSetup, vocab_size: int):
-    """The variant's model, optimisers and batch; returns one update as a callable."""
+    """The variant's learner on the batch; returns one update as a callable."""
     from ...common.config import LoRAConfig
     from ...common.records import PreferencePair, SFTExample
-    from ...learner.algorithms.registry import algorithm, learner_class
+    from ...common.specs import LearnerSpec
+    from ...learner.actor import Learner
+    from ...learner.algorithms.registry import algorithm
     from ...learner.model import DTYPES, REWARD, PolicyValueModel
     from ...learner.reward_model import score_rows
 
-    if variant == "ppo_full":
-        return _full_ppo_update(model_path, setup, random_scored_batch(setup, 0, vocab_size))
     lora = LoRAConfig()
-    rows = [s.rollout.prompt.token_ids + s.rollout.response_ids
-            for s in random_scored_batch(setup, 0, vocab_size)]
+    batch = random_scored_batch(setup, 0, vocab_size)
+    rows = [s.rollout.prompt.token_ids + s.rollout.response_ids for s in batch]
     if variant == "rm_actor":
         net = PolicyValueModel(
             model_path, lora, DTYPES[setup.dtype], 0, (REWARD,), setup.device
         )
         return lambda: score_rows(net, rows, PAD)
 
-    name = {"sft_lora": None, "dpo": None, "spr": "spr", "grpo": "grpo"}.get(variant, "ppo")
-    algo = algorithm(name or "ppo").config(epochs=1, minibatch_size=setup.minibatch_rows)
-    learner = learner_class(algo if name else None)(
-        model_path, lora, algo, dtype=setup.dtype, seed=0, threads=2, pad_token_id=PAD,
+    name = {"spr": "spr", "grpo": "grpo", "sft_lora": "ppo", "dpo": "ppo"}.get(variant, "ppo")
+    algo = algorithm(name).config(epochs=1, minibatch_size=setup.minibatch_rows)
+    if variant == "ppo_full":
+        return _full_ppo_update(model_path, setup, algo, batch)
+    stage = {"sft_lora": "sft", "dpo": "dpo"}.get(variant, "rl")
+    learner = Learner(LearnerSpec(
+        model_path, PAD, algo, lora, stages=(stage,), dtype=setup.dtype, threads=2,
         device=setup.device,
-    )
-    # Each update trains on rollouts of the adapter version it is at (the learner checks).
-    batches = [random_scored_batch(setup, version, vocab_size) for version in range(setup.steps)]
+    ))
     mb = setup.minibatch_rows
     if variant == "sft_lora":
         examples = [SFTExample(i, s.rollout.prompt.token_ids, s.rollout.response_ids)
-                    for i, s in enumerate(batches[0])]
+                    for i, s in enumerate(batch)]
 
         def update() -> None:
             for start in range(0, len(examples), mb):
@@ -204,7 +207,7 @@ def _variant_update(variant: str, model_path: str, setup: BenchSetup, vocab_size
     if variant == "dpo":  # pairs of the same prompt's samples: 2k chosen, 2k+1 rejected
         pairs = [PreferencePair(i, a.rollout.prompt.token_ids, a.rollout.response_ids,
                                 b.rollout.response_ids)
-                 for i, (a, b) in enumerate(zip(batches[0][0::2], batches[0][1::2], strict=True))]
+                 for i, (a, b) in enumerate(zip(batch[0::2], batch[1::2], strict=True))]
 
         def update() -> None:
             for start in range(0, len(pairs), mb // 2):
@@ -213,6 +216,8 @@ def _variant_update(variant: str, model_path: str, setup: BenchSetup, vocab_size
         return update
     if variant == "ppo_lora_rm":
         learner.start_reward_model(1e-4)
+    # Each update trains on rollouts of the adapter version it is at (the learner checks).
+    batches = [random_scored_batch(setup, version, vocab_size) for version in range(setup.steps)]
 
     def update() -> None:
         if variant == "ppo_lora_rm":
@@ -222,73 +227,66 @@ def _variant_update(variant: str, model_path: str, setup: BenchSetup, vocab_size
     return update
 
 
-def _full_ppo_update(model_path: str, setup: BenchSetup, scored):
-    """Full-parameter PPO: policy, value (+ head) and reference are three full model copies;
-    same losses, default hyper-parameters and minibatches as PPOLearner."""
-    import torch
-    from transformers import AutoModelForCausalLM
+class FullParameterModels:
+    """Full-parameter PPO's three model copies (policy, value model + head, frozen reference)
+    in the place of the learner's adapter stack, so that the learner's own RL updater and PPO
+    objective train them: the same losses, minibatches and steps as ppo_lora."""
 
-    from ...learner.algorithms.ppo import (
-        gae_advantages,
-        masked_whiten,
-        ppo_policy_loss,
-        ppo_value_loss,
-        token_rewards,
-    )
-    from ...learner.algorithms.registry import PPOConfig
-    from ...learner.model import (
-        DTYPES,
-        TokenBatch,
-        collate_scored,
-        gather_positions,
-        token_logprobs,
-    )
+    def __init__(self, model_path: str, setup: BenchSetup) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM
 
-    dtype = DTYPES[setup.dtype]
+        from ...learner.model import DTYPES
 
-    def load():
-        return AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(setup.device)
+        dtype, self.device = DTYPES[setup.dtype], torch.device(setup.device)
 
-    policy, value, reference = load(), load(), load()
-    head = torch.nn.Linear(value.config.hidden_size, 1, dtype=dtype, device=setup.device)
-    reference.requires_grad_(False)
-    policy_opt = torch.optim.AdamW(policy.parameters(), lr=1e-5)
-    value_opt = torch.optim.AdamW([*value.parameters(), *head.parameters()], lr=1e-5)
-    batch = collate_scored(scored, PAD, setup.device)
-    scores = torch.tensor([s.reward for s in scored], device=batch.mask.device)
-    algo = PPOConfig()
+        def load():
+            return AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(self.device)
 
-    def values_of(b: TokenBatch) -> torch.Tensor:
-        hidden = value.model(input_ids=b.input_ids, attention_mask=b.attention_mask)
-        return head(gather_positions(hidden.last_hidden_state, b.positions)).squeeze(-1)
+        self.policy, self.value, self.reference = load(), load(), load()
+        self.head = torch.nn.Linear(self.value.config.hidden_size, 1, dtype=dtype,
+                                    device=self.device)
+        self.reference.requires_grad_(False)
 
-    def logp_of(model, b: TokenBatch) -> torch.Tensor:
-        logits = model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits
-        return token_logprobs(logits, b, False)
+    def adapter_parameters(self, name: str) -> list:
+        from ...learner.model import POLICY
 
-    def update() -> None:
+        if name == POLICY:
+            return list(self.policy.parameters())
+        return [*self.value.parameters(), *self.head.parameters()]
+
+    def logprobs(self, batch, with_entropy: bool = False, model=None):
+        from ...learner.model import token_logprobs
+
+        logits = (model or self.policy)(
+            input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        return token_logprobs(logits, batch, with_entropy)
+
+    def reference_logprobs(self, batch):
+        import torch
+
         with torch.no_grad():
-            old_logp, ref_logp = logp_of(policy, batch), logp_of(reference, batch)
-            old_values = values_of(batch)
-            rewards = token_rewards(scores, old_logp - ref_logp, batch.mask, algo.kl_coef)
-            adv, returns = gae_advantages(rewards, old_values, batch.mask, algo.gamma, algo.lam)
-            adv = masked_whiten(adv, batch.mask)
-        for chunk in torch.arange(setup.rows).split(setup.minibatch_rows):
-            mb = batch.select(chunk)
-            loss, _, _ = ppo_policy_loss(
-                logp_of(policy, mb), old_logp[chunk], adv[chunk], mb.mask, algo.clip_eps
-            )
-            policy_opt.zero_grad(set_to_none=True)
-            loss.backward()
-            policy_opt.step()
-            v_loss, _ = ppo_value_loss(
-                values_of(mb), old_values[chunk], returns[chunk], mb.mask, algo.value_clip_eps
-            )
-            value_opt.zero_grad(set_to_none=True)
-            v_loss.backward()
-            value_opt.step()
+            return self.logprobs(batch, model=self.reference)
 
-    return update
+    def values(self, batch):
+        from ...learner.model import gather_positions
+
+        hidden = self.value.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+        return self.head(gather_positions(hidden.last_hidden_state, batch.positions)).squeeze(-1)
+
+
+def _full_ppo_update(model_path: str, setup: BenchSetup, algo, batch: list):
+    """Full-parameter PPO through the learner's RL updater (every update on version 0's
+    rollouts: nothing here counts versions)."""
+    from ...common.config import DEFAULT_MAX_BEHAVIOUR_WEIGHT
+    from ...learner.core import LearnerCore
+    from ...learner.rl import RLUpdater
+
+    core = LearnerCore(FullParameterModels(model_path, setup), PAD, algo.max_grad_norm, None,
+                       algo.policy_lr)
+    rl = RLUpdater(core, algo, seed=0, max_staleness=0,
+                   max_behaviour_weight=DEFAULT_MAX_BEHAVIOUR_WEIGHT)
+    return lambda: rl.train_step(batch, 0)
 
 
 def run_variant(variant: str, model_path: Path, setup: BenchSetup) -> dict:

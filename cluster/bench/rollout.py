@@ -29,7 +29,8 @@ def raw_vllm_tokens_per_s(cfg, model_path: str, repeats: int = 3) -> tuple[float
     """(base model tok/s, LoRA tok/s) of one engine given all the fleet's threads."""
     from transformers import AutoTokenizer
 
-    from ...learner.algorithms.registry import learner_class
+    from ...common.specs import LearnerSpec
+    from ...learner.actor import Learner
     from ...rollout.worker import RolloutWorker
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
@@ -42,10 +43,10 @@ def raw_vllm_tokens_per_s(cfg, model_path: str, repeats: int = 3) -> tuple[float
         max_lora_rank=cfg.lora.rank, seed=cfg.seed, kv_cache_gib=cfg.rollout.kv_cache_gib,
         threads=threads,
     )
-    learner = learner_class(cfg.algo)(
-        model_path, cfg.lora, cfg.algo, dtype=cfg.model.dtype, seed=cfg.seed, threads=threads,
-        pad_token_id=pad_token_id(tokenizer),
-    )
+    learner = Learner(LearnerSpec(
+        model_path, pad_token_id(tokenizer), cfg.algo, cfg.lora, dtype=cfg.model.dtype,
+        seed=cfg.seed, threads=threads,
+    ))
     engine.load_snapshot(learner.publish())
 
     def rate(use_policy: bool) -> float:

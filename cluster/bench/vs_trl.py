@@ -191,15 +191,16 @@ def learner_gflops(cfg, model_path: str, response_tokens: int, attention: str,
     from transformers import AutoTokenizer
 
     from ...common.data import pad_token_id
-    from ...learner.algorithms.registry import learner_class
+    from ...common.specs import LearnerSpec
+    from ...learner.actor import Learner
     from .memory import BenchSetup, random_scored_batch
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    learner = learner_class(cfg.algo)(
-        model_path, cfg.lora, cfg.algo, dtype=cfg.model.dtype, seed=0,
-        threads=cfg.learner.threads, pad_token_id=pad_token_id(tokenizer),
-        autocast=cfg.learner.autocast, attn_implementation=attention,
-    )
+    learner = Learner(LearnerSpec(
+        model_path, pad_token_id(tokenizer), cfg.algo, cfg.lora, dtype=cfg.model.dtype, seed=0,
+        threads=cfg.learner.threads, autocast=cfg.learner.autocast,
+        attn_implementation=attention,
+    ))
     setup = BenchSetup(prompts=PROMPTS, samples=SAMPLES, prompt_tokens=6,
                        response_tokens=response_tokens)
     params = sum(p.numel() for p in learner.net.model.get_base_model().parameters())
@@ -215,7 +216,7 @@ def learner_gflops(cfg, model_path: str, response_tokens: int, attention: str,
     seconds = statistics.median(update() for _ in range(steps))
     flops = counter.get_total_flops()
     return dict(params=params, gflop=flops / 1e9, seconds=seconds, gflops=flops / seconds / 1e9,
-                autocast=learner.autocast_dtype or "float32")
+                autocast=learner.core.autocast_dtype or "float32")
 
 
 # -- the benchmark -------------------------------------------------------------------------------

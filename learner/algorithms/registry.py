@@ -1,10 +1,12 @@
 """Algorithms by name: each is a config dataclass (the keys of the `algo:` section it reads,
-with their defaults) and the learner class that runs it. A new algorithm is a learner module
-plus, here, its config class and one `register` line.
+with their defaults) and its objective, the one function of a scored batch that makes it this
+algorithm (learner/objectives.py: advantages or sample weights, and the loss the RL updater
+minimises with them). A new algorithm is an objective function plus, here, its config class
+and one `register` line.
 
-Config loading reads only this module, so the driver never imports torch: a learner class is
-named as "module:Class" in lorafleet.learner and imported when a learner is built
-(`learner_class`).
+Config loading reads only this module, so the driver never imports torch: an objective is
+named as "module:function" in lorafleet.learner and imported when the RL updater is built
+(`objective_function`).
 """
 
 from __future__ import annotations
@@ -18,24 +20,23 @@ from ...common.config import RolloutConfig
 from ...common.configio import ConfigError
 
 LEARNER_PACKAGE = __package__.rpartition(".")[0]  # lorafleet.learner
-OFFLINE_LEARNER = "actor:Learner"  # no rl stage: sft, dpo and rm only
 
 
 @dataclass(frozen=True)
 class Algorithm:
     name: str
-    learner: str  # "module:Class" in lorafleet.learner
     config: type[AlgoConfig]
+    objective: str  # "module:function" in lorafleet.learner
 
 
 ALGORITHMS: dict[str, Algorithm] = {}
 
 
-def register(name: str, learner: str, config: type[AlgoConfig]) -> None:
-    """Make `algo.name: <name>` load `config` and run `learner`."""
+def register(name: str, config: type[AlgoConfig], objective: str) -> None:
+    """Make `algo.name: <name>` load `config` and train with `objective`."""
     if name in ALGORITHMS:
         raise ValueError(f"algorithm {name!r} is registered twice")
-    ALGORITHMS[name] = Algorithm(name, learner, config)
+    ALGORITHMS[name] = Algorithm(name, config, objective)
 
 
 def algorithm(name: str, key: str = "algo.name") -> Algorithm:
@@ -45,10 +46,9 @@ def algorithm(name: str, key: str = "algo.name") -> Algorithm:
     return ALGORITHMS[name]
 
 
-def learner_class(algo: AlgoConfig | None) -> type:
-    """The learner actor class that runs `algo`; None (no rl stage) is the offline learner,
-    which runs the sft, dpo and rm stages only."""
-    module, _, name = (OFFLINE_LEARNER if algo is None else algo.learner()).partition(":")
+def objective_function(algo: AlgoConfig):
+    """The objective `algo` trains with (imported here: it needs torch)."""
+    module, _, name = algo.objective().partition(":")
     return getattr(importlib.import_module(f"{LEARNER_PACKAGE}.{module}"), name)
 
 
@@ -108,9 +108,15 @@ class AlgoConfig:
         (then they cannot come from that pass)."""
         return False
 
-    def learner(self) -> str:
-        """The learner, as "module:Class" in lorafleet.learner, that runs this config."""
-        return algorithm(self.name).learner
+    @property
+    def value_model(self) -> bool:
+        """Whether the objective fits a value adapter + scalar head beside the policy (it is
+        created with the policy, before any other adapter)."""
+        return False
+
+    def objective(self) -> str:
+        """The objective, as "module:function" in lorafleet.learner, this config trains with."""
+        return algorithm(self.name).objective
 
 
 def config_keys(config: type[AlgoConfig]) -> set[str]:
@@ -147,6 +153,10 @@ class PPOConfig(ClippedObjectiveConfig):
     gamma: float = 1.0
     lam: float = 0.95
     whiten_advantages: bool = True
+
+    @property
+    def value_model(self) -> bool:
+        return True  # the critic
 
 
 @dataclass
@@ -209,10 +219,14 @@ class SPRConfig(WeightedSFTConfig):
                 "(plain SFT); use algo.normalizer=learned or samples_per_prompt >= 2"
             )
 
-    def learner(self) -> str:
+    @property
+    def value_model(self) -> bool:
+        return self.normalizer == "learned"
+
+    def objective(self) -> str:
         if self.normalizer == "learned":
-            return "critic_free_learner:LearnedNormalizerSPRLearner"
-        return super().learner()
+            return "objectives:spr_learned_normalizer"
+        return super().objective()
 
 
 @dataclass
@@ -222,8 +236,8 @@ class BestOfNConfig(WeightedSFTConfig):
     name: str = "best_of_n"
 
 
-register("ppo", "ppo_learner:PPOLearner", PPOConfig)
-register("grpo", "critic_free_learner:GRPOLearner", GRPOConfig)
-register("rloo", "critic_free_learner:RLOOLearner", RLOOConfig)
-register("spr", "critic_free_learner:SPRLearner", SPRConfig)
-register("best_of_n", "critic_free_learner:BestOfNLearner", BestOfNConfig)
+register("ppo", PPOConfig, "objectives:ppo")
+register("grpo", GRPOConfig, "objectives:grpo")
+register("rloo", RLOOConfig, "objectives:rloo")
+register("spr", SPRConfig, "objectives:spr")
+register("best_of_n", BestOfNConfig, "objectives:best_of_n")

@@ -29,9 +29,10 @@ def test_sft_then_spr_chain_from_one_config(ray_cluster, tmp_path):
     assert len(sft_rows) == cfg.sft.epochs * math.ceil(train_rows / cfg.sft.batch_size)
     assert sum(r["rows"] for r in sft_rows) == cfg.sft.epochs * train_rows
     assert sft_rows[-1]["loss"] < sft_rows[0]["loss"]
-    # One adapter through the chain: SPR's first update trains the version SFT ended at.
+    # One adapter through the chain: SPR's first update trains the version SFT's last step
+    # produced, one past the version that step trained on.
     assert [r["adapter_version"] for r in rl_rows] == [
-        sft_rows[-1]["adapter_version"] + i for i in range(6)
+        sft_rows[-1]["adapter_version"] + 1 + i for i in range(6)
     ]
     summary = run_dir.read_summary()
     evals = {row["stage"]: row for row in summary["stage_evals"]}

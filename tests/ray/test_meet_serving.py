@@ -10,11 +10,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lorafleet.common.config import LoRAConfig
+from helpers import new_learner
 from lorafleet.common.records import Prompt
 from lorafleet.common.tasks.addition import AdditionTask
 from lorafleet.learner.actor import Learner
-from lorafleet.learner.algorithms.registry import PPOConfig
 from lorafleet.learner.meet import SHARED
 from lorafleet.rollout.worker import RolloutWorker, level_slot
 
@@ -25,8 +24,7 @@ def meet_learner(model_path: str, pad_id: int, control: str) -> Learner:
     """K controls and the shared LoRA, each lora_B drawn N(0, 0.2^2) (PEFT starts it at zero;
     soft prompts start from distinct vocabulary embeddings): levels that differ as trained
     ones do, without the training time."""
-    learner = Learner(model_path, LoRAConfig(), PPOConfig(), dtype="float32", seed=0,
-                      threads=2, pad_token_id=pad_id)
+    learner = new_learner(model_path, pad_id, stages=("meet",))
     learner.start_meet(control, LEVELS, 8)
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
@@ -39,7 +37,7 @@ def meet_learner(model_path: str, pad_id: int, control: str) -> Learner:
 def hf_greedy(learner: Learner, level: int, prompt_ids: list[int], eos: int) -> list[int]:
     """HF generation under the level's control: its adapters with the shared LoRA, its soft
     prompt (if any) before the prompt's embeddings (then only new tokens come back)."""
-    model, controls = learner.net.model, learner.controls
+    model, controls = learner.net.model, learner.meet.controls
     model.base_model.set_adapter(controls.adapters(level) + [SHARED])
     soft_prompt = controls.soft_prompt(level)
     with torch.no_grad():

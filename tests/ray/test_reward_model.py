@@ -8,13 +8,11 @@ import json
 import pytest
 import torch
 
-from helpers import contrast_batch
+from helpers import contrast_batch, new_learner
 from lorafleet.common.config import LoRAConfig
 from lorafleet.common.corpora import DatasetConfig, load_preferences
 from lorafleet.common.data import epoch_batches, split_held_out
 from lorafleet.common.tasks.addition import AdditionTask
-from lorafleet.learner.actor import Learner
-from lorafleet.learner.algorithms.registry import PPOConfig
 from lorafleet.learner.model import REWARD, PolicyValueModel
 from lorafleet.learner.reward_model import (
     RewardModelTrainer,
@@ -96,10 +94,7 @@ def test_reward_actors_combine_rule_and_model(trained, tokenizer, ray_cluster):
 def test_reward_model_on_the_learner_base(trained, tiny_model_path, tokenizer, tmp_path):
     net, directory, _, _ = trained
     rollouts = [s.rollout for s in contrast_batch(tokenizer, 0)]
-    learner = Learner(
-        tiny_model_path, LoRAConfig(), PPOConfig(), dtype="float32", seed=0, threads=2,
-        pad_token_id=tokenizer.pad_token_id,
-    )
+    learner = new_learner(tiny_model_path, tokenizer.pad_token_id, stages=("sft",))
     learner.load_reward_model(str(directory))
     expected = score_rows(net, rollout_rows(tokenizer, rollouts), tokenizer.pad_token_id)
     assert learner.score_rollouts(rollouts) == expected
@@ -110,9 +105,6 @@ def test_reward_model_on_the_learner_base(trained, tiny_model_path, tokenizer, t
     other = directory.parent / "other_base"
     save_reward_model(net, other, "some/other-model", LoRAConfig(), "float32", {})
     assert meta["base_model"] == tiny_model_path
-    fresh = Learner(
-        tiny_model_path, LoRAConfig(), PPOConfig(), dtype="float32", seed=1, threads=2,
-        pad_token_id=tokenizer.pad_token_id,
-    )
+    fresh = new_learner(tiny_model_path, tokenizer.pad_token_id, seed=1, stages=("sft",))
     with pytest.raises(ValueError, match="trained on some/other-model"):
         fresh.load_reward_model(str(other))

@@ -5,18 +5,14 @@ from __future__ import annotations
 
 import torch
 
-from helpers import contrast_batch
-from lorafleet.common.config import LoRAConfig
+from helpers import contrast_batch, new_learner
 from lorafleet.common.state_io import load_state, save_state
-from lorafleet.learner.algorithms.registry import algorithm, learner_class
+from lorafleet.learner.algorithms.registry import algorithm
 
 
-def new_learner(name, model_path, tokenizer):
+def algo_learner(name, model_path, tokenizer):
     algo = algorithm(name).config(minibatch_size=16)
-    return learner_class(algo)(
-        model_path, LoRAConfig(), algo, dtype="float32",
-        seed=0, threads=2, pad_token_id=tokenizer.pad_token_id,
-    )
+    return new_learner(model_path, tokenizer.pad_token_id, algo)
 
 
 def trainable(learner) -> dict[str, torch.Tensor]:
@@ -35,11 +31,11 @@ def test_state_io_round_trip_keeps_int_keys_and_tensors(tmp_path):
 
 
 def test_restored_ppo_learner_continues_identically(tmp_path, tiny_model_path, tokenizer):
-    original = new_learner("ppo", tiny_model_path, tokenizer)
+    original = algo_learner("ppo", tiny_model_path, tokenizer)
     original.train_step(contrast_batch(tokenizer, original.version))
     original.save_checkpoint(str(tmp_path / "ckpt"))
 
-    restored = new_learner("ppo", tiny_model_path, tokenizer)
+    restored = algo_learner("ppo", tiny_model_path, tokenizer)
     assert restored.load_checkpoint(str(tmp_path / "ckpt")) == 1
     before = trainable(original)
     assert all(torch.equal(before[k], v) for k, v in trainable(restored).items())

@@ -115,7 +115,7 @@ def test_sequence_advantage_loss_broadcasts_over_tokens():
 
 def test_group_rewards_needs_prompt_major_batches():
     from lorafleet.common.records import Prompt, Rollout, ScoredRollout
-    from lorafleet.learner.critic_free_learner import group_rewards
+    from lorafleet.learner.rl import group_rewards
 
     def scored(prompt: int, k: int, reward: float) -> ScoredRollout:
         p = Prompt(prompt, "", [1], {})

@@ -6,19 +6,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import contrast_batch
-from lorafleet.common.config import LoRAConfig
+from helpers import contrast_batch, new_learner
 from lorafleet.common.devices import attention_kernel, autocast_dtype, native_bf16
 from lorafleet.common.tasks.addition import AdditionTask
-from lorafleet.learner.actor import Learner
+from lorafleet.learner import objectives
 from lorafleet.learner.algorithms.registry import (
     ALGORITHMS,
     GRPOConfig,
     SPRConfig,
     algorithm,
-    learner_class,
+    objective_function,
 )
-from lorafleet.learner.critic_free_learner import LearnedNormalizerSPRLearner
 from lorafleet.learner.model import collate_scored
 
 
@@ -52,19 +50,20 @@ def test_learner_prefers_rewarded_samples(name, tiny_model_path, tokenizer):
         # spr: 2 * softmax([1, 0] / 0.5)[0] = 2 * e^2 / (e^2 + 1) = 1.7616 (weight_temperature 0.5)
 
 
-def test_every_registered_algorithm_has_its_learner():
+def test_every_registered_algorithm_has_its_objective(tiny_model_path, tokenizer):
     for spec in ALGORITHMS.values():
-        assert issubclass(learner_class(spec.config()), Learner), spec
-    assert learner_class(SPRConfig(normalizer="learned")) is LearnedNormalizerSPRLearner
-    assert learner_class(None) is Learner  # no rl stage: sft, dpo, rm only
+        assert objective_function(spec.config()) is getattr(objectives, spec.name), spec
+    learned = SPRConfig(normalizer="learned")
+    assert objective_function(learned) is objectives.spr_learned_normalizer
+    assert learned.value_model and not SPRConfig().value_model
+    # no rl stage: sft, dpo, rm and meet only; no RL updater, no value adapter
+    offline = new_learner(tiny_model_path, tokenizer.pad_token_id, stages=("sft",))
+    assert offline.rl is None and offline.net.value_head is None
 
 
 def make_learner(name, tiny_model_path, tokenizer, **keys):
     algo = algorithm(name).config(**{"minibatch_size": 32, **keys})
-    return learner_class(algo)(
-        tiny_model_path, LoRAConfig(), algo, dtype="float32", seed=0, threads=2,
-        pad_token_id=tokenizer.pad_token_id,
-    )
+    return new_learner(tiny_model_path, tokenizer.pad_token_id, algo)
 
 
 def test_single_sample_spr_learns_its_normaliser(tiny_model_path, tokenizer):
@@ -79,13 +78,13 @@ def test_single_sample_spr_learns_its_normaliser(tiny_model_path, tokenizer):
 
     rows = collate_scored(single(), tokenizer.pad_token_id)
     with torch.no_grad():
-        v_before = float(learner.prompt_values(rows).mean())
+        v_before = float(learner.rl.value.prompt_values(rows).mean())
     before = margin(learner, tokenizer)
     for _ in range(3):
         stats = learner.train_step(single())
     # V regresses towards the reward of 1.0, so the weights exp((1 - V) / 0.5) shrink
     with torch.no_grad():
-        v_after = float(learner.prompt_values(rows).mean())
+        v_after = float(learner.rl.value.prompt_values(rows).mean())
     assert abs(1.0 - v_after) < abs(1.0 - v_before), (v_before, v_after)
     assert stats.value_loss is not None and stats.weight_max <= 4.0
     assert margin(learner, tokenizer) > before
@@ -112,9 +111,9 @@ def test_sft_and_dpo_steps(tiny_model_path, tokenizer):
 def policy_after_one_step(learner, tokenizer) -> list[torch.Tensor]:
     """The policy adapter after one plain-SGD step on the whole contrast batch: the step is
     the (clipped) gradient itself, which Adam's first step would reduce to its sign."""
-    learner.policy_opt = torch.optim.SGD(learner.policy_params, lr=1.0)
+    learner.core.policy_opt = torch.optim.SGD(learner.core.policy_params, lr=1.0)
     learner.train_step(contrast_batch(tokenizer, learner.version))
-    return [p.detach().clone() for p in learner.policy_params]
+    return [p.detach().clone() for p in learner.core.policy_params]
 
 
 @pytest.mark.parametrize("name", ["ppo", "spr"])  # losses averaged over tokens, over rows
@@ -126,7 +125,7 @@ def test_micro_batches_accumulate_the_minibatch_gradient(name, tiny_model_path, 
                                   tokenizer)
     micro = policy_after_one_step(make_learner(
         name, tiny_model_path, tokenizer, max_tokens_per_microbatch=1, **keys), tokenizer)
-    start = make_learner(name, tiny_model_path, tokenizer, **keys).policy_params
+    start = make_learner(name, tiny_model_path, tokenizer, **keys).core.policy_params
     moved = max(float((w - s.detach()).abs().max()) for w, s in zip(whole, start, strict=True))
     gap = max(float((w - m).abs().max()) for w, m in zip(whole, micro, strict=True))
     # measured: moved 0.036 (ppo), 0.109 (spr); gap 2e-8, 6e-8 (spr weighted by token share
@@ -138,11 +137,8 @@ def test_gradient_checkpointing_changes_memory_not_the_step(tiny_model_path, tok
     algo = algorithm("grpo").config(epochs=1, minibatch_size=64)
 
     def learner(checkpointing: bool):
-        return learner_class(algo)(
-            tiny_model_path, LoRAConfig(), algo, dtype="float32", seed=0, threads=2,
-            pad_token_id=tokenizer.pad_token_id, gradient_checkpointing=checkpointing,
-            attn_implementation="sdpa",
-        )
+        return new_learner(tiny_model_path, tokenizer.pad_token_id, algo,
+                           gradient_checkpointing=checkpointing, attn_implementation="sdpa")
 
     plain, checkpointed = learner(False), learner(True)
     layers = [m for m in checkpointed.net.model.modules() if getattr(m, "gradient_checkpointing",
@@ -186,10 +182,10 @@ def test_one_step_update_equals_the_recomputed_old_logprobs(
     assert forward_passes(recomputed, tokenizer) == 3
     stats = []
     for learner in (one_step, recomputed):
-        learner.policy_opt = torch.optim.SGD(learner.policy_params, lr=1.0)
+        learner.core.policy_opt = torch.optim.SGD(learner.core.policy_params, lr=1.0)
         stats.append(learner.train_step(contrast_batch(tokenizer, learner.version)))
-    gap = max(float((a - b).detach().abs().max())
-              for a, b in zip(one_step.policy_params, recomputed.policy_params, strict=True))
+    gap = max(float((a - b).detach().abs().max()) for a, b in zip(
+        one_step.core.policy_params, recomputed.core.policy_params, strict=True))
     assert gap < 1e-6, gap  # measured: 0.0 (the same forward pass)
     assert stats[0].kl == pytest.approx(stats[1].kl, abs=1e-7)
     assert stats[0].logprob_diff_vllm == pytest.approx(stats[1].logprob_diff_vllm, abs=1e-7)
@@ -214,10 +210,7 @@ def test_bf16_autocast_learns_on_float32_weights(tiny_model_path, tokenizer):
     """bf16 matmuls in the update; the LoRA weights, their Adam moments and the probe check
     stay float32."""
     algo = algorithm("grpo").config(minibatch_size=32)
-    learner = learner_class(algo)(
-        tiny_model_path, LoRAConfig(), algo, dtype="float32", seed=0, threads=2,
-        pad_token_id=tokenizer.pad_token_id, autocast="bf16",
-    )
+    learner = new_learner(tiny_model_path, tokenizer.pad_token_id, algo, autocast="bf16")
     assert learner.net.model.config._attn_implementation == "eager"  # the CPU default
     dtypes = set()
     layer = learner.net.model.get_base_model().model.layers[0].self_attn.q_proj.base_layer
@@ -227,8 +220,8 @@ def test_bf16_autocast_learns_on_float32_weights(tiny_model_path, tokenizer):
         learner.train_step(contrast_batch(tokenizer, learner.version))
     hook.remove()
     assert dtypes == {torch.float32, torch.bfloat16}
-    assert {p.dtype for p in learner.policy_params} == {torch.float32}
-    moments = [s["exp_avg"] for s in learner.policy_opt.state.values()]
+    assert {p.dtype for p in learner.core.policy_params} == {torch.float32}
+    moments = [s["exp_avg"] for s in learner.core.policy_opt.state.values()]
     assert moments and {m.dtype for m in moments} == {torch.float32}
     gain = margin(learner, tokenizer) - before
     assert gain > MIN_GAIN["grpo"], gain  # measured: 3.26 at seed 0 (float32: 3.25-3.44)

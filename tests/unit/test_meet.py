@@ -12,16 +12,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import new_learner
 from lorafleet.cluster.bench.meet_table import over_seeds, variants
 from lorafleet.cluster.config import TrainConfig, load_train_config
-from lorafleet.common.config import LoRAConfig
 from lorafleet.common.configio import ConfigError, from_dict, to_dict
 from lorafleet.common.corpora import DatasetConfig, DatasetError, level_of, load_leveled
 from lorafleet.common.records import SFTExample
 from lorafleet.common.tasks.addition import AdditionTask
-from lorafleet.learner.actor import Learner
-from lorafleet.learner.algorithms.registry import PPOConfig
-from lorafleet.learner.meet import SHARED, control_name, side_by_side
+from lorafleet.learner.meet import SHARED, control_name, prefixed_logprobs, side_by_side
 from lorafleet.learner.model import collate
 
 CONFIG = Path(__file__).parents[2] / "deploy" / "configs" / "meet_vader.yaml"
@@ -105,8 +103,7 @@ def test_leveled_data_from_scores_levels_and_control_texts(tmp_path, tokenizer):
 
 
 def test_every_control_trains_and_a_level_serves_control_plus_shared(tiny_model_path, tokenizer):
-    learner = Learner(tiny_model_path, LoRAConfig(), PPOConfig(), dtype="float32", seed=0,
-                      threads=2, pad_token_id=tokenizer.pad_token_id)
+    learner = new_learner(tiny_model_path, tokenizer.pad_token_id, stages=("meet",))
     examples = [SFTExample(i, tokenizer(ex.prompt).input_ids,
                            tokenizer(ex.answer, add_special_tokens=False).input_ids, level=i % 3)
                 for i, ex in enumerate(AdditionTask().examples("train")[:24])]
@@ -132,8 +129,7 @@ def test_every_control_trains_and_a_level_serves_control_plus_shared(tiny_model_
 
 
 def test_soft_prompt_controls(tiny_model_path, tokenizer):
-    learner = Learner(tiny_model_path, LoRAConfig(), PPOConfig(), dtype="float32", seed=0,
-                      threads=2, pad_token_id=tokenizer.pad_token_id)
+    learner = new_learner(tiny_model_path, tokenizer.pad_token_id, stages=("meet",))
     net = learner.net
     examples = [SFTExample(i, tokenizer(ex.prompt).input_ids,
                            tokenizer(ex.answer, add_special_tokens=False).input_ids, level=i % 3)
@@ -141,7 +137,7 @@ def test_soft_prompt_controls(tiny_model_path, tokenizer):
     batch = collate([e.prompt_ids for e in examples], [e.response_ids for e in examples],
                     tokenizer.pad_token_id)
     learner.start_meet("prompt", 3, 4)
-    soft = learner.controls.embeddings
+    soft = learner.meet.controls.embeddings
     assert soft.shape == (3, 4, net.model.get_base_model().config.hidden_size)
     with torch.no_grad():
         # a prefix of some tokens' embeddings gives the log-probs of those tokens before the
@@ -150,11 +146,11 @@ def test_soft_prompt_controls(tiny_model_path, tokenizer):
         prefix = net.model.get_input_embeddings().weight[lead]
         led = collate([lead + e.prompt_ids for e in examples],
                       [e.response_ids for e in examples], tokenizer.pad_token_id)
-        gap = (net.logprobs(batch, adapters=[], prefix=prefix)
+        gap = (prefixed_logprobs(net, batch, [], prefix)
                - net.logprobs(led, adapters=[])).abs() * batch.mask
         assert float(gap.max()) < 1e-5
         # each level's soft prompt changes the log-probs (here: from its vocabulary start)
-        levels = [learner.level_logprobs(batch, k, with_shared=False) for k in range(3)]
+        levels = [learner.meet.level_logprobs(batch, k, with_shared=False) for k in range(3)]
         assert float((levels[0] - levels[1]).abs().max()) > 1e-2
     # stage 1: the soft prompts train, every weight of the model (LoRAs included) stays
     weights = {n: p.detach().clone() for n, p in net.model.named_parameters()}
@@ -208,8 +204,7 @@ def test_meet_table_variants_are_valid_configs_and_margins_over_seeds():
 
 def test_text_controls_train_the_shared_lora_and_the_policy_becomes_it(tiny_model_path,
                                                                        tokenizer):
-    learner = Learner(tiny_model_path, LoRAConfig(), PPOConfig(), dtype="float32", seed=0,
-                      threads=2, pad_token_id=tokenizer.pad_token_id)
+    learner = new_learner(tiny_model_path, tokenizer.pad_token_id, stages=("meet",))
     examples = [SFTExample(i, tokenizer(ex.prompt).input_ids,
                            tokenizer(ex.answer, add_special_tokens=False).input_ids, level=i % 2)
                 for i, ex in enumerate(AdditionTask().examples("train")[:16])]

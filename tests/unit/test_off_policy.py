@@ -10,16 +10,14 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from helpers import contrast_batch
+from helpers import contrast_batch, new_learner
 from lorafleet.cluster.config import load_train_config
-from lorafleet.common.config import LoRAConfig
 from lorafleet.common.configio import ConfigError
 from lorafleet.learner.algorithms.critic_free import sequence_advantage_loss
 from lorafleet.learner.algorithms.off_policy import behaviour_weights, weighted_token_mean
 from lorafleet.learner.algorithms.ppo import kl_penalty, masked_mean, ppo_policy_loss
 from lorafleet.learner.algorithms.registry import GRPOConfig
-from lorafleet.learner.base import SyncError
-from lorafleet.learner.critic_free_learner import GRPOLearner
+from lorafleet.learner.core import SyncError
 
 
 def t(*rows: list[float]) -> torch.Tensor:
@@ -70,27 +68,26 @@ def test_decoupled_loss_weights_each_token_of_the_clipped_objective() -> None:
 
 
 def test_learner_takes_samples_up_to_max_staleness_versions_old(tiny_model_path, tokenizer):
-    learner = GRPOLearner(tiny_model_path, LoRAConfig(), GRPOConfig(), dtype="float32", seed=0,
-                          threads=2, pad_token_id=tokenizer.pad_token_id, max_staleness=1)
-    learner.version = 1  # as after one update (the weights do not matter here)
-    ctx = learner.prepare(contrast_batch(tokenizer, 0)[:8])  # one version behind: taken
+    rl = new_learner(tiny_model_path, tokenizer.pad_token_id, GRPOConfig(), max_staleness=1).rl
+    # at version 1, as after one update (the weights do not matter here)
+    ctx = rl.prepare(contrast_batch(tokenizer, 0)[:8], 1)  # one version behind: taken
     weights, mask = ctx.behaviour_weights, ctx.batch.mask
     # vLLM's log-probs in contrast_batch are 0 (p = 1): w = pi_old / 1, in (0, 1) on tokens
     assert_close(weights, torch.exp(ctx.old_logp) * mask)
     assert bool((((weights > 0) & (weights < 1)) | (mask == 0)).all())
     with pytest.raises(SyncError, match=r"more than 1 versions behind\): prompt 0 sample 0 "
                        r"came from adapter v-1 on worker 0, learner is at v1"):
-        learner.prepare(contrast_batch(tokenizer, -1)[:8])
-    learner.max_staleness = 0  # rollout.mode=sync
+        rl.prepare(contrast_batch(tokenizer, -1)[:8], 1)
+    rl.max_staleness = 0  # rollout.mode=sync
     with pytest.raises(SyncError, match="more than 0 versions behind"):
-        learner.prepare(contrast_batch(tokenizer, 0)[:8])
-    ctx = learner.prepare(contrast_batch(tokenizer, 1)[:8])
+        rl.prepare(contrast_batch(tokenizer, 0)[:8], 1)
+    ctx = rl.prepare(contrast_batch(tokenizer, 1)[:8], 1)
     assert ctx.behaviour_weights is ctx.batch.mask  # the on-policy objective
 
 
 def test_async_keys_and_their_errors():
     cfg = load_train_config(None, ["rollout.mode=async"])
-    assert (cfg.rollout.staleness_bound, cfg.rollout.behaviour_weight_cap) == (1, 5.0)
+    assert (cfg.rollout.staleness_bound, cfg.rollout.max_behaviour_weight) == (1, 5.0)
     assert load_train_config(None).rollout.staleness_bound == 0
     assert load_train_config(None, ["rollout.mode=async", "rollout.max_staleness=3",
                                     "algo.name=grpo"]).rollout.staleness_bound == 3

@@ -1,0 +1,100 @@
+"""What the learner's updaters share: the adapter stack, the policy adapter's parameters and
+optimiser, where an update's forward passes run (autocast), collation, the clipped optimiser
+step, and the probe check of what rollout workers serve against the learner's own weights."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+
+import torch
+from torch import Tensor
+
+from ..common.records import OfflineStats, ProbeResult
+from .algorithms.ppo import masked_mean
+from .model import DTYPES, POLICY, PolicyValueModel, TokenBatch, collate
+
+
+class SyncError(RuntimeError):
+    """A rollout worker serves something other than the learner's published adapter."""
+
+
+class LearnerCore:
+    def __init__(
+        self, net: PolicyValueModel, pad_id: int, max_grad_norm: float,
+        autocast_dtype: str | None, policy_lr: float,
+    ) -> None:
+        """autocast_dtype: the update's forward passes in that dtype (learner.autocast), None:
+        in the weights' own."""
+        self.net, self.pad_id = net, pad_id
+        self.max_grad_norm, self.autocast_dtype = max_grad_norm, autocast_dtype
+        self.policy_params = net.adapter_parameters(POLICY)
+        self.start_stage(policy_lr)
+
+    def start_stage(self, lr: float) -> None:
+        """A fresh policy optimiser: each stage (sft, dpo, rl) starts its own Adam moments."""
+        self.policy_opt = torch.optim.AdamW(self.policy_params, lr=lr, weight_decay=0)
+
+    def autocast(self) -> AbstractContextManager:
+        """Where the update's forward passes run: in bfloat16 autocast per learner.autocast."""
+        dtype = self.autocast_dtype
+        return torch.autocast(self.net.device.type, dtype=DTYPES[dtype or "bfloat16"],
+                              enabled=dtype is not None)
+
+    def collate(self, prompt_ids: list[list[int]], response_ids: list[list[int]]) -> TokenBatch:
+        return collate(prompt_ids, response_ids, self.pad_id, self.net.device)
+
+    def step(self, loss: Tensor, params: list, optimizer: torch.optim.Optimizer) -> Tensor:
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        return self.clip_and_step(params, optimizer)
+
+    def clip_and_step(self, params: list, optimizer: torch.optim.Optimizer) -> Tensor:
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
+        optimizer.step()
+        return grad_norm
+
+    def nll_step(
+        self, batch: TokenBatch, logp: Tensor, params: list, optimizer: torch.optim.Optimizer,
+        version: int,
+    ) -> OfflineStats:
+        """One step on the responses' token-mean negative log-likelihood (`logp`: [B, T]) of
+        the weights at `version`."""
+        loss = -masked_mean(logp, batch.mask)
+        grad_norm = self.step(loss, params, optimizer)
+        return OfflineStats(version, loss.item(), float(grad_norm), len(batch.mask))
+
+    @torch.no_grad()
+    def check_probe(
+        self, results: list[ProbeResult], tolerance: float, version: int,
+        logprobs: Callable[[TokenBatch], Tensor], served: str = "",
+    ) -> float:
+        """Raise SyncError unless every worker's probe reports `version` and its log-probs match
+        the learner's own `logprobs` of what it serves (`served` names it in the error);
+        returns the max gap."""
+        worst = 0.0
+        for result in results:
+            if result.adapter_version != version:
+                raise SyncError(
+                    f"rollout worker {result.worker_id} reports adapter v{result.adapter_version},"
+                    f" learner published v{version}"
+                )
+            batch = self.collate(result.prompt_ids, result.response_ids)
+            gap = float(((logprobs(batch) - padded(result.logprobs, batch)).abs()
+                         * batch.mask).max())
+            if gap > tolerance:
+                raise SyncError(
+                    f"rollout worker {result.worker_id} claims adapter v{result.adapter_version}"
+                    f"{served} but its probe log-probs differ from the learner's by {gap:.3g} "
+                    f"(tolerance {tolerance:g}): the adapter swap did not take effect"
+                )
+            worst = max(worst, gap)
+        return worst
+
+
+def padded(rows: list[list[float]], batch: TokenBatch) -> Tensor:
+    """Per-token values of ragged rows laid out like the batch's response tensors."""
+    out = torch.zeros_like(batch.mask)
+    for b, values in enumerate(rows):
+        out[b, : len(values)] = torch.tensor(values)
+    return out
