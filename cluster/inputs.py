@@ -1,11 +1,14 @@
-"""A run's inputs, built once and checked before any actor starts: the model, the task, its
-training and held-out prompts, the offline stages' datasets and what the rollout workers must
-serve besides the policy."""
+"""A run's inputs, built once and checked before any actor starts: the model, its tokenizer,
+the task, its training and held-out prompts, the offline stages' datasets and what the rollout
+workers must serve besides the policy."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
+from ..common.config import TINY
+from ..common.configio import ConfigError
 from ..common.corpora import (
     DatasetError,
     LoadedDataset,
@@ -20,7 +23,7 @@ from ..common.records import Prompt
 from ..common.tasks.base import Task
 from ..common.tasks.registry import build_task
 from .config import TrainConfig
-from .fleet import driver_tokenizer, resolve_model, reward_rules
+from .specs import reward_rules
 
 
 @dataclass
@@ -119,3 +122,54 @@ def load_meet_data(cfg: TrainConfig, task: Task, tokenizer) -> LoadedDataset:
                            f"{len(counts)} levels of {data.source}")
     print(f"meet data: {data.describe()}, rows per level {counts}")
     return data
+
+
+def resolve_model(cfg: TrainConfig, task: Task) -> str:
+    """The model directory (absolute) or hub name every actor loads; builds the embedded model
+    (for `task`) if asked. A model that cannot be found fails here, naming model.name_or_path."""
+    name = cfg.model.name_or_path
+    if name == TINY:
+        from ..common.tiny_model import build_tiny_model
+
+        return str(build_tiny_model(task.model_recipe, cfg.model.tiny))
+    what = f"model.name_or_path={name!r}"
+    path = Path(name).expanduser()
+    if name.startswith(("/", "./", "../", "~")) or path.is_dir():
+        if not (path / "config.json").is_file():
+            problem = "has no config.json" if path.is_dir() else "does not exist"
+            raise ConfigError(f"{what}: the local model directory {path} {problem}; give a "
+                              f"Hugging Face model directory, a hub name, or {TINY}")
+        return str(path.resolve())  # actors may run in another working directory
+    check_hub_model(name, what)
+    return name
+
+
+def check_hub_model(name: str, what: str) -> None:
+    """In the local hub cache, or found on the hub by one request (no retries)."""
+    from huggingface_hub import constants, file_exists, try_to_load_from_cache
+
+    try:
+        if isinstance(try_to_load_from_cache(name, "config.json"), str):
+            return
+        if constants.HF_HUB_OFFLINE:
+            problem = "not in the local hub cache and HF_HUB_OFFLINE is set"
+        elif file_exists(name, "config.json"):
+            return
+        else:
+            problem = "no such model on the hub (a gated or private one needs `hf auth login`)"
+    except Exception as exc:  # not a repo id, network down, gated: all for the user to fix
+        cause = str(exc).partition("\n")[0]
+        problem = f"looking it up on the hub failed ({type(exc).__name__}: {cause})"
+    raise ConfigError(f"{what}: neither a local directory nor a model on the hub: {problem}; "
+                      f"give a Hugging Face model directory, a reachable hub name, or {TINY}")
+
+
+def driver_tokenizer(cfg: TrainConfig, model_path: str):
+    """The tokenizer that renders and tokenises the prompts (vLLM and the learner get its token
+    ids), with model.chat_template in place of the model's own when set."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    if cfg.model.chat_template is not None:
+        tokenizer.chat_template = cfg.model.chat_template
+    return tokenizer

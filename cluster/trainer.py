@@ -28,10 +28,11 @@ from .actor_group import is_actor
 from .checkpoint import ResumeError, TrainerState, latest_checkpoint, rewind
 from .config import TrainConfig
 from .evaluation import evaluate_prompts
-from .fleet import SyncFigures, connect_ray, reward_model_dir, reward_spec, start_fleet
+from .fleet import SyncFigures, connect_ray, start_fleet
 from .inputs import load_run_inputs
 from .pipeline import RolloutPipeline, ScoredBatch
 from .report import EVAL_KEYS, iteration_row, print_summary
+from .specs import engine_spec, learner_spec, reward_model_dir, reward_spec
 from .stages import run_meet_stage, run_offline_stage, run_rm_stage
 from .telemetry import DashboardMetrics, WandbLogger, write_rollouts
 
@@ -101,9 +102,9 @@ class Trainer:
             if connect_ray(cfg):
                 stack.callback(ray.shutdown)
             self.fleet = start_fleet(
-                cfg, inputs.model_path, inputs.pad_token_id,
-                inputs.probe_ids(cfg.rollout.probe_prompts), spec,
-                served_levels=inputs.served_levels,
+                cfg, learner_spec(cfg, inputs.model_path, inputs.pad_token_id),
+                engine_spec(cfg, inputs.model_path, inputs.served_levels), spec,
+                inputs.probe_ids(cfg.rollout.probe_prompts),
             )
             stack.callback(self.fleet.kill)
             self.dashboard = None

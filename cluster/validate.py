@@ -146,7 +146,7 @@ def validate(paths: list[str], train_config: str | None = None) -> bool:
     specs, strategy = None, "PACK"
     if train_config is not None:
         from .config import load_train_config
-        from .fleet import group_specs
+        from .specs import group_specs
 
         cfg = load_train_config(train_config)
         specs, strategy = group_specs(cfg), cfg.placement.strategy

@@ -1,6 +1,7 @@
-"""What an actor is built from, as one record: each field is named as the run config key it
-comes from (section in the comment), built from the run config in one place
-(cluster/fleet.py)."""
+"""What an actor is built from, as one record per consumer: each field is named as the run
+config key it comes from (section in the comment), built from the run config in one place
+(cluster/specs.py). The reward actors' record, RewardSpec, lives with them (reward/pool.py):
+it also combines the rewards."""
 
 from __future__ import annotations
 
@@ -31,3 +32,22 @@ class LearnerSpec:
     # not a config key: None puts the learner on the GPU Ray assigned it, else the CPU; the
     # benches name one
     device: str | None = None
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """A rollout worker's vLLM engine with LoRA."""
+
+    model_path: str  # model.name_or_path, resolved: a local directory or a hub name
+    max_model_len: int  # model.max_model_len
+    dtype: str | None = None  # model.dtype; None: bfloat16 on a GPU, float32 on the CPU
+    # the largest LoRA rank served: lora.rank, plus meet.rank after a meet stage whose LoRA
+    # controls are served side by side with the policy
+    max_lora_rank: int = 8
+    seed: int = 0
+    kv_cache_gib: int = 1  # rollout.kv_cache_gib (CPU engines)
+    threads_per_worker: int = 1  # rollout.threads_per_worker
+    tensor_parallel_size: int = 1  # rollout.tensor_parallel_size
+    gpu_memory_utilization: float | None = None  # rollout.gpu_memory_utilization
+    max_loras: int = 1  # adapters served at once: the policy and the meet levels beside it
+    prompt_embeds: bool = False  # prompts as embeddings: meet's soft-prompt controls

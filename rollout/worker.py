@@ -18,6 +18,7 @@ from ..common.cache import cache_root
 from ..common.devices import actor_device
 from ..common.logs import apply_log_level, quiet
 from ..common.records import AdapterSnapshot, ProbeResult, Prompt, Rollout
+from ..common.specs import EngineSpec
 
 if TYPE_CHECKING:
     from vllm import LLM
@@ -89,17 +90,16 @@ def _embed_tokens(worker, token_ids: list) -> list:
         return [layer(ids.to(worker.device)).cpu() for ids in token_ids]
 
 
-def engine_args(
-    model_path: str, *, dtype: str, max_model_len: int, max_lora_rank: int, seed: int, gpu: bool,
-    tensor_parallel_size: int = 1, gpu_memory_utilization: float | None = None, max_loras: int = 1,
-    prompt_embeds: bool = False,
-) -> dict:
+def engine_args(spec: EngineSpec, dtype: str, gpu: bool) -> dict:
     """vLLM's `LLM(...)` keywords. The GPU ones only on a GPU: the CPU build sizes its KV
     cache by VLLM_CPU_KVCACHE_SPACE and has no tensor parallelism here. `prompt_embeds`:
     accept prompts as embeddings (meet's soft prompts), only when asked."""
+    max_model_len, max_loras = spec.max_model_len, spec.max_loras
+    tensor_parallel_size = spec.tensor_parallel_size
+    gpu_memory_utilization = spec.gpu_memory_utilization
     args = dict(
-        model=model_path, dtype=dtype, max_model_len=max_model_len, seed=seed,
-        enable_lora=True, max_lora_rank=max_lora_rank, max_loras=max_loras,
+        model=spec.model_path, dtype=dtype, max_model_len=max_model_len, seed=spec.seed,
+        enable_lora=True, max_lora_rank=spec.max_lora_rank, max_loras=max_loras,
         # Above the adapters in use, so vLLM's LRU never evicts an in-memory adapter
         # (an evicted one would be re-read from its placeholder path).
         max_cpu_loras=max_loras + 1,
@@ -109,7 +109,7 @@ def engine_args(
         enable_chunked_prefill=False, max_num_batched_tokens=max(max_model_len, 8192),
         use_tqdm_on_load=not quiet(),
     )
-    if prompt_embeds:
+    if spec.prompt_embeds:
         args["enable_prompt_embeds"] = True
     if not gpu:
         if tensor_parallel_size > 1 or gpu_memory_utilization is not None:
@@ -139,25 +139,15 @@ class RolloutWorker:
     enabled by `prompt_embeds`). The driver runs it as a Ray actor
     (`ray.remote(RolloutWorker)`); tests use it in-process."""
 
-    def __init__(
-        self, model_path: str, *, dtype: str | None, max_model_len: int, max_lora_rank: int,
-        seed: int, kv_cache_gib: int = 1, threads: int = 1, worker_id: int = 0,
-        tensor_parallel_size: int = 1, gpu_memory_utilization: float | None = None,
-        max_loras: int = 1, prompt_embeds: bool = False,
-    ) -> None:
-        configure_vllm_env(kv_cache_gib, threads)
+    def __init__(self, spec: EngineSpec, worker_id: int = 0) -> None:
+        configure_vllm_env(spec.kv_cache_gib, spec.threads_per_worker)
         import torch
         from vllm import LLM
 
-        torch.set_num_threads(threads)
+        torch.set_num_threads(spec.threads_per_worker)
         self.worker_id = worker_id
-        device, dtype = actor_device(dtype)
-        self.llm: LLM = LLM(**engine_args(
-            model_path, dtype=dtype, max_model_len=max_model_len, max_lora_rank=max_lora_rank,
-            seed=seed, gpu=device != "cpu", tensor_parallel_size=tensor_parallel_size,
-            gpu_memory_utilization=gpu_memory_utilization, max_loras=max_loras,
-            prompt_embeds=prompt_embeds,
-        ))
+        device, dtype = actor_device(spec.dtype)
+        self.llm: LLM = LLM(**engine_args(spec, dtype, gpu=device != "cpu"))
         self.tokenizer = self.llm.get_tokenizer()
         self.served: dict[str, tuple[LoRARequest, int]] = {}  # slot -> (request, version)
         self.slot_ids = {POLICY: POLICY_LORA_ID}  # vLLM's adapter id of each slot

@@ -18,8 +18,8 @@ from ...common.metrics import read_metrics
 from ...common.run_dir import RunDir, fresh_directory
 from ...common.tasks.registry import build_task
 from ..config import TrainConfig
-from ..fleet import connect_ray, driver_tokenizer, resolve_model
-from ..inputs import load_meet_data
+from ..fleet import connect_ray
+from ..inputs import driver_tokenizer, load_meet_data, resolve_model
 from .harness import train, write_results
 
 # the variants a MEET variant's margin is taken over (`--seeds`)

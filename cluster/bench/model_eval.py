@@ -16,7 +16,8 @@ from ...common.tasks.registry import build_task, task_entry
 from ...reward.pool import RewardWorker
 from ..config import TrainConfig
 from ..evaluation import evaluate_prompts
-from ..fleet import driver_tokenizer, resolve_model, reward_spec
+from ..inputs import driver_tokenizer, resolve_model
+from ..specs import engine_spec, reward_spec
 from .harness import write_results
 
 
@@ -42,11 +43,9 @@ def evaluate_shots(
     reward = RewardWorker(reward_spec(cfg, None))
     model_path = resolve_model(cfg, build_task(cfg.task))
     rank = adapter_rank(adapter) if adapter else cfg.lora.rank
-    worker = RolloutWorker(
-        model_path, dtype=cfg.model.dtype, max_model_len=cfg.model.max_model_len,
-        max_lora_rank=max(rank, 8), seed=cfg.seed, kv_cache_gib=cfg.rollout.kv_cache_gib,
-        threads=cfg.learner.threads,
-    )
+    worker = RolloutWorker(dataclasses.replace(
+        engine_spec(cfg, model_path), max_lora_rank=max(rank, 8),
+        threads_per_worker=cfg.learner.threads))
     tokenizer = driver_tokenizer(cfg, model_path)
     generate = partial(
         worker.generate, max_tokens=cfg.rollout.max_new_tokens, use_policy=False,

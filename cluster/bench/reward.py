@@ -16,7 +16,9 @@ from ...common.records import Prompt, Rollout
 from ...common.tasks.base import Task
 from ...common.tasks.registry import build_task
 from ..config import load_train_config
-from ..fleet import connect_ray, resolve_model, reward_spec
+from ..fleet import connect_ray
+from ..inputs import resolve_model
+from ..specs import reward_spec
 from .harness import markdown_table, publish, ratio, report
 
 ACTOR_COUNTS = (1, 2)

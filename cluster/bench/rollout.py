@@ -19,7 +19,8 @@ from ...common.data import PromptStream, encode_prompts, pad_token_id
 from ...common.metrics import read_metrics
 from ...common.tasks.registry import build_task
 from ..config import load_train_config
-from ..fleet import resolve_model
+from ..inputs import resolve_model
+from ..specs import engine_spec
 from .harness import markdown_table, publish, ratio, report, train
 
 WARMUP_ITERATIONS = 2  # engine warm-up (first compiles, allocator growth) is not steady state
@@ -38,11 +39,8 @@ def raw_vllm_tokens_per_s(cfg, model_path: str, repeats: int = 3) -> tuple[float
     examples = build_task(cfg.task).examples("train")
     stream = PromptStream(encode_prompts(examples, tokenizer, limit), cfg.seed)
     threads = cfg.rollout.num_workers * cfg.rollout.threads_per_worker
-    engine = RolloutWorker(
-        model_path, dtype=cfg.model.dtype, max_model_len=cfg.model.max_model_len,
-        max_lora_rank=cfg.lora.rank, seed=cfg.seed, kv_cache_gib=cfg.rollout.kv_cache_gib,
-        threads=threads,
-    )
+    # the whole rollout group's threads in one engine
+    engine = RolloutWorker(replace(engine_spec(cfg, model_path), threads_per_worker=threads))
     learner = Learner(LearnerSpec(
         model_path, pad_token_id(tokenizer), cfg.algo, cfg.lora, dtype=cfg.model.dtype,
         seed=cfg.seed, threads=threads,

@@ -226,7 +226,7 @@ def bench_vs_trl(path: str | None, overrides: list[str], scales: list[str], seed
     the command, commit and CPU they came from)."""
     from ...common.tasks.registry import build_task
     from ..config import load_train_config
-    from ..fleet import resolve_model
+    from ..inputs import resolve_model
     from .harness import provenance
 
     out_dir = Path(out).resolve()

@@ -38,11 +38,12 @@ def tokenizer(model_path):
 
 @pytest.fixture(scope="module")
 def engine(model_path):
+    from lorafleet.common.specs import EngineSpec
     from lorafleet.rollout.worker import RolloutWorker
 
-    worker = RolloutWorker(
-        model_path, dtype="float32", max_model_len=128, max_lora_rank=8, seed=0, threads=2
-    )
+    worker = RolloutWorker(EngineSpec(
+        model_path, max_model_len=128, dtype="float32", max_lora_rank=8, seed=0,
+        threads_per_worker=2))
     yield worker
     del worker  # frees the engine's KV cache before the other architecture's starts
 

@@ -12,6 +12,7 @@ import torch
 
 from helpers import new_learner
 from lorafleet.common.records import Prompt
+from lorafleet.common.specs import EngineSpec
 from lorafleet.common.tasks.addition import AdditionTask
 from lorafleet.learner.actor import Learner
 from lorafleet.learner.meet import SHARED
@@ -56,9 +57,9 @@ def hf_greedy(learner: Learner, level: int, prompt_ids: list[int], eos: int) -> 
 @pytest.mark.parametrize("control", ["lora", "prompt"])
 def test_level_adapters_served_at_once_match_hf_peft(tiny_model_path, tokenizer, control):
     learner = meet_learner(tiny_model_path, tokenizer.pad_token_id, control)
-    engine = RolloutWorker(tiny_model_path, dtype="float32", max_model_len=128,
-                           max_lora_rank=16, seed=0, threads=2, max_loras=LEVELS + 1,
-                           prompt_embeds=control == "prompt")
+    engine = RolloutWorker(EngineSpec(
+        tiny_model_path, max_model_len=128, dtype="float32", max_lora_rank=16, seed=0,
+        threads_per_worker=2, max_loras=LEVELS + 1, prompt_embeds=control == "prompt"))
     examples = AdditionTask().examples("eval")[:16]
     prompts = [Prompt(i, e.prompt, tokenizer(e.prompt).input_ids, {"reference": e.answer})
                for i, e in enumerate(examples)]

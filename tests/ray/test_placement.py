@@ -11,7 +11,7 @@ import pytest
 
 from lorafleet.cluster.actor_group import ActorGroup, PlacementError, place
 from lorafleet.cluster.config import load_train_config
-from lorafleet.cluster.fleet import group_specs
+from lorafleet.cluster.specs import group_specs
 
 # fits 2 CPUs and 2 GPUs: a whole GPU for the learner, one GPU shared by two rollout workers
 GPU_RUN = ["learner.num_gpus=1", "learner.cpus=0.5", "rollout.num_gpus_per_worker=0.5",

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from lorafleet.cluster.actor_group import Resources
 from lorafleet.cluster.config import load_train_config
-from lorafleet.cluster.fleet import group_specs
+from lorafleet.cluster.specs import group_specs
 
 
 def test_the_default_job_has_a_learner_two_rollout_workers_and_two_reward_actors():

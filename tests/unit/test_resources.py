@@ -3,13 +3,16 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from lorafleet.cluster.actor_group import shortfalls
 from lorafleet.cluster.config import load_train_config
-from lorafleet.cluster.fleet import group_specs, sync_tolerance
+from lorafleet.cluster.specs import group_specs, sync_tolerance
 from lorafleet.common.configio import ConfigError
 from lorafleet.common.devices import pick_device
+from lorafleet.common.specs import EngineSpec
 from lorafleet.rollout.worker import engine_args
 
 GPU_NODE = {"CPU": 8.0, "GPU": 1.0}
@@ -82,12 +85,14 @@ def test_sync_tolerance_follows_the_dtypes_the_actors_pick():
 
 
 def test_vllm_gets_gpu_arguments_only_on_a_gpu():
-    common = dict(dtype="bfloat16", max_model_len=128, max_lora_rank=8, seed=0)
-    cpu = engine_args("m", gpu=False, **common)
+    spec = EngineSpec("m", max_model_len=128, max_lora_rank=8, seed=0)
+    cpu = engine_args(spec, "bfloat16", gpu=False)
     assert "tensor_parallel_size" not in cpu and "gpu_memory_utilization" not in cpu
-    gpu = engine_args("m", gpu=True, tensor_parallel_size=2, gpu_memory_utilization=0.6, **common)
+    sharded = replace(spec, tensor_parallel_size=2, gpu_memory_utilization=0.6)
+    gpu = engine_args(sharded, "bfloat16", gpu=True)
     assert gpu == {**cpu, "tensor_parallel_size": 2, "gpu_memory_utilization": 0.6,
                    "distributed_executor_backend": "mp"}
-    assert engine_args("m", gpu=True, **common) == cpu  # one GPU, vLLM's default memory share
+    # one GPU, vLLM's default memory share
+    assert engine_args(spec, "bfloat16", gpu=True) == cpu
     with pytest.raises(ValueError, match="need a GPU worker"):
-        engine_args("m", gpu=False, tensor_parallel_size=2, **common)
+        engine_args(replace(spec, tensor_parallel_size=2), "bfloat16", gpu=False)
