@@ -207,7 +207,7 @@ class RolloutWorker:
         if lora is None and use_policy and slot not in self.served:
             raise AdapterMissing(  # never the base model in the adapter's place
                 f"rollout worker {self.worker_id} (pid {os.getpid()}) serves no adapter in slot "
-                f"{slot!r}: a restarted worker that was not re-synced")
+                f"{slot!r}: none was loaded there since this process started")
         served, version = self.served.get(slot, (None, -1))
         lora = lora if lora is not None else (served if use_policy else None)
         params = [

@@ -16,7 +16,7 @@ from lorafleet.common.specs import EngineSpec
 from lorafleet.common.tasks.addition import AdditionTask
 from lorafleet.learner.actor import Learner
 from lorafleet.learner.meet import SHARED
-from lorafleet.rollout.worker import RolloutWorker, level_slot
+from lorafleet.rollout.worker import AdapterMissing, RolloutWorker, level_slot
 
 LEVELS, MAX_TOKENS = 3, 6
 
@@ -93,6 +93,6 @@ def test_level_adapters_served_at_once_match_hf_peft(tiny_model_path, tokenizer,
         assert sum(x != y for x, y in zip(answers[a], answers[b], strict=True)) >= 4, (a, b)
     policy = engine.generate(prompts, n=1, temperature=0.0, max_tokens=MAX_TOKENS, seed=0)
     assert [r.response_ids for r in policy] != answers[0]  # the policy slot is its own
-    with pytest.raises(ValueError, match="serves no adapter in slot 'level9'"):
+    with pytest.raises(AdapterMissing, match="serves no adapter in slot 'level9'"):
         engine.generate(prompts, n=1, temperature=0.0, max_tokens=MAX_TOKENS, seed=0,
                         slot="level9")
