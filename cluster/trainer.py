@@ -21,7 +21,7 @@ from ..common.progress import progress
 from ..common.records import Prompt, TrainStats
 from ..common.run_dir import RunDir
 from ..reward.normalize import RunningMoments
-from ..reward.pool import RewardPool
+from ..reward.pool import RewardPool, RewardSpec
 from ..reward.scoring import Scorer
 from ..rollout.worker import POLICY
 from .actor_group import is_actor
@@ -124,19 +124,17 @@ class Trainer:
         # published; ("queued", j) right after batch j was queued on the rollout workers.
         self.on_event: Callable[[str, int], None] = lambda event, index: None
 
-    def make_scorer(self, spec, moments: RunningMoments) -> Scorer:
+    def make_scorer(self, spec: RewardSpec, moments: RunningMoments) -> Scorer:
         import ray
 
         reward, learner = self.cfg.reward, self.fleet.learner
         pool = RewardPool(self.fleet.reward.actors, reward.batch_size,
                           on_pending=self.dashboard.reward_queue.set if self.dashboard else None)
-        scorer = Scorer(
+        return Scorer(
             pool, spec, normalize=reward.normalize, clip=reward.clip,
             learner_scores=(lambda rollouts: ray.get(learner.score_rollouts.remote(rollouts)))
-            if reward.model_on_learner else None,
+            if reward.model_on_learner else None, moments=moments,
         )
-        scorer.moments = moments
-        return scorer
 
     def restore(self, stream: PromptStream) -> RunningMoments:
         """Where the run stood at its last checkpoint (the logs after it are dropped); returns

@@ -24,11 +24,13 @@ class Scorer:
         self, pool: RewardPool, spec: RewardSpec, *,
         normalize: Literal["none", "running"] = "none", clip: float | None = None,
         learner_scores: Callable[[list[Rollout]], list[float]] | None = None,
+        moments: RunningMoments | None = None,
     ) -> None:
         self.pool, self.spec = pool, spec
         self.normalize_mode, self.clip = normalize, clip
         self.learner_scores = learner_scores
-        self.moments = RunningMoments()  # reward.normalize=running statistics
+        # reward.normalize=running statistics (a resumed run's, from its checkpoint)
+        self.moments = moments or RunningMoments()
         self.errors = 0  # failed rewards dropped so far (reward.on_error=skip)
 
     def score(self, rollouts: list[Rollout]) -> list[ScoredRollout]:
