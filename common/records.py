@@ -12,6 +12,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+# The name of a run's one policy: its adapter on the learner and its slot on the rollout
+# workers. A run with a `policies:` section names each of its policies instead.
+POLICY = "policy"
+
 if TYPE_CHECKING:
     from torch import Tensor
 
@@ -39,7 +43,7 @@ class Prompt:
 
 @dataclass(frozen=True)
 class Rollout:
-    """One sampled response, tagged with the adapter version that produced it."""
+    """One sampled response, tagged with the policy and adapter version that produced it."""
 
     prompt: Prompt
     sample_index: int  # 0..n-1 among the samples drawn for this prompt
@@ -49,6 +53,9 @@ class Rollout:
     finish_reason: str  # "stop" (EOS) or "length"
     adapter_version: int
     worker_id: int
+    # the policy (a rollout worker's adapter slot) that sampled it; the learner trains a
+    # policy only on its own rollouts
+    policy: str = POLICY
 
     @property
     def sample_id(self) -> str:

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from ..common.devices import attention_kernel
-from ..common.records import AdapterSnapshot, ScoredRollout
+from ..common.records import POLICY, AdapterSnapshot, ScoredRollout
 
 # Ray warns on every zero-copy tensor it serialises; snapshot() below hands it detached clones.
 warnings.filterwarnings("ignore", message="Zero-copy tensor serialization is enabled")
@@ -28,7 +28,7 @@ warnings.filterwarnings("ignore", message="Zero-copy tensor serialization is ena
 # model.dtype -> torch dtype, for the learner and for reward actors that rebuild a reward model
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
-POLICY, VALUE, REWARD = "policy", "value", "reward"
+VALUE, REWARD = "value", "reward"
 SCALAR_ADAPTERS = (VALUE, REWARD)  # adapters read through a scalar head, not the LM head
 
 

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from ..common.cache import cache_root
 from ..common.devices import actor_device
 from ..common.logs import apply_log_level, quiet
-from ..common.records import AdapterSnapshot, ProbeResult, Prompt, Rollout
+from ..common.records import POLICY, AdapterSnapshot, ProbeResult, Prompt, Rollout
 from ..common.specs import EngineSpec
 
 if TYPE_CHECKING:
@@ -27,7 +27,6 @@ if TYPE_CHECKING:
 # Zero-copy tensors from the object store are read-only views; we only ever clone them.
 warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
 
-POLICY = "policy"  # the slot of the policy adapter; other slots: meet's level adapters
 POLICY_LORA_ID = 1  # the policy's slot, replaced in place on every publish
 
 
