@@ -43,10 +43,15 @@ class ResumeError(RuntimeError):
     """The run directory cannot be resumed; the message says why and what to do."""
 
 
-def latest_checkpoint(run_dir: RunDir) -> tuple[Path, TrainerState]:
+def latest_checkpoint(
+    run_dir: RunDir, at_most: tuple[int, int] | None = None
+) -> tuple[Path, TrainerState]:
+    """The newest complete checkpoint (at or before position `at_most` when given)."""
     root = run_dir.checkpoints
     complete = [(TrainerState.read(d), d) for d in sorted(root.glob("*"))
                 if (d / TRAINER_STATE).exists()] if root.is_dir() else []
+    if at_most is not None:
+        complete = [(state, d) for state, d in complete if state.position <= at_most]
     if not complete:
         raise ResumeError(
             f"{run_dir} has no complete checkpoint under checkpoints/ (one is written every "

@@ -1,5 +1,5 @@
-"""`lorafleet` command line: train, train-rm, compare, bench, build-model, make-data, validate,
-tasks, eval, nlu-table, meet-table, config-reference."""
+"""`lorafleet` command line: train, sweep, train-rm, compare, bench, build-model, make-data,
+validate, tasks, eval, nlu-table, meet-table, config-reference."""
 
 from __future__ import annotations
 
@@ -54,6 +54,25 @@ def cmd_train(args: argparse.Namespace) -> None:
             raise ConfigError(f"--resume {run_dir}: no config.yaml there; not a run directory")
         cfg = load_train_config(run_dir.config, [*overrides, f"run_dir={run_dir}"])
     with Trainer(cfg, resume=args.resume is not None) as trainer:
+        trainer.run()
+
+
+def cmd_sweep(args: argparse.Namespace) -> None:
+    import yaml
+
+    from .config import load_train_config
+    from .policies import sweep_policies
+    from .trainer import Trainer
+
+    path, assignments = _split_config_and_overrides(args.items)
+    policies, overrides = sweep_policies(assignments)
+    if not policies:
+        raise ConfigError("sweep: give at least one key=a,b,... to sweep over (e.g. seed=0,1,2)")
+    swept = yaml.safe_dump(policies, default_flow_style=True, width=10**6).strip()
+    cfg = load_train_config(path, [*overrides, f"policies={swept}"])
+    print(f"sweep: {len(policies)} policies on one fleet: "
+          f"{', '.join(p['name'] for p in policies)}")
+    with Trainer(cfg) as trainer:
         trainer.run()
 
 
@@ -214,6 +233,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="continue RUN_DIR from its last complete checkpoint (same data order)",
     )
     train.set_defaults(func=cmd_train)
+    sweep = sub.add_parser(
+        "sweep", help="train every combination of the swept values as policies of one run on "
+        "one fleet (key=a,b,c; several keys: all combinations), e.g. `lorafleet sweep "
+        "seed=0,1,2,3`; each policy writes RUN_DIR/<name>/, RUN_DIR/policies.md compares them",
+    )
+    sweep.add_argument("items", nargs="*", metavar="CONFIG.yaml | key=value | key=a,b,...")
+    sweep.set_defaults(func=cmd_sweep)
     train_rm = sub.add_parser(
         "train-rm", help="train a LoRA reward model (Bradley-Terry on preference pairs, section "
         "rm) and save it for reward.model=DIR",
@@ -316,7 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
     ref.add_argument("--check", action="store_true",
                      help="write nothing; exit 1 if --out differs from what would be written")
     ref.set_defaults(func=cmd_config_reference)
-    for command in (train, train_rm, bench, comp, ev, table):  # those that load models
+    for command in (train, sweep, train_rm, bench, comp, ev, table):  # those that load models
         command.add_argument(
             "--verbose", action="store_true", help="show the warnings of vLLM, Ray, transformers "
             "(LORAFLEET_LOG_LEVEL=WARNING; default ERROR: their errors only; INFO, DEBUG: more)",

@@ -7,13 +7,14 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
+from ..common.config import RolloutConfig
 from ..common.logs import library_env, log_level
-from ..common.records import ProbeResult, Prompt, Rollout
+from ..common.records import POLICY, GenerationRequest, ProbeResult, Prompt, Rollout
 from ..common.specs import EngineSpec, LearnerSpec
 from ..reward.pool import RewardSpec
-from ..rollout.worker import POLICY, level_slot
+from ..rollout.worker import level_slot
 from .actor_group import ActorGroup, Calls, Placement, place
 from .config import TrainConfig
 from .specs import group_specs, sync_tolerance
@@ -86,21 +87,46 @@ class SyncFigures:
 
 @dataclass
 class AdapterSync:
-    """A publish under way: when it started, the workers' swaps and their probes."""
+    """A publish of one policy under way: when it started, the workers' swaps and probes."""
 
+    policy: str
     start: float
     loads: Calls
     probes: Calls
 
 
+@dataclass
+class Generation:
+    """Generation requests under way: one `generate_requests` call per worker carries its
+    shard of every request, so an engine batches across the policies' adapters."""
+
+    requests: list[GenerationRequest]
+    calls: Calls
+    results: list[list[Rollout]] | None = None  # per request, once collected
+
+
+def generation_request(
+    prompts: list[Prompt], rollout: RolloutConfig, *, n: int, temperature: float, seed: int,
+    slot: str = POLICY,
+) -> GenerationRequest:
+    """n samples of each prompt from the adapter of `slot`, with rollout's length and stops."""
+    return GenerationRequest(
+        slot, prompts, n=n, temperature=temperature, max_tokens=rollout.max_new_tokens,
+        seed=seed, stop=tuple(rollout.stop), stop_token_ids=tuple(rollout.stop_token_ids),
+    )
+
+
 class Fleet:
-    """The run's actor groups, the adapter the rollout workers must serve, and bringing a
-    restarted rollout worker back to it (verified) before it works again."""
+    """The run's actor groups, the adapters the rollout workers must serve (each policy's,
+    and the meet levels'), and bringing a restarted rollout worker back to all of them
+    (verified) before it works again."""
 
     def __init__(
         self, cfg: TrainConfig, placement: Placement, learner: ActorGroup, rollout: ActorGroup,
-        reward: ActorGroup, probe_ids: list[list[int]],
+        reward: ActorGroup, probe_ids: dict[str, list[list[int]]],
     ) -> None:
+        """probe_ids: each policy's probe prompts (the meet levels are probed with the first
+        policy's)."""
         self.cfg = cfg
         self.placement = placement
         self.groups = [learner, rollout, reward]
@@ -108,61 +134,74 @@ class Fleet:
         self.rollout = rollout
         self.reward = reward
         self.probe_ids = probe_ids
-        self.snapshot = None  # ObjectRef of the adapter the workers must serve
+        self.snapshots: dict[str, object] = {}  # policy -> ObjectRef of what workers must serve
         self.level_snapshots: dict[int, object] = {}  # meet level -> ObjectRef, served beside
-        self.verified: SyncFigures | None = None  # the last verified sync of the policy
+        self.verified: dict[str, SyncFigures] = {}  # each policy's last verified sync
         rollout.revive = self.resync_worker
 
     def resync_worker(self, i: int) -> None:
-        """The current adapters (policy, meet levels) on restarted worker i, verified with the
-        probe."""
+        """Every policy's current adapter and the meet levels' on restarted worker i, each
+        verified with the probe."""
         import ray
 
         worker = self.rollout.actors[i]
-        if self.snapshot is not None:
+        for policy in self.snapshots:
             # Published again: in async mode the learner may have moved past the last snapshot
             # while the worker died (this call waits for its update), and the probe is checked
             # against the learner's current weights.
-            self.snapshot = self.learner.publish.remote()
-        served = [(None, self.snapshot)] if self.snapshot is not None else []
-        for level, snapshot in served + list(self.level_snapshots.items()):
-            slot = POLICY if level is None else level_slot(level)
-            ray.get(worker.load_snapshot.remote(snapshot, slot))
+            self.snapshots[policy] = self.learner.publish.remote(policy)
+            ray.get(worker.load_snapshot.remote(self.snapshots[policy], policy))
+            self.check_served([ray.get(worker.probe.remote(
+                self.probe_ids[policy], self.cfg.rollout.max_new_tokens, policy))], policy)
+        for level, snapshot in self.level_snapshots.items():
+            ray.get(worker.load_snapshot.remote(snapshot, level_slot(level)))
             probe = ray.get(worker.probe.remote(
-                self.probe_ids, self.cfg.rollout.max_new_tokens, slot))
-            self.check_served([probe], level)
+                self.level_probe_ids, self.cfg.rollout.max_new_tokens, level_slot(level)))
+            self.check_served([probe], POLICY, level)
 
-    def check_served(self, probes: list[ProbeResult], level: int | None) -> float:
-        """The learner's check of the workers' probes of the policy (`level` None) or of meet
-        level `level` (its control + shared adapters); returns the max log-prob gap."""
+    @property
+    def level_probe_ids(self) -> list[list[int]]:
+        return next(iter(self.probe_ids.values()))
+
+    def check_served(self, probes: list[ProbeResult], policy: str,
+                     level: int | None = None) -> float:
+        """The learner's check of the workers' probes of `policy`, or of meet level `level`
+        (its control + shared adapters); returns the max log-prob gap."""
         import ray
 
         tolerance = sync_tolerance(self.cfg)
-        check = (self.learner.check_probe.remote(probes, tolerance) if level is None
+        check = (self.learner.check_probe.remote(probes, tolerance, policy) if level is None
                  else self.learner.check_level_probe.remote(probes, tolerance, level))
         return ray.get(check)
 
+    def forget(self, policy: str) -> None:
+        """A stopped policy: restarted workers no longer get it back."""
+        self.snapshots.pop(policy, None)
+        self.verified.pop(policy, None)
+
     # -- adapter publishing ---------------------------------------------------------------------
-    def sync_adapter(self) -> SyncFigures:
-        """Publish once, hot-swap on every worker, verify with the probe; nothing to do when
-        the workers already serve the learner's version, verified (a restarted worker is
-        brought back by `resync_worker`). Returns the verified sync's figures."""
+    def sync_adapter(self, policy: str = POLICY) -> SyncFigures:
+        """Publish `policy` once, hot-swap it on every worker, verify with the probe; nothing
+        to do when the workers already serve the learner's version, verified (a restarted
+        worker is brought back by `resync_worker`). Returns the verified sync's figures."""
         import ray
 
-        version = ray.get(self.learner.get_version.remote())
-        if self.verified is not None and set(self.verified.versions.values()) == {version}:
-            return self.verified
-        return self.finish_sync(self.start_sync())
+        version = ray.get(self.learner.get_version.remote(policy))
+        verified = self.verified.get(policy)
+        if verified is not None and set(verified.versions.values()) == {version}:
+            return verified
+        return self.finish_sync(self.start_sync(policy))
 
-    def start_sync(self) -> AdapterSync:
+    def start_sync(self, policy: str = POLICY) -> AdapterSync:
         """`sync_adapter` without waiting: each worker swaps the adapter in after the requests
         already queued on it (the fleet never pauses) and then runs the probe."""
         start = time.perf_counter()
-        self.snapshot = self.learner.publish.remote()  # stored once in the object store
-        loads = self.rollout.submit(lambda w, _: w.load_snapshot.remote(self.snapshot))
-        max_tokens = self.cfg.rollout.max_new_tokens
-        probes = self.rollout.submit(lambda w, _: w.probe.remote(self.probe_ids, max_tokens))
-        return AdapterSync(start, loads, probes)
+        # stored once in the object store
+        self.snapshots[policy] = snapshot = self.learner.publish.remote(policy)
+        loads = self.rollout.submit(lambda w, _: w.load_snapshot.remote(snapshot, policy))
+        max_tokens, probe_ids = self.cfg.rollout.max_new_tokens, self.probe_ids[policy]
+        probes = self.rollout.submit(lambda w, _: w.probe.remote(probe_ids, max_tokens, policy))
+        return AdapterSync(policy, start, loads, probes)
 
     def finish_sync(self, sync: AdapterSync) -> SyncFigures:
         """Waits for a started sync and verifies its probes against the learner, which must
@@ -170,9 +209,10 @@ class Fleet:
         self.rollout.collect(sync.loads)
         seconds = time.perf_counter() - sync.start
         probes = self.rollout.collect(sync.probes)
-        gap = self.check_served(probes, None)
-        self.verified = SyncFigures(seconds, gap, {p.worker_id: p.adapter_version for p in probes})
-        return self.verified
+        gap = self.check_served(probes, sync.policy)
+        self.verified[sync.policy] = figures = SyncFigures(
+            seconds, gap, {p.worker_id: p.adapter_version for p in probes})
+        return figures
 
     def sync_levels(self, levels: int) -> float:
         """Publish every meet level's adapter once, load all of them beside the policy on every
@@ -185,40 +225,47 @@ class Fleet:
             self.rollout.call(lambda w, _, ref=snapshot, slot=slot: w.load_snapshot.remote(
                 ref, slot))
             probes = self.rollout.call(lambda w, _, slot=slot: w.probe.remote(
-                self.probe_ids, max_tokens, slot))
-            worst = max(worst, self.check_served(probes, level))
+                self.level_probe_ids, max_tokens, slot))
+            worst = max(worst, self.check_served(probes, POLICY, level))
         return worst
 
+    # -- generation -----------------------------------------------------------------------------
     def generate(
         self, prompts: list[Prompt], *, n: int, temperature: float, seed: int,
-        slot: str = POLICY,
+        slot: str = POLICY, rollout: RolloutConfig | None = None,
     ) -> list[Rollout]:
-        calls = self.submit_generate(prompts, n=n, temperature=temperature, seed=seed, slot=slot)
-        return self.collect_generate(prompts, calls, n)
+        """n samples of each prompt from the adapter of `slot`, with `rollout`'s length and
+        stops (None: the run's)."""
+        request = generation_request(prompts, rollout or self.cfg.rollout, n=n,
+                                     temperature=temperature, seed=seed, slot=slot)
+        return self.collect_requests(self.submit_requests([request]))[0]
 
-    def submit_generate(
-        self, prompts: list[Prompt], *, n: int, temperature: float, seed: int,
-        slot: str = POLICY,
-    ) -> Calls:
-        """`generate` without waiting: the prompts sharded over the workers, queued on each
-        behind its earlier requests (and adapter swaps); `slot`: the served adapter to use."""
+    def submit_requests(self, requests: list[GenerationRequest]) -> Generation:
+        """The requests without waiting: each one's prompts sharded over the workers, one call
+        per worker queued behind its earlier requests (and adapter swaps)."""
         if not self.rollout.actors:
             raise RuntimeError(f"stages {self.cfg.stages} generate nothing: this fleet has no "
                                "rollout workers")
-        rollout = self.cfg.rollout
-        parts = shard(prompts, len(self.rollout.actors))
-        return self.rollout.submit(
-            lambda w, part: w.generate.remote(
-                part, n=n, temperature=temperature, max_tokens=rollout.max_new_tokens, seed=seed,
-                stop=rollout.stop, stop_token_ids=rollout.stop_token_ids, slot=slot,
-            ),
-            {i: part for i, part in enumerate(parts) if part},  # fewer prompts than workers
-        )
+        workers = len(self.rollout.actors)
+        shards = [shard(request.prompts, workers) for request in requests]
+        parts = {i: [replace(request, prompts=parts[i])
+                     for request, parts in zip(requests, shards, strict=True)]
+                 for i in range(workers)}
+        busy = {i: part for i, part in parts.items() if any(r.prompts for r in part)}
+        return Generation(requests, self.rollout.submit(
+            lambda w, part: w.generate_requests.remote(part), busy))
 
-    def collect_generate(self, prompts: list[Prompt], calls: Calls, n: int) -> list[Rollout]:
-        rollouts = [r for part in self.rollout.collect(calls) for r in part]
-        check_exactly_once(prompts, rollouts, n)
-        return rollouts
+    def collect_requests(self, generation: Generation) -> list[list[Rollout]]:
+        """Each request's rollouts, every prompt checked to have come back exactly n times."""
+        if generation.results is None:
+            results = [[] for _ in generation.requests]
+            for part in self.rollout.collect(generation.calls):
+                for rollouts, out in zip(part, results, strict=True):
+                    out += rollouts
+            for request, rollouts in zip(generation.requests, results, strict=True):
+                check_exactly_once(request.prompts, rollouts, request.n)
+            generation.results = results
+        return generation.results
 
     def kill(self) -> None:
         for group in self.groups:
@@ -228,7 +275,7 @@ class Fleet:
 
 def start_fleet(
     cfg: TrainConfig, learner: LearnerSpec, engine: EngineSpec, reward: RewardSpec,
-    probe_ids: list[list[int]],
+    probe_ids: dict[str, list[list[int]]],
 ) -> Fleet:
     """Places and starts the groups of `group_specs`, each actor built from its spec; returns
     once every actor is up (a construction error, e.g. a vLLM start failure, raises here, the

@@ -89,3 +89,26 @@ def print_summary(run_dir: RunDir, summary: dict) -> None:
     print(f"  KL to reference, last {w} iter.    : {'-' if kl is None else f'{kl:.3f}'}")
     print(f"  iteration time / wall time        : {summary['mean_step_seconds']:.2f} s / "
           f"{summary['wall_seconds']:.0f} s")
+
+
+def write_comparison(run_dir: RunDir, summary: dict) -> str:
+    """A run with several policies: the table comparing them (RUN/policies.md), printed."""
+    def figure(value) -> str:
+        return "-" if value is None else f"{value:.3f}"
+
+    lines = ["| policy | held-out reward (sampled) | held-out greedy | train reward, first -> "
+             "last iterations | s / iteration | stopped |", "|---|---|---|---|---|---|"]
+    for name, p in summary["policies"].items():
+        lines.append(
+            f"| {name} | {figure(p['final_eval_reward'])} | {figure(p['final_eval_greedy'])} | "
+            f"{figure(p['reward_first_iterations'])} -> {figure(p['reward_last_iterations'])} | "
+            f"{figure(p['mean_step_seconds'])} | {p['stopped'] or ''} |")
+    table = "\n".join(lines)
+    text = (f"# {len(summary['policies'])} policies on one fleet: {run_dir}\n\n{table}\n\n"
+            f"Wall time {summary['wall_seconds']:.0f} s, of which start-up "
+            f"{summary['startup_seconds']:.0f} s; learner peak memory "
+            f"{summary['learner_peak_mib']:.0f} MiB. Each policy's files: RUN/<policy>/.\n")
+    run_dir.comparison.write_text(text)
+    print(f"\nrun directory: {run_dir}\n{table}\n  wall time: {summary['wall_seconds']:.0f} s "
+          f"(start-up {summary['startup_seconds']:.0f} s); comparison in {run_dir.comparison}")
+    return text

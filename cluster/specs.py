@@ -70,16 +70,21 @@ def learner_spec(cfg: TrainConfig, model_path: str, pad_token_id: int) -> Learne
     )
 
 
-def engine_spec(cfg: TrainConfig, model_path: str, served_levels: int = 0) -> EngineSpec:
+def engine_spec(
+    cfg: TrainConfig, model_path: str, served_levels: int = 0,
+    policies: Collection[TrainConfig] = (),
+) -> EngineSpec:
     """What each rollout worker's engine is built from; it serves the policy and
-    `served_levels` meet level adapters at once."""
+    `served_levels` meet level adapters at once, or each of `policies` (their configs)."""
     rollout = cfg.rollout
+    ranks = [cfg.served_lora_rank, *(policy.lora.rank for policy in policies)]
     return EngineSpec(
         model_path=model_path, max_model_len=cfg.model.max_model_len, dtype=cfg.model.dtype,
-        max_lora_rank=cfg.served_lora_rank, seed=cfg.seed, kv_cache_gib=rollout.kv_cache_gib,
+        max_lora_rank=max(ranks), seed=cfg.seed, kv_cache_gib=rollout.kv_cache_gib,
         threads_per_worker=rollout.threads_per_worker,
         tensor_parallel_size=rollout.tensor_parallel_size,
-        gpu_memory_utilization=rollout.gpu_memory_utilization, max_loras=1 + served_levels,
+        gpu_memory_utilization=rollout.gpu_memory_utilization,
+        max_loras=max(1 + served_levels, len(policies)),
         prompt_embeds=cfg.serves_soft_prompts,
     )
 

@@ -28,16 +28,21 @@ class DashboardMetrics:
             metric.set_default_tags(tags)
             return metric
 
-        self.tokens_per_s = gauge("rollout_tokens_per_s", "generated tokens/s, last iteration")
+        # each policy's series carry its name (tag `policy`; a single policy's is "policy")
+        self.tokens_per_s = gauge("rollout_tokens_per_s", "generated tokens/s, last iteration",
+                                  ("policy",))
         self.in_flight = gauge("samples_in_flight", "samples requested, not yet returned")
-        self.reward_mean = gauge("reward_mean", "mean reward of the last iteration's samples")
-        self.kl = gauge("kl", "per-token KL(policy || reference), last iteration")
-        self.version = gauge("adapter_version", "adapter version each worker serves", ("worker",))
+        self.reward_mean = gauge("reward_mean", "mean reward of the last iteration's samples",
+                                 ("policy",))
+        self.kl = gauge("kl", "per-token KL(policy || reference), last iteration", ("policy",))
+        self.version = gauge("adapter_version", "adapter version each worker serves",
+                             ("worker", "policy"))
         self.version_lag = gauge(
-            "adapter_version_lag", "learner version minus the worker's", ("worker",)
+            "adapter_version_lag", "learner version minus the worker's", ("worker", "policy")
         )
         self.reward_queue = gauge("reward_queue_depth", "reward batches waiting to be scored")
-        self.samples = Counter("lorafleet_samples_total", "samples generated", tag_keys=("run",))
+        self.samples = Counter("lorafleet_samples_total", "samples generated",
+                               tag_keys=("run", "policy"))
         self.samples.set_default_tags(tags)
         self.restarts = Counter(
             "lorafleet_actor_restarts_total", "actor restarts handled", tag_keys=("run", "role")
@@ -45,25 +50,28 @@ class DashboardMetrics:
         self.restarts.set_default_tags(tags)
         self.step_seconds = Histogram(
             "lorafleet_learner_step_seconds", "learner update time", STEP_SECONDS_BOUNDARIES,
-            tag_keys=("run",),
+            tag_keys=("run", "policy"),
         )
         self.step_seconds.set_default_tags(tags)
 
     def restarted(self, role: str) -> None:
         self.restarts.inc(tags={"role": role})
 
-    def worker_versions(self, versions: dict[int, int], learner_version: int) -> None:
+    def worker_versions(self, versions: dict[int, int], learner_version: int,
+                        policy: str) -> None:
         for worker, version in versions.items():
-            self.version.set(version, tags={"worker": str(worker)})
-            self.version_lag.set(learner_version - version, tags={"worker": str(worker)})
+            tags = {"worker": str(worker), "policy": policy}
+            self.version.set(version, tags=tags)
+            self.version_lag.set(learner_version - version, tags=tags)
 
-    def iteration(self, row: dict) -> None:
-        self.tokens_per_s.set(row["rollout_tokens_per_s"])
-        self.reward_mean.set(row["reward_mean"])
+    def iteration(self, row: dict, policy: str) -> None:
+        tags = {"policy": policy}
+        self.tokens_per_s.set(row["rollout_tokens_per_s"], tags=tags)
+        self.reward_mean.set(row["reward_mean"], tags=tags)
         if row["kl"] is not None:  # None: no reference pass (kl_coef 0)
-            self.kl.set(row["kl"])
-        self.samples.inc(row["samples"])
-        self.step_seconds.observe(row["train_seconds"])
+            self.kl.set(row["kl"], tags=tags)
+        self.samples.inc(row["samples"], tags=tags)
+        self.step_seconds.observe(row["train_seconds"], tags=tags)
 
 
 class WandbLogger:
@@ -85,11 +93,13 @@ class WandbLogger:
 
         self.step = -1
 
-    def log(self, row: dict, step: int) -> None:
+    def log(self, row: dict, step: int, policy: str | None = None) -> None:
+        """`policy`: with several policies in one run, each one's keys under its name."""
         # wandb steps must increase; evaluation rows share their adapter version's step.
         self.step = max(self.step, step)
         scalars = {k: v for k, v in row.items() if isinstance(v, int | float)}
-        self.run.log({f"{row.get('stage', 'rl')}/{k}": v for k, v in scalars.items()},
+        prefix = f"{policy}/" if policy else ""
+        self.run.log({f"{prefix}{row.get('stage', 'rl')}/{k}": v for k, v in scalars.items()},
                      step=self.step)
 
     def close(self) -> None:

@@ -1,40 +1,43 @@
 """The driver: runs a run's stages on one fleet, and the RL loop itself. One RL iteration,
-top to bottom (`run_rl_stage`): the workers serve the learner's published adapter (verified
-by the probe), the batch is collected from the rollout pipeline and scored, the learner trains
-on it, the next version is published and the batch the workers sample next is queued; the
-iteration is logged and checkpointed. At rollout.max_staleness 0 (sync) the next batch is
-queued behind the new version; at k >= 1 (async) k batches are in flight ahead of it."""
+top to bottom (`run_rl_stage`), for each policy in turn (one, or a `policies:` section's): the
+workers serve the policy's published adapter (verified by the probe), its batch is collected
+from its rollout pipeline and scored, the learner trains on it, the next version is published
+and the batch the workers sample next is queued; the iteration is logged and checkpointed. At
+rollout.max_staleness 0 (sync) a policy's next batch is queued behind its new version; at
+k >= 1 (async) k batches are in flight ahead of it. While the learner trains one policy the
+workers generate for the others."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
-from contextlib import ExitStack
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, replace
 from functools import partial
-from pathlib import Path
 
 from ..common.configio import save_config
-from ..common.data import PromptStream
-from ..common.metrics import MetricsSink, plot_reward_curve, read_metrics, summarize
+from ..common.metrics import plot_reward_curve, read_metrics, summarize
 from ..common.progress import progress
 from ..common.records import Prompt, TrainStats
 from ..common.run_dir import RunDir
-from ..reward.normalize import RunningMoments
-from ..reward.pool import RewardPool, RewardSpec
+from ..learner.core import UpdateDiverged
+from ..reward.pool import RewardError, RewardPool
 from ..reward.scoring import Scorer
-from ..rollout.worker import POLICY
 from .actor_group import is_actor
-from .checkpoint import ResumeError, TrainerState, latest_checkpoint, rewind
+from .checkpoint import ResumeError, TrainerState, latest_checkpoint
 from .config import TrainConfig
 from .evaluation import evaluate_prompts
-from .fleet import SyncFigures, connect_ray, start_fleet
-from .inputs import load_run_inputs
-from .pipeline import RolloutPipeline, ScoredBatch
-from .report import EVAL_KEYS, iteration_row, print_summary
+from .fleet import AdapterSync, SyncFigures, connect_ray, start_fleet
+from .pipeline import RolloutPipeline, ScoredBatch, launch_together
+from .policy_state import PolicyState, load_policies, place_policies, resume_policies
+from .report import EVAL_KEYS, iteration_row, print_summary, write_comparison
 from .specs import engine_spec, learner_spec, reward_model_dir, reward_spec
 from .stages import run_meet_stage, run_offline_stage, run_rm_stage
 from .telemetry import DashboardMetrics, WandbLogger, write_rollouts
+
+# What stops one policy of several (its own reward function, its own update) while the others
+# go on; anything else stops the run.
+POLICY_FAILURES = (RewardError, UpdateDiverged)
 
 
 class LearnerDied(RuntimeError):
@@ -42,27 +45,31 @@ class LearnerDied(RuntimeError):
 
 
 @dataclass
-class PolicyState:
-    """What one policy trained over the fleet owns on the driver: its prompt stream, its
-    scorer (reward spec, failed-reward count, running reward statistics) and its metrics sink.
-    Its adapter, optimiser and version live on the learner."""
+class PolicyLoop:
+    """Where one policy stands in the rl stage's loop."""
 
-    name: str  # the adapter's name on the learner and its slot on the rollout workers
-    stream: PromptStream
-    sink: MetricsSink
-    scorer: Scorer | None = None  # None: no stage generates, so no reward actors
+    policy: PolicyState
+    pipeline: RolloutPipeline
+    staleness: int  # k: batches in flight ahead of the version that trains them
+    sync: SyncFigures  # the verified sync of the adapter that sampled the next batch
+    pending_sync: AdapterSync | None = None
+    batch: ScoredBatch | None = None  # this iteration's, when collected ahead
+    train: object = None  # the learner's update under way (ObjectRef)
+    evals: dict | None = None
+    iter_start: float = 0.0
 
 
 class Trainer:
     """Runs `cfg.stages` on one fleet: the rm stage trains a reward model on preference pairs,
     the offline stages (sft, dpo) step the learner over a dataset, the meet stage trains one
-    control per quality level, the rl stage runs the rollout/reward/update loop; held-out
-    evaluation after each policy stage.
+    control per quality level, the rl stage runs the rollout/reward/update loop of every
+    policy (the run's one, or each of its `policies:`); held-out evaluation after each
+    policy stage.
 
-    Constructing it checks every input, makes the run directory (fresh; with `resume=True`,
-    the existing `cfg.run_dir` rewound to its last checkpoint), starts the fleet (only the
-    learner when no stage generates) and publishes the adapter the run starts from, so
-    `evaluate` works at once. It stops the fleet on leaving its `with` block:
+    Constructing it checks every input (every policy's), makes the run directory (fresh; with
+    `resume=True`, the existing `cfg.run_dir` rewound to its last checkpoint), starts the fleet
+    (only the learner when no stage generates) and publishes the adapters the run starts from,
+    so `evaluate` works at once. It stops the fleet on leaving its `with` block:
 
         with Trainer(cfg) as trainer:
             run_dir = trainer.run()
@@ -73,25 +80,25 @@ class Trainer:
 
         self.cfg = cfg
         self.start_time = time.perf_counter()
-        self.inputs = inputs = load_run_inputs(cfg)  # all checked before any actor starts
+        # all checked before any actor starts
+        self.policies = policies = load_policies(cfg)
+        self.policy = policies[0]  # the one the rm, sft, dpo and meet stages train
+        self.inputs = inputs = self.policy.inputs
         # -- the run directory, created only once the inputs are known good (a failed start
         # leaves no half run), and where the run stands
-        self.stage_evals: list[dict] = []
         self.rm_eval: dict | None = None  # the rm stage's held-out accuracy / margin
         self.position = (0, 0)  # (next stage, next RL iteration)
-        self.resume_from: Path | None = None  # the checkpoint a resumed run continues
-        stream = PromptStream(inputs.train, cfg.seed)
-        moments = RunningMoments()
-        if resume:
-            self.run_dir = RunDir(cfg.run_dir)
-            moments = self.restore(stream)
-        else:
-            self.run_dir = RunDir.fresh(cfg.run_dir)
+        self.resumed_from: str | None = None  # the checkpoint a resumed run continues
+        self.run_dir = RunDir(cfg.run_dir) if resume else RunDir.fresh(cfg.run_dir)
         recorded = replace(cfg, run_dir=str(self.run_dir))  # the directory actually written
+        place_policies(policies, self.run_dir, resume)
+        if resume:
+            self.restore()
         save_config(recorded, self.run_dir.config)
-        self.policy = PolicyState(POLICY, stream, MetricsSink(self.run_dir))
-        self.reward_model = reward_model_dir(cfg, self.run_dir)
-        spec = reward_spec(cfg, None if cfg.reward.model_on_learner else self.reward_model)
+        # the reward actors' own spec: the first policy's (each scorer sends its policy's)
+        spec = reward_spec(self.policy.cfg, None if cfg.reward.model_on_learner
+                           else reward_model_dir(self.policy.cfg, self.run_dir))
+        configs = [(p.name, p.cfg) for p in policies] if self.several else None
         # -- what runs beside the driver; all of it stopped by close()
         with ExitStack() as stack:
             if not resume:
@@ -102,19 +109,22 @@ class Trainer:
             if connect_ray(cfg):
                 stack.callback(ray.shutdown)
             self.fleet = start_fleet(
-                cfg, learner_spec(cfg, inputs.model_path, inputs.pad_token_id),
-                engine_spec(cfg, inputs.model_path, inputs.served_levels), spec,
-                inputs.probe_ids(cfg.rollout.probe_prompts),
+                cfg, learner_spec(cfg, inputs.model_path, inputs.pad_token_id, configs),
+                engine_spec(cfg, inputs.model_path, inputs.served_levels,
+                            [p.cfg for p in policies]), spec,
+                {p.name: p.inputs.probe_ids(p.cfg.rollout.probe_prompts) for p in policies},
             )
             stack.callback(self.fleet.kill)
             self.dashboard = None
             if cfg.logging.ray_metrics:
                 self.dashboard = DashboardMetrics(self.run_dir.path.name)
                 self.fleet.rollout.on_restart = self.dashboard.restarted
-            if self.fleet.reward.actors:
-                self.policy.scorer = self.make_scorer(spec, moments)
+            for policy in policies:
+                if self.fleet.reward.actors:
+                    policy.scorer = self.make_scorer(policy)
             self.load_learner_state()
-            self.fleet.sync_adapter()
+            for policy in self.live():
+                self.fleet.sync_adapter(policy.name)
             self.running = stack.pop_all()
         self.startup_seconds = time.perf_counter() - self.start_time
         self.start_eval_seconds: float | None = None  # the held-out evaluation before stage 1
@@ -124,42 +134,49 @@ class Trainer:
         # published; ("queued", j) right after batch j was queued on the rollout workers.
         self.on_event: Callable[[str, int], None] = lambda event, index: None
 
-    def make_scorer(self, spec: RewardSpec, moments: RunningMoments) -> Scorer:
+    @property
+    def several(self) -> bool:
+        """The run trains a `policies:` section's policies (each in RUN/<name>/)."""
+        return len(self.policies) > 1
+
+    def live(self) -> list[PolicyState]:
+        return [p for p in self.policies if p.stopped is None]
+
+    def make_scorer(self, policy: PolicyState) -> Scorer:
         import ray
 
-        reward, learner = self.cfg.reward, self.fleet.learner
+        reward, learner = policy.cfg.reward, self.fleet.learner
         pool = RewardPool(self.fleet.reward.actors, reward.batch_size,
                           on_pending=self.dashboard.reward_queue.set if self.dashboard else None)
+        model = None if reward.model_on_learner else reward_model_dir(policy.cfg, self.run_dir)
         return Scorer(
-            pool, spec, normalize=reward.normalize, clip=reward.clip,
+            pool, reward_spec(policy.cfg, model), normalize=reward.normalize, clip=reward.clip,
             learner_scores=(lambda rollouts: ray.get(learner.score_rollouts.remote(rollouts)))
-            if reward.model_on_learner else None, moments=moments,
+            if reward.model_on_learner else None, moments=policy.moments,
         )
 
-    def restore(self, stream: PromptStream) -> RunningMoments:
-        """Where the run stood at its last checkpoint (the logs after it are dropped); returns
-        the running reward statistics it had."""
-        self.resume_from, state = latest_checkpoint(self.run_dir)
+    def restore(self) -> None:
+        """Where the run stood at its last checkpoint (the logs after it are dropped)."""
+        state, name = resume_policies(self.policies, self.run_dir)
         if "meet" in self.cfg.stages[: state.next_stage]:
             raise ResumeError(f"{self.run_dir}: resuming after a meet stage is not supported "
                               "(its checkpoint does not hold the level controls); start again")
-        rewind(self.run_dir, state, self.resume_from)
-        stream.cursor = state.prompt_cursor
-        self.stage_evals = state.stage_evals
         self.position = state.position
         self.rm_eval = state.rm_eval
-        print(f"resuming {self.run_dir} from {self.resume_from.name}: next stage "
-              f"{state.next_stage + 1} of {len(self.cfg.stages)}, iteration "
-              f"{state.next_iteration}, {state.prompt_cursor} prompts served")
-        return RunningMoments(**state.reward_moments)
+        self.resumed_from = name if self.several else str(self.policy.resume_from)
+        print(f"resuming {self.run_dir} from {name}: next stage {state.next_stage + 1} of "
+              f"{len(self.cfg.stages)}, iteration {state.next_iteration}, "
+              + ", ".join(f"{p.stream.cursor} prompts served" +
+                          (f" ({p.name})" if self.several else "") for p in self.live()))
 
     def load_learner_state(self) -> None:
-        """The checkpoint's weights when resuming, and a reward model the learner serves."""
+        """The checkpoints' weights when resuming, and a reward model the learner serves."""
         import ray
 
         learner = self.fleet.learner
-        if self.resume_from is not None:
-            ray.get(learner.load_checkpoint.remote(str(self.resume_from)))
+        for policy in self.live():
+            if policy.resume_from is not None:
+                ray.get(learner.load_checkpoint.remote(str(policy.resume_from), policy.name))
         if self.cfg.reward.model_on_learner and self.cfg.reward.model is not None:
             ray.get(learner.load_reward_model.remote(self.cfg.reward.model))
 
@@ -174,148 +191,213 @@ class Trainer:
         self.close()
 
     # -- reporting ----------------------------------------------------------------------------
-    def log(self, row: dict, step: int) -> None:
+    def log(self, row: dict, step: int, policy: PolicyState | None = None) -> None:
         """`step`: the policy adapter version (the reward model's step in the rm stage, which
         runs first; wandb steps of the later stages come after its steps)."""
-        self.policy.sink.log(row)
+        policy = policy or self.policy
+        policy.sink.log(row)
         if self.wandb is not None:
             rm_steps = self.rm_eval["steps"] if self.rm_eval and row["stage"] != "rm" else 0
-            self.wandb.log(row, step + rm_steps)
+            self.wandb.log(row, step + rm_steps, policy.name if self.several else None)
 
     def evaluate(
-        self, prompts: list[Prompt] | None = None, slot: str = POLICY
+        self, prompts: list[Prompt] | None = None, slot: str | None = None,
+        policy: PolicyState | None = None,
     ) -> dict[str, float]:
-        """Held-out prompts (or `prompts`) under the served adapter of `slot`, scored as in
-        training (`evaluation.evaluate_prompts`)."""
+        """Held-out prompts (or `prompts`) of `policy` (the first) under its served adapter
+        (or the adapter of `slot`), scored as in training (`evaluation.evaluate_prompts`)."""
+        policy = policy or self.policy
+        cfg = policy.cfg
+        generate = partial(self.fleet.generate, slot=slot or policy.name, rollout=cfg.rollout)
         return evaluate_prompts(
-            partial(self.fleet.generate, slot=slot), self.scorer().score,
-            prompts or self.inputs.held_out, self.inputs.task, self.cfg.rollout, self.cfg.seed,
-            reward_parts=self.cfg.uses_reward_model,
+            generate, self.scorer(policy).score, prompts or policy.inputs.held_out,
+            policy.inputs.task, cfg.rollout, cfg.seed, reward_parts=cfg.uses_reward_model,
         )
 
-    def scorer(self) -> Scorer:
-        if self.policy.scorer is None:
+    def scorer(self, policy: PolicyState) -> Scorer:
+        if policy.scorer is None:
             raise RuntimeError(f"stages {self.cfg.stages} generate nothing: this fleet has no "
                                "reward actors")
-        return self.policy.scorer
+        return policy.scorer
 
-    def checkpoint(self, name: str, next_stage: int, next_iteration: int,
+    def checkpoint(self, policy: PolicyState, name: str, next_stage: int, next_iteration: int,
                    prompt_cursor: int | None = None) -> None:
         """Learner state first, then the driver's: the trainer state file marks it complete.
         `prompt_cursor`: the stream position after the last prompts trained on (None: where
         the stream stands; async mode has drawn further)."""
         import ray
 
-        directory = self.run_dir.checkpoint(name)
-        ray.get(self.fleet.learner.save_checkpoint.remote(str(directory)))
-        policy = self.policy
+        learner = self.fleet.learner
+        directory = policy.run_dir.checkpoint(name)
+        ray.get(learner.save_checkpoint.remote(str(directory), policy.name))
         cursor = policy.stream.cursor if prompt_cursor is None else prompt_cursor
-        moments = policy.scorer.moments if policy.scorer else RunningMoments()
+        moments = policy.scorer.moments if policy.scorer else policy.moments
         TrainerState(
-            next_stage, next_iteration, cursor, policy.sink.lines, self.stage_evals,
-            ray.get(self.fleet.learner.get_version.remote()), moments.state(), self.rm_eval,
+            next_stage, next_iteration, cursor, policy.sink.lines, policy.stage_evals,
+            ray.get(learner.get_version.remote(policy.name)), moments.state(), self.rm_eval,
         ).write(directory)
+
+    @contextmanager
+    def isolated(self, policy: PolicyState) -> Iterator[None]:
+        """Around one policy's work: with several policies, its own failure (POLICY_FAILURES)
+        stops it alone, reported in its summary; a single policy's stops the run."""
+        try:
+            yield
+        except POLICY_FAILURES as exc:
+            if not self.several:
+                raise
+            self.stop(policy, exc)
+
+    def stop(self, policy: PolicyState, exc: Exception) -> None:
+        policy.stopped = f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
+        print(f"policy {policy.name} stopped, the others go on: {policy.stopped}", flush=True)
+        self.fleet.forget(policy.name)
+        self.write_summary(policy)
+        if not self.live():
+            raise RuntimeError("every policy stopped: " + "; ".join(
+                f"{p.name}: {p.stopped}" for p in self.policies))
 
     # -- the RL loop --------------------------------------------------------------------------
     def run_rl_stage(self, index: int, first: int) -> None:
-        """Iterations `first`..iterations-1 of the rl stage. Batch j is sampled by the adapter
-        the workers hold when it is queued, at most k = rollout.max_staleness versions behind
-        the one that trains it: batches first..first+k by the adapter the stage starts from,
-        batch j > first + k right after the swap to the version trained on batch j - k - 1.
-        While the learner trains batch `it`, the reward actors score batch it + 1 if it is
-        in flight (k >= 1). A checkpoint records the cursor of the prompts trained on: batches
+        """Iterations `first`..iterations-1 of the rl stage, each policy in turn within an
+        iteration. Batch j of a policy is sampled by the policy's adapter the workers hold when
+        it is queued, at most k = its rollout.max_staleness versions behind the one that trains
+        it: batches first..first+k by the adapter the stage starts from (queued for every
+        policy at once, so each worker's engine batches across the policies' adapters), batch
+        j > first + k right after the swap to the version trained on batch j - k - 1. While
+        the learner trains one policy, the workers generate the others' batches and the reward
+        actors score them. A checkpoint records the cursor of the prompts trained on: batches
         in flight are generated again after a resume."""
         import ray
 
-        cfg, policy, learner = self.cfg, self.policy, self.fleet.learner
-        k = cfg.rollout.staleness_bound
-        if first == 0:
-            ray.get(learner.start_stage.remote(cfg.algo.policy_lr))
-        pipeline = RolloutPipeline(self.fleet, self.scorer(), policy.stream, cfg.rollout,
-                                   cfg.seed, cfg.prompts_per_iteration)
-        bar = progress(range(first, cfg.iterations), desc=cfg.algo.name.upper(), unit="iter",
+        cfg, learner = self.cfg, self.fleet.learner
+        loops = []
+        for policy in self.live():
+            if first == 0:
+                ray.get(learner.start_stage.remote(policy.cfg.algo.policy_lr, policy.name))
+            pipeline = RolloutPipeline(
+                self.fleet, self.scorer(policy), policy.stream, policy.cfg.rollout,
+                policy.cfg.seed, policy.cfg.prompts_per_iteration, policy.name)
+            # the version the first k + 1 batches sample
+            loops.append(PolicyLoop(policy, pipeline, policy.cfg.rollout.staleness_bound,
+                                    self.fleet.sync_adapter(policy.name)))
+        bar = progress(range(first, cfg.iterations), desc=self.progress_label(), unit="iter",
                        initial=first, total=cfg.iterations)
-        iter_start = time.perf_counter()
-        sync = self.fleet.sync_adapter()  # the version the first k + 1 batches sample
-        for j in range(first, min(first + k + 1, cfg.iterations)):
-            self.launch(pipeline, j)
-        pending_sync, batch = None, None
+        for loop in loops:
+            loop.iter_start = time.perf_counter()
+        for j in range(first, min(first + max(loop.staleness for loop in loops) + 1,
+                                  cfg.iterations)):
+            self.launch([loop for loop in loops if j <= first + loop.staleness], j)
+        postfix: dict[str, str] = {}
         for it in bar:
-            if pending_sync is not None:
-                sync = self.fleet.finish_sync(pending_sync)  # verified before it trains
-            evals = self.iteration_evals(it)
-            self.show_in_flight(pipeline)
-            batch = batch or pipeline.collect(it)
-            train = learner.train_step.remote(batch.train)
-            next_batch = pipeline.collect(it + 1) if it + 1 in pipeline.in_flight else None
-            pipeline.wait(train)
-            stats = ray.get(train)
-            self.on_event("trained", it)
-            now = time.perf_counter()
-            workers_wait = pipeline.workers_idle_seconds(now)
-            if it + 1 < cfg.iterations:
-                pending_sync = self.fleet.start_sync()
-                if it + 1 + k < cfg.iterations:
-                    self.launch(pipeline, it + 1 + k)
-            row = iteration_row(
-                it, batch, evals, stats, sync, self.inputs.task, step_seconds=now - iter_start,
-                workers_wait_seconds=workers_wait, worker_restarts=self.fleet.rollout.restarts,
-                staleness_bound=k,
-            )
-            self.record_iteration(bar, index, it, row, batch, stats, sync)
-            iter_start, batch = time.perf_counter(), next_batch
-        self.show_in_flight(pipeline)
+            for loop in self.active(loops):
+                with self.isolated(loop.policy):
+                    if loop.pending_sync is not None:  # verified before it trains
+                        loop.sync = self.fleet.finish_sync(loop.pending_sync)
+                    loop.evals = self.iteration_evals(loop.policy, it)
+                    self.show_in_flight(loops)
+                    loop.batch = loop.batch or loop.pipeline.collect(it)
+                    loop.train = learner.train_step.remote(loop.batch.train, loop.policy.name)
+            next_batches = {}
+            for loop in self.active(loops):
+                with self.isolated(loop.policy):
+                    if it + 1 in loop.pipeline.in_flight:
+                        next_batches[loop.policy.name] = loop.pipeline.collect(it + 1)
+            for loop in self.active(loops):
+                with self.isolated(loop.policy):
+                    loop.pipeline.wait(loop.train)
+                    stats = ray.get(loop.train)
+                    self.on_event("trained", it)
+                    now = time.perf_counter()
+                    workers_wait = loop.pipeline.workers_idle_seconds(now)
+                    if it + 1 < cfg.iterations:
+                        loop.pending_sync = self.fleet.start_sync(loop.policy.name)
+                        if it + 1 + loop.staleness < cfg.iterations:
+                            self.launch([loop], it + 1 + loop.staleness)
+                    row = iteration_row(
+                        it, loop.batch, loop.evals, stats, loop.sync, loop.policy.inputs.task,
+                        step_seconds=now - loop.iter_start, workers_wait_seconds=workers_wait,
+                        worker_restarts=self.fleet.rollout.restarts,
+                        staleness_bound=loop.staleness,
+                    )
+                    self.record_iteration(loop, index, it, row, stats)
+                    postfix |= self.progress_postfix(loop.policy, row, stats)
+                    bar.set_postfix(postfix, refresh=False)
+                    loop.iter_start = time.perf_counter()
+                    loop.batch = next_batches.get(loop.policy.name)
+        self.show_in_flight(loops)
 
-    def launch(self, pipeline: RolloutPipeline, j: int) -> None:
-        pipeline.launch(j)
+    def active(self, loops: list[PolicyLoop]) -> list[PolicyLoop]:
+        return [loop for loop in loops if loop.policy.stopped is None]
+
+    def launch(self, loops: list[PolicyLoop], j: int) -> None:
+        """Batch j of each policy of `loops`, queued together."""
+        launch_together(self.fleet, [(loop.pipeline, j) for loop in loops])
         self.on_event("queued", j)
 
-    def show_in_flight(self, pipeline: RolloutPipeline) -> None:
+    def show_in_flight(self, loops: list[PolicyLoop]) -> None:
         if self.dashboard:
-            self.dashboard.in_flight.set(pipeline.in_flight_samples())
+            self.dashboard.in_flight.set(sum(loop.pipeline.in_flight_samples()
+                                             for loop in self.active(loops)))
 
-    def iteration_evals(self, it: int) -> dict:
+    def progress_label(self) -> str:
+        if self.several:
+            return f"{len(self.live())} policies"
+        return self.cfg.algo.name.upper()
+
+    def progress_postfix(self, policy: PolicyState, row: dict, stats: TrainStats) -> dict:
+        """The progress bar's figures: each policy's reward, or the one policy's reward and
+        KL."""
+        if self.several:
+            return {policy.name: f"{row['reward_mean']:.3f}"}
+        kl = "-" if stats.kl is None else f"{stats.kl:.4f}"  # None: no reference pass
+        return {"reward": f"{row['reward_mean']:.3f}", "kl": kl}
+
+    def iteration_evals(self, policy: PolicyState, it: int) -> dict:
         if it == 0:  # the adapter the previous stage evaluation just measured
-            return {k: self.stage_evals[-1][k] for k in EVAL_KEYS}
-        if self.cfg.eval_every and it % self.cfg.eval_every == 0:
-            return self.evaluate()
+            return {k: policy.stage_evals[-1][k] for k in EVAL_KEYS}
+        if policy.cfg.eval_every and it % policy.cfg.eval_every == 0:
+            return self.evaluate(policy=policy)
         return {"eval_reward": None, "eval_greedy": None}
 
-    def record_iteration(self, bar, index: int, it: int, row: dict, batch: ScoredBatch,
-                         stats: TrainStats, sync: SyncFigures) -> None:
+    def record_iteration(self, loop: PolicyLoop, index: int, it: int, row: dict,
+                         stats: TrainStats) -> None:
         """Logs the row (metrics.jsonl, dashboard, rollouts Parquet) and checkpoints on
         schedule."""
-        cfg = self.cfg
+        cfg, policy, batch = self.cfg, loop.policy, loop.batch
         if cfg.logging.rollouts_parquet:
-            write_rollouts(self.run_dir, index, it, batch.scored)
-        self.log(row, stats.adapter_version)
+            write_rollouts(policy.run_dir, index, it, batch.scored)
+        self.log(row, stats.adapter_version, policy)
         if self.dashboard:
-            self.dashboard.iteration(row)
-            self.dashboard.worker_versions(sync.versions, stats.adapter_version)
-        kl = "-" if stats.kl is None else f"{stats.kl:.4f}"  # None: no reference pass
-        bar.set_postfix(reward=f"{row['reward_mean']:.3f}", kl=kl, refresh=False)
+            self.dashboard.iteration(row, policy.name)
+            self.dashboard.worker_versions(loop.sync.versions, stats.adapter_version,
+                                           policy.name)
         if cfg.checkpoint_every and (it + 1) % cfg.checkpoint_every == 0:
-            self.checkpoint(f"iter_{it + 1:05d}", index, it + 1, batch.cursor)
-
+            self.checkpoint(policy, f"iter_{it + 1:05d}", index, it + 1, batch.cursor)
 
     # -- the run ----------------------------------------------------------------------------
     def run(self) -> RunDir:
-        """Runs the stages from where the run stands; writes summary.json, the final adapter
-        and the reward curve, prints the summary."""
+        """Runs the stages from where the run stands; writes each policy's summary.json,
+        final adapter and reward curve (and with several policies the run's comparison of
+        them), prints the summary."""
         import ray
 
         try:
-            summary = self.run_stages()
+            self.run_stages()
         except ray.exceptions.RayActorError as exc:
             if not is_actor(exc, self.fleet.learner):
                 raise
             raise LearnerDied(self.resume_hint(f"the learner actor died ({exc})")) from exc
-        if read_metrics(self.run_dir):
-            plot_reward_curve(self.run_dir)
-        print_summary(self.run_dir, summary)
+        for policy in self.policies:
+            if read_metrics(policy.run_dir):
+                plot_reward_curve(policy.run_dir)
+        if self.several:
+            write_comparison(self.run_dir, self.run_summary())
+        else:
+            print_summary(self.run_dir, self.policy.run_dir.read_summary())
         return self.run_dir
 
-    def run_stages(self) -> dict:
+    def run_stages(self) -> None:
         import ray
 
         cfg = self.cfg
@@ -326,39 +408,61 @@ class Trainer:
             if stage == "rm":  # trains the reward, not the policy: nothing to evaluate
                 self.rm_eval = run_rm_stage(cfg, self.fleet.learner, data, index, self.log,
                                             self.run_dir)
-                self.checkpoint(f"stage{index + 1}_{stage}", index + 1, 0)
+                self.checkpoint(self.policy, f"stage{index + 1}_{stage}", index + 1, 0)
                 continue
-            if not self.stage_evals:
+            if not self.policy.stage_evals:
                 start = time.perf_counter()
-                self.stage_evals = [{"stage": "start", **self.evaluate()}]
+                for policy in self.live():
+                    with self.isolated(policy):
+                        policy.stage_evals = [{"stage": "start",
+                                               **self.evaluate(policy=policy)}]
                 self.start_eval_seconds = time.perf_counter() - start
             if stage == "meet":
-                evals = run_meet_stage(cfg, self.fleet, data, index, self.log, self.evaluate,
-                                       self.inputs.level_prompts)
+                evals = {self.policy.name: run_meet_stage(
+                    cfg, self.fleet, data, index, self.log, self.evaluate,
+                    self.inputs.level_prompts)}
             else:
                 if stage == "rl":
                     self.run_rl_stage(index, next_iteration if index == next_stage else 0)
                 else:
                     run_offline_stage(cfg, self.fleet.learner, stage, data, index, self.log)
-                self.fleet.sync_adapter()
-                evals = self.evaluate()
-            self.stage_evals.append({"stage": stage, **evals})
-            self.log({"stage": "eval", "after_stage": index + 1, "after": stage, **evals},
-                     ray.get(self.fleet.learner.get_version.remote()))
-            self.checkpoint(f"stage{index + 1}_{stage}", index + 1, 0)
-        rl_rows = read_metrics(self.run_dir)
+                evals = {}
+                for policy in self.live():
+                    with self.isolated(policy):
+                        self.fleet.sync_adapter(policy.name)
+                        evals[policy.name] = self.evaluate(policy=policy)
+            for policy in self.live():
+                policy.stage_evals.append({"stage": stage, **evals[policy.name]})
+                self.log({"stage": "eval", "after_stage": index + 1, "after": stage,
+                          **evals[policy.name]},
+                         ray.get(self.fleet.learner.get_version.remote(policy.name)), policy)
+                self.checkpoint(policy, f"stage{index + 1}_{stage}", index + 1, 0)
+        for policy in self.policies:  # a stopped policy's summary says why already
+            if policy.stopped is None:
+                self.write_summary(policy)
+            ray.get(self.fleet.learner.save.remote(str(policy.run_dir.adapter), policy.name))
+
+    def write_summary(self, policy: PolicyState) -> dict:
+        """The policy's summary.json (a stopped policy's says why, with what it reached)."""
+        import ray
+
+        cfg = policy.cfg
+        rl_rows = read_metrics(policy.run_dir)
         summary = {
             # the base adapter/ goes with (tiny: the built model)
-            "model_path": self.inputs.model_path,
-            "stages": cfg.stages, "stage_evals": self.stage_evals, "iterations": cfg.iterations,
+            "model_path": policy.inputs.model_path,
+            **({"policy": policy.name, "stopped": policy.stopped} if self.several else {}),
+            "stages": cfg.stages, "stage_evals": policy.stage_evals,
+            "iterations": cfg.iterations,
             # (an rm-only run trains no policy: nothing evaluated)
-            **{f"final_{k}": self.stage_evals[-1][k] for k in EVAL_KEYS if self.stage_evals},
-            "datasets": {k: v.describe() for k, v in self.inputs.stage_data.items()},
+            **{f"final_{k}": policy.stage_evals[-1][k] for k in EVAL_KEYS
+               if policy.stage_evals},
+            "datasets": {k: v.describe() for k, v in policy.inputs.stage_data.items()},
             "worker_restarts": self.fleet.rollout.restarts,
-            "reward_errors": self.policy.scorer.errors if self.policy.scorer else 0,
-            "prompts_skipped_too_long": self.inputs.prompts_skipped,
-            "resumed_from": None if self.resume_from is None else str(self.resume_from),
-            "reward_model": self.reward_model,
+            "reward_errors": policy.scorer.errors if policy.scorer else 0,
+            "prompts_skipped_too_long": policy.inputs.prompts_skipped,
+            "resumed_from": None if policy.resume_from is None else str(policy.resume_from),
+            "reward_model": reward_model_dir(cfg, self.run_dir),
             "reward_model_eval": self.rm_eval,
             "wall_seconds": time.perf_counter() - self.start_time,
             # inputs, Ray, the actors, the first adapter sync; then the start evaluation (None:
@@ -368,15 +472,34 @@ class Trainer:
             "learner_peak_mib": ray.get(self.fleet.learner.peak_memory_mib.remote()),
             **(summarize(rl_rows) if rl_rows else {}),
         }
+        policy.run_dir.write_summary(summary)
+        return summary
+
+    def run_summary(self) -> dict:
+        """The run root's summary.json with several policies: each policy's headline figures
+        and the run's shared ones."""
+        import ray
+
+        keys = ("stopped", "final_eval_reward", "final_eval_greedy", "reward_first_iterations",
+                "reward_last_iterations", "mean_step_seconds")
+        summary = {
+            "policies": {p.name: {k: p.run_dir.read_summary().get(k) for k in keys}
+                         for p in self.policies},
+            "iterations": self.cfg.iterations,
+            "worker_restarts": self.fleet.rollout.restarts,
+            "resumed_from": self.resumed_from,
+            "wall_seconds": time.perf_counter() - self.start_time,
+            "startup_seconds": self.startup_seconds,
+            "start_eval_seconds": self.start_eval_seconds,
+            "learner_peak_mib": ray.get(self.fleet.learner.peak_memory_mib.remote()),
+        }
         self.run_dir.write_summary(summary)
-        ray.get(self.fleet.learner.save.remote(str(self.run_dir.adapter)))
         return summary
 
     def resume_hint(self, what: str) -> str:
         try:
-            directory, _ = latest_checkpoint(self.run_dir)
+            directory, _ = latest_checkpoint(self.live()[0].run_dir)
             return (f"{what}; continue from its last checkpoint ({directory.name}) with:\n"
                     f"  lorafleet train --resume {self.run_dir}")
         except ResumeError:
             return f"{what}; no checkpoint was written yet, so the run must start again"
-

@@ -63,6 +63,20 @@ class Rollout:
 
 
 @dataclass(frozen=True)
+class GenerationRequest:
+    """n samples of each prompt from the adapter a rollout worker serves in `slot`."""
+
+    slot: str
+    prompts: list[Prompt]
+    n: int
+    temperature: float
+    max_tokens: int
+    seed: int
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
 class ScoredRollout:
     rollout: Rollout
     reward: float  # what the learner trains on; NaN when `error` is set

@@ -71,6 +71,20 @@ class RunDir:
     def reward_curve(self) -> Path:
         return self.path / "reward_curve.png"
 
+    def policy(self, name: str) -> RunDir:
+        """A run with several policies: policy `name`'s own run directory (what a single
+        run's holds, its config.yaml included)."""
+        return RunDir(self.path / name)
+
+    def policy_names(self) -> list[str]:
+        """The policies a run with several policies has written so far."""
+        return sorted(d.name for d in self.path.iterdir() if RunDir(d).config.is_file())
+
+    @property
+    def comparison(self) -> Path:
+        """A run with several policies: the table comparing them (markdown)."""
+        return self.path / "policies.md"
+
     @property
     def checkpoints(self) -> Path:
         return self.path / "checkpoints"

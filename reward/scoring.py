@@ -12,7 +12,7 @@ from typing import Literal
 from ..common.metrics import mean
 from ..common.records import Rollout, ScoredRollout
 from .normalize import RunningMoments, normalize_rewards
-from .pool import RewardPool, RewardSpec, drop_failed_groups
+from .pool import RewardError, RewardPool, RewardSpec, drop_failed_groups
 
 
 class Scorer:
@@ -49,7 +49,7 @@ class Scorer:
             print(f"{len(errors)} rewards failed (reward.on_error=skip), their prompts left "
                   f"out; first: {errors[0]}", flush=True)
         if not scored:
-            raise RuntimeError(f"every reward of the batch failed; first: {errors[0]}")
+            raise RewardError(f"every reward of the batch failed; first: {errors[0]}")
         return scored
 
     def normalize(self, scored: list[ScoredRollout]) -> tuple[list[ScoredRollout], dict]:

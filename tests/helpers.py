@@ -51,6 +51,24 @@ def reward_nan_when_wrong(completions: list[str], reference: list[str], **kwargs
     return [1.0 if c == ref else math.nan for c, ref in zip(completions, reference, strict=True)]
 
 
+def plus_one_match(completions: list[str], reference: list[str], **kwargs) -> list[float]:
+    """1.0 where the completion is the reference number + 1: on the addition task, the
+    opposite target of exact_match (and the shipped model's habit)."""
+    return [1.0 if c.strip() == str(int(ref) + 1) else 0.0
+            for c, ref in zip(completions, reference, strict=True)]
+
+
+def reward_raises_on_training_prompts(prompts: list[str], completions: list[str],
+                                      reference: list[str], **kwargs) -> list[float]:
+    """exact_match on the default addition task's held-out prompts; raises on any other, so
+    a policy scored by it passes its start evaluation and fails on its first training batch."""
+    held_out = {e.prompt for e in AdditionTask().examples("eval")}
+    if any(p not in held_out for p in prompts):
+        raise ValueError("this reward refuses training prompts")
+    return [1.0 if c.strip() == ref else 0.0 for c, ref in zip(completions, reference,
+                                                               strict=True)]
+
+
 # reward functions that break TRL's contract (tests/unit/test_dataset_task.py)
 def fn_without_completions(x):
     return [0.0]

@@ -1,9 +1,13 @@
 """End to end through the real actors (Ray cluster, vLLM rollout workers with in-memory LoRA
 swaps, reward pool, PEFT learner). The default job runs once, the way a Ray user runs it:
-`ray start --head` on loopback and `ray job submit` with the shipped runtime_env; its run
-answers the job questions (SUCCEEDED, run directory, metrics on the head's Prometheus endpoint)
-and the learning ones (held-out gains, verified syncs, checkpoints, a plain-PEFT adapter).
-SPR runs in-process on the session cluster (the SFT -> SPR chain: tests/long/)."""
+`ray start --head` on loopback and `ray job submit` with the shipped runtime_env, as three
+policies on one fleet: `exact` (the default job itself), `plus_one` (rewarded for the sum + 1,
+the opposite target) and `broken` (its reward raises on its first training batch). The run
+answers the job questions (SUCCEEDED, run directory, metrics on the head's Prometheus
+endpoint), the learning ones (held-out gains, verified syncs, checkpoints, a plain-PEFT
+adapter) and the isolation ones (each policy learns its own target, the broken one is stopped
+and reported while the others finish). SPR runs in-process on the session cluster (the SFT ->
+SPR chain: tests/long/)."""
 
 from __future__ import annotations
 
@@ -37,6 +41,10 @@ WINDOW = 5
 MIN_SAMPLED_RATIO = 2.0  # held-out sampled reward, end / start
 MIN_GREEDY_GAIN = 0.4  # held-out greedy accuracy, end - start
 MIN_REWARD_GAIN = 0.12  # train reward, mean of the last 5 iterations - the first 5
+# The opposite targets (exact vs plus_one), measured over seeds 0, 1, 2: TO BE MEASURED
+MIN_OWN_TARGET = 0.5  # held-out greedy answers that are the policy's own target (HF + PEFT)
+MIN_DISAGREEMENT = 0.5  # held-out prompts where the two policies' greedy answers differ
+MIN_OWN_GAIN = {"exact": 0.4, "plus_one": 0.0}  # held-out greedy on its own target, end - start
 
 
 def run_short_job(config: str, tmp_path, checkpoint_every: int):
@@ -124,16 +132,22 @@ METRICS = {"ray_lorafleet_reward_mean", "ray_lorafleet_rollout_tokens_per_s",
            "ray_lorafleet_adapter_version", "ray_lorafleet_learner_step_seconds_bucket"}
 
 
+# The job's policies: the default job, its opposite target, and one whose reward fails.
+POLICIES = ("policies=[{name: exact}, "
+            "{name: plus_one, reward.fns: ['tests.helpers:plus_one_match']}, "
+            "{name: broken, reward.fns: ['tests.helpers:reward_raises_on_training_prompts']}]")
+
+
 @pytest.fixture(scope="module")
 def default_job(ray_head, tmp_path_factory):
-    """The default job's first `ITERATIONS` iterations, submitted to the head; the metric
-    series seen on its export endpoint while the job ran."""
+    """The default job's first `ITERATIONS` iterations as the three POLICIES of one run,
+    submitted to the head; the metric series seen on its export endpoint while the job ran."""
     run_dir = RunDir(tmp_path_factory.mktemp("default-job") / "run")
     cache = os.environ.get("LORAFLEET_CACHE", "")
     entrypoint = [
         "env", f"LORAFLEET_CACHE={cache}", sys.executable, "-m", "lorafleet.cluster.cli",
         "train", "deploy/configs/default.yaml", f"iterations={ITERATIONS}", "eval_every=0",
-        "checkpoint_every=10", f"run_dir={run_dir}",
+        "checkpoint_every=10", f"run_dir={run_dir}", POLICIES,
     ]
     out = ray_job("submit", "--address", ray_head["dashboard"], "--no-wait",
                   "--working-dir", ".", "--runtime-env", "deploy/runtime_env.yaml",
@@ -155,17 +169,32 @@ def default_job(ray_head, tmp_path_factory):
 
 
 def test_submitted_job_succeeds_and_exports_metrics(default_job):
-    run_dir, seen = default_job
-    summary = run_dir.read_summary()
-    assert summary["iterations"] == ITERATIONS and run_dir.adapter.is_dir()
+    root, seen = default_job
+    summary = root.read_summary()
+    assert summary["iterations"] == ITERATIONS and list(summary["policies"]) == [
+        "exact", "plus_one", "broken"]
+    assert all(root.policy(name).adapter.is_dir() for name in summary["policies"])
+    assert "| plus_one |" in root.comparison.read_text()
     assert seen == METRICS, f"missing on the metrics endpoint: {METRICS - seen}"
+
+
+def test_a_failing_policy_is_stopped_and_reported_alone(default_job):
+    root, _ = default_job
+    broken = root.policy("broken").read_summary()
+    assert broken["stopped"].startswith("RewardError: reward 'tests.helpers:reward_raises_on_"
+                                        "training_prompts' raised"), broken["stopped"]
+    assert read_metrics(root.policy("broken")) == []  # stopped at its first training batch
+    assert len(broken["stage_evals"]) == 1  # its start evaluation ran
+    assert root.read_summary()["policies"]["broken"]["stopped"] == broken["stopped"]
+    for name in ("exact", "plus_one"):
+        assert root.policy(name).read_summary()["stopped"] is None
 
 
 def test_default_job_learns_and_saves_a_plain_peft_adapter(default_job, tiny_model_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    run_dir, _ = default_job
+    run_dir = default_job[0].policy("exact")  # the default job, a policy like any other
     cfg = load_train_config(run_dir.config)
     rows = read_metrics(run_dir)
     assert [r["iteration"] for r in rows] == list(range(ITERATIONS))
@@ -220,14 +249,48 @@ def test_spr_job_reward_rises(ray_cluster, tmp_path):
     assert not (run_dir.adapter / "value").exists()
 
 
+def test_opposite_targets_each_learn_their_own_and_disagree(default_job, tiny_model_path):
+    """Two policies on one fleet, rewarded for the sum and for the sum + 1: each saved
+    adapter answers the held-out prompts with its own target, so they disagree on most."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    root = default_job[0]
+    cfg = load_train_config(root.policy("exact").config)
+    gold = [e.answer for e in build_task(cfg.task).examples("eval")]
+    answers = {}
+    for name in ("exact", "plus_one"):
+        base = AutoModelForCausalLM.from_pretrained(tiny_model_path)
+        model = PeftModel.from_pretrained(base, str(root.policy(name).adapter)).eval()
+        answers[name] = hf_greedy_answers(model, cfg, tiny_model_path)
+    targets = {"exact": gold, "plus_one": [str(int(g) + 1) for g in gold]}
+    hits = {name: fraction(answers[name], targets[name]) for name in answers}
+    disagree = 1 - fraction(answers["exact"], answers["plus_one"])
+    assert hits["exact"] > MIN_OWN_TARGET and hits["plus_one"] > MIN_OWN_TARGET, hits
+    assert disagree > MIN_DISAGREEMENT, (hits, disagree)
+    for name in ("exact", "plus_one"):  # each one's greedy accuracy on its own target rose
+        evals = root.policy(name).read_summary()["stage_evals"]
+        assert evals[-1]["eval_greedy"] > evals[0]["eval_greedy"] + MIN_OWN_GAIN[name], evals
+
+
+def fraction(answers: list[str], targets: list[str]) -> float:
+    return sum(a == t for a, t in zip(answers, targets, strict=True)) / len(targets)
+
+
 def hf_greedy_reward(model, cfg, model_path: str) -> float:
+    gold = [e.answer for e in build_task(cfg.task).examples("eval")]
+    return fraction(hf_greedy_answers(model, cfg, model_path), gold)
+
+
+def hf_greedy_answers(model, cfg, model_path: str) -> list[str]:
+    """HF greedy decoding's answer (stripped) to each held-out prompt of the task."""
     import torch
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     tokenizer.padding_side = "left"
     examples = build_task(cfg.task).examples("eval")
-    correct = 0
+    answers = []
     with torch.no_grad():
         for start in range(0, len(examples), 64):
             chunk = examples[start : start + 64]
@@ -237,6 +300,6 @@ def hf_greedy_reward(model, cfg, model_path: str) -> float:
                 pad_token_id=tokenizer.pad_token_id,
             )
             new_tokens = out[:, enc.input_ids.shape[1] :]
-            texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
-            correct += sum(t.strip() == e.answer for t, e in zip(texts, chunk, strict=True))
-    return correct / len(examples)
+            answers += [t.strip() for t in tokenizer.batch_decode(new_tokens,
+                                                                  skip_special_tokens=True)]
+    return answers
