@@ -161,6 +161,8 @@ def sweep_policies(assignments: list[str]) -> tuple[list[dict[str, Any]], list[s
             swept.append((key.strip(), raw.split(",")))
         else:
             overrides.append(item)
+    if not swept:
+        return [], overrides
     keys = [key for key, _ in swept]
     policies = []
     for values in itertools.product(*(values for _, values in swept)):
