@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from ..common.config import (
     VLLM_LORA_RANKS,
@@ -30,6 +30,7 @@ from ..common.config import (
 from ..common.configio import ConfigError, load_config
 from ..common.tasks.registry import TaskConfig
 from ..learner.algorithms.registry import AlgoConfig, PPOConfig
+from .policies import expand_policies
 
 
 @dataclass
@@ -63,6 +64,11 @@ class TrainConfig:
     ray: RayConfig = field(default_factory=RayConfig)
     placement: PlacementConfig = field(default_factory=PlacementConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    # Several policies trained at once on one base model and one fleet (rl stage only): each
+    # entry is a `name` and overrides of the keys a policy may set (section `policies` below),
+    # e.g. [{name: a, seed: 1}, {name: b, seed: 2, algo: {policy_lr: 3e-4}}]; each writes
+    # RUN_DIR/<name>/. Empty: one policy, RUN_DIR itself.
+    policies: list[dict[str, Any]] = field(default_factory=list)
 
     def validate(self) -> None:
         if self.iterations < 1 or self.prompts_per_iteration < 1:
@@ -90,6 +96,7 @@ class TrainConfig:
         self.algo.check_run(self.rollout)
         if "meet" in self.stages:
             self.check_meet()
+        expand_policies(self)  # each policy's own config is checked here, at load
 
     def check_meet(self) -> None:
         meet = self.meet

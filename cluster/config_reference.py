@@ -19,8 +19,10 @@ from pathlib import Path
 
 import yaml
 
+from ..common.config import TINY
 from ..learner.algorithms.registry import ALGORITHMS, AlgoConfig
 from .config import TrainConfig
+from .policies import MAX_NAME_LENGTH, PER_POLICY_KEYS, TINY_TASK_KEYS
 
 DEFAULT_PATH = Path("docs/configuration.md")
 COMMAND = "lorafleet config-reference"
@@ -173,6 +175,43 @@ def algo_sections(links: dict[type, str]) -> list[str]:
     return out
 
 
+def policies_section() -> list[str]:
+    """The `policies` entries: what a policy may set (PER_POLICY_KEYS) and how it is named."""
+    keys = ", ".join(f"`{key}`" if "." in key or not section_type(TrainConfig, key)
+                     else f"`{key}.*`" for key in PER_POLICY_KEYS)
+    tiny = ", ".join(f"`task.{key}`" for key in TINY_TASK_KEYS)
+    text = f"""\
+Several policies trained at once in the `rl` stage on one base model and one fleet: every
+rollout engine serves all of them (at most `rollout.max_loras`), the learner holds one adapter
+set per policy. An entry is a `name` and overrides of the top level for that policy, as nested
+mappings or dotted keys; each policy writes to `RUN_DIR/<name>/` what a single run writes to
+`RUN_DIR`. A name is letters, digits and `_=+-`, starting with a letter or digit, at most
+{MAX_NAME_LENGTH} characters, unique, and not one of the learner's own adapter names (`value`,
+`reward`, `shared`, `level<k>`, `control<k>`, `*-value`).
+
+The keys a policy may set (`.*`: every key of the section):
+
+{keys}
+
+Every other key is shared by all the policies (the base model, the tokenizer, the fleet's
+sizes and resources, the iterations, ...): setting it in a policy is an error naming the
+policy and the key. With `model.name_or_path: {TINY}` the base model is built from the task,
+so of the `task` keys only {tiny} may differ between policies. A policy that picks another
+`algo.name` (or `task.name`) keeps the top level's keys of that section that the new one reads
+and that differ from the old one's defaults.
+
+```yaml
+policies:
+  - {{name: a, seed: 1}}
+  - {{name: b, seed: 2, algo: {{policy_lr: 3.0e-4}}, reward.fns: [exact_match]}}
+```
+
+`lorafleet sweep CONFIG algo.policy_lr=1e-4,3e-4 seed=0,1` writes such entries for you: one
+policy per combination of the listed values, named like `policy_lr=1e-4_seed=0`.
+"""
+    return ["## `policies`", "", text]
+
+
 def render() -> str:
     """docs/configuration.md as the dataclasses describe it now."""
     nested = sections(TrainConfig, "")
@@ -189,6 +228,7 @@ def render() -> str:
             continue
         out += [f"## `{key}`", "", *class_doc(cls),
                 *table(cls, key, [f.name for f in fields(cls)], shared), ""]
+    out += policies_section()
     for cls, name in shared.items():
         where = ", ".join(f"`{key}`" for key in paths[cls])
         out += [f"## {name}", "", f"A dataset section, at {where}.", "", *class_doc(cls),

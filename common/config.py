@@ -88,10 +88,16 @@ class RolloutConfig:
     max_staleness: int = 1  # async only
     # async only: decoupled PPO's behaviour weight pi_learner / pi_vllm is truncated here
     max_behaviour_weight: float = DEFAULT_MAX_BEHAVIOUR_WEIGHT
+    # LoRA adapters each engine serves at once (vLLM's max_loras): a run's policies must fit;
+    # every slot reserves one adapter at the served rank in the engine's memory (~40 MB in
+    # bfloat16 for a 7B model at rank 8 on every projection)
+    max_loras: int = 8
 
     def validate(self) -> None:
         if self.num_workers < 1 or self.samples_per_prompt < 1:
             raise ConfigError("rollout.num_workers and rollout.samples_per_prompt must be >= 1")
+        if self.max_loras < 1:
+            raise ConfigError(f"rollout.max_loras must be >= 1, got {self.max_loras}")
         if self.mode == "sync":
             defaults = RolloutConfig()
             for key in ("max_staleness", "max_behaviour_weight"):

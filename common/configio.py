@@ -44,7 +44,20 @@ def _wrong_type(key: str, tp: Any, value: Any) -> ConfigError:
     return ConfigError(f"{key}: expected {name}, got {value!r}")
 
 
+def _plain_data(value: Any) -> Any:
+    """A deep copy of YAML data as plain dicts, lists and scalars (override strings as str)."""
+    if isinstance(value, Mapping):
+        return {_plain_data(k): _plain_data(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain_data(v) for v in value]
+    if isinstance(value, str):
+        return str(value)
+    return copy.deepcopy(value)
+
+
 def _convert(tp: Any, value: Any, key: str) -> Any:
+    if tp is Any:  # plain YAML data, read by the config's own code (e.g. `policies` entries)
+        return _plain_data(value)
     origin, args = get_origin(tp), get_args(tp)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, Mapping):
@@ -153,20 +166,30 @@ def apply_overrides(data: Mapping[str, Any], overrides: Sequence[str]) -> dict[s
         parts = key.strip().split(".")
         if not sep or "" in parts:
             raise ConfigError(f"bad override {item!r}: use the form dotted.key=value, e.g. a.b=3")
-        try:
-            value = yaml.safe_load(raw)
-        except yaml.YAMLError:
-            value = raw
+        value = parse_value(raw)
         if isinstance(value, str):
             value = _OverrideStr(value)
-        node = result
-        for depth, part in enumerate(parts[:-1], start=1):
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                section = ".".join(parts[:depth])
-                raise ConfigError(f"bad override {item!r}: {section} is {node!r}, not a section")
-        node[parts[-1]] = value
+        set_dotted(result, parts, value, f"bad override {item!r}")
     return result
+
+
+def parse_value(raw: str) -> Any:
+    """A command-line value: parsed as YAML, or the text itself where it is not YAML."""
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
+
+
+def set_dotted(data: dict[str, Any], parts: Sequence[str], value: Any, where: str) -> None:
+    """Set `data[parts[0]][parts[1]]... = value` in place, creating missing sections; a
+    section that holds a value instead raises ConfigError starting with `where`."""
+    node = data
+    for depth, part in enumerate(parts[:-1], start=1):
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{where}: {'.'.join(parts[:depth])} is {node!r}, not a section")
+    node[parts[-1]] = value
 
 
 def load_config(cls: type[T], path: str | Path | None, overrides: Sequence[str] = ()) -> T:

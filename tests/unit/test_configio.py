@@ -6,7 +6,7 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import pytest
 import yaml
@@ -57,6 +57,12 @@ class Switch:
 @dataclass
 class Named:
     name: str
+
+
+@dataclass
+class Entries:
+    entries: list[dict[str, Any]] = field(default_factory=list)
+    extra: Any = None
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -167,6 +173,23 @@ def test_list_tuple_and_dict_fields() -> None:
         load_config(Config, None, ["rollout.stop=a"])
     with pytest.raises(ConfigError, match=r"^tags\.team: expected str, got 7$"):
         from_dict(Config, {"tags": {"team": 7}})
+
+
+def test_any_is_plain_yaml_data_copied(tmp_path: Path) -> None:
+    data = {"entries": [{"name": "a", "algo": {"lr": 1e-3}, "tags": ["x"]}], "extra": [1, "b"]}
+    cfg = from_dict(Entries, data)
+    data["entries"][0]["algo"]["lr"] = 5.0
+    data["extra"].append(2)
+    assert cfg == Entries([{"name": "a", "algo": {"lr": 1e-3}, "tags": ["x"]}], [1, "b"])
+    # strings from overrides come back as plain str, so the config dumps as YAML
+    cfg = load_config(Entries, None, ["entries=[{name: b, s: text}]", "extra=word"])
+    assert type(cfg.entries[0]["s"]) is str and type(cfg.extra) is str
+    save_config(cfg, tmp_path / "entries.yaml")
+    assert load_config(Entries, tmp_path / "entries.yaml") == cfg
+    with pytest.raises(ConfigError, match=r"^entries\[1\]: expected dict\[str, Any\], got 3$"):
+        from_dict(Entries, {"entries": [{}, 3]})
+    with pytest.raises(ConfigError, match=r"^entries\[0\]: keys must be strings, got 1$"):
+        from_dict(Entries, {"entries": [{1: "a"}]})
 
 
 def test_optional_field() -> None:
