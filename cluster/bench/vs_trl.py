@@ -182,8 +182,7 @@ def trl_main(spec: dict) -> None:
     trainer.train()
     steps = [b - a for a, b in zip([train_start, *step_ends], step_ends, strict=False)]
     result = dict(step_seconds=steps, samples=[spec["prompts"] * spec["samples"]] * len(steps),
-                  reward=rewards,
-                  first_step_seconds=first_step_seconds)
+                  reward=rewards, first_step_seconds=first_step_seconds)
     (Path(spec["output_dir"]) / "trl_result.json").write_text(json.dumps(result))
 
 

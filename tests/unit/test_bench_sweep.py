@@ -16,9 +16,11 @@ from lorafleet.cluster.bench.sweep import (
     run_record,
     side_figures,
     sweep_report,
+    trl_shape,
     verdicts,
 )
 from lorafleet.cluster.cli import parse
+from lorafleet.common.configio import ConfigError
 from lorafleet.common.run_dir import RunDir
 
 REAL_RUN = run_record(RunDir(Path(__file__).parents[1] / "data" / "single_run"))
@@ -138,3 +140,12 @@ def test_cli_takes_the_bench():
     args = parse(["bench", "sweep", "--iterations", "3", "rollout.num_workers=1"])
     assert (args.what, args.iterations, args.seeds, args.items) == (
         "sweep", 3, None, ["rollout.num_workers=1"])
+
+
+def test_trl_runs_at_the_jobs_shape():
+    shape = trl_shape(None, ["iterations=3", "learner.autocast=bf16"])  # the default job
+    assert {k: v for k, v in shape.items() if k != "model"} == {
+        "steps": 3, "prompts": 64, "samples": 4, "max_new_tokens": 6, "bf16": True}
+    # TRL's side trains the default task only: another one is refused before anything runs
+    with pytest.raises(ConfigError, match="TRL's side trains the default task"):
+        trl_shape(None, ["task.max_operand=9"])
