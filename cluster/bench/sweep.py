@@ -109,6 +109,11 @@ def steady(samples: list[float], step_seconds: list[float]) -> dict:
     return {"samples": samples[warmup:], "step_seconds": step_seconds[warmup:]}
 
 
+def step_columns(rows: list[dict]) -> dict:
+    """Rows as the per-step samples and step_seconds lists `steady_rate` reads."""
+    return {k: [r[k] for r in rows] for k in ("samples", "step_seconds")}
+
+
 def pooled_rate(runs: list[dict]) -> float:
     """Steady-state samples/s of runs one after the other: `steady_rate` of their steady steps
     pooled."""
@@ -148,8 +153,7 @@ def side_figures(results: dict) -> dict[str, dict]:
         "sweep": dict(
             command_seconds=sweep["command_seconds"],
             samples=sum(r["samples"] for r in rounds),
-            steady_rate=pooled_rate([{k: [r[k] for r in rounds]
-                                      for k in ("samples", "step_seconds")}]),
+            steady_rate=pooled_rate([step_columns(rounds)]),
             startup_seconds=sweep["summary"]["startup_seconds"],
             learner_seconds=sum(r["train_seconds"] for r in rounds),
             generate_seconds=sum(r["generate_seconds"] for r in rounds),
@@ -157,8 +161,7 @@ def side_figures(results: dict) -> dict[str, dict]:
         "singles": dict(
             command_seconds=sum(run["command_seconds"] for run in singles),
             samples=sum(r["samples"] for r in single_rows),
-            steady_rate=pooled_rate([{k: [r[k] for r in run["rows"]]
-                                      for k in ("samples", "step_seconds")} for run in singles]),
+            steady_rate=pooled_rate([step_columns(run["rows"]) for run in singles]),
             startup_seconds=sum(run["summary"]["startup_seconds"] for run in singles),
             learner_seconds=sum(r["train_seconds"] for r in single_rows),
             generate_seconds=sum(generate_seconds(r) for r in single_rows),
