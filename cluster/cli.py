@@ -100,6 +100,13 @@ def cmd_bench(args: argparse.Namespace) -> None:
                      _int_list(args.seeds or "0", "--seeds"), args.autocast,
                      args.out or "runs/vs-trl", args.command_line, args.reprint)
         return
+    if args.what == "sweep":
+        from .bench.sweep import bench_sweep
+
+        bench_sweep(path, overrides, _int_list(args.seeds or "0,1,2,3", "--seeds"),
+                    args.iterations, args.out or "runs/bench-sweep", args.command_line,
+                    args.reprint)
+        return
     if args.what == "async":
         from .bench.async_mode import bench_async
 
@@ -251,19 +258,25 @@ def build_parser() -> argparse.ArgumentParser:
         "memory per algorithm; `bench reward`: reward-model scoring, 1 vs 2 reward actors; "
         "`bench demo`: the default job (or CONFIG) over --seeds, start/end figures and spread; "
         "`bench async`: rollout.mode sync vs async over --seeds, and with a slow reward; "
-        "`bench vs-trl`: TRL's GRPOTrainer vs lorafleet's GRPO, two scales",
+        "`bench vs-trl`: TRL's GRPOTrainer vs lorafleet's GRPO, two scales; `bench sweep`: "
+        "one policy per seed on one fleet vs the single runs one after the other vs TRL",
     )
-    bench.add_argument("what", choices=["rollout", "memory", "reward", "demo", "async", "vs-trl"])
+    bench.add_argument("what", choices=["rollout", "memory", "reward", "demo", "async", "vs-trl",
+                                        "sweep"])
     bench.add_argument("items", nargs="*", metavar="CONFIG.yaml | key=value")
-    bench.add_argument("--seeds", help="demo, async, vs-trl: comma-separated seeds (0,1,2; "
-                       "vs-trl 0)")
-    bench.add_argument("--out", help="demo, vs-trl: output directory (runs/demo, runs/vs-trl)")
+    bench.add_argument("--seeds", help="demo, async, vs-trl, sweep: comma-separated seeds "
+                       "(0,1,2; vs-trl 0; sweep 0,1,2,3)")
+    bench.add_argument("--out", help="demo, vs-trl, sweep: output directory (runs/demo, "
+                       "runs/vs-trl, runs/bench-sweep)")
+    bench.add_argument("--iterations", type=int,
+                       help="sweep: iterations of every run on every side (the config's)")
     bench.add_argument("--scales", default="small,large",
                        help="vs-trl: small (the embedded model), large (~27M random-init)")
     bench.add_argument("--autocast", choices=["auto", "bf16", "off"], default="auto",
                        help="vs-trl: both learners' bfloat16 autocast (auto: where native)")
     bench.add_argument("--reprint", action="store_true",
-                       help="vs-trl: print the tables of the run saved in --out, run nothing")
+                       help="vs-trl, sweep: print the tables of the run saved in --out, run "
+                       "nothing")
     add_bench_memory_arguments(bench)
     bench.set_defaults(func=cmd_bench)
     comp = sub.add_parser(

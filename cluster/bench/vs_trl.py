@@ -106,6 +106,22 @@ def trl_target() -> Path:
     return target
 
 
+def trl_spec(model_path: str, steps: int, seed: int, max_new_tokens: int, bf16: bool,
+             output_dir: Path, prompts: int = PROMPTS, samples: int = SAMPLES) -> dict:
+    """One TRL run with the shared settings (the module doc) at this shape, on every core, with
+    the learner's attention kernel (eager on the CPU: common/devices.py)."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    return dict(model=model_path, steps=steps, seed=seed, bf16=bf16,
+                threads=os.cpu_count() or 1, max_new_tokens=max_new_tokens,
+                output_dir=str(output_dir), attention=attention_kernel(None, "cpu"),
+                prompts=prompts, samples=samples)
+
+
+def trl_bf16(autocast: str) -> bool:
+    """TRL's bf16 flag for the learner's `learner.autocast` (auto: where the CPU has it)."""
+    return autocast == "bf16" or (autocast == "auto" and native_bf16("cpu"))
+
+
 def run_trl(spec: dict) -> dict:
     """TRL's side in a subprocess (`python -m lorafleet.cluster.bench.vs_trl SPEC_JSON`)."""
     env = dict(os.environ)
@@ -148,7 +164,8 @@ def trl_main(spec: dict) -> None:
     args = GRPOConfig(
         output_dir=spec["output_dir"], max_steps=spec["steps"], seed=spec["seed"],
         model_init_kwargs={"attn_implementation": spec["attention"]},
-        per_device_train_batch_size=PROMPTS * SAMPLES, num_generations=SAMPLES,
+        per_device_train_batch_size=spec["prompts"] * spec["samples"],
+        num_generations=spec["samples"],
         max_completion_length=spec["max_new_tokens"], temperature=1.0,
         learning_rate=LR, lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=1.0,
         beta=KL_COEF, epsilon=CLIP_EPS, num_iterations=1, loss_type="dapo",
@@ -164,8 +181,8 @@ def trl_main(spec: dict) -> None:
     train_start = time.perf_counter()
     trainer.train()
     steps = [b - a for a, b in zip([train_start, *step_ends], step_ends, strict=False)]
-    result = dict(step_seconds=steps, samples=[PROMPTS * SAMPLES] * len(steps), reward=rewards,
-                  first_step_seconds=first_step_seconds)
+    result = dict(step_seconds=steps, samples=[spec["prompts"] * spec["samples"]] * len(steps),
+                  reward=rewards, first_step_seconds=first_step_seconds)
     (Path(spec["output_dir"]) / "trl_result.json").write_text(json.dumps(result))
 
 
@@ -235,7 +252,7 @@ def bench_vs_trl(path: str | None, overrides: list[str], scales: list[str], seed
         for name, scale in results["scales"].items():
             print_scale(name, Scale(**scale["scale"]), scale["runs"], scale["learner"], results)
         return results
-    bf16 = autocast == "bf16" or (autocast == "auto" and native_bf16("cpu"))
+    bf16 = trl_bf16(autocast)
     autocast = "bf16" if bf16 else "off"  # both sides alike
     # both sides use the learner's attention kernel (eager on the CPU: common/devices.py)
     attention = attention_kernel(None, "cpu")
@@ -252,12 +269,8 @@ def bench_vs_trl(path: str | None, overrides: list[str], scales: list[str], seed
             cfg = load_train_config(path, keys)
             # builds the large model once, before timing
             model_path = str(resolve_model(cfg, build_task(cfg.task)))
-            trl_dir = out_dir / f"trl-{name}-seed{seed}"
-            trl_dir.mkdir(parents=True, exist_ok=True)
-            theirs = run_trl(dict(
-                model=model_path, steps=scale.steps, seed=seed, bf16=bf16, threads=threads,
-                max_new_tokens=scale.max_new_tokens, output_dir=str(trl_dir),
-                attention=attention))
+            theirs = run_trl(trl_spec(model_path, scale.steps, seed, scale.max_new_tokens, bf16,
+                                      out_dir / f"trl-{name}-seed{seed}"))
             ours = run_lorafleet(keys, run_dir)
             runs.append({"seed": seed, "lorafleet": ours, "trl": theirs})
         # the run's kernel, and the other one for comparison (sdpa: transformers' default)
