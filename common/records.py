@@ -63,6 +63,23 @@ class Rollout:
 
 
 @dataclass(frozen=True)
+class GenerationRequest:
+    """Samples of one slot (a policy's adapter on the rollout workers): n per prompt, each
+    prompt seeded by seed + prompt.index; a sample also ends at a `stop` string (cut from its
+    text) or a `stop_token_ids` token. Several requests go to an engine in one call, so it
+    batches across adapters."""
+
+    slot: str
+    prompts: list[Prompt]
+    n: int
+    temperature: float
+    max_tokens: int
+    seed: int
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
 class ScoredRollout:
     rollout: Rollout
     reward: float  # what the learner trains on; NaN when `error` is set
