@@ -51,6 +51,13 @@ def reward_nan_when_wrong(completions: list[str], reference: list[str], **kwargs
     return [1.0 if c == ref else math.nan for c, ref in zip(completions, reference, strict=True)]
 
 
+def exact_sum_plus_one(completions: list[str], reference: list[str], **kwargs) -> list[float]:
+    """1.0 where the completion is the addition task's sum + 1: a target opposite to
+    exact_match's."""
+    return [float(c.strip() == str(int(ref) + 1))
+            for c, ref in zip(completions, reference, strict=True)]
+
+
 # reward functions that break TRL's contract (tests/unit/test_dataset_task.py)
 def fn_without_completions(x):
     return [0.0]
