@@ -3,7 +3,7 @@
 `load_snapshot` hands the adapter's tensors straight to vLLM's worker-side LoRA manager through
 `collective_rpc` (no file, no engine restart). This touches vLLM internals
 (`model_runner.lora_manager._adapter_manager`), so pyproject pins the vLLM range and
-tests/test_hot_swap.py proves a swap changes the outputs and equals loading from disk.
+tests/ray/test_hot_swap.py proves a swap changes the outputs and equals loading from disk.
 """
 
 from __future__ import annotations
@@ -259,7 +259,7 @@ class RolloutWorker:
         """n samples per prompt with vLLM's logprob of every sampled token; a sample also
         ends at a `stop` string (cut from its text) or a `stop_token_ids` token.
 
-        `slot`: the served adapter to sample (the policy unless a meet level's); `lora`: an
+        `slot`: the served adapter to sample (a policy's, or a meet level's); `lora`: an
         adapter from disk instead; use_policy=False: the base model. Each prompt gets its own
         sampling seed (seed + prompt.index), so a prompt's samples do
         not depend on which worker or batch it landed in."""
