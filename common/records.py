@@ -64,7 +64,10 @@ class Rollout:
 
 @dataclass(frozen=True)
 class GenerationRequest:
-    """n samples of each prompt from the adapter a rollout worker serves in `slot`."""
+    """Samples of one slot (a policy's adapter on the rollout workers): n per prompt, each
+    prompt seeded by seed + prompt.index; a sample also ends at a `stop` string (cut from its
+    text) or a `stop_token_ids` token. Several requests go to an engine in one call, so it
+    batches across adapters."""
 
     slot: str
     prompts: list[Prompt]

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 from ..common.records import Rollout, ScoredRollout
 from .normalize import combine_rewards
-from .registry import get_reward_fn
+from .registry import RewardFn, get_reward_fn
 
 if TYPE_CHECKING:
     from .model import LearnedReward
@@ -77,38 +77,55 @@ def reward_inputs(rollouts: list[Rollout]) -> dict[str, list]:
     }
 
 
+def reward_fns(spec: RewardSpec) -> dict[str, RewardFn]:
+    """The spec's reward functions by name."""
+    settings = dict(spec.fn_settings)
+    return {name: get_reward_fn(name, settings=settings) for name in spec.rules}
+
+
 class RewardWorker:
     """Scores batches of rollouts (run as a Ray actor): each rule on the whole batch, the
     learned reward model on the whole batch, combined by weight. A failing reward raises
     RewardError naming the sample, or with `skip_errors` comes back as a NaN reward carrying
-    the error for the driver to count and drop."""
+    the error for the driver to count and drop. It scores by its own spec or by the one a
+    batch comes with (each policy's own rewards, from one pool of actors)."""
 
     def __init__(self, spec: RewardSpec) -> None:
         self.spec = spec
-        settings = dict(spec.fn_settings)
-        self.fns = {name: get_reward_fn(name, settings=settings) for name in spec.rules}
-        self.model: LearnedReward | None = None
+        # each spec's functions, built on its first batch (the actor's own now: a bad one
+        # fails the actor's start)
+        self.fns: dict[RewardSpec, dict[str, RewardFn]] = {spec: reward_fns(spec)}
+        self.models: dict[str, LearnedReward] = {}  # by directory
 
-    def score(self, rollouts: list[Rollout]) -> list[ScoredRollout]:
-        if self.spec.model is not None and self.model is None:
-            # Loaded on first use: an rm stage writes it after the actors start, and an actor
-            # that Ray restarts comes back through here too.
-            from .model import LearnedReward
-
-            self.model = LearnedReward(self.spec.model, self.spec.threads)
-        model_scores = self.model.score(rollouts) if self.model is not None else None
-        values = {name: self.rule_values(name, fn, rollouts) for name, fn in self.fns.items()}
+    def score(self, rollouts: list[Rollout], spec: RewardSpec | None = None
+              ) -> list[ScoredRollout]:
+        """The batch's rewards by `spec` (None: the actor's own)."""
+        spec = self.spec if spec is None else spec
+        if spec not in self.fns:
+            self.fns[spec] = reward_fns(spec)
+        model_scores = self.model(spec).score(rollouts) if spec.model is not None else None
+        values = {name: self.rule_values(name, fn, rollouts)
+                  for name, fn in self.fns[spec].items()}
         scored = []
         for i, r in enumerate(rollouts):
             raised = [v[i] for v in values.values() if isinstance(v[i], Exception)]
             if raised:
-                scored.append(self.spec.failed(str(raised[0]), r, raised[0].__cause__))
+                scored.append(spec.failed(str(raised[0]), r, raised[0].__cause__))
                 continue
             parts = {name: v[i] for name, v in values.items()}
-            scored.append(self.spec.combine(
+            scored.append(spec.combine(
                 r, parts, None if model_scores is None else model_scores[i]
             ))
         return scored
+
+    def model(self, spec: RewardSpec) -> LearnedReward:
+        """The spec's learned reward model, loaded on first use: an rm stage writes it after
+        the actors start, and an actor that Ray restarts comes back through here too."""
+        if spec.model not in self.models:
+            from .model import LearnedReward
+
+            self.models[spec.model] = LearnedReward(spec.model, spec.threads)
+        return self.models[spec.model]
 
     def rule_values(self, name: str, fn, rollouts: list[Rollout]) -> list:
         """`fn` on the batch: a float or None per sample. If the batch call raises, each
@@ -161,7 +178,9 @@ class RewardPool:
         self.batch_size = batch_size
         self.on_pending = on_pending  # callback(batches not yet scored), e.g. a gauge
 
-    def score(self, rollouts: list[Rollout]) -> list[ScoredRollout]:
+    def score(self, rollouts: list[Rollout], spec: RewardSpec | None = None
+              ) -> list[ScoredRollout]:
+        """The rewards by `spec` (None: each actor's own)."""
         batches = [
             rollouts[i : i + self.batch_size] for i in range(0, len(rollouts), self.batch_size)
         ]
@@ -169,7 +188,7 @@ class RewardPool:
             self.on_pending(len(batches))
         scored = []
         for done, batch in enumerate(
-            self.pool.map(lambda actor, batch: actor.score.remote(batch), batches), start=1
+            self.pool.map(lambda actor, batch: actor.score.remote(batch, spec), batches), start=1
         ):
             scored += batch
             if self.on_pending is not None:

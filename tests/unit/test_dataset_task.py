@@ -153,6 +153,23 @@ def test_bad_reward_values_name_the_function_and_sample(tokenizer):
     assert all(s.error for s in skipped.score(rollouts))
 
 
+def test_one_reward_worker_scores_each_batch_by_its_own_spec(tokenizer):
+    """One pool of reward actors serves every policy: a batch scored with a spec gets that
+    spec's rewards (its functions built on first use, then kept), without one the actor's."""
+    prompts = encode_prompts(build_task(load_train_config(None, []).task).examples("eval")[:2],
+                             tokenizer, 100)
+    sums = [int(p.reference) for p in prompts]
+    rollouts = rollouts_for(prompts, [str(sums[0]), str(sums[1] + 1)])
+    worker = RewardWorker(RewardSpec(("exact_match",)))
+    plus_one = RewardSpec(("helpers:exact_sum_plus_one",), weights=(2.0,))
+    assert [s.reward for s in worker.score(rollouts)] == [1.0, 0.0]
+    assert [s.reward for s in worker.score(rollouts, plus_one)] == [0.0, 2.0]
+    assert [s.reward for s in worker.score(rollouts, RewardSpec(("exact_match",)))] == [1, 0]
+    assert [s.reward for s in worker.score(rollouts, RewardSpec(
+        ("helpers:exact_sum_plus_one",), weights=(2.0,)))] == [0.0, 2.0]
+    assert list(worker.fns) == [worker.spec, plus_one]  # an equal spec is the same spec
+
+
 def test_conversation_without_chat_template_and_misplaced_keys(tmp_path, tokenizer):
     path = write_rows(tmp_path / "rows.jsonl", chat_rows(4))
     task = build_task(dataset_cfg(path, "task.data.eval_fraction=0.25").task)
