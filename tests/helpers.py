@@ -4,24 +4,28 @@ from __future__ import annotations
 
 import math
 import re
+from dataclasses import fields
 
 import torch
 
-from lorafleet.common.config import LoRAConfig
 from lorafleet.common.data import PromptStream, encode_prompts
 from lorafleet.common.records import Prompt, Rollout, ScoredRollout
-from lorafleet.common.specs import LearnerSpec
+from lorafleet.common.specs import LearnerSpec, PolicySpec
 from lorafleet.common.tasks.addition import AdditionTask
 from lorafleet.common.tasks.registry import build_task
 from lorafleet.learner.actor import Learner
 from lorafleet.learner.algorithms.registry import PPOConfig
 
 
-def new_learner(model_path: str, pad_id: int, algo=None, **keys) -> Learner:
-    """A float32 CPU learner with 2 threads, of `algo` (default: PPO) and the LearnerSpec
-    `keys` (default: an rl stage, seed 0)."""
-    return Learner(LearnerSpec(model_path, pad_id, algo or PPOConfig(), LoRAConfig(),
-                               dtype="float32", threads=2, **keys))
+def new_learner(model_path: str, pad_id: int, algo=None, policies=None, **keys) -> Learner:
+    """A float32 CPU learner with 2 threads of `policies` (PolicySpecs; default: the one
+    policy, of `algo` (default: PPO) and the PolicySpec `keys` among `keys`, seed 0) and the
+    LearnerSpec `keys` (default: an rl stage)."""
+    own = {f.name for f in fields(PolicySpec)}
+    policy = {key: keys.pop(key) for key in own & keys.keys()}
+    policies = policies or (PolicySpec(algo=algo or PPOConfig(), **policy),)
+    return Learner(LearnerSpec(model_path, pad_id, tuple(policies), dtype="float32", threads=2,
+                               **keys))
 
 
 def perturbed_learner(
