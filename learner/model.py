@@ -160,11 +160,13 @@ class PolicyValueModel:
             layer.training = True
 
     def check_adapter_name(self, name: str) -> None:
-        """PEFT tells the adapters' tensors apart by the name between dots: a name that is also
-        a module's (a layer's index, `mlp`; PEFT's own `lora_A`, `base_layer`) mixes them up."""
-        if name in self.module_names or name.startswith("lora_") or name == "base_layer":
+        """PEFT tells the adapters' tensors apart by the name between dots, and finds its own
+        by `lora_` in theirs: a name that is also a module's (a layer's index, `mlp`; PEFT's
+        `lora_A`, `base_layer`) or part of `lora_` mixes them up."""
+        peft_names = name in "lora_" or name.startswith("lora_") or name == "base_layer"
+        if name in self.module_names or peft_names:
             raise ValueError(f"adapter name {name!r} is also the name of a module of the "
-                             "model, which PEFT would confuse with it; rename it")
+                             "model or part of PEFT's, which PEFT would confuse; rename it")
 
     def add_adapter(self, name: str, lora: object) -> None:
         self.check_adapter_name(name)
