@@ -37,8 +37,10 @@ PER_POLICY_KEYS = (
 NAME_CHARACTERS = "A-Za-z0-9_=+-"
 NAME = re.compile(f"[A-Za-z0-9][{NAME_CHARACTERS}]*")
 MAX_NAME_LENGTH = 64
-# The learner's and workers' own adapter names.
-RESERVED_NAME = re.compile(r"value|reward|shared|(level|control)\d+|.*-value")
+# The learner's and workers' own adapter names, and names PEFT would confuse with its own
+# (its `lora_` prefix, a layer index: it picks an adapter's tensors out by name).
+RESERVED_NAME = re.compile(r"value|reward|shared|(level|control)\d+|.*-value|\d+|lora.*|"
+                           r"base_layer|[alor]")
 # The task keys a policy may change on the embedded model: the others are its recipe.
 TINY_TASK_KEYS = ("reward_fn",)
 

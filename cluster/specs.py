@@ -7,8 +7,9 @@ from __future__ import annotations
 from collections.abc import Collection
 
 from ..common.devices import model_dtype
+from ..common.records import POLICY
 from ..common.run_dir import RunDir
-from ..common.specs import EngineSpec, LearnerSpec
+from ..common.specs import EngineSpec, LearnerSpec, PolicySpec
 from ..reward.pool import RewardSpec
 from .actor_group import GroupSpec, Resources
 from .config import TrainConfig
@@ -58,15 +59,31 @@ def sync_tolerance(cfg: TrainConfig) -> float:
     return 1e-3 if dtypes == {"float32"} else 5e-2
 
 
-def learner_spec(cfg: TrainConfig, model_path: str, pad_token_id: int) -> LearnerSpec:
-    """What the learner actor is built from (`model_path`: resolve_model's)."""
-    return LearnerSpec(
-        model_path=model_path, pad_token_id=pad_token_id, algo=cfg.algo, lora=cfg.lora,
-        stages=tuple(cfg.stages), dtype=cfg.model.dtype, seed=cfg.seed,
-        threads=cfg.learner.threads, attn_implementation=cfg.model.attn_implementation,
-        gradient_checkpointing=cfg.learner.gradient_checkpointing,
-        autocast=cfg.learner.autocast, max_staleness=cfg.rollout.staleness_bound,
+def policy_spec(name: str, cfg: TrainConfig) -> PolicySpec:
+    """Policy `name` of the learner from its own run config (`cfg`: the run's, or a policy's
+    of a `policies:` run as expand_policies builds it)."""
+    return PolicySpec(
+        name=name, algo=cfg.algo, lora=cfg.lora, seed=cfg.seed,
+        max_staleness=cfg.rollout.staleness_bound,
         max_behaviour_weight=cfg.rollout.max_behaviour_weight,
+    )
+
+
+def learner_spec(
+    cfg: TrainConfig, model_path: str, pad_token_id: int,
+    policies: list[tuple[str, TrainConfig]] | None = None,
+) -> LearnerSpec:
+    """What the learner actor is built from (`model_path`: resolve_model's); `policies`: each
+    policy's name and config (expand_policies), None or none: the run's one policy, `policy`,
+    from `cfg` itself."""
+    return LearnerSpec(
+        model_path=model_path, pad_token_id=pad_token_id,
+        policies=tuple(policy_spec(name, policy_cfg)
+                       for name, policy_cfg in policies or [(POLICY, cfg)]),
+        stages=tuple(cfg.stages), dtype=cfg.model.dtype, threads=cfg.learner.threads,
+        attn_implementation=cfg.model.attn_implementation,
+        gradient_checkpointing=cfg.learner.gradient_checkpointing,
+        autocast=cfg.learner.autocast,
     )
 
 

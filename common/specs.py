@@ -8,30 +8,48 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .config import DEFAULT_MAX_BEHAVIOUR_WEIGHT, LoRAConfig
+from .records import POLICY
+
+
+@dataclass(frozen=True)
+class PolicySpec:
+    """One policy the learner trains on its base model: its adapters, optimiser, version and
+    RL updater are its own. A run without `policies:` has one, named `policy`."""
+
+    name: str = POLICY  # its adapter's name, and its slot's on the rollout workers
+    # algo: the algorithm's section (an AlgoConfig of learner/algorithms/registry.py); every
+    # stage reads its max_grad_norm, the rl stage all of it
+    algo: object = None
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    seed: int = 0  # its adapters' init, its minibatch shuffle
+    # rollout.max_staleness as the run applies it: how many versions behind the policy a
+    # rollout's adapter may be (0: rollout.mode=sync, on-policy only, no behaviour weights)
+    max_staleness: int = 0
+    max_behaviour_weight: float = DEFAULT_MAX_BEHAVIOUR_WEIGHT  # rollout.max_behaviour_weight
 
 
 @dataclass(frozen=True)
 class LearnerSpec:
     model_path: str  # model.name_or_path, resolved: a local directory or a hub name
     pad_token_id: int  # the driver tokenizer's
-    # algo: the algorithm's section (an AlgoConfig of learner/algorithms/registry.py); every
-    # stage reads its max_grad_norm, the rl stage all of it
-    algo: object
-    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    # the policies trained on the one base model; the sft, dpo, rm and meet stages train the
+    # first (a run with those stages has one)
+    policies: tuple[PolicySpec, ...]
     stages: tuple[str, ...] = ("rl",)  # the rl stage adds the RL updater (and a value adapter)
     dtype: str | None = None  # model.dtype; None: bfloat16 on a GPU, float32 on the CPU
-    seed: int = 0
     threads: int = 1  # learner.threads
     attn_implementation: str | None = None  # model.attn_implementation
     gradient_checkpointing: bool = False  # learner.gradient_checkpointing
     autocast: str = "off"  # learner.autocast
-    # rollout.max_staleness as the run applies it: how many versions behind the learner a
-    # rollout's adapter may be (0: rollout.mode=sync, on-policy only, no behaviour weights)
-    max_staleness: int = 0
-    max_behaviour_weight: float = DEFAULT_MAX_BEHAVIOUR_WEIGHT  # rollout.max_behaviour_weight
     # not a config key: None puts the learner on the GPU Ray assigned it, else the CPU; the
     # benches name one
     device: str | None = None
+
+    def __post_init__(self) -> None:
+        names = [policy.name for policy in self.policies]
+        if not names or len(set(names)) < len(names):
+            raise ValueError(f"a learner trains one or more policies of distinct names, got "
+                             f"{names}")
 
 
 @dataclass(frozen=True)

@@ -17,9 +17,8 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     from helpers import contrast_batch
-    from lorafleet.common.config import LoRAConfig
     from lorafleet.common.devices import pick_device
-    from lorafleet.common.specs import LearnerSpec
+    from lorafleet.common.specs import LearnerSpec, PolicySpec
     from lorafleet.common.tasks.addition import AdditionTask
     from lorafleet.common.tiny_model import TinyModelSpec, build_tiny_model
     from lorafleet.learner.actor import Learner
@@ -33,8 +32,8 @@ def main() -> None:
     def make(name, dtype, **keys):
         ckpt = keys.pop("gradient_checkpointing", False)
         algo = algorithm(name).config(**{"epochs": 1, "minibatch_size": 64, **keys})
-        return Learner(LearnerSpec(path, tok.pad_token_id, algo, LoRAConfig(), dtype=dtype,
-                                   seed=0, threads=2, device="cuda",
+        return Learner(LearnerSpec(path, tok.pad_token_id, (PolicySpec(algo=algo),),
+                                   dtype=dtype, threads=2, device="cuda",
                                    attn_implementation="sdpa", gradient_checkpointing=ckpt))
 
     def sgd_step(learner, batch):

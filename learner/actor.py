@@ -1,12 +1,14 @@
-"""The learner actor: the adapter stack (the base model with its LoRA adapters) and the one
-adapter version, with the updaters composed in: RL (the rl stage), offline (sft, dpo), the
-reward adapter (the rm stage, reward.model_on_learner) and MEET (the meet stage), each
-created when its stage needs it.
+"""The learner actor: the adapter stack (one base model with its LoRA adapters) and the
+policies it trains on it (policy.py: each its adapters, optimiser, version and RL updater),
+with the updaters composed in: RL (the rl stage, per policy), offline (sft, dpo), the reward
+adapter (the rm stage, reward.model_on_learner) and MEET (the meet stage), each created when
+its stage needs it. The sft, dpo, rm and meet stages train the first policy (their runs have
+one); the methods that take a `policy` name default to the run's one policy, `policy`.
 
-The version is the number of updates applied to the weights the learner publishes: the
-policy adapter, and in the meet stage the controls and shared LoRA its levels are served
-from. Only `advance` moves it. A snapshot carries the version its weights are at; a step's
-stats (TrainStats, OfflineStats) the version it trained on, the learner being one past it
+A policy's version is the number of updates applied to the weights it publishes: its adapter,
+and in the meet stage the controls and shared LoRA its levels are served from. Only its core's
+`advance` moves it (and load_checkpoint). A snapshot carries the version its weights are at; a
+step's stats (TrainStats, OfflineStats) the version it trained on, the policy being one past it
 after the step (the rm stage counts the reward adapter's own steps the same way).
 """
 
@@ -18,6 +20,7 @@ import torch
 
 from ..common.devices import actor_device, autocast_dtype, model_dtype
 from ..common.records import (
+    POLICY,
     AdapterSnapshot,
     OfflineStats,
     PreferencePair,
@@ -30,8 +33,9 @@ from ..common.specs import LearnerSpec
 from .checkpoint import load_checkpoint, save_adapters, save_checkpoint
 from .core import LearnerCore
 from .meet import SHARED, MeetUpdater
-from .model import DTYPES, POLICY, VALUE, PolicyValueModel
+from .model import DTYPES, PolicyValueModel
 from .offline import OfflineUpdater
+from .policy import Policy, add_policy_adapters, policy_adapters
 from .reward_adapter import RewardAdapter
 from .rl import RLUpdater
 
@@ -44,50 +48,71 @@ class Learner:
         if device is None:
             device, dtype = actor_device(dtype)
         self.dtype = model_dtype(dtype, device != "cpu")
-        algo, rl = spec.algo, "rl" in spec.stages
-        # the value adapter is created with the policy, before any other (the seed's draws)
-        adapters = (POLICY, VALUE) if rl and algo.value_model else (POLICY,)
+        rl = "rl" in spec.stages
+        first, *others = spec.policies
+        # the first policy's adapters are created with the base, before any other (its seed's
+        # draws); every other's beside them from its own seed
         net = PolicyValueModel(
-            spec.model_path, spec.lora, DTYPES[self.dtype], spec.seed, adapters, device,
-            spec.attn_implementation, spec.gradient_checkpointing,
+            spec.model_path, first.lora, DTYPES[self.dtype], first.seed,
+            policy_adapters(first, rl), device, spec.attn_implementation,
+            spec.gradient_checkpointing,
         )
-        self.core = LearnerCore(net, spec.pad_token_id, algo.max_grad_norm,
-                                autocast_dtype(spec.autocast, device, self.dtype), algo.policy_lr)
-        self.rl = RLUpdater(self.core, algo, spec.seed, spec.max_staleness,
-                            spec.max_behaviour_weight) if rl else None
+        for policy in others:
+            add_policy_adapters(net, policy, rl)
+        autocast = autocast_dtype(spec.autocast, device, self.dtype)
+        self.policies = {p.name: Policy(p, net, spec.pad_token_id, autocast, rl)
+                         for p in spec.policies}
+        self.first = self.policies[first.name]
         self.offline = OfflineUpdater(self.core)
         self.reward: RewardAdapter | None = None  # start_reward_model, load_reward_model
         self.meet: MeetUpdater | None = None  # start_meet
-        self.version = 0
 
-    def advance(self) -> int:
-        """An update was applied to the published weights: the one place the version moves."""
-        self.version += 1
-        return self.version
+    def get_policy(self, name: str) -> Policy:
+        if name not in self.policies:
+            raise ValueError(f"the learner has no policy {name!r}; it trains "
+                             f"{', '.join(map(repr, self.policies))}")
+        return self.policies[name]
+
+    def policy_names(self) -> list[str]:
+        return list(self.policies)
+
+    # the first policy: what the sft, dpo, rm and meet stages train
+    @property
+    def core(self) -> LearnerCore:
+        return self.first.core
+
+    @property
+    def rl(self) -> RLUpdater | None:
+        return self.first.rl
+
+    @property
+    def version(self) -> int:
+        return self.core.version
 
     @property
     def net(self) -> PolicyValueModel:
         return self.core.net
 
     # -- publishing and sync verification -------------------------------------------------
-    def publish(self) -> AdapterSnapshot:
-        return self.net.snapshot(POLICY, self.version)
+    def publish(self, policy: str = POLICY) -> AdapterSnapshot:
+        return self.get_policy(policy).publish()
 
-    def get_version(self) -> int:
-        return self.version
+    def get_version(self, policy: str = POLICY) -> int:
+        return self.get_policy(policy).version
 
-    def check_probe(self, results: list[ProbeResult], tolerance: float) -> float:
+    def check_probe(self, results: list[ProbeResult], tolerance: float,
+                    policy: str = POLICY) -> float:
         """Raise SyncError unless every worker's probe log-probs match the policy's; returns
         the max gap."""
-        return self.core.check_probe(results, tolerance, self.version, self.net.logprobs)
+        return self.get_policy(policy).check_probe(results, tolerance)
 
     def check_level_probe(self, results: list[ProbeResult], tolerance: float, level: int) -> float:
         """`check_probe` of workers serving meet level `level`, against the learner's own
         control and shared adapters together (HF + PEFT, not the served copy)."""
         adapters = "+".join([*self.meet.controls.adapters(level), SHARED])
         return self.core.check_probe(
-            results, tolerance, self.version,
-            lambda batch: self.meet.level_logprobs(batch, level), f" ({adapters})")
+            results, tolerance, lambda batch: self.meet.level_logprobs(batch, level),
+            f" ({adapters})")
 
     def peak_memory_mib(self) -> float:
         """The learner's peak memory so far: CUDA's max allocated on a GPU, else the actor
@@ -96,24 +121,24 @@ class Learner:
             return torch.cuda.max_memory_allocated(self.net.device) / 2**20
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
-    # -- the policy's updates -------------------------------------------------------------------
-    def start_stage(self, lr: float) -> None:
+    # -- the policies' updates ------------------------------------------------------------------
+    def start_stage(self, lr: float, policy: str = POLICY) -> None:
         """A fresh policy optimiser: each stage (sft, dpo, rl) starts its own Adam moments."""
-        self.core.start_stage(lr)
+        self.get_policy(policy).core.start_stage(lr)
 
-    def train_step(self, scored: list[ScoredRollout]) -> TrainStats:
-        stats = self.rl.train_step(scored, self.version)
-        self.advance()
-        return stats
+    def train_step(self, scored: list[ScoredRollout], policy: str = POLICY) -> TrainStats:
+        """One RL update of `policy` on its own rollouts (SyncError for another's, stale ones);
+        UpdateDiverged, the update not applied, where its loss or gradient is not finite."""
+        return self.get_policy(policy).train_step(scored)
 
     def sft_step(self, examples: list[SFTExample]) -> OfflineStats:
         stats = self.offline.sft_step(examples, self.version)
-        self.advance()
+        self.core.advance()
         return stats
 
     def dpo_step(self, pairs: list[PreferencePair], beta: float) -> OfflineStats:
         stats = self.offline.dpo_step(pairs, beta, self.version)
-        self.advance()
+        self.core.advance()
         return stats
 
     # -- the reward adapter ---------------------------------------------------------------------
@@ -140,14 +165,14 @@ class Learner:
 
     # -- the meet stage -------------------------------------------------------------------------
     def start_meet(self, control: str, levels: int, size: int) -> None:
-        self.meet = MeetUpdater(self.core, self.spec.lora, control, levels, size)
+        self.meet = MeetUpdater(self.core, self.first.spec.lora, control, levels, size)
 
     def start_meet_phase(self, lr: float, with_shared: bool) -> None:
         self.meet.start_phase(lr, with_shared)
 
     def meet_step(self, examples: list[SFTExample]) -> OfflineStats:
         stats = self.meet.step(examples, self.version)
-        self.advance()
+        self.core.advance()
         return stats
 
     def publish_level(self, level: int) -> AdapterSnapshot:
@@ -156,15 +181,16 @@ class Learner:
     def use_level(self, level: int) -> int:
         """The policy becomes level `level`'s served LoRA; returns the new version."""
         self.meet.use_level(level)
-        return self.advance()
+        return self.core.advance()
 
-    # -- saving ---------------------------------------------------------------------------------
-    def save(self, directory: str) -> str:
-        return save_adapters(self.net, self.version, directory)
+    # -- saving: one policy's adapters (and the reward adapter, with the first policy's) --------
+    def save(self, directory: str, policy: str = POLICY) -> str:
+        return save_adapters(self, self.get_policy(policy), directory)
 
-    def save_checkpoint(self, directory: str) -> str:
-        return save_checkpoint(self, directory)
+    def save_checkpoint(self, directory: str, policy: str = POLICY) -> str:
+        return save_checkpoint(self, self.get_policy(policy), directory)
 
-    def load_checkpoint(self, directory: str) -> int:
-        self.version = load_checkpoint(self, directory)
-        return self.version
+    def load_checkpoint(self, directory: str, policy: str = POLICY) -> int:
+        trained = self.get_policy(policy)
+        trained.core.version = load_checkpoint(self, trained, directory)
+        return trained.version

@@ -1,5 +1,6 @@
-"""Saving the learner actor: its adapters in PEFT format, and checkpoints that continue
-training exactly (adapters, heads, optimiser and RNG states, the adapter version)."""
+"""Saving the learner actor, one policy at a time: its adapters in PEFT format, and checkpoints
+that continue its training exactly (adapters, heads, optimiser and RNG states, its version).
+The reward adapter, one per learner, is saved with the first policy's."""
 
 from __future__ import annotations
 
@@ -8,32 +9,41 @@ from pathlib import Path
 import torch
 
 from ..common.state_io import load_state, save_state
-from .model import POLICY, REWARD, VALUE, PolicyValueModel, load_adapter, save_adapter
+from .model import REWARD, VALUE, load_adapter, save_adapter
 
 STATE_FILE = "learner_state"
 
 
-def adapter_names(net: PolicyValueModel) -> list[str]:
-    """What a checkpoint holds: the policy, and the value and reward adapters where present."""
-    return [POLICY, *(n for n in (VALUE, REWARD) if n in net.heads)]
+def saved_adapters(learner, policy) -> dict[str, str]:
+    """What a policy's directory holds, each adapter by the sub-directory it is in: the
+    policy's own at the top, its value adapter in `value` where it has one, and with the first
+    policy the reward adapter in `reward` where the learner holds one. The same layout whatever
+    the policy's name, so a policy's directory reads as a one-policy run's."""
+    core, heads = policy.core, policy.core.net.heads
+    adapters = {core.name: ""}
+    if core.value_name in heads:
+        adapters[core.value_name] = VALUE
+    if policy is learner.first and REWARD in heads:
+        adapters[REWARD] = REWARD
+    return adapters
 
 
-def save_adapters(net: PolicyValueModel, version: int, directory: str) -> str:
-    """Policy adapter in PEFT format at `directory`; value / reward adapters (+ heads) in
-    sub-directories named after them."""
+def save_adapters(learner, policy, directory: str) -> str:
+    """`policy`'s adapters (+ heads) in PEFT format at `directory` (`saved_adapters`)."""
     path = Path(directory)
-    for name in adapter_names(net):
-        save_adapter(net, name, version, path if name == POLICY else path / name)
+    for name, sub in saved_adapters(learner, policy).items():
+        save_adapter(policy.core.net, name, policy.version, path / sub)
     return str(path)
 
 
-def save_checkpoint(learner, directory: str) -> str:
-    """Everything to continue training exactly: adapters (PEFT format), value head,
-    optimiser states, RNG states, the adapter version (safetensors + JSON, no pickle)."""
-    core, rl, reward = learner.core, learner.rl, learner.reward
-    path = Path(save_adapters(core.net, learner.version, directory))
+def save_checkpoint(learner, policy, directory: str) -> str:
+    """Everything to continue training `policy` exactly: adapters (PEFT format), value head,
+    optimiser states, RNG states, its version (safetensors + JSON, no pickle)."""
+    core, rl = policy.core, policy.rl
+    reward = learner.reward if policy is learner.first else None
+    path = Path(save_adapters(learner, policy, directory))
     state = {
-        "version": learner.version,
+        "version": core.version,
         "policy_opt": core.policy_opt.state_dict(),
         "torch_rng": torch.get_rng_state(),
     }
@@ -47,16 +57,16 @@ def save_checkpoint(learner, directory: str) -> str:
     return str(path)
 
 
-def load_checkpoint(learner, directory: str) -> int:
-    """Restore a `save_checkpoint` directory into `learner`; returns the adapter version it
-    holds."""
+def load_checkpoint(learner, policy, directory: str) -> int:
+    """Restore a `save_checkpoint` directory into `policy` of `learner`; returns the version
+    it holds."""
     path = Path(directory)
     state = load_state(path, STATE_FILE)
-    if "reward_trainer" in state and REWARD not in learner.core.net.heads:
-        learner.start_reward_model(learner.spec.algo.policy_lr)  # lr comes back with the state
-    core, rl = learner.core, learner.rl
-    for name in adapter_names(core.net):
-        load_adapter(core.net, name, path if name == POLICY else path / name)
+    core, rl = policy.core, policy.rl
+    if "reward_trainer" in state and REWARD not in core.net.heads:
+        learner.start_reward_model(policy.spec.algo.policy_lr)  # lr comes back with the state
+    for name, sub in saved_adapters(learner, policy).items():
+        load_adapter(core.net, name, path / sub)
     if rl is not None:
         rl.generator.set_state(state["generator"])
         if rl.value is not None:

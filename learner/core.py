@@ -1,6 +1,7 @@
-"""What the learner's updaters share: the adapter stack, the policy adapter's parameters and
-optimiser, where an update's forward passes run (autocast), collation, the clipped optimiser
-step, and the probe check of what rollout workers serve against the learner's own weights."""
+"""What the learner's updaters of one policy share: the adapter stack, the policy's adapter
+names, its parameters, optimiser and version, where an update's forward passes run (autocast),
+collation, the clipped optimiser step that refuses a diverged update, and the probe check of
+what rollout workers serve against the learner's own weights."""
 
 from __future__ import annotations
 
@@ -12,24 +13,50 @@ from torch import Tensor
 
 from ..common.records import OfflineStats, ProbeResult
 from .algorithms.ppo import masked_mean
-from .model import DTYPES, POLICY, PolicyValueModel, TokenBatch, collate
+from .model import DTYPES, POLICY, PolicyValueModel, TokenBatch, collate, value_adapter
 
 
 class SyncError(RuntimeError):
-    """A rollout worker serves something other than the learner's published adapter."""
+    """A rollout worker serves something other than the learner's published adapter, or a
+    batch holds rollouts the policy must not train on (stale, or another policy's)."""
+
+
+class UpdateDiverged(RuntimeError):
+    """An update's loss or gradient norm is not finite; it was not applied."""
 
 
 class LearnerCore:
     def __init__(
         self, net: PolicyValueModel, pad_id: int, max_grad_norm: float,
-        autocast_dtype: str | None, policy_lr: float,
+        autocast_dtype: str | None, policy_lr: float, name: str = POLICY,
     ) -> None:
         """autocast_dtype: the update's forward passes in that dtype (learner.autocast), None:
-        in the weights' own."""
-        self.net, self.pad_id = net, pad_id
+        in the weights' own; name: the policy's, its adapter's (its value adapter's is
+        `value_adapter(name)`)."""
+        self.net, self.pad_id, self.name = net, pad_id, name
         self.max_grad_norm, self.autocast_dtype = max_grad_norm, autocast_dtype
-        self.policy_params = net.adapter_parameters(POLICY)
+        self.policy_params = net.adapter_parameters(name)
         self.start_stage(policy_lr)
+        # the number of updates applied to the weights the policy publishes
+        self.version = 0
+
+    def advance(self) -> int:
+        """An update was applied to the weights the policy publishes (load_checkpoint aside,
+        the one place its version moves)."""
+        self.version += 1
+        return self.version
+
+    @property
+    def value_name(self) -> str:
+        return value_adapter(self.name)
+
+    def logprobs(self, batch: TokenBatch, with_entropy: bool = False):
+        """Log-probs of the response tokens under the policy's adapter ([B, T])."""
+        return self.net.logprobs(batch, with_entropy, adapters=self.name)
+
+    def values(self, batch: TokenBatch) -> Tensor:
+        """V(state before response token k) under the policy's value adapter ([B, T])."""
+        return self.net.values(batch, self.value_name)
 
     def start_stage(self, lr: float) -> None:
         """A fresh policy optimiser: each stage (sft, dpo, rl) starts its own Adam moments."""
@@ -45,14 +72,25 @@ class LearnerCore:
         return collate(prompt_ids, response_ids, self.pad_id, self.net.device)
 
     def step(self, loss: Tensor, params: list, optimizer: torch.optim.Optimizer) -> Tensor:
+        self.check_finite("loss", loss)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         return self.clip_and_step(params, optimizer)
 
     def clip_and_step(self, params: list, optimizer: torch.optim.Optimizer) -> Tensor:
         grad_norm = torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
+        self.check_finite("grad norm", grad_norm)
         optimizer.step()
         return grad_norm
+
+    def check_finite(self, what: str, value: Tensor) -> None:
+        """Raise UpdateDiverged unless a step's `what` (loss, grad norm) is finite: before the
+        optimiser steps, so the policy's weights and optimiser state stay as they were."""
+        if not bool(torch.isfinite(value)):
+            raise UpdateDiverged(
+                f"policy {self.name!r}: the update at version {self.version} diverged "
+                f"({what} {float(value):g}); not applied"
+            )
 
     def nll_step(
         self, batch: TokenBatch, logp: Tensor, params: list, optimizer: torch.optim.Optimizer,
@@ -66,18 +104,22 @@ class LearnerCore:
 
     @torch.no_grad()
     def check_probe(
-        self, results: list[ProbeResult], tolerance: float, version: int,
-        logprobs: Callable[[TokenBatch], Tensor], served: str = "",
+        self, results: list[ProbeResult], tolerance: float,
+        logprobs: Callable[[TokenBatch], Tensor] | None = None, served: str | None = None,
     ) -> float:
-        """Raise SyncError unless every worker's probe reports `version` and its log-probs match
-        the learner's own `logprobs` of what it serves (`served` names it in the error);
+        """Raise SyncError unless every worker's probe reports the policy's version and its
+        log-probs match the learner's own `logprobs` of what it serves (None: the policy's;
+        `served` names it in the error, None: the policy, unnamed when it is the run's one);
         returns the max gap."""
+        version, logprobs = self.version, logprobs or self.logprobs
+        if served is None:
+            served = "" if self.name == POLICY else f" of policy {self.name!r}"
         worst = 0.0
         for result in results:
             if result.adapter_version != version:
                 raise SyncError(
-                    f"rollout worker {result.worker_id} reports adapter v{result.adapter_version},"
-                    f" learner published v{version}"
+                    f"rollout worker {result.worker_id} reports adapter v{result.adapter_version}"
+                    f"{served}, learner published v{version}"
                 )
             batch = self.collate(result.prompt_ids, result.response_ids)
             gap = float(((logprobs(batch) - padded(result.logprobs, batch)).abs()

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from ..common.records import AdapterSnapshot, OfflineStats, SFTExample
 from .core import LearnerCore
-from .model import POLICY, PolicyValueModel, TokenBatch, token_logprobs
+from .model import PolicyValueModel, TokenBatch, token_logprobs
 
 SHARED = "shared"
 
@@ -206,11 +206,11 @@ class MeetUpdater:
         it)."""
         from peft import set_peft_model_state_dict
 
-        net = self.core.net
+        net, policy = self.core.net, self.core.name
         tensors, rank = self.controls.served_lora(level)
-        config = net.model.peft_config[POLICY]
+        config = net.model.peft_config[policy]
         if (config.r, config.lora_alpha) != (rank, rank):  # scale 1, as served
-            net.model.delete_adapter(POLICY)
-            net.add_adapter(POLICY, replace(self.lora, rank=rank, alpha=float(rank)))
-            self.core.policy_params = net.adapter_parameters(POLICY)
-        set_peft_model_state_dict(net.model, tensors, adapter_name=POLICY)
+            net.model.delete_adapter(policy)
+            net.add_adapter(policy, replace(self.lora, rank=rank, alpha=float(rank)))
+            self.core.policy_params = net.adapter_parameters(policy)
+        set_peft_model_state_dict(net.model, tensors, adapter_name=policy)

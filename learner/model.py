@@ -1,8 +1,10 @@
 """One base model, several LoRA adapters (PERL's memory trick).
 
-- policy    = base + LoRA "policy"
+- policy    = base + LoRA "policy" (or one LoRA per policy, named after it, when a run trains
+              several)
 - reference = the same base with every adapter disabled (no second model copy)
-- value     = base + LoRA "value" + a scalar head on its last hidden state (PPO only)
+- value     = base + LoRA "value" + a scalar head on its last hidden state (PPO only; one per
+              policy, `value_adapter`)
 - reward    = base + LoRA "reward" + a scalar head on the last token (a learned reward model,
               trained here or loaded; PERL's option of keeping it on the learner's base)
 """
@@ -29,7 +31,19 @@ warnings.filterwarnings("ignore", message="Zero-copy tensor serialization is ena
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 VALUE, REWARD = "value", "reward"
-SCALAR_ADAPTERS = (VALUE, REWARD)  # adapters read through a scalar head, not the LM head
+
+
+def value_adapter(policy: str) -> str:
+    """Policy `policy`'s value adapter: `value` for the run's one policy, `<policy>-value` for
+    each of several (no policy name ends in -value)."""
+    return VALUE if policy == POLICY else f"{policy}-{VALUE}"
+
+
+def head_kind(adapter: str) -> str | None:
+    """The scalar head an adapter is read through, VALUE or REWARD; None: the LM head."""
+    if adapter == REWARD:
+        return REWARD
+    return VALUE if adapter == VALUE or adapter.endswith(f"-{VALUE}") else None
 
 
 @dataclass
@@ -125,28 +139,47 @@ class PolicyValueModel:
                 gradient_checkpointing_kwargs={"use_reentrant": False})
             # transformers checkpoints a layer only in training mode: flag the layers alone
             # (below), so their dropout stays off as everywhere else
-        checkpointed = [m for m in base.modules() if getattr(m, "gradient_checkpointing", False)]
+        self.checkpointed = [m for m in base.modules()
+                             if getattr(m, "gradient_checkpointing", False)]
+        self.module_names = {part for key, _ in base.named_modules() for part in key.split(".")}
         self.dtype, self.device = dtype, torch.device(device)
         base.to(self.device)
+        self.check_adapter_name(adapters[0])
         self.model = get_peft_model(base, lora_config(lora), adapter_name=adapters[0])
         self.heads: dict[str, torch.nn.Linear] = {}
         self._add_head(adapters[0])
         for name in adapters[1:]:  # critic-free algorithms carry no value adapter (memory)
             self.add_adapter(name, lora)
-        self.model.eval()  # no dropout by default; lora.dropout still applies via train()
-        for layer in checkpointed:
+        self.eval()
+
+    def eval(self) -> None:
+        """Every module in eval mode, no dropout (lora.dropout still applies via train()), but
+        for the training flag of the checkpointed layers (`__init__`)."""
+        self.model.eval()
+        for layer in self.checkpointed:
             layer.training = True
 
+    def check_adapter_name(self, name: str) -> None:
+        """PEFT tells the adapters' tensors apart by the name between dots, and finds its own
+        by `lora_` in theirs: a name that is also a module's (a layer's index, `mlp`; PEFT's
+        `lora_A`, `base_layer`) or part of `lora_` mixes them up."""
+        peft_names = name in "lora_" or name.startswith("lora_") or name == "base_layer"
+        if name in self.module_names or peft_names:
+            raise ValueError(f"adapter name {name!r} is also the name of a module of the "
+                             "model or part of PEFT's, which PEFT would confuse; rename it")
+
     def add_adapter(self, name: str, lora: object) -> None:
+        self.check_adapter_name(name)
         self.model.add_adapter(name, lora_config(lora))
         self._add_head(name)
 
     def _add_head(self, name: str) -> None:
-        if name not in SCALAR_ADAPTERS:
+        kind = head_kind(name)
+        if kind is None:
             return
         hidden = self.model.get_base_model().config.hidden_size
         head = torch.nn.Linear(hidden, 1, dtype=self.dtype, device=self.device)
-        if name == VALUE:
+        if kind == VALUE:
             # Small non-zero weights: near-zero values to start from, but not a zero head,
             # which would block the value LoRA's first gradients. A reward head keeps
             # Linear's default init: a near-zero one left Bradley-Terry stuck at log 2.
@@ -168,17 +201,18 @@ class PolicyValueModel:
         base = self.model.get_base_model()
         return getattr(base, base.base_model_prefix)
 
-    def active(self, adapters: list[str] | None) -> AbstractContextManager:
-        """The context of forward passes under the policy adapter (None), or under `adapters`
-        active together (their updates summed; [] = none: the base; the meet stage)."""
-        if adapters is None:
-            self.model.set_adapter(POLICY)
+    def active(self, adapters: str | list[str]) -> AbstractContextManager:
+        """The context of forward passes under adapter `adapters` (a name), or under the
+        `adapters` listed active together (their updates summed; [] = none: the base; the meet
+        stage)."""
+        if isinstance(adapters, str):
+            self.model.set_adapter(adapters)
         elif adapters:  # PEFT's model-level set_adapter takes one name; its LoRA model several
             self.model.base_model.set_adapter(adapters)
         return self.model.disable_adapter() if adapters == [] else nullcontext()
 
     def logprobs(
-        self, batch: TokenBatch, with_entropy: bool = False, adapters: list[str] | None = None,
+        self, batch: TokenBatch, with_entropy: bool = False, adapters: str | list[str] = POLICY,
     ):
         """Log-probs of the response tokens under the policy adapter, or under `adapters`
         (`active`) ([B, T])."""
@@ -192,15 +226,15 @@ class PolicyValueModel:
     def reference_logprobs(self, batch: TokenBatch) -> Tensor:
         return self.logprobs(batch, adapters=[])  # every adapter off: the base model
 
-    def values(self, batch: TokenBatch) -> Tensor:
-        """V(state before response token k) from the value adapter + head ([B, T])."""
+    def values(self, batch: TokenBatch, name: str = VALUE) -> Tensor:
+        """V(state before response token k) from value adapter `name` + its head ([B, T])."""
         # set_adapter also makes only the active adapter trainable, so each forward activates
         # its own adapter and leaves it active until its backward has run.
-        self.model.set_adapter(VALUE)
+        self.model.set_adapter(name)
         hidden = self._decoder()(
             input_ids=batch.input_ids, attention_mask=batch.attention_mask
         ).last_hidden_state
-        return self.heads[VALUE](gather_positions(hidden, batch.positions)).squeeze(-1)
+        return self.heads[name](gather_positions(hidden, batch.positions)).squeeze(-1)
 
     def scores(self, input_ids: Tensor, attention_mask: Tensor, name: str = REWARD) -> Tensor:
         """A scalar-head adapter's score of each whole right-padded row: the head on the hidden
@@ -234,7 +268,9 @@ def lora_config(lora: object):
 
 
 def head_file(directory: Path, name: str) -> Path:
-    return directory / f"{name}_head.safetensors"
+    """Adapter `name`'s scalar head, named after its kind (a policy's value head is
+    `value_head`, whatever the policy's name)."""
+    return directory / f"{head_kind(name)}_head.safetensors"
 
 
 def save_adapter(net: PolicyValueModel, name: str, version: int, directory: Path) -> Path:

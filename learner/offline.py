@@ -17,7 +17,7 @@ class OfflineUpdater:
         core = self.core
         batch = core.collate([e.prompt_ids for e in examples], [e.response_ids for e in examples])
         with core.autocast():
-            logp = core.net.logprobs(batch)
+            logp = core.logprobs(batch)
         return core.nll_step(batch, logp, core.policy_params, core.policy_opt, version)
 
     def dpo_step(self, pairs: list[PreferencePair], beta: float, version: int) -> OfflineStats:
@@ -26,7 +26,7 @@ class OfflineUpdater:
         batch = core.collate([p.prompt_ids for p in pairs] * 2,
                              [p.chosen_ids for p in pairs] + [p.rejected_ids for p in pairs])
         with core.autocast():
-            seq_logp = (core.net.logprobs(batch) * batch.mask).sum(-1)
+            seq_logp = (core.logprobs(batch) * batch.mask).sum(-1)
             ref_seq_logp = (core.net.reference_logprobs(batch) * batch.mask).sum(-1)
         n = len(pairs)
         loss, margin = dpo_loss(

@@ -23,11 +23,13 @@ class RewardAdapter:
     def __init__(self, core: LearnerCore, spec: LearnerSpec, dtype: str,
                  lr: float | None = None) -> None:
         """dtype: the base's (model.dtype as resolved); lr: a fresh reward adapter + head that
-        the rm stage trains, None: one to `load`."""
+        the rm stage trains, None: one to `load`. A fresh one takes the first policy's LoRA
+        settings (an rm stage's run has one policy)."""
         self.core, self.spec, self.dtype = core, spec, dtype
+        self.lora = spec.policies[0].lora
         self.trainer: RewardModelTrainer | None = None
         if lr is not None:
-            core.net.add_adapter(REWARD, spec.lora)
+            core.net.add_adapter(REWARD, self.lora)
             self.trainer = RewardModelTrainer(core.net, lr, core.max_grad_norm, core.pad_id)
         self.tokenizer = None  # loaded by the first `score`
 
@@ -39,7 +41,7 @@ class RewardAdapter:
 
     def save(self, directory: str, info: dict) -> str:
         spec = self.spec
-        return str(save_reward_model(self.core.net, Path(directory), spec.model_path, spec.lora,
+        return str(save_reward_model(self.core.net, Path(directory), spec.model_path, self.lora,
                                      self.dtype, info))
 
     def load(self, directory: str) -> dict:

@@ -13,11 +13,12 @@ import torch
 from torch import Tensor
 
 from ..common.records import ScoredRollout, TrainStats
+from ..common.specs import PolicySpec
 from .algorithms.off_policy import behaviour_weights, weighted_token_mean
 from .algorithms.ppo import kl_penalty, masked_mean
 from .algorithms.registry import AlgoConfig, objective_function
 from .core import LearnerCore, SyncError, padded
-from .model import VALUE, TokenBatch, collate_scored
+from .model import TokenBatch, collate_scored
 
 # (micro-batch, its row indices in the batch) -> (loss, metrics)
 MicroLoss = Callable[[TokenBatch, Tensor], tuple[Tensor, dict[str, Tensor]]]
@@ -73,12 +74,12 @@ class ValueModel:
 
     def __init__(self, rl: RLUpdater, lr: float) -> None:
         self.rl = rl
-        self.params = rl.core.net.adapter_parameters(VALUE)
+        self.params = rl.core.net.adapter_parameters(rl.core.value_name)
         self.opt = torch.optim.AdamW(self.params, lr=lr, weight_decay=0)
 
     def values(self, batch: TokenBatch) -> Tensor:
         """V(state before response token k) ([B, T])."""
-        return self.rl.core.net.values(batch)
+        return self.rl.core.values(batch)
 
     def prompt_values(self, batch: TokenBatch) -> Tensor:
         """V(x): the value at the position that predicts the first response token ([B])."""
@@ -93,18 +94,18 @@ class ValueModel:
 
 
 class RLUpdater:
-    def __init__(
-        self, core: LearnerCore, algo: AlgoConfig, seed: int, max_staleness: int,
-        max_behaviour_weight: float,
-    ) -> None:
-        """max_staleness: how many versions behind the learner a rollout's adapter may be (0:
-        on-policy only, no behaviour weights). A value adapter must already be on the net
-        where the algorithm fits one (algo.value_model)."""
+    def __init__(self, core: LearnerCore, policy: PolicySpec) -> None:
+        """Policy `policy`'s updater (its algorithm, seed, staleness bound), on `core`, the
+        policy's. policy.max_staleness: how many versions behind the policy a rollout's adapter
+        may be (0: on-policy only, no behaviour weights). The policy's value adapter must
+        already be on the net where its algorithm fits one (algo.value_model)."""
+        algo: AlgoConfig = policy.algo
         self.core, self.algo = core, algo
         self.objective = objective_function(algo)
         self.value = ValueModel(self, algo.value_lr) if algo.value_model else None
-        self.generator = torch.Generator().manual_seed(seed)  # the minibatch shuffle
-        self.max_staleness, self.max_behaviour_weight = max_staleness, max_behaviour_weight
+        self.generator = torch.Generator().manual_seed(policy.seed)  # the minibatch shuffle
+        self.max_staleness = policy.max_staleness
+        self.max_behaviour_weight = policy.max_behaviour_weight
 
     def train_step(self, scored: list[ScoredRollout], version: int) -> TrainStats:
         """One update of the policy at `version` on rollouts of at most max_staleness versions
@@ -114,7 +115,7 @@ class RLUpdater:
         objective = self.objective(self, ctx)
 
         def loss_of(mb, rows):
-            logp, entropy = self.core.net.logprobs(mb, with_entropy=True)
+            logp, entropy = self.core.logprobs(mb, with_entropy=True)
             loss, metrics = objective.loss(mb, rows, logp, ctx.old_logp_of(rows, logp))
             return loss, {"entropy": masked_mean(entropy, mb.mask), **metrics}
 
@@ -136,6 +137,14 @@ class RLUpdater:
 
     @torch.no_grad()
     def prepare(self, scored: list[ScoredRollout], version: int) -> BatchContext:
+        name = self.core.name
+        others = [s.rollout for s in scored if s.rollout.policy != name]
+        if others:
+            r = others[0]
+            raise SyncError(
+                f"{len(others)} rollouts were sampled by policy {r.policy!r} ({r.sample_id} on "
+                f"worker {r.worker_id}), not by {name!r}: a policy trains on its own rollouts only"
+            )
         stale = [s.rollout for s in scored
                  if not 0 <= version - s.rollout.adapter_version <= self.max_staleness]
         if stale:
@@ -152,7 +161,7 @@ class RLUpdater:
         one_step = (algo.epochs == 1 and algo.minibatch_size >= len(scored)
                     and not algo.needs_old_logp_first and self.max_staleness == 0)
         with self.core.autocast():
-            old_logp = torch.zeros_like(batch.mask) if one_step else net.logprobs(batch)
+            old_logp = torch.zeros_like(batch.mask) if one_step else self.core.logprobs(batch)
             ref_logp = net.reference_logprobs(batch) if algo.uses_reference else None
         vllm_logp = padded([s.rollout.logprobs for s in scored], batch)
         weights = batch.mask if self.max_staleness == 0 else behaviour_weights(
@@ -201,6 +210,7 @@ class RLUpdater:
             for key, value in {"loss": loss, **metrics}.items():
                 value = share * value.detach()
                 totals[key] = totals[key] + value if key in totals else value
+        self.core.check_finite("loss", totals["loss"])
         totals["grad_norm"] = self.core.clip_and_step(params, optimizer)
         return totals
 

@@ -4,24 +4,28 @@ from __future__ import annotations
 
 import math
 import re
+from dataclasses import fields
 
 import torch
 
-from lorafleet.common.config import LoRAConfig
 from lorafleet.common.data import PromptStream, encode_prompts
-from lorafleet.common.records import Prompt, Rollout, ScoredRollout
-from lorafleet.common.specs import LearnerSpec
+from lorafleet.common.records import POLICY, Prompt, Rollout, ScoredRollout
+from lorafleet.common.specs import LearnerSpec, PolicySpec
 from lorafleet.common.tasks.addition import AdditionTask
 from lorafleet.common.tasks.registry import build_task
 from lorafleet.learner.actor import Learner
 from lorafleet.learner.algorithms.registry import PPOConfig
 
 
-def new_learner(model_path: str, pad_id: int, algo=None, **keys) -> Learner:
-    """A float32 CPU learner with 2 threads, of `algo` (default: PPO) and the LearnerSpec
-    `keys` (default: an rl stage, seed 0)."""
-    return Learner(LearnerSpec(model_path, pad_id, algo or PPOConfig(), LoRAConfig(),
-                               dtype="float32", threads=2, **keys))
+def new_learner(model_path: str, pad_id: int, algo=None, policies=None, **keys) -> Learner:
+    """A float32 CPU learner with 2 threads of `policies` (PolicySpecs; default: the one
+    policy, of `algo` (default: PPO) and the PolicySpec `keys` among `keys`, seed 0) and the
+    LearnerSpec `keys` (default: an rl stage)."""
+    own = {f.name for f in fields(PolicySpec)}
+    policy = {key: keys.pop(key) for key in own & keys.keys()}
+    policies = policies or (PolicySpec(algo=algo or PPOConfig(), **policy),)
+    return Learner(LearnerSpec(model_path, pad_id, tuple(policies), dtype="float32", threads=2,
+                               **keys))
 
 
 def perturbed_learner(
@@ -86,16 +90,18 @@ def fn_none(completions, **kwargs):
     return [None] * len(completions)
 
 
-def contrast_batch(tokenizer, version: int, offset: int = 1) -> list[ScoredRollout]:
-    """32 prompts x [correct answer (reward 1), the sum + offset (reward 0)], prompt-major;
-    offset 1 is the shipped model's habit."""
+def contrast_batch(tokenizer, version: int, offset: int = 1,
+                   policy: str = POLICY) -> list[ScoredRollout]:
+    """32 prompts x [correct answer (reward 1), the sum + offset (reward 0)], prompt-major,
+    sampled by `policy`; offset 1 is the shipped model's habit."""
     out = []
     for i, ex in enumerate(AdditionTask().examples("train")[:32]):
         prompt = Prompt(i, ex.prompt, tokenizer(ex.prompt).input_ids, {"reference": ex.answer})
         wrong = str(int(ex.answer) + offset)
         for k, (text, reward) in enumerate(((ex.answer, 1.0), (wrong, 0.0))):
             ids = tokenizer(text, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
-            rollout = Rollout(prompt, k, ids, text, [0.0] * len(ids), "stop", version, 0)
+            rollout = Rollout(prompt, k, ids, text, [0.0] * len(ids), "stop", version, 0,
+                              policy)
             out.append(ScoredRollout(rollout, reward))
     return out
 

@@ -170,7 +170,7 @@ def _variant_update(variant: str, model_path: str, setup: BenchSetup, vocab_size
     """The variant's learner on the batch; returns one update as a callable."""
     from ...common.config import LoRAConfig
     from ...common.records import PreferencePair, SFTExample
-    from ...common.specs import LearnerSpec
+    from ...common.specs import LearnerSpec, PolicySpec
     from ...learner.actor import Learner
     from ...learner.algorithms.registry import algorithm
     from ...learner.model import DTYPES, REWARD, PolicyValueModel
@@ -191,8 +191,8 @@ def _variant_update(variant: str, model_path: str, setup: BenchSetup, vocab_size
         return _full_ppo_update(model_path, setup, algo, batch)
     stage = {"sft_lora": "sft", "dpo": "dpo"}.get(variant, "rl")
     learner = Learner(LearnerSpec(
-        model_path, PAD, algo, lora, stages=(stage,), dtype=setup.dtype, threads=2,
-        device=setup.device,
+        model_path, PAD, (PolicySpec(algo=algo, lora=lora),), stages=(stage,),
+        dtype=setup.dtype, threads=2, device=setup.device,
     ))
     mb = setup.minibatch_rows
     if variant == "sft_lora":
@@ -255,20 +255,22 @@ class FullParameterModels:
             return list(self.policy.parameters())
         return [*self.value.parameters(), *self.head.parameters()]
 
-    def logprobs(self, batch, with_entropy: bool = False, model=None):
+    def logprobs(self, batch, with_entropy: bool = False, adapters=None):
+        """The policy copy's log-probs, or the reference copy's for `adapters` [] (as the
+        adapter stack's with every adapter off)."""
         from ...learner.model import token_logprobs
 
-        logits = (model or self.policy)(
-            input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        model = self.reference if adapters == [] else self.policy
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
         return token_logprobs(logits, batch, with_entropy)
 
     def reference_logprobs(self, batch):
         import torch
 
         with torch.no_grad():
-            return self.logprobs(batch, model=self.reference)
+            return self.logprobs(batch, adapters=[])
 
-    def values(self, batch):
+    def values(self, batch, name=None):
         from ...learner.model import gather_positions
 
         hidden = self.value.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
@@ -278,14 +280,13 @@ class FullParameterModels:
 def _full_ppo_update(model_path: str, setup: BenchSetup, algo, batch: list):
     """Full-parameter PPO through the learner's RL updater (every update on version 0's
     rollouts: nothing here counts versions)."""
-    from ...common.config import DEFAULT_MAX_BEHAVIOUR_WEIGHT
+    from ...common.specs import PolicySpec
     from ...learner.core import LearnerCore
     from ...learner.rl import RLUpdater
 
     core = LearnerCore(FullParameterModels(model_path, setup), PAD, algo.max_grad_norm, None,
                        algo.policy_lr)
-    rl = RLUpdater(core, algo, seed=0, max_staleness=0,
-                   max_behaviour_weight=DEFAULT_MAX_BEHAVIOUR_WEIGHT)
+    rl = RLUpdater(core, PolicySpec(algo=algo))
     return lambda: rl.train_step(batch, 0)
 
 

@@ -30,7 +30,7 @@ def raw_vllm_tokens_per_s(cfg, model_path: str, repeats: int = 3) -> tuple[float
     """(base model tok/s, LoRA tok/s) of one engine given all the fleet's threads."""
     from transformers import AutoTokenizer
 
-    from ...common.specs import LearnerSpec
+    from ...common.specs import LearnerSpec, PolicySpec
     from ...learner.actor import Learner
     from ...rollout.worker import RolloutWorker
 
@@ -42,8 +42,9 @@ def raw_vllm_tokens_per_s(cfg, model_path: str, repeats: int = 3) -> tuple[float
     # the whole rollout group's threads in one engine
     engine = RolloutWorker(replace(engine_spec(cfg, model_path), threads_per_worker=threads))
     learner = Learner(LearnerSpec(
-        model_path, pad_token_id(tokenizer), cfg.algo, cfg.lora, dtype=cfg.model.dtype,
-        seed=cfg.seed, threads=threads,
+        model_path, pad_token_id(tokenizer),
+        (PolicySpec(algo=cfg.algo, lora=cfg.lora, seed=cfg.seed),), dtype=cfg.model.dtype,
+        threads=threads,
     ))
     engine.load_snapshot(learner.publish())
 

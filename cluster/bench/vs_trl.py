@@ -208,14 +208,14 @@ def learner_gflops(cfg, model_path: str, response_tokens: int, attention: str,
     from transformers import AutoTokenizer
 
     from ...common.data import pad_token_id
-    from ...common.specs import LearnerSpec
+    from ...common.specs import LearnerSpec, PolicySpec
     from ...learner.actor import Learner
     from .memory import BenchSetup, random_scored_batch
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     learner = Learner(LearnerSpec(
-        model_path, pad_token_id(tokenizer), cfg.algo, cfg.lora, dtype=cfg.model.dtype, seed=0,
-        threads=cfg.learner.threads, autocast=cfg.learner.autocast,
+        model_path, pad_token_id(tokenizer), (PolicySpec(algo=cfg.algo, lora=cfg.lora),),
+        dtype=cfg.model.dtype, threads=cfg.learner.threads, autocast=cfg.learner.autocast,
         attn_implementation=attention,
     ))
     setup = BenchSetup(prompts=PROMPTS, samples=SAMPLES, prompt_tokens=6,

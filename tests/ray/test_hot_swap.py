@@ -107,7 +107,7 @@ def test_stale_and_silent_noop_swaps_are_detected(engine, prompts, tokenizer, mo
     stale_probe = engine.probe([p.token_ids for p in prompts[:8]], max_tokens=6)
 
     perturb_policy(learner, seed=99)  # the learner moves on to new weights...
-    learner.version = 1
+    learner.core.version = 1
     v1 = learner.publish()
     # ...a worker that never received v1 reports v0: a version mismatch.
     with pytest.raises(SyncError, match="reports adapter v0, learner published v1"):
@@ -123,7 +123,7 @@ def test_stale_and_silent_noop_swaps_are_detected(engine, prompts, tokenizer, mo
 
     # Rollouts from an old adapter are refused by the learner's update.
     old = sample(engine, prompts[:2])
-    learner.version = 2
+    learner.core.version = 2
     from lorafleet.common.records import ScoredRollout
 
     with pytest.raises(SyncError, match="stale"):
