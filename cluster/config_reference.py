@@ -202,8 +202,8 @@ and that differ from the old one's defaults.
 
 ```yaml
 policies:
-  - {{name: a, seed: 1}}
-  - {{name: b, seed: 2, algo: {{policy_lr: 3.0e-4}}, reward.fns: [exact_match]}}
+  - {{name: seed1, seed: 1}}
+  - {{name: lr3e-4, seed: 2, algo: {{policy_lr: 3.0e-4}}, reward.fns: [exact_match]}}
 ```
 
 `lorafleet sweep CONFIG algo.policy_lr=1e-4,3e-4 seed=0,1` writes such entries for you: one

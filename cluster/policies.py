@@ -84,7 +84,9 @@ def policy_name(index: int, entry: Mapping[str, Any]) -> str:
                           "characters")
     if RESERVED_NAME.fullmatch(name):
         raise ConfigError(f"policies[{name}]: name {name!r} is reserved for the learner's own "
-                          "adapters (value, reward, shared, level<k>, control<k>, *-value)")
+                          "adapters, or PEFT would confuse it with its own (value, reward, shared, "
+                          "level<k>, control<k>, *-value, a layer index, lora*, base_layer, "
+                          "a, l, o, r)")
     return name
 
 

@@ -40,5 +40,5 @@ def test_policies_section_example_loads(tmp_path):
     path = tmp_path / "policies.yaml"
     path.write_text(example)
     names = [name for name, _ in expand_policies(load_train_config(path))]
-    assert names == ["a", "b"]
+    assert names == ["seed1", "lr3e-4"]
     assert "`task.*`" in section and "`rollout.temperature`" in section

@@ -30,27 +30,27 @@ def test_each_policy_is_the_top_level_with_its_overrides(tmp_path: Path):
     path.write_text(yaml.safe_dump({
         "run_dir": "runs/two", "iterations": 3, "algo": {"kl_coef": 0.05},
         "policies": [
-            {"name": "a", "seed": 1},
+            {"name": "x", "seed": 1},
             {"name": "b", "algo": {"policy_lr": 3e-4}, "reward.fns": ["exact_match"],
              "rollout": {"temperature": 0.7}},
-            {"name": "c"},
+            {"name": "z"},
         ],
     }))
     cfg = load_train_config(path)
     (a_name, a), (b_name, b), (c_name, c) = expand_policies(cfg)
-    assert [a_name, b_name, c_name] == ["a", "b", "c"]
-    assert [p.run_dir for p in (a, b, c)] == ["runs/two/a", "runs/two/b", "runs/two/c"]
+    assert [a_name, b_name, c_name] == ["x", "b", "z"]
+    assert [p.run_dir for p in (a, b, c)] == ["runs/two/x", "runs/two/b", "runs/two/z"]
     assert all(p.policies == [] and p.iterations == 3 for p in (a, b, c))
     assert (a.seed, b.seed) == (1, 0)
     assert (b.algo.policy_lr, b.algo.kl_coef, b.reward.fns, b.rollout.temperature) == (
         3e-4, 0.05, ["exact_match"], 0.7)
     # one policy's overrides reach neither the top level nor the others
-    assert c == TrainConfig(**{**vars(cfg), "run_dir": "runs/two/c", "policies": []})
+    assert c == TrainConfig(**{**vars(cfg), "run_dir": "runs/two/z", "policies": []})
     assert cfg.reward.fns == [] and cfg.algo.policy_lr == PPOConfig().policy_lr
 
 
 def test_a_policy_config_saves_and_loads_back(tmp_path: Path):
-    cfg = load_train_config(None, ["policies=[{name: a, lora.rank: 16}]"])
+    cfg = load_train_config(None, ["policies=[{name: x, lora.rank: 16}]"])
     save_config(cfg, tmp_path / "run.yaml")
     assert load_train_config(tmp_path / "run.yaml") == cfg
     [(_, policy)] = expand_policies(cfg)
@@ -93,22 +93,22 @@ def test_another_task_on_a_hub_model_takes_its_own_reward():
 
 
 def test_on_the_embedded_model_the_task_is_shared_but_its_reward():
-    [(_, own)] = policies_of("{name: a, task.reward_fn: vader_compound}")
+    [(_, own)] = policies_of("{name: x, task.reward_fn: vader_compound}")
     assert own.task.reward_fn == "vader_compound"
-    for entry, key in (("{name: a, task.seed: 7}", "seed"),
-                       ("{name: a, task.name: sst2}", "name"),
-                       ("{name: a, task: {demo_error_rate: 0.1}}", "demo_error_rate")):
-        with pytest.raises(ConfigError, match=rf"^policies\[a\]: task\.{key}: with "
+    for entry, key in (("{name: x, task.seed: 7}", "seed"),
+                       ("{name: x, task.name: sst2}", "name"),
+                       ("{name: x, task: {demo_error_rate: 0.1}}", "demo_error_rate")):
+        with pytest.raises(ConfigError, match=rf"^policies\[x\]: task\.{key}: with "
                                               r"model\.name_or_path=tiny the base model is "
                                               "built from the task"):
             policies_of(entry)
-    [(_, hub)] = policies_of("{name: a, task.seed: 7}", overrides=tuple(HUB_MODEL))
+    [(_, hub)] = policies_of("{name: x, task.seed: 7}", overrides=tuple(HUB_MODEL))
     assert hub.task.seed == 7
 
 
 @pytest.mark.parametrize(("entries", "overrides", "message"), [
-    (["{name: a}", "{name: a, seed: 1}"], [], r"policies\[a\]: two policies are named 'a'"),
-    (["{name: a}", "{seed: 1}"], [], r"policies\[1\]: name is missing"),
+    (["{name: x}", "{name: x, seed: 1}"], [], r"policies\[x\]: two policies are named 'x'"),
+    (["{name: x}", "{seed: 1}"], [], r"policies\[1\]: name is missing"),
     (["{name: a.b}"], [], r"policies\[0\]: name 'a\.b' must be letters, digits and _=\+-"),
     (["{name: -a}"], [], r"policies\[0\]: name '-a' must be"),
     (["{name: ''}"], [], r"policies\[0\]: name '' must be"),
@@ -119,6 +119,9 @@ def test_on_the_embedded_model_the_task_is_shared_but_its_reward():
     (["{name: level0}"], [], r"policies\[level0\]: name 'level0' is reserved"),
     (["{name: control12}"], [], r"policies\[control12\]: name 'control12' is reserved"),
     (["{name: b-value}"], [], r"policies\[b-value\]: name 'b-value' is reserved"),
+    (["{name: a}"], [], r"policies\[a\]: name 'a' is reserved"),  # in PEFT's lora_ prefix
+    (["{name: '1'}"], [], r"policies\[1\]: name '1' is reserved"),  # a layer's index
+    (["{name: lora_x}"], [], r"policies\[lora_x\]: name 'lora_x' is reserved"),
     (["{name: b, model.max_model_len: 64}"], [],
      r"policies\[b\]: model\.max_model_len is shared by every policy \(one base model, one "
      r"fleet\); set it at the top level"),
@@ -134,9 +137,9 @@ def test_on_the_embedded_model_the_task_is_shared_but_its_reward():
      r"policies\[b\]: unknown key\(s\) 'rollout\.temprature'; allowed keys in rollout: "),
     (["{name: b, seed.x: 1}"], [], r"policies\[b\]: seed\.x: seed is 0, not a section"),
     (["3"], [], r"policies\[0\]: expected dict\[str, Any\], got 3"),
-    (["{name: a}", "{name: b}", "{name: c}"], ["rollout.max_loras=2"],
+    (["{name: x}", "{name: b}", "{name: z}"], ["rollout.max_loras=2"],
      r"policies: 3 policies, but each rollout engine serves rollout\.max_loras=2 adapters"),
-    (["{name: a}"], ["stages=[sft, rl]"],
+    (["{name: x}"], ["stages=[sft, rl]"],
      r"policies: several policies train only in the rl stage; this run has stages "
      r"\['sft', 'rl'\]"),
 ])
