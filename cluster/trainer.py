@@ -249,7 +249,10 @@ class Trainer:
             self.stop(policy, exc)
 
     def stop(self, policy: PolicyState, exc: Exception) -> None:
-        policy.stopped = f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
+        import ray
+
+        cause = exc.cause if isinstance(exc, ray.exceptions.RayTaskError) else exc
+        policy.stopped = f"{type(cause).__name__}: {str(cause).splitlines()[0]}"
         print(f"policy {policy.name} stopped, the others go on: {policy.stopped}", flush=True)
         self.fleet.forget(policy.name)
         self.write_summary(policy)

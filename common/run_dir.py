@@ -114,7 +114,10 @@ class RunDir:
     def discard_if_unused(self) -> None:
         """Remove a run that logged nothing (its start failed, e.g. on resources): a failed
         start leaves no half run, and the next run may take the same directory."""
-        if self.path.is_dir() and not self.metrics.exists() and not self.checkpoints.exists():
+        if not self.path.is_dir():
+            return
+        runs = [self, *(self.policy(name) for name in self.policy_names())]
+        if not any(run.metrics.exists() or run.checkpoints.exists() for run in runs):
             shutil.rmtree(self.path)
 
     def write_summary(self, summary: dict) -> None:
