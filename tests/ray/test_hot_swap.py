@@ -175,7 +175,7 @@ def test_one_call_mixes_the_adapters_of_two_slots(engine, prompts, tokenizer, mo
     learner = perturbed_learner(model_path, tokenizer.pad_token_id, scale=0.2)
     first = learner.publish()
     perturb_policy(learner, seed=7, scale=0.2)
-    learner.version = 1
+    learner.core.version = 1
     second = learner.publish()
     engine.load_snapshot(first)
     engine.load_snapshot(second, "other")
