@@ -59,6 +59,9 @@ def load_policies(cfg: TrainConfig) -> list[PolicyState]:
             if len(configs) == 1:
                 raise
             raise type(exc)(f"policies[{name}]: {exc}") from exc
+        if cfg.reward.model_on_learner and policy_cfg.reward.model != cfg.reward.model:
+            raise ConfigError(f"policies[{name}]: reward.model differs from the run's, but "
+                              "with reward.model_on_learner the learner holds one reward model")
         first = policies[0] if policies else None
         if first is not None and inputs.model_path != first.inputs.model_path:
             raise ConfigError(
