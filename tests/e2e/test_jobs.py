@@ -36,15 +36,22 @@ WINDOW = 5
 # held-out sampled reward 0.244-0.261 -> 0.821-0.851 (3.19x-3.38x), greedy accuracy 0.048 ->
 # 0.904-0.916 (+0.856 to +0.868), train reward of iterations 0-4 -> 15-19 +0.287 to +0.326.
 # With the earlier sdpa kernel: 3.23x-3.46x, +0.844 to +0.860, +0.266 to +0.327; seed 0 with 1
-# learner thread and ATEN_CPU_CAPABILITY=avx2: 3.25x, +0.852, +0.317. Asserted well below the
-# smallest value seen, so another CPU's float path cannot fail them; a flat curve would.
+# learner thread and ATEN_CPU_CAPABILITY=avx2: 3.25x, +0.852, +0.317. As the `exact` policy of
+# POLICIES below (seeds 0, 1, 2): 3.19x-3.38x, +0.856 to +0.868, +0.287 to +0.326. Asserted
+# well below the smallest value seen, so another CPU's float path cannot fail them; a flat
+# curve would.
 MIN_SAMPLED_RATIO = 2.0  # held-out sampled reward, end / start
 MIN_GREEDY_GAIN = 0.4  # held-out greedy accuracy, end - start
 MIN_REWARD_GAIN = 0.12  # train reward, mean of the last 5 iterations - the first 5
-# The opposite targets (exact vs plus_one), measured over seeds 0, 1, 2: TO BE MEASURED
-MIN_OWN_TARGET = 0.5  # held-out greedy answers that are the policy's own target (HF + PEFT)
-MIN_DISAGREEMENT = 0.5  # held-out prompts where the two policies' greedy answers differ
-MIN_OWN_GAIN = {"exact": 0.4, "plus_one": 0.0}  # held-out greedy on its own target, end - start
+# The opposite targets (exact vs plus_one) of POLICIES, measured over seeds 0, 1, 2 (`lorafleet
+# train` of this job with seed=S, 2 cores, AMD EPYC): held-out greedy answers that are the
+# policy's own target (HF + PEFT) exact 0.904-0.916, plus_one 0.960-0.976; the two disagree on
+# 0.996-1.000 of the prompts; held-out sampled reward on its own target, end - start, exact
+# +0.564 to +0.590, plus_one +0.246 to +0.276 (it starts at the shipped model's habit: greedy
+# 0.936 -> 0.960-0.976). The default job alone, for comparison: greedy 0.904-0.916.
+MIN_OWN_TARGET = 0.6
+MIN_DISAGREEMENT = 0.8
+MIN_OWN_GAIN = {"exact": 0.3, "plus_one": 0.12}
 
 
 def run_short_job(config: str, tmp_path, checkpoint_every: int):
@@ -268,9 +275,9 @@ def test_opposite_targets_each_learn_their_own_and_disagree(default_job, tiny_mo
     disagree = 1 - fraction(answers["exact"], answers["plus_one"])
     assert hits["exact"] > MIN_OWN_TARGET and hits["plus_one"] > MIN_OWN_TARGET, hits
     assert disagree > MIN_DISAGREEMENT, (hits, disagree)
-    for name in ("exact", "plus_one"):  # each one's greedy accuracy on its own target rose
+    for name in ("exact", "plus_one"):  # each one's held-out reward on its own target rose
         evals = root.policy(name).read_summary()["stage_evals"]
-        assert evals[-1]["eval_greedy"] > evals[0]["eval_greedy"] + MIN_OWN_GAIN[name], evals
+        assert evals[-1]["eval_reward"] > evals[0]["eval_reward"] + MIN_OWN_GAIN[name], evals
 
 
 def fraction(answers: list[str], targets: list[str]) -> float:
