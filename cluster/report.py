@@ -6,13 +6,14 @@ from __future__ import annotations
 import json
 
 from ..common.corpora import LoadedDataset
-from ..common.metrics import mean
+from ..common.metrics import mean, read_metrics, summarize
 from ..common.records import TrainStats
 from ..common.run_dir import RunDir
 from ..common.tasks.base import Task
 from .evaluation import answer_pairs
 from .fleet import SyncFigures
 from .pipeline import ScoredBatch
+from .policy_state import PolicyState
 
 EVAL_KEYS = ("eval_reward", "eval_greedy")
 
@@ -50,6 +51,43 @@ def iteration_row(
         "samples_per_s": len(scored) / step_seconds,
         "learner_wait_seconds": step_seconds - stats.train_seconds,
         "workers_wait_seconds": workers_wait_seconds,
+    }
+
+
+def policy_summary(policy: PolicyState, shared: dict, *, several: bool, reward_model: str | None,
+                   rm_eval: dict | None) -> dict:
+    """A policy's summary.json: its evaluations and headline figures (`summarize`), with the
+    run's `shared` ones (Trainer.shared_figures)."""
+    cfg, rows = policy.cfg, read_metrics(policy.run_dir)
+    return {
+        # the base adapter/ goes with (tiny: the built model)
+        "model_path": policy.inputs.model_path,
+        **({"policy": policy.name, "stopped": policy.stopped} if several else {}),
+        "stages": cfg.stages, "stage_evals": policy.stage_evals, "iterations": cfg.iterations,
+        # (an rm-only run trains no policy: nothing evaluated)
+        **{f"final_{k}": policy.stage_evals[-1][k] for k in EVAL_KEYS if policy.stage_evals},
+        "datasets": {k: v.describe() for k, v in policy.inputs.stage_data.items()},
+        "worker_restarts": shared["worker_restarts"],
+        "reward_errors": policy.scorer.errors if policy.scorer else 0,
+        "prompts_skipped_too_long": policy.inputs.prompts_skipped,
+        "resumed_from": None if policy.resume_from is None else str(policy.resume_from),
+        "reward_model": reward_model,
+        "reward_model_eval": rm_eval,
+        **{k: v for k, v in shared.items() if k != "worker_restarts"},
+        **(summarize(rows) if rows else {}),
+    }
+
+
+def policies_summary(policies: list[PolicyState], shared: dict, iterations: int,
+                     resumed_from: str | None) -> dict:
+    """The run root's summary.json with several policies: each policy's headline figures
+    (from its summary.json) and the run's shared ones."""
+    keys = ("stopped", "final_eval_reward", "final_eval_greedy", "reward_first_iterations",
+            "reward_last_iterations", "mean_step_seconds")
+    return {
+        "policies": {p.name: {k: p.run_dir.read_summary().get(k) for k in keys}
+                     for p in policies},
+        "iterations": iterations, "resumed_from": resumed_from, **shared,
     }
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 from functools import partial
 
 from ..common.configio import save_config
-from ..common.metrics import plot_reward_curve, read_metrics, summarize
+from ..common.metrics import plot_reward_curve, read_metrics
 from ..common.progress import progress
 from ..common.records import Prompt, TrainStats
 from ..common.run_dir import RunDir
@@ -30,7 +30,14 @@ from .evaluation import evaluate_prompts
 from .fleet import AdapterSync, SyncFigures, connect_ray, start_fleet
 from .pipeline import RolloutPipeline, ScoredBatch, launch_together
 from .policy_state import PolicyState, load_policies, place_policies, resume_policies
-from .report import EVAL_KEYS, iteration_row, print_summary, write_comparison
+from .report import (
+    EVAL_KEYS,
+    iteration_row,
+    policies_summary,
+    policy_summary,
+    print_summary,
+    write_comparison,
+)
 from .specs import engine_spec, learner_spec, reward_model_dir, reward_spec
 from .stages import run_meet_stage, run_offline_stage, run_rm_stage
 from .telemetry import DashboardMetrics, WandbLogger, write_rollouts
@@ -53,9 +60,7 @@ class PolicyLoop:
     staleness: int  # k: batches in flight ahead of the version that trains them
     sync: SyncFigures  # the verified sync of the adapter that sampled the next batch
     pending_sync: AdapterSync | None = None
-    batch: ScoredBatch | None = None  # this iteration's, when collected ahead
-    train: object = None  # the learner's update under way (ObjectRef)
-    evals: dict | None = None
+    batch: ScoredBatch | None = None  # this iteration's, when collected ahead (async)
     iter_start: float = 0.0
 
 
@@ -267,10 +272,11 @@ class Trainer:
         it is queued, at most k = its rollout.max_staleness versions behind the one that trains
         it: batches first..first+k by the adapter the stage starts from (queued for every
         policy at once, so each worker's engine batches across the policies' adapters), batch
-        j > first + k right after the swap to the version trained on batch j - k - 1. While
-        the learner trains one policy, the workers generate the others' batches and the reward
-        actors score them. A checkpoint records the cursor of the prompts trained on: batches
-        in flight are generated again after a resume."""
+        j > first + k right after the swap to the version trained on batch j - k - 1. Each
+        policy's turn is the one-policy iteration (`rl_iteration`), so the batch a policy
+        queues at the end of its turn is generated while the learner trains the next policies.
+        A checkpoint records the cursor of the prompts trained on: batches in flight are
+        generated again after a resume."""
         import ray
 
         cfg, learner = self.cfg, self.fleet.learner
@@ -294,41 +300,41 @@ class Trainer:
         postfix: dict[str, str] = {}
         for it in bar:
             for loop in self.active(loops):
+                self.show_in_flight(loops)
                 with self.isolated(loop.policy):
-                    if loop.pending_sync is not None:  # verified before it trains
-                        loop.sync = self.fleet.finish_sync(loop.pending_sync)
-                    loop.evals = self.iteration_evals(loop.policy, it)
-                    self.show_in_flight(loops)
-                    loop.batch = loop.batch or loop.pipeline.collect(it)
-                    loop.train = learner.train_step.remote(loop.batch.train, loop.policy.name)
-            next_batches = {}
-            for loop in self.active(loops):
-                with self.isolated(loop.policy):
-                    if it + 1 in loop.pipeline.in_flight:
-                        next_batches[loop.policy.name] = loop.pipeline.collect(it + 1)
-            for loop in self.active(loops):
-                with self.isolated(loop.policy):
-                    loop.pipeline.wait(loop.train)
-                    stats = ray.get(loop.train)
-                    self.on_event("trained", it)
-                    now = time.perf_counter()
-                    workers_wait = loop.pipeline.workers_idle_seconds(now)
-                    if it + 1 < cfg.iterations:
-                        loop.pending_sync = self.fleet.start_sync(loop.policy.name)
-                        if it + 1 + loop.staleness < cfg.iterations:
-                            self.launch([loop], it + 1 + loop.staleness)
-                    row = iteration_row(
-                        it, loop.batch, loop.evals, stats, loop.sync, loop.policy.inputs.task,
-                        step_seconds=now - loop.iter_start, workers_wait_seconds=workers_wait,
-                        worker_restarts=self.fleet.rollout.restarts,
-                        staleness_bound=loop.staleness,
-                    )
-                    self.record_iteration(loop, index, it, row, stats)
+                    row, stats = self.rl_iteration(loop, index, it)
                     postfix |= self.progress_postfix(loop.policy, row, stats)
                     bar.set_postfix(postfix, refresh=False)
-                    loop.iter_start = time.perf_counter()
-                    loop.batch = next_batches.get(loop.policy.name)
         self.show_in_flight(loops)
+
+    def rl_iteration(self, loop: PolicyLoop, index: int, it: int) -> tuple[dict, TrainStats]:
+        """Iteration `it` of one policy; returns its metrics row and the update's stats."""
+        import ray
+
+        iterations, name = self.cfg.iterations, loop.policy.name
+        if loop.pending_sync is not None:  # verified before it trains
+            loop.sync = self.fleet.finish_sync(loop.pending_sync)
+        evals = self.iteration_evals(loop.policy, it)
+        batch = loop.batch or loop.pipeline.collect(it)
+        train = self.fleet.learner.train_step.remote(batch.train, name)
+        next_batch = loop.pipeline.collect(it + 1) if it + 1 in loop.pipeline.in_flight else None
+        loop.pipeline.wait(train)
+        stats = ray.get(train)
+        self.on_event("trained", it)
+        now = time.perf_counter()
+        workers_wait = loop.pipeline.workers_idle_seconds(now)
+        if it + 1 < iterations:
+            loop.pending_sync = self.fleet.start_sync(name)
+            if it + 1 + loop.staleness < iterations:
+                self.launch([loop], it + 1 + loop.staleness)
+        row = iteration_row(
+            it, batch, evals, stats, loop.sync, loop.policy.inputs.task,
+            step_seconds=now - loop.iter_start, workers_wait_seconds=workers_wait,
+            worker_restarts=self.fleet.rollout.restarts, staleness_bound=loop.staleness,
+        )
+        self.record_iteration(loop, batch, index, it, row, stats)
+        loop.iter_start, loop.batch = time.perf_counter(), next_batch
+        return row, stats
 
     def active(self, loops: list[PolicyLoop]) -> list[PolicyLoop]:
         return [loop for loop in loops if loop.policy.stopped is None]
@@ -363,11 +369,11 @@ class Trainer:
             return self.evaluate(policy=policy)
         return {"eval_reward": None, "eval_greedy": None}
 
-    def record_iteration(self, loop: PolicyLoop, index: int, it: int, row: dict,
-                         stats: TrainStats) -> None:
+    def record_iteration(self, loop: PolicyLoop, batch: ScoredBatch, index: int, it: int,
+                         row: dict, stats: TrainStats) -> None:
         """Logs the row (metrics.jsonl, dashboard, rollouts Parquet) and checkpoints on
         schedule."""
-        cfg, policy, batch = self.cfg, loop.policy, loop.batch
+        cfg, policy = self.cfg, loop.policy
         if cfg.logging.rollouts_parquet:
             write_rollouts(policy.run_dir, index, it, batch.scored)
         self.log(row, stats.adapter_version, policy)
@@ -445,59 +451,32 @@ class Trainer:
                 self.write_summary(policy)
             ray.get(self.fleet.learner.save.remote(str(policy.run_dir.adapter), policy.name))
 
-    def write_summary(self, policy: PolicyState) -> dict:
+    def write_summary(self, policy: PolicyState) -> None:
         """The policy's summary.json (a stopped policy's says why, with what it reached)."""
+        policy.run_dir.write_summary(policy_summary(
+            policy, self.shared_figures(), several=self.several,
+            reward_model=reward_model_dir(policy.cfg, self.run_dir), rm_eval=self.rm_eval))
+
+    def run_summary(self) -> dict:
+        """The run root's summary.json with several policies."""
+        summary = policies_summary(self.policies, self.shared_figures(), self.cfg.iterations,
+                                   self.resumed_from)
+        self.run_dir.write_summary(summary)
+        return summary
+
+    def shared_figures(self) -> dict:
+        """What every policy of the run shares: the fleet's restarts and the run's times."""
         import ray
 
-        cfg = policy.cfg
-        rl_rows = read_metrics(policy.run_dir)
-        summary = {
-            # the base adapter/ goes with (tiny: the built model)
-            "model_path": policy.inputs.model_path,
-            **({"policy": policy.name, "stopped": policy.stopped} if self.several else {}),
-            "stages": cfg.stages, "stage_evals": policy.stage_evals,
-            "iterations": cfg.iterations,
-            # (an rm-only run trains no policy: nothing evaluated)
-            **{f"final_{k}": policy.stage_evals[-1][k] for k in EVAL_KEYS
-               if policy.stage_evals},
-            "datasets": {k: v.describe() for k, v in policy.inputs.stage_data.items()},
+        return {
             "worker_restarts": self.fleet.rollout.restarts,
-            "reward_errors": policy.scorer.errors if policy.scorer else 0,
-            "prompts_skipped_too_long": policy.inputs.prompts_skipped,
-            "resumed_from": None if policy.resume_from is None else str(policy.resume_from),
-            "reward_model": reward_model_dir(cfg, self.run_dir),
-            "reward_model_eval": self.rm_eval,
             "wall_seconds": time.perf_counter() - self.start_time,
             # inputs, Ray, the actors, the first adapter sync; then the start evaluation (None:
             # a resumed run does not repeat it)
             "startup_seconds": self.startup_seconds,
             "start_eval_seconds": self.start_eval_seconds,
             "learner_peak_mib": ray.get(self.fleet.learner.peak_memory_mib.remote()),
-            **(summarize(rl_rows) if rl_rows else {}),
         }
-        policy.run_dir.write_summary(summary)
-        return summary
-
-    def run_summary(self) -> dict:
-        """The run root's summary.json with several policies: each policy's headline figures
-        and the run's shared ones."""
-        import ray
-
-        keys = ("stopped", "final_eval_reward", "final_eval_greedy", "reward_first_iterations",
-                "reward_last_iterations", "mean_step_seconds")
-        summary = {
-            "policies": {p.name: {k: p.run_dir.read_summary().get(k) for k in keys}
-                         for p in self.policies},
-            "iterations": self.cfg.iterations,
-            "worker_restarts": self.fleet.rollout.restarts,
-            "resumed_from": self.resumed_from,
-            "wall_seconds": time.perf_counter() - self.start_time,
-            "startup_seconds": self.startup_seconds,
-            "start_eval_seconds": self.start_eval_seconds,
-            "learner_peak_mib": ray.get(self.fleet.learner.peak_memory_mib.remote()),
-        }
-        self.run_dir.write_summary(summary)
-        return summary
 
     def resume_hint(self, what: str) -> str:
         try:
