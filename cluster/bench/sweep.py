@@ -129,8 +129,10 @@ def generate_seconds(row: dict) -> float:
 def sweep_rounds(policies: dict[str, dict]) -> list[dict]:
     """The sweep's rounds (every policy advances one iteration per round), each with its
     samples (all policies'), its time (the longest policy row's step_seconds), the learner's
-    seconds (the updates are one after the other on one learner: summed) and generation's (one
-    engine call serves every policy of a round: counted once, the longest row's)."""
+    seconds (the updates are one after the other on one learner: summed) and generation's (the
+    round's slowest batch from queued to returned: the policies' batches overlap each other
+    and the updates, and each waits behind the work queued on the workers before it, so this
+    bounds the engines' busy time from above)."""
     by_iteration: dict[int, list[dict]] = defaultdict(list)
     for record in policies.values():
         for row in record["rows"]:
