@@ -73,31 +73,32 @@ def load_policies(cfg: TrainConfig) -> list[PolicyState]:
     return policies
 
 
-def place_policies(policies: list[PolicyState], root: RunDir, resume: bool) -> None:
-    """Each policy's directory under the run's (the run's own for a single policy), its
-    config.yaml written there as a single run's, and its metrics sink."""
-    single = len(policies) == 1
+def place_policies(policies: list[PolicyState], root: RunDir, resume: bool, several: bool
+                   ) -> None:
+    """Each policy's directory: with a `policies:` section (`several`) RUN/<name>/, its
+    config.yaml written there as a single run's; else the run's own. And its metrics sink."""
     for policy in policies:
-        policy.run_dir = root if single else root.policy(policy.name)
+        policy.run_dir = root.policy(policy.name) if several else root
         policy.cfg = replace(policy.cfg, run_dir=str(policy.run_dir))
-        if not single:
+        if several:
             if not resume:
                 policy.run_dir.path.mkdir()
             save_config(policy.cfg, policy.run_dir.config)
         policy.sink = MetricsSink(policy.run_dir)
 
 
-def resume_policies(policies: list[PolicyState], root: RunDir) -> tuple[TrainerState, str]:
+def resume_policies(policies: list[PolicyState], root: RunDir, several: bool
+                    ) -> tuple[TrainerState, str]:
     """Rewinds every policy still training to the last checkpoint all of them completed (a
     stopped policy stays stopped, as its summary says) and sets its stream and statistics;
-    returns that checkpoint's state (one of them) and its name."""
-    if len(policies) > 1:
-        on_disk = root.policy_names()
-        if on_disk != sorted(p.name for p in policies):
-            raise ResumeError(
-                f"{root}: the run trained policies {on_disk}, the config names "
-                f"{sorted(p.name for p in policies)}; adding or removing a policy on resume is "
-                "not supported: start a new run")
+    returns that checkpoint's state (one of them) and its name. `several`: the config has a
+    `policies:` section, which must name the policies the run trained."""
+    on_disk = root.policy_names()
+    named = sorted(p.name for p in policies) if several else []
+    if on_disk != named:
+        raise ResumeError(
+            f"{root}: the run trained policies {on_disk}, the config names {named}; adding "
+            "or removing a policy on resume is not supported: start a new run")
     for policy in policies:
         if policy.run_dir.summary.exists():
             policy.stopped = policy.run_dir.read_summary().get("stopped")

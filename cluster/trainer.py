@@ -96,7 +96,7 @@ class Trainer:
         self.resumed_from: str | None = None  # the checkpoint a resumed run continues
         self.run_dir = RunDir(cfg.run_dir) if resume else RunDir.fresh(cfg.run_dir)
         recorded = replace(cfg, run_dir=str(self.run_dir))  # the directory actually written
-        place_policies(policies, self.run_dir, resume)
+        place_policies(policies, self.run_dir, resume, self.several)
         if resume:
             self.restore()
         save_config(recorded, self.run_dir.config)
@@ -141,8 +141,9 @@ class Trainer:
 
     @property
     def several(self) -> bool:
-        """The run trains a `policies:` section's policies (each in RUN/<name>/)."""
-        return len(self.policies) > 1
+        """The run has a `policies:` section: each policy writes RUN/<name>/ (one named policy
+        too) and one's own failure stops it alone."""
+        return bool(self.cfg.policies)
 
     def live(self) -> list[PolicyState]:
         return [p for p in self.policies if p.stopped is None]
@@ -162,7 +163,7 @@ class Trainer:
 
     def restore(self) -> None:
         """Where the run stood at its last checkpoint (the logs after it are dropped)."""
-        state, name = resume_policies(self.policies, self.run_dir)
+        state, name = resume_policies(self.policies, self.run_dir, self.several)
         if "meet" in self.cfg.stages[: state.next_stage]:
             raise ResumeError(f"{self.run_dir}: resuming after a meet stage is not supported "
                               "(its checkpoint does not hold the level controls); start again")
