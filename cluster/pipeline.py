@@ -32,10 +32,13 @@ class ScoredBatch:
 class InFlightBatch:
     """A batch the workers are generating: request `index` of `generation`."""
 
-    prompts: list[Prompt]
     generation: Generation
     index: int
     sent: float  # perf_counter when queued
+
+    @property
+    def prompts(self) -> list[Prompt]:
+        return self.generation.requests[self.index].prompts
 
     @property
     def refs(self) -> list:
@@ -118,8 +121,7 @@ class RolloutPipeline:
         )
 
     def launched(self, j: int, generation: Generation, index: int) -> None:
-        batch = InFlightBatch(generation.requests[index].prompts, generation, index,
-                              time.perf_counter())
+        batch = InFlightBatch(generation, index, time.perf_counter())
         self.in_flight[j] = batch
         self.watch.track(batch.refs)
         self.last_request.update(generation.calls.refs)

@@ -41,6 +41,8 @@ MAX_NAME_LENGTH = 64
 # (its `lora_` prefix, a layer index: it picks an adapter's tensors out by name).
 RESERVED_NAME = re.compile(r"value|reward|shared|(level|control)\d+|.*-value|\d+|lora.*|"
                            r"base_layer|[alor]")
+RESERVED_NAMES = ("`value`, `reward`, `shared`, `level<k>`, `control<k>`, `*-value`, a layer "
+                  "index, `lora*`, `base_layer`, `a`, `l`, `o`, `r`")  # what RESERVED_NAME is
 # The task keys a policy may change on the embedded model: the others are its recipe.
 TINY_TASK_KEYS = ("reward_fn",)
 
@@ -84,9 +86,7 @@ def policy_name(index: int, entry: Mapping[str, Any]) -> str:
                           "characters")
     if RESERVED_NAME.fullmatch(name):
         raise ConfigError(f"policies[{name}]: name {name!r} is reserved for the learner's own "
-                          "adapters, or PEFT would confuse it with its own (value, reward, shared, "
-                          "level<k>, control<k>, *-value, a layer index, lora*, base_layer, "
-                          "a, l, o, r)")
+                          f"adapters, or PEFT would confuse it with its own ({RESERVED_NAMES})")
     return name
 
 

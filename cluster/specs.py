@@ -7,7 +7,6 @@ from __future__ import annotations
 from collections.abc import Collection
 
 from ..common.devices import model_dtype
-from ..common.records import POLICY
 from ..common.run_dir import RunDir
 from ..common.specs import EngineSpec, LearnerSpec, PolicySpec
 from ..reward.pool import RewardSpec
@@ -71,15 +70,13 @@ def policy_spec(name: str, cfg: TrainConfig) -> PolicySpec:
 
 def learner_spec(
     cfg: TrainConfig, model_path: str, pad_token_id: int,
-    policies: list[tuple[str, TrainConfig]] | None = None,
+    policies: list[tuple[str, TrainConfig]],
 ) -> LearnerSpec:
     """What the learner actor is built from (`model_path`: resolve_model's); `policies`: each
-    policy's name and config (expand_policies), None or none: the run's one policy, `policy`,
-    from `cfg` itself."""
+    policy's name and config (cluster/policy_state.py's policy_configs)."""
     return LearnerSpec(
         model_path=model_path, pad_token_id=pad_token_id,
-        policies=tuple(policy_spec(name, policy_cfg)
-                       for name, policy_cfg in policies or [(POLICY, cfg)]),
+        policies=tuple(policy_spec(name, policy_cfg) for name, policy_cfg in policies),
         stages=tuple(cfg.stages), dtype=cfg.model.dtype, threads=cfg.learner.threads,
         attn_implementation=cfg.model.attn_implementation,
         gradient_checkpointing=cfg.learner.gradient_checkpointing,

@@ -103,7 +103,6 @@ class Trainer:
         # the reward actors' own spec: the first policy's (each scorer sends its policy's)
         spec = reward_spec(self.policy.cfg, None if cfg.reward.model_on_learner
                            else reward_model_dir(self.policy.cfg, self.run_dir))
-        configs = [(p.name, p.cfg) for p in policies] if self.several else None
         # -- what runs beside the driver; all of it stopped by close()
         with ExitStack() as stack:
             if not resume:
@@ -114,7 +113,8 @@ class Trainer:
             if connect_ray(cfg):
                 stack.callback(ray.shutdown)
             self.fleet = start_fleet(
-                cfg, learner_spec(cfg, inputs.model_path, inputs.pad_token_id, configs),
+                cfg, learner_spec(cfg, inputs.model_path, inputs.pad_token_id,
+                             [(p.name, p.cfg) for p in policies]),
                 engine_spec(cfg, inputs.model_path, inputs.served_levels,
                             [p.cfg for p in policies]), spec,
                 {p.name: p.inputs.probe_ids(p.cfg.rollout.probe_prompts) for p in policies},
@@ -169,7 +169,7 @@ class Trainer:
                               "(its checkpoint does not hold the level controls); start again")
         self.position = state.position
         self.rm_eval = state.rm_eval
-        self.resumed_from = name if self.several else str(self.policy.resume_from)
+        self.resumed_from = name
         print(f"resuming {self.run_dir} from {name}: next stage {state.next_stage + 1} of "
               f"{len(self.cfg.stages)}, iteration {state.next_iteration}, "
               + ", ".join(f"{p.stream.cursor} prompts served" +

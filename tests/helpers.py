@@ -15,6 +15,7 @@ from lorafleet.common.tasks.addition import AdditionTask
 from lorafleet.common.tasks.registry import build_task
 from lorafleet.learner.actor import Learner
 from lorafleet.learner.algorithms.registry import PPOConfig
+from lorafleet.reward.rules import exact_match
 
 
 def new_learner(model_path: str, pad_id: int, algo=None, policies=None, **keys) -> Learner:
@@ -69,8 +70,7 @@ def reward_raises_on_training_prompts(prompts: list[str], completions: list[str]
     held_out = {e.prompt for e in AdditionTask().examples("eval")}
     if any(p not in held_out for p in prompts):
         raise ValueError("this reward refuses training prompts")
-    return [1.0 if c.strip() == ref else 0.0 for c, ref in zip(completions, reference,
-                                                               strict=True)]
+    return exact_match(completions, reference)
 
 
 # reward functions that break TRL's contract (tests/unit/test_dataset_task.py)
