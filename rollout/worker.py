@@ -9,6 +9,7 @@ tests/ray/test_hot_swap.py proves a swap changes the outputs and equals loading 
 from __future__ import annotations
 
 import itertools
+import math
 import os
 import time
 import warnings
@@ -85,6 +86,11 @@ def _swap_lora_in_worker(worker, lora_id: int, tensors: dict, peft_config: dict)
     return len(lora.loras)
 
 
+def _remove_lora_in_worker(worker, lora_id: int) -> bool:
+    """Runs inside the vLLM worker: free adapter `lora_id`'s GPU slot and CPU cache place."""
+    return worker.model_runner.lora_manager._adapter_manager.remove_adapter(lora_id)
+
+
 def _embed_tokens(worker, token_ids: list) -> list:
     """Runs inside the vLLM worker: the model's input embeddings of each id tensor, from the
     embedding layer itself (its LoRA wrapper's forward needs the batch's LoRA mapping)."""
@@ -117,6 +123,8 @@ def engine_args(spec: EngineSpec, dtype: str, gpu: bool) -> dict:
     )
     if spec.prompt_embeds:
         args["enable_prompt_embeds"] = True
+    if spec.lora_target_modules is not None:
+        args["lora_target_modules"] = list(spec.lora_target_modules)
     if not gpu:
         if tensor_parallel_size > 1 or gpu_memory_utilization is not None:
             raise ValueError("tensor_parallel_size and gpu_memory_utilization need a GPU worker "
@@ -142,9 +150,18 @@ def sampling_params(request: GenerationRequest) -> list[SamplingParams]:
             n=request.n, temperature=request.temperature, max_tokens=request.max_tokens,
             logprobs=0, seed=request.seed + p.index, skip_special_tokens=True,
             stop=list(request.stop) or None, stop_token_ids=list(request.stop_token_ids) or None,
+            top_p=request.top_p, top_k=request.top_k,
+            prompt_logprobs=0 if request.prompt_logprobs else None,
         )
         for p in request.prompts
     ]
+
+
+def prompt_token_logprobs(token_ids: list[int], steps: list) -> list[float]:
+    """vLLM's prompt log-probs (per position a dict holding the prompt's own token, None at
+    the first) as the log-prob of each prompt token, NaN at the first."""
+    return [math.nan if step is None else step[token].logprob
+            for token, step in zip(token_ids, steps, strict=True)]
 
 
 class AdapterMissing(RuntimeError):
@@ -213,6 +230,15 @@ class RolloutWorker:
         ), snapshot.version)
         return time.perf_counter() - start
 
+    def drop_slot(self, slot: str) -> None:
+        """Stop serving `slot` and free its place for another adapter (a slot not served is
+        left as it is)."""
+        if slot not in self.slot_ids:
+            return
+        self.llm.collective_rpc(_remove_lora_in_worker, args=(self.slot_ids.pop(slot),))
+        self.served.pop(slot, None)
+        self.soft_prompts.pop(slot, None)
+
     def lora_from_disk(self, directory: str | Path) -> LoRARequest:
         """A request that makes vLLM read an adapter directory itself (for comparisons)."""
         from vllm.lora.request import LoRARequest
@@ -231,12 +257,14 @@ class RolloutWorker:
 
     # -- generation -----------------------------------------------------------------------
     def generate_requests(self, requests: list[GenerationRequest]) -> list[list[Rollout]]:
-        """Each request's samples from its slot's adapter, all in one engine call so vLLM
-        batches across adapters; a rollout carries its slot as its policy and the slot's
-        version. A slot with a soft prompt is sampled alone, by `generate`."""
+        """Each request's samples from its slot's adapter (slot None: the base model), all in
+        one engine call so vLLM batches across adapters; a rollout carries its slot as its
+        policy and the slot's version. A slot with a soft prompt is sampled alone, by
+        `generate`."""
         from vllm.inputs import TokensPrompt
 
-        served = [self.served_adapter(r.slot) for r in requests]
+        served = [(None, -1) if r.slot is None else self.served_adapter(r.slot)
+                  for r in requests]
         soft = [r.slot for r in requests if r.slot in self.soft_prompts]
         if soft:
             raise ValueError(f"slots {soft} put a soft prompt before every prompt: sample each "
@@ -288,6 +316,8 @@ class RolloutWorker:
         """vLLM's outputs of the request's prompts as rollouts of its slot at `version`."""
         rollouts = []
         for prompt, output in zip(request.prompts, outputs, strict=True):
+            prompt_logprobs = (prompt_token_logprobs(prompt.token_ids, output.prompt_logprobs)
+                               if request.prompt_logprobs else None)
             for k, completion in enumerate(output.outputs):
                 ids = list(completion.token_ids)
                 steps = zip(ids, completion.logprobs, strict=True)
@@ -297,6 +327,7 @@ class RolloutWorker:
                     response_text=completion.text, logprobs=logprobs,
                     finish_reason=completion.finish_reason or "length",
                     adapter_version=version, worker_id=self.worker_id, policy=request.slot,
+                    prompt_logprobs=prompt_logprobs,
                 ))
         return rollouts
 

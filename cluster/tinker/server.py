@@ -1,0 +1,110 @@
+"""`lorafleet serve`: join Ray (or start a local cluster), place and start the learner and the
+rollout workers, then answer the Tinker API over HTTP until interrupted. The address it
+listens on is printed and written to RUN/server.json (with serve.port=0 the OS picks a
+port)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from contextlib import ExitStack
+from dataclasses import replace
+from pathlib import Path
+
+from ...common.configio import save_config
+from ...common.data import pad_token_id
+from ...common.records import POLICY
+from ...common.tasks.registry import build_task
+from ..actor_group import ActorGroup, place
+from ..fleet import connect_ray, fixed_cluster
+from ..inputs import driver_tokenizer, resolve_model
+from ..specs import engine_spec, group_specs, learner_spec, sync_tolerance
+from .app import build_app
+from .config import ATTENTION_MODULES, MLP_MODULES, ServeConfig
+from .service import TinkerService
+
+# the prompts every sampler's load is verified with (any tokenizer encodes them)
+PROBE_TEXTS = ("12+34=", "7+8=")
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def api_keys(cfg: ServeConfig) -> frozenset[str]:
+    keys = frozenset(k.strip() for k in os.environ.get(cfg.serve.api_keys_env, "").split(",")
+                     if k.strip())
+    bad = sorted(k[:8] + "..." for k in keys if not k.startswith("tml-"))
+    if bad:
+        raise ValueError(f"${cfg.serve.api_keys_env}: the tinker SDK sends only keys that "
+                         f"start with tml-; not {bad}")
+    return keys
+
+
+def start_fleet(cfg: ServeConfig, stack: ExitStack) -> TinkerService:
+    """The learner (one base model, the clients' adapters added at runtime) and the rollout
+    workers (rollout.max_loras adapters each), placed together; returns once all are up."""
+    import ray
+
+    run = cfg.train_config()
+    model_path = resolve_model(run, build_task(cfg.task))
+    tokenizer = driver_tokenizer(run, model_path)
+    if connect_ray(run):
+        stack.callback(ray.shutdown)
+    learner_group, rollout_group, _ = group_specs(run)
+    placement = place([learner_group, rollout_group], cfg.placement.strategy,
+                      cfg.placement.timeout_s, fixed_cluster(run))
+    stack.callback(placement.remove)
+    # the learner's own policy anchors the adapters on the base model; it is never served
+    learner = ActorGroup.start(learner_group, placement, replace(
+        learner_spec(run, model_path, pad_token_id(tokenizer), [(POLICY, run)]), stages=()))
+    stack.callback(learner.kill)
+    rollout = ActorGroup.start(rollout_group, placement, replace(
+        engine_spec(run, model_path), max_loras=cfg.rollout.max_loras,
+        lora_target_modules=ATTENTION_MODULES + MLP_MODULES))
+    stack.callback(rollout.kill)
+    ray.get(learner.ready() + rollout.ready())
+    probe_ids = [tokenizer(text)["input_ids"] for text in PROBE_TEXTS]
+    return TinkerService(cfg, model_path, model_path, learner.actors[0], rollout, probe_ids,
+                         sync_tolerance(run))
+
+
+async def serve_http(service: TinkerService, keys: frozenset[str], address_file: Path) -> None:
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(
+        build_app(service, keys), host=service.serve.host, port=service.serve.port,
+        log_level="warning", timeout_keep_alive=75))
+    loops = asyncio.ensure_future(service.run())
+    serving = asyncio.ensure_future(server.serve())
+    while not server.started:
+        if serving.done() or loops.done():
+            break
+        await asyncio.sleep(0.05)
+    if server.started:
+        host, port = server.servers[0].sockets[0].getsockname()[:2]
+        url = f"http://{host}:{port}"
+        address_file.write_text(json.dumps({"base_url": url, "model": service.model_name}))
+        print(f"lorafleet serve: {service.model_name} at {url}  (TINKER_BASE_URL={url})",
+              flush=True)
+    done, _ = await asyncio.wait([serving, loops], return_when=asyncio.FIRST_COMPLETED)
+    loops.cancel()
+    server.should_exit = True
+    for task in done:
+        task.result()  # a loop's crash ends the server with its error
+
+
+def serve(cfg: ServeConfig) -> None:
+    keys = api_keys(cfg)
+    if cfg.serve.host not in LOOPBACK and not keys:
+        print(f"warning: serving {cfg.serve.host} with no API keys: anyone who reaches the port"
+              f" can train and sample; set ${cfg.serve.api_keys_env}", flush=True)
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir / "config.yaml")
+    with ExitStack() as stack:
+        service = start_fleet(cfg, stack)
+        try:
+            asyncio.run(serve_http(service, keys, run_dir / "server.json"))
+        except KeyboardInterrupt:
+            pass
+        finally:
+            (run_dir / "server.json").unlink(missing_ok=True)

@@ -1,0 +1,549 @@
+"""The Tinker service on lorafleet's fleet: every training client is an adapter on the
+learner's one base model, every sampling client an adapter version served in memory by every
+rollout worker, verified by the probe before its first sample.
+
+Two loops share the fleet. The learner loop runs one request at a time, taking the clients'
+lanes in turn (state.Lanes): a client that queues many forward_backward calls cannot hold back
+another's. The sampling loop owns the rollout workers: each round takes pending samples in turn
+from each session (up to serve.max_sample_batch sequences) and sends them to the engines in one
+call per worker, so vLLM batches across the clients' adapters; it loads and unloads the
+samplers' adapters (at most rollout.max_loras at once, least recently used first) and verifies
+every load with the probe. A reaper closes sessions that went silent."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import time
+import uuid
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ...common.client_records import CLIENT_LOSSES
+from ...common.config import VLLM_LORA_RANKS, LoRAConfig
+from ...common.records import GenerationRequest, ProbeResult, Prompt
+from ...learner.core import SyncError
+from ..actor_group import ActorGroup
+from . import wire
+from .config import ATTENTION_MODULES, MLP_MODULES, ServeConfig
+from .state import (
+    Futures,
+    Lanes,
+    Op,
+    Sampler,
+    Session,
+    TrainingModel,
+    check_name,
+    checkpoint_dir,
+    checkpoint_path,
+)
+from .wire import BadRequest, Unsupported
+
+PROBE_MAX_TOKENS = 8
+
+
+class NotFound(LookupError):
+    """A session, model, sampler or request this server does not hold (any more)."""
+
+
+@dataclass
+class SampleJob:
+    request_id: str
+    sampler: Sampler
+    request: GenerationRequest
+    last_n: int | None
+    arrived: float = field(default_factory=time.monotonic)
+
+
+def check_reproduces(reference: ProbeResult, probes: list[ProbeResult], tolerance: float,
+                     what: str) -> None:
+    """Every worker's probe of a reloaded adapter equals the one the learner verified."""
+    for probe in probes:
+        gaps = [abs(a - b) for got, want in zip(probe.logprobs, reference.logprobs, strict=True)
+                for a, b in zip(got, want, strict=True)]
+        if probe.response_ids != reference.response_ids or max(gaps, default=0) > tolerance:
+            raise SyncError(f"rollout worker {probe.worker_id} serves {what} unlike the "
+                            f"weights the learner verified (probe gap {max(gaps, default=0):.3g},"
+                            f" tolerance {tolerance:g}): the adapter load did not take effect")
+
+
+def error_text(exc: BaseException) -> tuple[str, str]:
+    """(message, category) of a failed request: the actor's own error for a Ray task error."""
+    cause = getattr(exc, "cause", None) or exc
+    category = "user" if isinstance(cause, (ValueError, LookupError)) else "server"
+    return f"{type(cause).__name__}: {cause}", category
+
+
+class TinkerService:
+    def __init__(self, cfg: ServeConfig, model_name: str, tokenizer_id: str, learner,
+                 rollout: ActorGroup, probe_ids: list[list[int]], tolerance: float) -> None:
+        self.cfg, self.serve = cfg, cfg.serve
+        self.model_name, self.tokenizer_id = model_name, tokenizer_id
+        self.learner, self.rollout = learner, rollout
+        self.probe_ids, self.tolerance = probe_ids, tolerance
+        self.root = Path(cfg.run_dir) / "tinker"
+        self.futures, self.lanes = Futures(), Lanes()
+        self.sessions: dict[str, Session] = {}
+        self.models: dict[str, TrainingModel] = {}
+        self.samplers: dict[str, Sampler] = {}
+        self.adapter_ids = iter(range(1, 1 << 62))
+        self.rng = random.Random(cfg.seed)
+        # the sampling loop's work: new samplers to verify, and each session's samples
+        self.verifications: deque[tuple[Sampler, str, asyncio.Future]] = deque()
+        self.samples: OrderedDict[str, deque[SampleJob]] = OrderedDict()
+        self.sample_wake = asyncio.Event()
+        self.resident: OrderedDict[str, Sampler] = OrderedDict()  # slots on every worker
+        rollout.revive = self.revive_worker
+        self.counts = {"forward_backward": 0, "optim_step": 0, "sample": 0, "loads": 0,
+                       "evictions": 0}
+
+    # -- lookups ----------------------------------------------------------------------------
+    def session(self, session_id: str) -> Session:
+        if session_id not in self.sessions:
+            raise NotFound(f"session {session_id!r} is not open on this server (closed, or "
+                           f"idle for serve.idle_timeout_s={self.serve.idle_timeout_s:g} s)")
+        session = self.sessions[session_id]
+        session.touch()
+        return session
+
+    def model(self, model_id: str) -> TrainingModel:
+        model = self.models.get(model_id)
+        if model is None:
+            raise NotFound(f"no training model {model_id!r} on this server")
+        if model.freed:
+            raise NotFound(f"training model {model_id!r} was freed: {model.freed}")
+        self.session(model.session)
+        return model
+
+    def sampler(self, sampler_id: str) -> Sampler:
+        sampler = self.samplers.get(sampler_id)
+        if sampler is None:
+            raise NotFound(f"no sampling session {sampler_id!r} on this server")
+        if sampler.freed:
+            raise NotFound(f"sampling session {sampler_id!r} was freed: {sampler.freed}")
+        self.session(sampler.session)
+        return sampler
+
+    def check_base_model(self, name: str | None) -> None:
+        if name not in (self.model_name, self.cfg.model.name_or_path):
+            raise BadRequest(f"base model {name!r}: this server serves {self.model_name!r} "
+                             "(get_server_capabilities lists it)")
+
+    # -- sessions ---------------------------------------------------------------------------
+    def create_session(self) -> str:
+        session = Session(uuid.uuid4().hex[:16])
+        self.sessions[session.id] = session
+        return session.id
+
+    def close_session(self, session_id: str, reason: str) -> None:
+        session = self.sessions.pop(session_id, None)
+        if session is None:
+            return
+        for model_id in session.models:
+            model = self.models[model_id]
+            if model.freed:
+                continue
+            model.freed = reason
+            for op in self.lanes.close(model_id):
+                self.futures.fail(op.request_id, f"training model {model_id!r} was freed: "
+                                  f"{reason}")
+            self.lanes.add(Lanes.ADMIN, Op(self.futures.create("unload_model"),
+                                           lambda adapter=model.adapter: self.unload(adapter)))
+        for sampler_id in session.samplers:
+            self.samplers[sampler_id].freed = reason
+        self.sample_wake.set()
+        print(f"session {session_id} closed: {reason}", flush=True)
+
+    async def unload(self, adapter: str) -> dict:
+        await self.learner.remove_policy.remote(adapter)
+        return {}
+
+    # -- training models --------------------------------------------------------------------
+    def client_lora(self, lora: dict) -> tuple[LoRAConfig, bool, bool]:
+        rank = int(lora.get("rank", 32))
+        if rank not in VLLM_LORA_RANKS or rank > self.serve.max_lora_rank:
+            raise BadRequest(f"LoRA rank {rank}: this server serves ranks "
+                             f"{[r for r in VLLM_LORA_RANKS if r <= self.serve.max_lora_rank]}"
+                             " (serve.max_lora_rank)")
+        attn, mlp = lora.get("train_attn", True), lora.get("train_mlp", True)
+        if lora.get("train_unembed", True) and self.serve.unembed == "error":
+            raise Unsupported(
+                "train_unembed=True: vLLM serves no LoRA on the LM head together with prompt "
+                "log-probs; create the client with train_unembed=False, or start the server "
+                "with serve.unembed=ignore to adapt attention and MLP only")
+        if not (attn or mlp):
+            raise BadRequest("train_attn and train_mlp are both off: nothing to adapt")
+        modules = [*(ATTENTION_MODULES if attn else ()), *(MLP_MODULES if mlp else ())]
+        return (LoRAConfig(rank=rank, alpha=self.serve.lora_alpha, target_modules=modules),
+                attn, mlp)
+
+    def create_model(self, body: dict, load: tuple[Path, bool] | None = None) -> str:
+        """A new training client's adapter; `load`: from a saved state (directory, with the
+        optimiser)."""
+        session = self.session(body["session_id"])
+        model_id = f"{session.id}:train:{body['model_seq_id']}"
+        if model_id in self.models:
+            raise BadRequest(f"training model {model_id!r} exists already")
+        if load is None:
+            self.check_base_model(body.get("base_model"))
+            optimizer = (body.get("optimizer_config") or {}).get("type", "adamw")
+            if optimizer != "adamw":
+                raise Unsupported(f"optimizer {optimizer!r} (AdamW only)")
+            lora, attn, mlp = self.client_lora(body.get("lora_config") or {"rank": 32})
+            seed = body.get("lora_config", {}).get("seed")
+        else:
+            meta = json.loads((load[0] / "meta.json").read_text())
+            lora, attn, mlp, seed = LoRAConfig(**meta["lora"]), meta["train_attn"], \
+                meta["train_mlp"], meta["seed"]
+        seed = self.rng.randrange(2**31) if seed is None else int(seed)
+        request_id = self.futures.create("create_model")
+        model = TrainingModel(model_id, session.id, "", lora, seed, attn, mlp)
+
+        async def add() -> dict:
+            live = [m for m in self.models.values() if not m.freed and m.adapter]
+            if len(live) >= self.serve.max_adapters:
+                raise BadRequest(
+                    f"the server holds serve.max_adapters={self.serve.max_adapters} training "
+                    "clients already; close one (ServiceClient.close) or wait for an idle "
+                    "session to be freed")
+            model.adapter = f"client{next(self.adapter_ids)}"
+            await self.learner.add_client_policy.remote(model.adapter, lora, seed)
+            self.models[model_id] = model
+            session.models.append(model_id)
+            if load is not None:
+                await self.learner.load_client_state.remote(model.adapter, str(load[0]), load[1])
+            return {"model_id": model_id, "path": None}
+
+        self.lanes.add(Lanes.ADMIN, Op(request_id, add))
+        return request_id
+
+    def info(self, model_id: str) -> dict:
+        model = self.model(model_id)
+        return {"type": "get_info", "model_id": model_id, "is_lora": True,
+                "lora_rank": model.lora.rank, "model_name": self.model_name,
+                "model_data": {"model_name": self.model_name, "tokenizer_id": self.tokenizer_id}}
+
+    def learner_request(self, model_id: str, seq_id: int | None, kind: str, run) -> str:
+        model = self.model(model_id)
+        request_id = self.futures.create(kind)
+        self.lanes.add(model_id, Op(request_id, lambda: run(model)), seq_id)
+        return request_id
+
+    def forward_backward(self, body: bytes, encoding: str | None) -> tuple[str, str]:
+        call = wire.forward_backward_call(body, encoding)
+        if call.loss.name not in CLIENT_LOSSES:
+            raise Unsupported(f"loss_fn {call.loss.name!r} (this server computes "
+                              f"{', '.join(CLIENT_LOSSES)}; forward_backward_custom works "
+                              "client-side)")
+
+        async def run(model: TrainingModel) -> bytes:
+            result = await self.learner.forward_backward.remote(
+                model.adapter, call.datums, call.loss, call.forward_only)
+            self.counts["forward_backward"] += 1
+            return wire.forward_backward_output(result)
+
+        kind = "forward" if call.forward_only else "forward_backward"
+        return self.learner_request(call.model_id, call.seq_id, kind, run), call.model_id
+
+    def optim_step(self, body: dict) -> str:
+        step = wire.adam_step(body)
+
+        async def run(model: TrainingModel) -> dict:
+            metrics = await self.learner.optim_step.remote(model.adapter, step)
+            self.counts["optim_step"] += 1
+            return {"metrics": metrics}
+
+        return self.learner_request(body["model_id"], body.get("seq_id"), "optim_step", run)
+
+    def save_state(self, body: dict) -> str:
+        model_id = body["model_id"]
+        name = check_name(body.get("path"), "state")
+        path = checkpoint_path(model_id, "weights", name)
+        directory = checkpoint_dir(self.root, path, ("weights",))[2]
+        if directory.exists() and not body.get("overwrite"):
+            raise BadRequest(f"{path} exists; save under another name or with overwrite=True")
+
+        async def run(model: TrainingModel) -> dict:
+            await self.learner.save_client_state.remote(model.adapter, str(directory), True)
+            (directory / "meta.json").write_text(json.dumps(self.meta(model)))
+            return {"path": path, "type": "save_weights"}
+
+        return self.learner_request(model_id, body.get("seq_id"), "save_weights", run)
+
+    def meta(self, model: TrainingModel) -> dict:
+        return {"base_model": self.model_name, "model_id": model.id, "seed": model.seed,
+                "train_attn": model.train_attn, "train_mlp": model.train_mlp,
+                "lora": {"rank": model.lora.rank, "alpha": model.lora.alpha,
+                         "target_modules": list(model.lora.target_modules)}}
+
+    def state_dir(self, path: str) -> Path:
+        directory = checkpoint_dir(self.root, path, ("weights",))[2]
+        if not (directory / "meta.json").is_file():
+            raise NotFound(f"no saved state at {path} (save_state writes one)")
+        return directory
+
+    def load_state(self, body: dict) -> str:
+        directory = self.state_dir(body["path"])
+        if body.get("model_id") is None:  # create_training_client_from_state
+            return self.create_model(body, (directory, bool(body.get("optimizer"))))
+        meta = json.loads((directory / "meta.json").read_text())
+
+        async def run(model: TrainingModel) -> dict:
+            if meta["lora"]["rank"] != model.lora.rank or \
+                    meta["lora"]["target_modules"] != list(model.lora.target_modules):
+                raise BadRequest(f"{body['path']} holds a rank-{meta['lora']['rank']} LoRA of "
+                                 f"{meta['lora']['target_modules']}; this client's is rank "
+                                 f"{model.lora.rank} of {list(model.lora.target_modules)}")
+            await self.learner.load_client_state.remote(model.adapter, str(directory),
+                                                        bool(body.get("optimizer")))
+            return {"path": body["path"], "model_id": model.id, "type": "load_weights"}
+
+        return self.learner_request(body["model_id"], body.get("seq_id"), "load_weights", run)
+
+    def save_for_sampler(self, body: dict) -> str:
+        """A sampler of the model's current weights, loaded on every worker and verified
+        against the learner before the request completes; named: also saved to disk."""
+        model_id, name = body["model_id"], body.get("path")
+        path = None if name is None else checkpoint_path(
+            model_id, "sampler_weights", check_name(name, "sampler"))
+
+        async def run(model: TrainingModel) -> dict:
+            sampler_id = f"{model.session}:sample:{body.get('sampling_session_seq_id')}" \
+                if path is None else f"{model.session}:sampler:{uuid.uuid4().hex[:8]}"
+            sampler = Sampler(sampler_id, model.session, self.model_name,
+                              self.learner.publish.remote(model.adapter), model.id, path)
+            done = asyncio.get_running_loop().create_future()
+            self.verifications.append((sampler, model.adapter, done))
+            self.sample_wake.set()
+            await done
+            if path is None:
+                self.samplers[sampler.id] = sampler
+                self.sessions[model.session].samplers.append(sampler.id)
+                return {"sampling_session_id": sampler.id, "type": "save_weights_for_sampler"}
+            directory = checkpoint_dir(self.root, path, ("sampler_weights",))[2]
+            (await sampler.snapshot).save_pretrained(directory)
+            reference = sampler.reference
+            (directory / "meta.json").write_text(json.dumps(self.meta(model) | {
+                "reference": {"worker_id": 0, "adapter_version": reference.adapter_version,
+                              "prompt_ids": reference.prompt_ids,
+                              "response_ids": reference.response_ids,
+                              "logprobs": reference.logprobs}}))
+            return {"path": path, "type": "save_weights_for_sampler"}
+
+        return self.learner_request(model_id, body.get("seq_id"), "save_weights_for_sampler",
+                                    run)
+
+    # -- samplers ---------------------------------------------------------------------------
+    def create_sampler(self, body: dict) -> str:
+        import ray
+
+        session = self.session(body["session_id"])
+        sampler_id = f"{session.id}:sample:{body['sampling_session_seq_id']}"
+        path = body.get("model_path")
+        if path is None:
+            self.check_base_model(body.get("base_model"))
+            sampler = Sampler(sampler_id, session.id, self.model_name)
+        else:
+            directory = checkpoint_dir(self.root, path, ("sampler_weights",))[2]
+            if not (directory / "meta.json").is_file():
+                raise NotFound(f"no sampler weights at {path} (save_weights_for_sampler writes "
+                               "them)")
+            from ...common.records import AdapterSnapshot
+
+            meta = json.loads((directory / "meta.json").read_text())
+            sampler = Sampler(sampler_id, session.id, self.model_name,
+                              ray.put(AdapterSnapshot.load_pretrained(directory)),
+                              meta["model_id"], path, ProbeResult(**meta["reference"]))
+        self.samplers[sampler_id] = sampler
+        session.samplers.append(sampler_id)
+        return sampler_id
+
+    def sample(self, body: dict) -> tuple[str, list[str]]:
+        if body.get("sampling_session_id") is None:
+            raise Unsupported("sample without a sampling session (create a SamplingClient)")
+        sampler = self.sampler(body["sampling_session_id"])
+        wire.check_sample_request(body)
+        tokens = wire.prompt_tokens(body["prompt"])
+        choice = wire.sampling_choice(body.get("sampling_params") or {})
+        n, limit = int(body.get("num_samples", 1)), self.cfg.model.max_model_len
+        max_tokens = choice.max_tokens or limit - len(tokens)
+        if n < 1 or not tokens or max_tokens < 1 or len(tokens) + max_tokens > limit:
+            raise BadRequest(f"{n} samples of {max_tokens} tokens after a {len(tokens)}-token "
+                             f"prompt: needs num_samples >= 1, a prompt, and prompt + max_tokens"
+                             f" <= model.max_model_len={limit}")
+        last_n = body.get("prompt_logprobs_last_n")
+        if last_n is not None and not 1 <= last_n <= len(tokens) - 1:
+            raise BadRequest(f"prompt_logprobs_last_n={last_n} for a {len(tokens)}-token prompt")
+        seed = choice.seed if choice.seed is not None else self.rng.randrange(2**31)
+        request = GenerationRequest(
+            sampler.slot, [Prompt(0, "", tokens, {})], n, choice.temperature, max_tokens, seed,
+            choice.stop, choice.stop_token_ids, choice.top_p, choice.top_k,
+            bool(body.get("prompt_logprobs")))
+        request_id = self.futures.create("sample")
+        self.samples.setdefault(sampler.session, deque()).append(
+            SampleJob(request_id, sampler, request, last_n))
+        self.sample_wake.set()
+        return request_id, [f"{request_id}:{k}" for k in range(n)]
+
+    # -- the loops --------------------------------------------------------------------------
+    async def run(self) -> None:
+        await asyncio.gather(self.learner_loop(), self.sampling_loop(), self.reaper())
+
+    async def learner_loop(self) -> None:
+        while True:
+            op = self.lanes.next()
+            if op is None:
+                self.lanes.wake.clear()
+                await self.lanes.wake.wait()
+                continue
+            try:
+                self.futures.resolve(op.request_id, await op.run())
+            except Exception as exc:  # the client gets it as its request's error
+                self.futures.fail(op.request_id, *error_text(exc))
+
+    async def sampling_loop(self) -> None:
+        while True:
+            await self.sample_wake.wait()
+            self.sample_wake.clear()
+            while self.verifications or any(self.samples.values()):
+                if self.verifications:
+                    sampler, adapter, done = self.verifications.popleft()
+                    try:
+                        await asyncio.to_thread(self.verify_new, sampler, adapter)
+                        done.set_result(None)
+                    except Exception as exc:
+                        done.set_exception(exc)
+                    continue
+                await self.sample_round()
+
+    def take_round(self) -> list[SampleJob]:
+        """Pending samples in turn from each session, up to serve.max_sample_batch sequences
+        and rollout.max_loras adapters; a freed sampler's samples fail."""
+        jobs, sequences, slots = [], 0, set()
+        while any(self.samples.values()) and sequences < self.serve.max_sample_batch:
+            session, queue = next((k, q) for k, q in self.samples.items() if q)
+            job = queue[0]
+            if job.sampler.freed:
+                queue.popleft()
+                self.futures.fail(job.request_id, f"sampling session {job.sampler.id!r} was "
+                                  f"freed: {job.sampler.freed}")
+                continue
+            slot = job.sampler.slot
+            if slot is not None and slot not in slots and \
+                    len(slots) >= self.cfg.rollout.max_loras:
+                break
+            queue.popleft()
+            self.samples.move_to_end(session)
+            slots.discard(None)
+            if slot is not None:
+                slots.add(slot)
+            jobs.append(job)
+            sequences += job.request.n
+        return jobs
+
+    async def sample_round(self) -> None:
+        jobs = self.take_round()
+        if not jobs:
+            return
+        try:
+            samplers = {job.sampler.id: job.sampler for job in jobs if job.sampler.slot}
+            await asyncio.to_thread(self.make_resident, list(samplers.values()))
+            workers = len(self.rollout.actors)
+            parts: dict[int, list[GenerationRequest]] = {i: [] for i in range(workers)}
+            owner, load = [], [0] * workers
+            for job in sorted(jobs, key=lambda j: -j.request.n):  # largest first, least loaded
+                i = load.index(min(load))
+                load[i] += job.request.n
+                parts[i].append(job.request)
+                owner.append((i, len(parts[i]) - 1, job))
+            busy = {i: part for i, part in parts.items() if part}
+            results = await asyncio.to_thread(
+                self.rollout.call, lambda w, part: w.generate_requests.remote(part), busy)
+            by_worker = dict(zip(busy, results, strict=True))
+            for i, k, job in owner:
+                rollouts = by_worker[i][k]
+                self.futures.resolve(job.request_id, wire.sample_response(
+                    rollouts, job.request.prompt_logprobs, job.last_n))
+                self.counts["sample"] += 1
+        except Exception as exc:
+            message, category = error_text(exc)
+            for job in jobs:
+                if not self.futures.items[job.request_id].done.is_set():
+                    self.futures.fail(job.request_id, message, category)
+
+    # -- adapters on the rollout workers (the sampling loop's thread) ----------------------
+    def probe(self, slot: str, workers: list[int] | None = None) -> list[ProbeResult]:
+        items = None if workers is None else dict.fromkeys(workers)
+        return self.rollout.call(
+            lambda w, _: w.probe.remote(self.probe_ids, PROBE_MAX_TOKENS, slot), items)
+
+    def load(self, sampler: Sampler, workers: list[int] | None = None) -> list[ProbeResult]:
+        items = None if workers is None else dict.fromkeys(workers)
+        self.rollout.call(lambda w, _: w.load_snapshot.remote(sampler.snapshot, sampler.slot),
+                          items)
+        self.counts["loads"] += 1
+        return self.probe(sampler.slot, workers)
+
+    def make_room(self, keep: set[str]) -> None:
+        for sampler_id in [k for k, s in self.resident.items() if s.freed]:
+            self.evict(sampler_id)
+        while len(self.resident) >= self.cfg.rollout.max_loras:
+            self.evict(next(k for k in self.resident if k not in keep))
+
+    def evict(self, sampler_id: str) -> None:
+        self.resident.pop(sampler_id)
+        self.rollout.call(lambda w, _: w.drop_slot.remote(sampler_id))
+        self.counts["evictions"] += 1
+
+    def verify_new(self, sampler: Sampler, adapter: str) -> None:
+        """Load a new sampler on every worker and check its probes against the learner, whose
+        weights are the snapshot's (the model's requests wait for this)."""
+        import ray
+
+        self.make_room(set())
+        probes = self.load(sampler)
+        ray.get(self.learner.check_probe.remote(probes, self.tolerance, adapter))
+        sampler.reference = probes[0]
+        self.resident[sampler.id] = sampler
+
+    def make_resident(self, samplers: list[Sampler]) -> None:
+        keep = {s.id for s in samplers}
+        for sampler in samplers:
+            if sampler.id in self.resident:
+                self.resident.move_to_end(sampler.id)
+                continue
+            self.make_room(keep)
+            check_reproduces(sampler.reference, self.load(sampler), self.tolerance,
+                             f"sampler {sampler.id!r}")
+            self.resident[sampler.id] = sampler
+
+    def revive_worker(self, i: int) -> None:
+        """A restarted rollout worker gets every resident sampler back, each verified."""
+        for sampler in self.resident.values():
+            check_reproduces(sampler.reference, self.load(sampler, [i]), self.tolerance,
+                             f"sampler {sampler.id!r}")
+
+    # -- silence ----------------------------------------------------------------------------
+    async def reaper(self) -> None:
+        idle = self.serve.idle_timeout_s
+        while True:
+            await asyncio.sleep(min(10.0, idle / 4))
+            now = time.monotonic()
+            for session in [s for s in self.sessions.values() if now - s.last_seen > idle]:
+                self.close_session(session.id, f"no heartbeat or request for {idle:g} s "
+                                   "(serve.idle_timeout_s)")
+            for key, lane in list(self.lanes.lanes.items()):
+                for op in lane.stalled(self.serve.seq_gap_timeout_s):
+                    self.futures.fail(op.request_id, f"training model {key!r}: an earlier "
+                                      f"request (seq_id {lane.next_seq}) never arrived within "
+                                      f"serve.seq_gap_timeout_s={self.serve.seq_gap_timeout_s:g}"
+                                      " s")
+
+    def status(self) -> dict[str, Any]:
+        return {"sessions": len(self.sessions),
+                "training_clients": sum(not m.freed for m in self.models.values()),
+                "samplers": sum(not s.freed for s in self.samplers.values()),
+                "resident_samplers": len(self.resident), **self.counts}
