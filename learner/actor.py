@@ -5,11 +5,16 @@ adapter (the rm stage, reward.model_on_learner) and MEET (the meet stage), each 
 its stage needs it. The sft, dpo, rm and meet stages train the first policy (their runs have
 one); the methods that take a `policy` name default to the run's one policy, `policy`.
 
+The Tinker-compatible service (cluster/tinker/) adds a policy per training client at runtime
+(`add_client_policy`, beside the run's own, which stay) and trains it by the client's own
+forward_backward and optim_step calls (client_training.py).
+
 A policy's version is the number of updates applied to the weights it publishes: its adapter,
 and in the meet stage the controls and shared LoRA its levels are served from. Only its core's
-`advance` moves it (and load_checkpoint). A snapshot carries the version its weights are at; a
-step's stats (TrainStats, OfflineStats) the version it trained on, the policy being one past it
-after the step (the rm stage counts the reward adapter's own steps the same way).
+`advance` moves it (and load_checkpoint, load_client_state). A snapshot carries the version
+its weights are at; a step's stats (TrainStats, OfflineStats) the version it trained on, the
+policy being one past it after the step (the rm stage counts the reward adapter's own steps
+the same way).
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ import resource
 
 import torch
 
+from ..common.client_records import AdamStep, ClientLoss, ForwardBackwardResult, TokenDatum
+from ..common.config import LoRAConfig
 from ..common.devices import actor_device, autocast_dtype, model_dtype
 from ..common.records import (
     POLICY,
@@ -29,8 +36,15 @@ from ..common.records import (
     SFTExample,
     TrainStats,
 )
-from ..common.specs import LearnerSpec
-from .checkpoint import load_checkpoint, save_adapters, save_checkpoint
+from ..common.specs import LearnerSpec, PolicySpec
+from . import client_training
+from .checkpoint import (
+    load_checkpoint,
+    load_client_state,
+    save_adapters,
+    save_checkpoint,
+    save_client_state,
+)
 from .core import LearnerCore
 from .meet import SHARED, MeetUpdater
 from .model import DTYPES, PolicyValueModel
@@ -59,8 +73,8 @@ class Learner:
         )
         for policy in others:
             add_policy_adapters(net, policy, rl)
-        autocast = autocast_dtype(spec.autocast, device, self.dtype)
-        self.policies = {p.name: Policy(p, net, spec.pad_token_id, autocast, rl)
+        self.autocast = autocast_dtype(spec.autocast, device, self.dtype)
+        self.policies = {p.name: Policy(p, net, spec.pad_token_id, self.autocast, rl)
                          for p in spec.policies}
         self.first = self.policies[first.name]
         self.offline = OfflineUpdater(self.core)
@@ -182,6 +196,46 @@ class Learner:
         """The policy becomes level `level`'s served LoRA; returns the new version."""
         self.meet.use_level(level)
         return self.core.advance()
+
+    # -- client policies (the Tinker service's training clients) ---------------------------------
+    def add_client_policy(self, name: str, lora: LoRAConfig, seed: int) -> None:
+        """A new policy `name`: its adapter beside the others, drawn from `seed` without moving
+        the learner's own random state, and a fresh AdamW optimiser (each optim_step sets its
+        settings; the algorithm section is the first policy's, unused)."""
+        if name in self.policies:
+            raise ValueError(f"the learner has a policy {name!r} already")
+        spec = PolicySpec(name, self.first.spec.algo, lora, seed)
+        net = self.net
+        with torch.random.fork_rng(devices=[net.device] if net.device.type == "cuda" else []):
+            add_policy_adapters(net, spec, rl=False)
+        self.policies[name] = Policy(spec, net, self.spec.pad_token_id, self.autocast, rl=False)
+
+    def remove_policy(self, name: str) -> None:
+        """Policy `name`'s adapter off the model and its optimiser state gone; the run's own
+        policies (built with the learner) stay."""
+        policy = self.get_policy(name)
+        if any(name == own.name for own in self.spec.policies):
+            raise ValueError(f"policy {name!r} is one the learner was built with; only a "
+                             "client's policy can be removed")
+        for adapter in policy_adapters(policy.spec, policy.rl is not None):
+            self.net.remove_adapter(adapter)
+        del self.policies[name]
+
+    def forward_backward(self, name: str, datums: list[TokenDatum], loss: ClientLoss,
+                         forward_only: bool) -> ForwardBackwardResult:
+        return client_training.forward_backward(self.get_policy(name).core, datums, loss,
+                                                forward_only)
+
+    def optim_step(self, name: str, step: AdamStep) -> dict[str, float]:
+        return client_training.optim_step(self.get_policy(name).core, step)
+
+    def save_client_state(self, name: str, directory: str, optimizer: bool) -> None:
+        save_client_state(self.get_policy(name), directory, optimizer)
+
+    def load_client_state(self, name: str, directory: str, optimizer: bool) -> int:
+        policy = self.get_policy(name)
+        policy.core.version = load_client_state(policy, directory, optimizer)
+        return policy.version
 
     # -- saving: one policy's adapters (and the reward adapter, with the first policy's) --------
     def save(self, directory: str, policy: str = POLICY) -> str:

@@ -1,15 +1,18 @@
 """Saving the learner actor, one policy at a time: its adapters in PEFT format, and checkpoints
 that continue its training exactly (adapters, heads, optimiser and RNG states, its version).
-The reward adapter, one per learner, is saved with the first policy's."""
+The reward adapter, one per learner, is saved with the first policy's. A client's policy (the
+Tinker service's) saves its state alone: adapter, version, optimiser state if asked for."""
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
 
 from ..common.state_io import load_state, save_state
-from .model import REWARD, VALUE, load_adapter, save_adapter
+from .model import REWARD, VALUE, check_adapter_fits, load_adapter, save_adapter
 
 STATE_FILE = "learner_state"
 
@@ -75,4 +78,48 @@ def load_checkpoint(learner, policy, directory: str) -> int:
         learner.reward.trainer.load_state(state["reward_trainer"])
     core.policy_opt.load_state_dict(state["policy_opt"])
     torch.set_rng_state(state["torch_rng"])
+    return state["version"]
+
+
+def save_client_state(policy, directory: str, optimizer: bool) -> None:
+    """`policy`'s adapter (PEFT format), version and, with `optimizer`, its AdamW state at
+    `directory`, replacing what is there. Written to a sibling directory renamed into place,
+    so `directory` never holds a half-written state."""
+    core, path = policy.core, Path(directory)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.staging-"))
+    try:
+        save_adapter(core.net, core.name, core.version, staging)
+        state = {"version": core.version}
+        if optimizer:
+            state["policy_opt"] = core.policy_opt.state_dict()
+        save_state(state, staging, STATE_FILE)
+        if path.exists():
+            replaced = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.old-"))
+            path.rename(replaced / path.name)
+            staging.rename(path)
+            shutil.rmtree(replaced)
+        else:
+            staging.rename(path)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def load_client_state(policy, directory: str, optimizer: bool) -> int:
+    """Restore a `save_client_state` directory into `policy`, with its AdamW state
+    (`optimizer`) or a fresh optimiser; returns the version it holds. A ValueError where the
+    saved adapter's LoRA settings differ from the policy's, or the optimiser state is asked
+    for and was not saved."""
+    core, path = policy.core, Path(directory)
+    if not (path / f"{STATE_FILE}.json").exists():
+        raise ValueError(f"{path} holds no saved client state")
+    check_adapter_fits(core.net, core.name, path)
+    state = load_state(path, STATE_FILE)
+    if optimizer and "policy_opt" not in state:
+        raise ValueError(f"{path} was saved without its optimizer state; load it without")
+    load_adapter(core.net, core.name, path)
+    core.start_stage(policy.spec.algo.policy_lr)  # each optim_step sets its own lr
+    core.policy_opt.zero_grad(set_to_none=True)  # gradients summed before the load are void
+    if optimizer:
+        core.policy_opt.load_state_dict(state["policy_opt"])
     return state["version"]

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import json
+import re
 import warnings
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
@@ -173,6 +174,17 @@ class PolicyValueModel:
         self.model.add_adapter(name, lora_config(lora))
         self._add_head(name)
 
+    def remove_adapter(self, name: str) -> None:
+        """Adapter `name` (and its head) off the model; its tensors go with the last
+        reference to them."""
+        with warnings.catch_warnings():
+            # PEFT warns that it activates another adapter in place of a deleted active one;
+            # every forward here names its adapter (`active`), so which one that is does not
+            # matter
+            warnings.filterwarnings("ignore", message=f"Adapter {re.escape(name)} was active")
+            self.model.delete_adapter(name)
+        self.heads.pop(name, None)
+
     def _add_head(self, name: str) -> None:
         kind = head_kind(name)
         if kind is None:
@@ -282,6 +294,25 @@ def save_adapter(net: PolicyValueModel, name: str, version: int, directory: Path
         state = {k: v.detach().contiguous() for k, v in net.heads[name].state_dict().items()}
         save_file(state, head_file(directory, name))
     return directory
+
+
+def check_adapter_fits(net: PolicyValueModel, name: str, directory: Path) -> None:
+    """A ValueError naming each LoRA setting (rank, alpha, target modules) in which the
+    adapter saved at `directory` differs from the model's adapter `name`."""
+    saved = json.loads((directory / "adapter_config.json").read_text())
+    ours = net.model.peft_config[name]
+    settings = {"rank": ("r", ours.r), "alpha": ("lora_alpha", ours.lora_alpha),
+                "target modules": ("target_modules", ours.target_modules)}
+    differ = []
+    for setting, (key, value) in settings.items():
+        theirs = saved.get(key)
+        if isinstance(value, set | list | tuple):
+            value, theirs = sorted(value), sorted(theirs or [])
+        if theirs != value:
+            differ.append(f"{setting} {theirs} (the adapter's: {value})")
+    if differ:
+        raise ValueError(f"{directory} does not fit adapter {name!r}: it has "
+                         f"{'; '.join(differ)}")
 
 
 def load_adapter(net: PolicyValueModel, name: str, directory: Path) -> None:
