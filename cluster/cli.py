@@ -1,4 +1,4 @@
-"""`lorafleet` command line: train, sweep, train-rm, compare, bench, build-model, make-data,
+"""`lorafleet` command line: train, sweep, serve, train-rm, compare, bench, build-model, make-data,
 validate, tasks, eval, nlu-table, meet-table, config-reference."""
 
 from __future__ import annotations
@@ -55,6 +55,14 @@ def cmd_train(args: argparse.Namespace) -> None:
         cfg = load_train_config(run_dir.config, [*overrides, f"run_dir={run_dir}"])
     with Trainer(cfg, resume=args.resume is not None) as trainer:
         trainer.run()
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    from .tinker.config import load_serve_config
+    from .tinker.server import serve
+
+    path, overrides = _split_config_and_overrides(args.items)
+    serve(load_serve_config(path, overrides))
 
 
 def cmd_sweep(args: argparse.Namespace) -> None:
@@ -247,6 +255,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sweep.add_argument("items", nargs="*", metavar="CONFIG.yaml | key=value | key=a,b,...")
     sweep.set_defaults(func=cmd_sweep)
+    srv = sub.add_parser(
+        "serve", help="serve the Tinker API (the `tinker` SDK's ServiceClient) on the fleet: "
+        "each training client an adapter on the learner's base model, each sampling client "
+        "served by every rollout worker (docs/tinker.md); binds 127.0.0.1:8000 by default",
+    )
+    srv.add_argument("items", nargs="*", metavar="CONFIG.yaml | key=value")
+    srv.set_defaults(func=cmd_serve)
     train_rm = sub.add_parser(
         "train-rm", help="train a LoRA reward model (Bradley-Terry on preference pairs, section "
         "rm) and save it for reward.model=DIR",

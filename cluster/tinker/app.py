@@ -12,6 +12,9 @@ import traceback
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+
 from .service import NotFound, TinkerService
 from .wire import BadRequest, Unsupported
 
@@ -21,16 +24,12 @@ PROTO_RESULTS = ("forward", "forward_backward", "sample")
 
 
 def error(status: int, message: str, category: str = "user"):
-    from fastapi.responses import JSONResponse
-
     return JSONResponse({"error": message, "detail": message, "category": category},
                         status_code=status)
 
 
 async def answer(handler: Callable[[], Awaitable[Any] | Any]):
     """A handler's result as JSON, or its failure as the API's error shape."""
-    from fastapi.responses import JSONResponse, Response
-
     try:
         result = handler()
         if asyncio.iscoroutine(result):
@@ -51,16 +50,11 @@ async def answer(handler: Callable[[], Awaitable[Any] | Any]):
 
 def try_again(body: dict):
     """Not done within the hold: the SDK polls again at once on a 408."""
-    from fastapi.responses import JSONResponse
-
     return JSONResponse({"type": "try_again", "request_id": str(body.get("request_id")),
                          "queue_state": "active"}, status_code=408)
 
 
 def build_app(service: TinkerService, api_keys: frozenset[str] = frozenset()):
-    from fastapi import FastAPI, Request
-    from fastapi.responses import Response
-
     app = FastAPI(title="lorafleet serve (Tinker API)")
 
     @app.middleware("http")
