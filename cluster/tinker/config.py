@@ -56,6 +56,9 @@ class ServeSection:
     # before it fails
     seq_gap_timeout_s: float = 120.0
     max_sample_batch: int = 256  # sequences per engine round, taken in turn from each client
+    # save_weights_and_get_sampling_client samplers kept per training client: an RL loop makes
+    # one per step, so the oldest beyond this many are freed (named samplers stay on disk)
+    samplers_per_client: int = 4
     # train_unembed=true (the SDK's default): error, or ignore (adapt attention and MLP only);
     # vLLM serves no LoRA on the LM head together with prompt log-probs
     unembed: Literal["error", "ignore"] = "error"
@@ -64,8 +67,9 @@ class ServeSection:
         if self.max_lora_rank not in VLLM_LORA_RANKS:
             raise ConfigError(f"serve.max_lora_rank: vLLM supports {VLLM_LORA_RANKS}; "
                               f"got {self.max_lora_rank}")
-        if self.max_adapters < 1 or self.max_sample_batch < 1:
-            raise ConfigError("serve.max_adapters and serve.max_sample_batch must be >= 1")
+        if min(self.max_adapters, self.max_sample_batch, self.samplers_per_client) < 1:
+            raise ConfigError("serve.max_adapters, serve.max_sample_batch and "
+                              "serve.samplers_per_client must be >= 1")
 
 
 @dataclass

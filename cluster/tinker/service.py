@@ -18,6 +18,7 @@ import random
 import time
 import uuid
 from collections import OrderedDict, deque
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -73,6 +74,8 @@ def check_reproduces(reference: ProbeResult, probes: list[ProbeResult], toleranc
 def error_text(exc: BaseException) -> tuple[str, str]:
     """(message, category) of a failed request: the actor's own error for a Ray task error."""
     cause = getattr(exc, "cause", None) or exc
+    if isinstance(cause, Unsupported):
+        return f"not supported by lorafleet serve: {cause}", "user"
     category = "user" if isinstance(cause, (ValueError, LookupError)) else "server"
     return f"{type(cause).__name__}: {cause}", category
 
@@ -153,7 +156,7 @@ class TinkerService:
             self.lanes.add(Lanes.ADMIN, Op(self.futures.create("unload_model"),
                                            lambda adapter=model.adapter: self.unload(adapter)))
         for sampler_id in session.samplers:
-            self.samplers[sampler_id].freed = reason
+            self.samplers[sampler_id].free(reason)
         self.sample_wake.set()
         print(f"session {session_id} closed: {reason}", flush=True)
 
@@ -226,52 +229,72 @@ class TinkerService:
                 "lora_rank": model.lora.rank, "model_name": self.model_name,
                 "model_data": {"model_name": self.model_name, "tokenizer_id": self.tokenizer_id}}
 
-    def learner_request(self, model_id: str, seq_id: int | None, kind: str, run) -> str:
+    def learner_request(self, model_id: str, seq_id: int | None, kind: str,
+                        prepare: Callable[[], Callable[[TrainingModel], Awaitable[Any]]]) -> str:
+        """A request of model `model_id` in its lane at `seq_id`. `prepare` checks it and
+        gives what runs it; a request that fails its checks still takes its place in the lane
+        (as an error), so that the client's later requests do not wait for it."""
         model = self.model(model_id)
         request_id = self.futures.create(kind)
+        try:
+            run = prepare()
+        except Exception as exc:
+            async def run(_: TrainingModel, exc: Exception = exc) -> None:
+                raise exc
         self.lanes.add(model_id, Op(request_id, lambda: run(model)), seq_id)
         return request_id
 
     def forward_backward(self, body: bytes, encoding: str | None) -> tuple[str, str]:
         call = wire.forward_backward_call(body, encoding)
-        if call.loss.name not in CLIENT_LOSSES:
-            raise Unsupported(f"loss_fn {call.loss.name!r} (this server computes "
-                              f"{', '.join(CLIENT_LOSSES)}; forward_backward_custom works "
-                              "client-side)")
 
-        async def run(model: TrainingModel) -> bytes:
-            result = await self.learner.forward_backward.remote(
-                model.adapter, call.datums, call.loss, call.forward_only)
-            self.counts["forward_backward"] += 1
-            return wire.forward_backward_output(result)
+        def prepare():
+            if call.loss.name not in CLIENT_LOSSES:
+                raise Unsupported(f"loss_fn {call.loss.name!r} (this server computes "
+                                  f"{', '.join(CLIENT_LOSSES)}; forward_backward_custom works "
+                                  "client-side)")
+
+            async def run(model: TrainingModel) -> bytes:
+                result = await self.learner.forward_backward.remote(
+                    model.adapter, call.datums, call.loss, call.forward_only)
+                self.counts["forward_backward"] += 1
+                return wire.forward_backward_output(result)
+
+            return run
 
         kind = "forward" if call.forward_only else "forward_backward"
-        return self.learner_request(call.model_id, call.seq_id, kind, run), call.model_id
+        return self.learner_request(call.model_id, call.seq_id, kind, prepare), call.model_id
 
     def optim_step(self, body: dict) -> str:
-        step = wire.adam_step(body)
+        def prepare():
+            step = wire.adam_step(body)
 
-        async def run(model: TrainingModel) -> dict:
-            metrics = await self.learner.optim_step.remote(model.adapter, step)
-            self.counts["optim_step"] += 1
-            return {"metrics": metrics}
+            async def run(model: TrainingModel) -> dict:
+                metrics = await self.learner.optim_step.remote(model.adapter, step)
+                self.counts["optim_step"] += 1
+                return {"metrics": metrics}
 
-        return self.learner_request(body["model_id"], body.get("seq_id"), "optim_step", run)
+            return run
+
+        return self.learner_request(body["model_id"], body.get("seq_id"), "optim_step", prepare)
 
     def save_state(self, body: dict) -> str:
         model_id = body["model_id"]
-        name = check_name(body.get("path"), "state")
-        path = checkpoint_path(model_id, "weights", name)
-        directory = checkpoint_dir(self.root, path, ("weights",))[2]
-        if directory.exists() and not body.get("overwrite"):
-            raise BadRequest(f"{path} exists; save under another name or with overwrite=True")
 
-        async def run(model: TrainingModel) -> dict:
-            await self.learner.save_client_state.remote(model.adapter, str(directory), True)
-            (directory / "meta.json").write_text(json.dumps(self.meta(model)))
-            return {"path": path, "type": "save_weights"}
+        def prepare():
+            path = checkpoint_path(model_id, "weights", check_name(body.get("path"), "state"))
+            directory = checkpoint_dir(self.root, path, ("weights",))[2]
+            if directory.exists() and not body.get("overwrite"):
+                raise BadRequest(f"{path} exists; save under another name or with "
+                                 "overwrite=True")
 
-        return self.learner_request(model_id, body.get("seq_id"), "save_weights", run)
+            async def run(model: TrainingModel) -> dict:
+                await self.learner.save_client_state.remote(model.adapter, str(directory), True)
+                (directory / "meta.json").write_text(json.dumps(self.meta(model)))
+                return {"path": path, "type": "save_weights"}
+
+            return run
+
+        return self.learner_request(model_id, body.get("seq_id"), "save_weights", prepare)
 
     def meta(self, model: TrainingModel) -> dict:
         return {"base_model": self.model_name, "model_id": model.id, "seed": model.seed,
@@ -286,55 +309,75 @@ class TinkerService:
         return directory
 
     def load_state(self, body: dict) -> str:
-        directory = self.state_dir(body["path"])
         if body.get("model_id") is None:  # create_training_client_from_state
-            return self.create_model(body, (directory, bool(body.get("optimizer"))))
-        meta = json.loads((directory / "meta.json").read_text())
+            return self.create_model(body, (self.state_dir(body["path"]),
+                                            bool(body.get("optimizer"))))
 
-        async def run(model: TrainingModel) -> dict:
-            if meta["lora"]["rank"] != model.lora.rank or \
-                    meta["lora"]["target_modules"] != list(model.lora.target_modules):
-                raise BadRequest(f"{body['path']} holds a rank-{meta['lora']['rank']} LoRA of "
-                                 f"{meta['lora']['target_modules']}; this client's is rank "
-                                 f"{model.lora.rank} of {list(model.lora.target_modules)}")
-            await self.learner.load_client_state.remote(model.adapter, str(directory),
-                                                        bool(body.get("optimizer")))
-            return {"path": body["path"], "model_id": model.id, "type": "load_weights"}
+        def prepare():
+            directory = self.state_dir(body["path"])
+            meta = json.loads((directory / "meta.json").read_text())
 
-        return self.learner_request(body["model_id"], body.get("seq_id"), "load_weights", run)
+            async def run(model: TrainingModel) -> dict:
+                if meta["lora"]["rank"] != model.lora.rank or \
+                        meta["lora"]["target_modules"] != list(model.lora.target_modules):
+                    raise BadRequest(
+                        f"{body['path']} holds a rank-{meta['lora']['rank']} LoRA of "
+                        f"{meta['lora']['target_modules']}; this client's is rank "
+                        f"{model.lora.rank} of {list(model.lora.target_modules)}")
+                await self.learner.load_client_state.remote(model.adapter, str(directory),
+                                                            bool(body.get("optimizer")))
+                return {"path": body["path"], "model_id": model.id, "type": "load_weights"}
+
+            return run
+
+        return self.learner_request(body["model_id"], body.get("seq_id"), "load_weights",
+                                    prepare)
 
     def save_for_sampler(self, body: dict) -> str:
-        """A sampler of the model's current weights, loaded on every worker and verified
-        against the learner before the request completes; named: also saved to disk."""
         model_id, name = body["model_id"], body.get("path")
-        path = None if name is None else checkpoint_path(
-            model_id, "sampler_weights", check_name(name, "sampler"))
 
-        async def run(model: TrainingModel) -> dict:
-            sampler_id = f"{model.session}:sample:{body.get('sampling_session_seq_id')}" \
-                if path is None else f"{model.session}:sampler:{uuid.uuid4().hex[:8]}"
-            sampler = Sampler(sampler_id, model.session, self.model_name,
-                              self.learner.publish.remote(model.adapter), model.id, path)
-            done = asyncio.get_running_loop().create_future()
-            self.verifications.append((sampler, model.adapter, done))
-            self.sample_wake.set()
-            await done
-            if path is None:
-                self.samplers[sampler.id] = sampler
-                self.sessions[model.session].samplers.append(sampler.id)
-                return {"sampling_session_id": sampler.id, "type": "save_weights_for_sampler"}
-            directory = checkpoint_dir(self.root, path, ("sampler_weights",))[2]
-            (await sampler.snapshot).save_pretrained(directory)
-            reference = sampler.reference
-            (directory / "meta.json").write_text(json.dumps(self.meta(model) | {
-                "reference": {"worker_id": 0, "adapter_version": reference.adapter_version,
-                              "prompt_ids": reference.prompt_ids,
-                              "response_ids": reference.response_ids,
-                              "logprobs": reference.logprobs}}))
-            return {"path": path, "type": "save_weights_for_sampler"}
+        def prepare():
+            path = None if name is None else checkpoint_path(
+                model_id, "sampler_weights", check_name(name, "sampler"))
+            return lambda model: self.publish_sampler(model, body, path)
 
         return self.learner_request(model_id, body.get("seq_id"), "save_weights_for_sampler",
-                                    run)
+                                    prepare)
+
+    async def publish_sampler(self, model: TrainingModel, body: dict, path: str | None) -> dict:
+        """A sampler of the model's current weights, loaded on every worker and verified
+        against the learner before the request completes; named: also saved to disk."""
+        sampler_id = f"{model.session}:sample:{body.get('sampling_session_seq_id')}" \
+            if path is None else f"{model.session}:sampler:{uuid.uuid4().hex[:8]}"
+        sampler = Sampler(sampler_id, model.session, self.model_name,
+                          self.learner.publish.remote(model.adapter), model.id, path)
+        done = asyncio.get_running_loop().create_future()
+        self.verifications.append((sampler, model.adapter, done))
+        self.sample_wake.set()
+        await done
+        if path is None:
+            self.samplers[sampler.id] = sampler
+            self.sessions[model.session].samplers.append(sampler.id)
+            self.free_old_samplers(model)
+            return {"sampling_session_id": sampler.id, "type": "save_weights_for_sampler"}
+        directory = checkpoint_dir(self.root, path, ("sampler_weights",))[2]
+        (await sampler.snapshot).save_pretrained(directory)
+        reference = sampler.reference
+        (directory / "meta.json").write_text(json.dumps(self.meta(model) | {
+            "reference": {"worker_id": 0, "adapter_version": reference.adapter_version,
+                          "prompt_ids": reference.prompt_ids,
+                          "response_ids": reference.response_ids,
+                          "logprobs": reference.logprobs}}))
+        return {"path": path, "type": "save_weights_for_sampler"}
+
+    def free_old_samplers(self, model: TrainingModel) -> None:
+        """A training client keeps its newest serve.samplers_per_client unnamed samplers."""
+        keep = self.serve.samplers_per_client
+        own = [s for s in self.samplers.values()
+               if s.model_id == model.id and s.path is None and not s.freed]
+        for sampler in own[:-keep]:
+            sampler.free(f"its training client made {keep} newer samplers since "
+                         "(serve.samplers_per_client)")
 
     # -- samplers ---------------------------------------------------------------------------
     def create_sampler(self, body: dict) -> str:

@@ -67,6 +67,11 @@ class Sampler:
         """Its slot on the rollout workers (None: the base model, no adapter)."""
         return None if self.snapshot is None else self.id
 
+    def free(self, reason: str) -> None:
+        """No more samples; its weights leave the object store (and, once the sampling loop
+        sees it, the workers)."""
+        self.freed, self.snapshot = reason, None
+
 
 @dataclass
 class Future:
