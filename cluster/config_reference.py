@@ -23,6 +23,7 @@ from ..common.config import TINY
 from ..learner.algorithms.registry import ALGORITHMS, AlgoConfig
 from .config import TrainConfig
 from .policies import MAX_NAME_LENGTH, PER_POLICY_KEYS, RESERVED_NAMES, TINY_TASK_KEYS
+from .tinker.config import SERVED_ROLLOUT_KEYS, ServeConfig, ServeSection
 
 DEFAULT_PATH = Path("docs/configuration.md")
 COMMAND = "lorafleet config-reference"
@@ -212,6 +213,23 @@ policy per combination of the listed values, named like `policy_lr=1e-4_seed=0`.
     return ["## `policies`", "", text]
 
 
+def serve_sections(links: dict[type, str]) -> list[str]:
+    """`lorafleet serve`'s config: its own top-level keys and `serve` section; the fleet's
+    sections are the run's."""
+    shared = ", ".join(f"`{f.name}`" for f in fields(ServeConfig) if section_type(
+        ServeConfig, f.name) not in (None, ServeSection))
+    served = ", ".join(f"`{key}`" for key in SERVED_ROLLOUT_KEYS)
+    text = f"""\
+`lorafleet serve CONFIG key=value ...` (the Tinker API, [docs/tinker.md](tinker.md)) reads its
+own file. It has the sections {shared} as a run has them above, of `rollout` only {served}
+(its clients choose how to sample: another `rollout` key is an error), and the keys below."""
+    top = [f.name for f in fields(ServeConfig) if section_type(ServeConfig, f.name) is None]
+    names = [f.name for f in fields(ServeSection)]
+    return ["## `lorafleet serve`", "", text, "",
+            *table(ServeConfig, "", top, links), "", "### `serve`", "",
+            *table(ServeSection, "serve", names, links), ""]
+
+
 def render() -> str:
     """docs/configuration.md as the dataclasses describe it now."""
     nested = sections(TrainConfig, "")
@@ -229,6 +247,7 @@ def render() -> str:
         out += [f"## `{key}`", "", *class_doc(cls),
                 *table(cls, key, [f.name for f in fields(cls)], shared), ""]
     out += policies_section()
+    out += serve_sections(shared)
     for cls, name in shared.items():
         where = ", ".join(f"`{key}`" for key in paths[cls])
         out += [f"## {name}", "", f"A dataset section, at {where}.", "", *class_doc(cls),

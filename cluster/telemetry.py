@@ -1,5 +1,5 @@
-"""Where a run reports besides metrics.jsonl: Ray dashboard metrics (Prometheus), wandb, and a
-Parquet log of every rollout."""
+"""Where a run reports besides metrics.jsonl: Ray dashboard metrics (Prometheus; a run's and
+`lorafleet serve`'s), wandb, and a Parquet log of every rollout."""
 
 from __future__ import annotations
 
@@ -72,6 +72,24 @@ class DashboardMetrics:
             self.kl.set(row["kl"], tags=tags)
         self.samples.inc(row["samples"], tags=tags)
         self.step_seconds.observe(row["train_seconds"], tags=tags)
+
+
+class ServeMetrics:
+    """`lorafleet serve`'s figures as dashboard gauges, `lorafleet_serve_<figure>` (the
+    TinkerService's status: sessions, training clients, samplers, and its request counts)."""
+
+    def __init__(self, run_name: str, figures: list[str]) -> None:
+        from ray.util.metrics import Gauge
+
+        self.gauges = {}
+        for name in figures:
+            self.gauges[name] = Gauge(f"lorafleet_serve_{name}", f"lorafleet serve: {name}",
+                                      tag_keys=("run",))
+            self.gauges[name].set_default_tags({"run": run_name})
+
+    def update(self, status: dict[str, float]) -> None:
+        for name, value in status.items():
+            self.gauges[name].set(value)
 
 
 class WandbLogger:

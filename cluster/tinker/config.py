@@ -38,7 +38,7 @@ MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
 class ServeSection:
     # 127.0.0.1: this machine only; 0.0.0.0 serves every interface (then set API keys)
     host: str = "127.0.0.1"
-    port: int = 8000
+    port: int = 8000  # 0: a free port, printed and written to RUN_DIR/server.json
     # the environment variable holding the accepted API keys, comma-separated (each starts
     # with tml-, as the SDK requires); unset or empty: any key is accepted. Keys are read
     # from the environment so that none is written to the run directory.

@@ -20,6 +20,7 @@ from ..actor_group import ActorGroup, place
 from ..fleet import connect_ray, fixed_cluster
 from ..inputs import driver_tokenizer, resolve_model
 from ..specs import engine_spec, group_specs, learner_spec, sync_tolerance
+from ..telemetry import ServeMetrics
 from .app import build_app
 from .config import ATTENTION_MODULES, MLP_MODULES, ServeConfig
 from .service import TinkerService
@@ -67,13 +68,22 @@ def start_fleet(cfg: ServeConfig, stack: ExitStack) -> TinkerService:
                          sync_tolerance(run))
 
 
+async def report(service: TinkerService, every_s: float = 5.0) -> None:
+    """The service's figures on the Ray dashboard, refreshed every few seconds."""
+    status = service.status()
+    metrics = ServeMetrics(Path(service.cfg.run_dir).name, list(status))
+    while True:
+        metrics.update(service.status())
+        await asyncio.sleep(every_s)
+
+
 async def serve_http(service: TinkerService, keys: frozenset[str], address_file: Path) -> None:
     import uvicorn
 
     server = uvicorn.Server(uvicorn.Config(
         build_app(service, keys), host=service.serve.host, port=service.serve.port,
         log_level="warning", timeout_keep_alive=75))
-    loops = asyncio.ensure_future(service.run())
+    loops = asyncio.ensure_future(asyncio.gather(service.run(), report(service)))
     serving = asyncio.ensure_future(server.serve())
     while not server.started:
         if serving.done() or loops.done():
