@@ -5,11 +5,13 @@ Llama, and Qwen2 (bias on q/k/v, which vLLM packs as qkv_proj)."""
 from __future__ import annotations
 
 import copy
+import math
 from pathlib import Path
 
 import pytest
 
 from helpers import perturb_policy, perturbed_learner
+from lorafleet.common.config import LoRAConfig
 from lorafleet.common.data import encode_prompts
 from lorafleet.common.records import GenerationRequest, Prompt, ScoredRollout
 from lorafleet.common.tasks.addition import AdditionTask
@@ -41,9 +43,11 @@ def engine(model_path):
     from lorafleet.common.specs import EngineSpec
     from lorafleet.rollout.worker import RolloutWorker
 
+    # the LoRA modules named (the LM head left unwrapped): prompt log-probs under a LoRA
     worker = RolloutWorker(EngineSpec(
         model_path, max_model_len=128, dtype="float32", max_lora_rank=8, seed=0,
-        threads_per_worker=2, max_loras=2))
+        threads_per_worker=2, max_loras=2, lora_target_modules=tuple(
+            LoRAConfig().target_modules)))
     yield worker
     del worker  # frees the engine's KV cache before the other architecture's starts
 
@@ -208,3 +212,34 @@ def test_one_call_mixes_the_adapters_of_two_slots(engine, prompts, tokenizer, mo
         engine.load_snapshot(first, "third")
     with pytest.raises(AdapterMissing, match="no adapter in slot 'third'"):
         engine.generate_requests([GenerationRequest("third", prompts[:2], **greedy)])
+
+    # a dropped slot frees its place for another adapter and serves nothing any more
+    engine.drop_slot("other")
+    engine.load_snapshot(second, "third")
+    third = engine.generate_requests([GenerationRequest("third", prompts[:16], **greedy)])[0]
+    assert [r.response_ids for r in third] == [r.response_ids for r in alone["other"]]
+    with pytest.raises(AdapterMissing, match="no adapter in slot 'other'"):
+        engine.generate_requests([GenerationRequest("other", prompts[:2], **greedy)])
+
+
+def test_prompt_logprobs_score_the_sampled_tokens(engine, prompts, tokenizer, model_path):
+    """A sample's log-probs equal the prompt log-probs of prompt + sample under the same
+    adapter (what the Tinker API's compute_logprobs returns); slot None samples the base."""
+    learner = perturbed_learner(model_path, tokenizer.pad_token_id, scale=0.2)
+    engine.load_snapshot(learner.publish())
+    sampled = engine.generate_requests([GenerationRequest(
+        POLICY, prompts[:8], n=2, temperature=1.0, max_tokens=6, seed=3)])[0]
+    scored = engine.generate_requests([GenerationRequest(
+        POLICY, [Prompt(i, "", r.prompt.token_ids + r.response_ids, {})
+                 for i, r in enumerate(sampled)], n=1, temperature=1.0, max_tokens=1, seed=0,
+        prompt_logprobs=True)])[0]
+    for rollout, score in zip(sampled, scored, strict=True):
+        assert math.isnan(score.prompt_logprobs[0])
+        assert score.prompt_logprobs[len(rollout.prompt.token_ids):] == pytest.approx(
+            rollout.logprobs, abs=1e-5)
+    base = engine.generate_requests([GenerationRequest(
+        None, prompts[:8], n=1, temperature=0.0, max_tokens=6, seed=0)])[0]
+    assert {r.adapter_version for r in base} == {-1}
+    assert [r.response_ids for r in base] == [
+        r.response_ids for r in engine.generate(prompts[:8], n=1, temperature=0.0,
+                                                max_tokens=6, seed=0, use_policy=False)]

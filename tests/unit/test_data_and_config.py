@@ -9,6 +9,7 @@ import pytest
 from helpers import train_config_error
 from lorafleet.cluster.config import TrainConfig, load_train_config
 from lorafleet.cluster.fleet import check_exactly_once, shard
+from lorafleet.cluster.tinker.config import ServeConfig, load_serve_config
 from lorafleet.common.config import TINY
 from lorafleet.common.configio import ConfigError, save_config
 from lorafleet.common.data import PromptStream, encode_prompts
@@ -22,9 +23,22 @@ from lorafleet.learner.algorithms.registry import GRPOConfig, RLOOConfig, SPRCon
 CONFIGS = Path(__file__).parents[2] / "deploy" / "configs"
 
 
+def load_shipped(path: Path, overrides: list[str] = ()):
+    """A run config, or a server's (serve*.yaml, `lorafleet serve`)."""
+    if path.name.startswith("serve"):
+        return load_serve_config(path, overrides)
+    return load_train_config(path, overrides)
+
+
+def run_config(path: Path) -> TrainConfig:
+    """The run config behind a shipped config (a server's: its fleet's)."""
+    cfg = load_shipped(path)
+    return cfg.train_config() if isinstance(cfg, ServeConfig) else cfg
+
+
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_configs_load(path):
-    assert isinstance(load_train_config(path), TrainConfig)
+    assert isinstance(run_config(path), TrainConfig)
 
 
 def test_shipped_configs_start_from_shipped_models():
@@ -33,7 +47,7 @@ def test_shipped_configs_start_from_shipped_models():
     CONFIG --ship`)."""
     used = set()
     for path in CONFIGS.glob("*.yaml"):
-        cfg = load_train_config(path)
+        cfg = run_config(path)
         if cfg.model.name_or_path == TINY:
             recipe = build_task(cfg.task).model_recipe
             name = model_name(recipe, cfg.model.tiny)
@@ -95,9 +109,9 @@ def test_algo_section_is_the_named_algorithms_config():
 
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
 def test_saved_config_loads_back_the_same(path, tmp_path):
-    cfg = load_train_config(path)
-    save_config(cfg, tmp_path / "config.yaml")
-    assert load_train_config(tmp_path / "config.yaml") == cfg
+    cfg = load_shipped(path)
+    save_config(cfg, tmp_path / path.name)
+    assert load_shipped(tmp_path / path.name) == cfg
 
 
 def test_reward_model_config_errors():
