@@ -2,13 +2,10 @@
 learner's one base model, every sampling client an adapter version served in memory by every
 rollout worker, verified by the probe before its first sample.
 
-Two loops share the fleet. The learner loop runs one request at a time, taking the clients'
-lanes in turn (state.Lanes): a client that queues many forward_backward calls cannot hold back
-another's. The sampling loop owns the rollout workers: each round takes pending samples in turn
-from each session (up to serve.max_sample_batch sequences) and sends them to the engines in one
-call per worker, so vLLM batches across the clients' adapters; it loads and unloads the
-samplers' adapters (at most rollout.max_loras at once, least recently used first) and verifies
-every load with the probe. A reaper closes sessions that went silent."""
+Two loops share the fleet. The learner loop (here) runs one request at a time, taking the
+clients' lanes in turn (state.Lanes): a client that queues many forward_backward calls cannot
+hold back another's. The sampling loop (sampling.py) owns the rollout workers. A reaper closes
+sessions that went silent."""
 
 from __future__ import annotations
 
@@ -17,19 +14,17 @@ import json
 import random
 import time
 import uuid
-from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ...common.client_records import CLIENT_LOSSES
 from ...common.config import VLLM_LORA_RANKS, LoRAConfig
 from ...common.records import GenerationRequest, ProbeResult, Prompt
-from ...learner.core import SyncError
 from ..actor_group import ActorGroup
 from . import wire
 from .config import ATTENTION_MODULES, MLP_MODULES, ServeConfig
+from .sampling import SampleJob, SamplingLoop
 from .state import (
     Futures,
     Lanes,
@@ -40,44 +35,13 @@ from .state import (
     check_name,
     checkpoint_dir,
     checkpoint_path,
+    error_text,
 )
 from .wire import BadRequest, Unsupported
-
-PROBE_MAX_TOKENS = 8
 
 
 class NotFound(LookupError):
     """A session, model, sampler or request this server does not hold (any more)."""
-
-
-@dataclass
-class SampleJob:
-    request_id: str
-    sampler: Sampler
-    request: GenerationRequest
-    last_n: int | None
-    arrived: float = field(default_factory=time.monotonic)
-
-
-def check_reproduces(reference: ProbeResult, probes: list[ProbeResult], tolerance: float,
-                     what: str) -> None:
-    """Every worker's probe of a reloaded adapter equals the one the learner verified."""
-    for probe in probes:
-        gaps = [abs(a - b) for got, want in zip(probe.logprobs, reference.logprobs, strict=True)
-                for a, b in zip(got, want, strict=True)]
-        if probe.response_ids != reference.response_ids or max(gaps, default=0) > tolerance:
-            raise SyncError(f"rollout worker {probe.worker_id} serves {what} unlike the "
-                            f"weights the learner verified (probe gap {max(gaps, default=0):.3g},"
-                            f" tolerance {tolerance:g}): the adapter load did not take effect")
-
-
-def error_text(exc: BaseException) -> tuple[str, str]:
-    """(message, category) of a failed request: the actor's own error for a Ray task error."""
-    cause = getattr(exc, "cause", None) or exc
-    if isinstance(cause, Unsupported):
-        return f"not supported by lorafleet serve: {cause}", "user"
-    category = "user" if isinstance(cause, (ValueError, LookupError)) else "server"
-    return f"{type(cause).__name__}: {cause}", category
 
 
 class TinkerService:
@@ -94,14 +58,9 @@ class TinkerService:
         self.samplers: dict[str, Sampler] = {}
         self.adapter_ids = iter(range(1, 1 << 62))
         self.rng = random.Random(cfg.seed)
-        # the sampling loop's work: new samplers to verify, and each session's samples
-        self.verifications: deque[tuple[Sampler, str, asyncio.Future]] = deque()
-        self.samples: OrderedDict[str, deque[SampleJob]] = OrderedDict()
-        self.sample_wake = asyncio.Event()
-        self.resident: OrderedDict[str, Sampler] = OrderedDict()  # slots on every worker
-        rollout.revive = self.revive_worker
-        self.counts = {"forward_backward": 0, "optim_step": 0, "sample": 0, "loads": 0,
-                       "evictions": 0}
+        self.sampling = SamplingLoop(learner, rollout, self.futures, probe_ids, tolerance,
+                                     cfg.rollout.max_loras, cfg.serve.max_sample_batch)
+        self.counts = {"forward_backward": 0, "optim_step": 0}
 
     # -- lookups ----------------------------------------------------------------------------
     def session(self, session_id: str) -> Session:
@@ -157,7 +116,7 @@ class TinkerService:
                                            lambda adapter=model.adapter: self.unload(adapter)))
         for sampler_id in session.samplers:
             self.samplers[sampler_id].free(reason)
-        self.sample_wake.set()
+        self.sampling.wake.set()
         print(f"session {session_id} closed: {reason}", flush=True)
 
     async def unload(self, adapter: str) -> dict:
@@ -351,10 +310,7 @@ class TinkerService:
             if path is None else f"{model.session}:sampler:{uuid.uuid4().hex[:8]}"
         sampler = Sampler(sampler_id, model.session, self.model_name,
                           self.learner.publish.remote(model.adapter), model.id, path)
-        done = asyncio.get_running_loop().create_future()
-        self.verifications.append((sampler, model.adapter, done))
-        self.sample_wake.set()
-        await done
+        await self.sampling.verify(sampler, model.adapter)
         if path is None:
             self.samplers[sampler.id] = sampler
             self.sessions[model.session].samplers.append(sampler.id)
@@ -426,14 +382,12 @@ class TinkerService:
             choice.stop, choice.stop_token_ids, choice.top_p, choice.top_k,
             bool(body.get("prompt_logprobs")))
         request_id = self.futures.create("sample")
-        self.samples.setdefault(sampler.session, deque()).append(
-            SampleJob(request_id, sampler, request, last_n))
-        self.sample_wake.set()
+        self.sampling.submit(SampleJob(request_id, sampler, request, last_n))
         return request_id, [f"{request_id}:{k}" for k in range(n)]
 
     # -- the loops --------------------------------------------------------------------------
     async def run(self) -> None:
-        await asyncio.gather(self.learner_loop(), self.sampling_loop(), self.reaper())
+        await asyncio.gather(self.learner_loop(), self.sampling.run(), self.reaper())
 
     async def learner_loop(self) -> None:
         while True:
@@ -446,128 +400,6 @@ class TinkerService:
                 self.futures.resolve(op.request_id, await op.run())
             except Exception as exc:  # the client gets it as its request's error
                 self.futures.fail(op.request_id, *error_text(exc))
-
-    async def sampling_loop(self) -> None:
-        while True:
-            await self.sample_wake.wait()
-            self.sample_wake.clear()
-            while self.verifications or any(self.samples.values()):
-                if self.verifications:
-                    sampler, adapter, done = self.verifications.popleft()
-                    try:
-                        await asyncio.to_thread(self.verify_new, sampler, adapter)
-                        done.set_result(None)
-                    except Exception as exc:
-                        done.set_exception(exc)
-                    continue
-                await self.sample_round()
-
-    def take_round(self) -> list[SampleJob]:
-        """Pending samples in turn from each session, up to serve.max_sample_batch sequences
-        and rollout.max_loras adapters; a freed sampler's samples fail."""
-        jobs, sequences, slots = [], 0, set()
-        while any(self.samples.values()) and sequences < self.serve.max_sample_batch:
-            session, queue = next((k, q) for k, q in self.samples.items() if q)
-            job = queue[0]
-            if job.sampler.freed:
-                queue.popleft()
-                self.futures.fail(job.request_id, f"sampling session {job.sampler.id!r} was "
-                                  f"freed: {job.sampler.freed}")
-                continue
-            slot = job.sampler.slot
-            if slot is not None and slot not in slots and \
-                    len(slots) >= self.cfg.rollout.max_loras:
-                break
-            queue.popleft()
-            self.samples.move_to_end(session)
-            slots.discard(None)
-            if slot is not None:
-                slots.add(slot)
-            jobs.append(job)
-            sequences += job.request.n
-        return jobs
-
-    async def sample_round(self) -> None:
-        jobs = self.take_round()
-        if not jobs:
-            return
-        try:
-            samplers = {job.sampler.id: job.sampler for job in jobs if job.sampler.slot}
-            await asyncio.to_thread(self.make_resident, list(samplers.values()))
-            workers = len(self.rollout.actors)
-            parts: dict[int, list[GenerationRequest]] = {i: [] for i in range(workers)}
-            owner, load = [], [0] * workers
-            for job in sorted(jobs, key=lambda j: -j.request.n):  # largest first, least loaded
-                i = load.index(min(load))
-                load[i] += job.request.n
-                parts[i].append(job.request)
-                owner.append((i, len(parts[i]) - 1, job))
-            busy = {i: part for i, part in parts.items() if part}
-            results = await asyncio.to_thread(
-                self.rollout.call, lambda w, part: w.generate_requests.remote(part), busy)
-            by_worker = dict(zip(busy, results, strict=True))
-            for i, k, job in owner:
-                rollouts = by_worker[i][k]
-                self.futures.resolve(job.request_id, wire.sample_response(
-                    rollouts, job.request.prompt_logprobs, job.last_n))
-                self.counts["sample"] += 1
-        except Exception as exc:
-            message, category = error_text(exc)
-            for job in jobs:
-                if not self.futures.items[job.request_id].done.is_set():
-                    self.futures.fail(job.request_id, message, category)
-
-    # -- adapters on the rollout workers (the sampling loop's thread) ----------------------
-    def probe(self, slot: str, workers: list[int] | None = None) -> list[ProbeResult]:
-        items = None if workers is None else dict.fromkeys(workers)
-        return self.rollout.call(
-            lambda w, _: w.probe.remote(self.probe_ids, PROBE_MAX_TOKENS, slot), items)
-
-    def load(self, sampler: Sampler, workers: list[int] | None = None) -> list[ProbeResult]:
-        items = None if workers is None else dict.fromkeys(workers)
-        self.rollout.call(lambda w, _: w.load_snapshot.remote(sampler.snapshot, sampler.slot),
-                          items)
-        self.counts["loads"] += 1
-        return self.probe(sampler.slot, workers)
-
-    def make_room(self, keep: set[str]) -> None:
-        for sampler_id in [k for k, s in self.resident.items() if s.freed]:
-            self.evict(sampler_id)
-        while len(self.resident) >= self.cfg.rollout.max_loras:
-            self.evict(next(k for k in self.resident if k not in keep))
-
-    def evict(self, sampler_id: str) -> None:
-        self.resident.pop(sampler_id)
-        self.rollout.call(lambda w, _: w.drop_slot.remote(sampler_id))
-        self.counts["evictions"] += 1
-
-    def verify_new(self, sampler: Sampler, adapter: str) -> None:
-        """Load a new sampler on every worker and check its probes against the learner, whose
-        weights are the snapshot's (the model's requests wait for this)."""
-        import ray
-
-        self.make_room(set())
-        probes = self.load(sampler)
-        ray.get(self.learner.check_probe.remote(probes, self.tolerance, adapter))
-        sampler.reference = probes[0]
-        self.resident[sampler.id] = sampler
-
-    def make_resident(self, samplers: list[Sampler]) -> None:
-        keep = {s.id for s in samplers}
-        for sampler in samplers:
-            if sampler.id in self.resident:
-                self.resident.move_to_end(sampler.id)
-                continue
-            self.make_room(keep)
-            check_reproduces(sampler.reference, self.load(sampler), self.tolerance,
-                             f"sampler {sampler.id!r}")
-            self.resident[sampler.id] = sampler
-
-    def revive_worker(self, i: int) -> None:
-        """A restarted rollout worker gets every resident sampler back, each verified."""
-        for sampler in self.resident.values():
-            check_reproduces(sampler.reference, self.load(sampler, [i]), self.tolerance,
-                             f"sampler {sampler.id!r}")
 
     # -- silence ----------------------------------------------------------------------------
     async def reaper(self) -> None:
@@ -589,4 +421,5 @@ class TinkerService:
         return {"sessions": len(self.sessions),
                 "training_clients": sum(not m.freed for m in self.models.values()),
                 "samplers": sum(not s.freed for s in self.samplers.values()),
-                "resident_samplers": len(self.resident), **self.counts}
+                "resident_samplers": len(self.sampling.resident), **self.counts,
+                **self.sampling.counts}

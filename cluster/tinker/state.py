@@ -16,7 +16,7 @@ from typing import Any
 
 from ...common.config import LoRAConfig
 from ...common.records import ProbeResult
-from .wire import BadRequest
+from .wire import BadRequest, Unsupported
 
 TINKER = "tinker://"
 
@@ -195,6 +195,15 @@ class Lanes:
     def close(self, key: str) -> list[Op]:
         lane = self.lanes.pop(key, None)
         return lane.drain() if lane is not None else []
+
+
+def error_text(exc: BaseException) -> tuple[str, str]:
+    """(message, category) of a failed request: the actor's own error for a Ray task error."""
+    cause = getattr(exc, "cause", None) or exc
+    if isinstance(cause, Unsupported):
+        return f"not supported by lorafleet serve: {cause}", "user"
+    category = "user" if isinstance(cause, (ValueError, LookupError)) else "server"
+    return f"{type(cause).__name__}: {cause}", category
 
 
 def checkpoint_path(model_id: str, kind: str, name: str) -> str:
