@@ -1,0 +1,365 @@
+"""`lorafleet bench tinker`: the Tinker API (`lorafleet serve`, driven by the official `tinker`
+SDK) against the same work done by the fleet's own actors, measured in one command on one fleet
+(cluster/tinker/server.py's start_fleet).
+
+1. In-process: a client adapter added on the learner, then the learner actor's
+   forward_backward (B addition datums, cross_entropy) and optim_step, and one rollout worker's
+   generate_requests (one prompt, n samples, <= m tokens) under that adapter, called with Ray.
+2. API: the same fleet answers HTTP; a client process times the same calls through a training
+   client and the sampling client of its (as yet untrained) weights. Each call's latency is the
+   median and p90 over N calls after a warm-up; API / in-process is the API's overhead.
+3. Scaling: P clients at once (threads of the client process, each its own ServiceClient,
+   training client and sampler), each K iterations of (sample a group of n, forward_backward,
+   optim_step): iterations/s and samples/s of them all, against the first P.
+
+The SDK runs in its own Python process (`python -m lorafleet.cluster.bench.tinker SPEC.json`),
+as a user's script does: the server's HTTP loop and the clients do not share one GIL. Nothing
+here is asserted."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from contextlib import ExitStack
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .harness import markdown_table, provenance, publish, ratio, report
+
+CALLS = ("forward_backward", "optim_step", "sample")
+IN_PROCESS = "bench-in-process"  # the baseline's adapter on the learner and slot on the worker
+SAMPLE_PROMPT = "12+7="
+LEARNING_RATE = 1e-4
+SERVER_START_S = 600  # the client process gives up on a server that never listens
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What every call does and how often; `rows`: the B addition datums as token lists
+    (tokens, next-token targets, loss weights), `prompt`: the sampled prompt's tokens."""
+
+    datums: int = 8
+    samples: int = 4
+    max_tokens: int = 16
+    calls: int = 20
+    warmup: int = 3
+    clients: list[int] = field(default_factory=lambda: [1, 2, 4])
+    iterations: int = 5
+    rank: int = 8
+    seed: int = 0
+    rows: list[dict] = field(default_factory=list)
+    prompt: list[int] = field(default_factory=list)
+
+
+# -- figures ------------------------------------------------------------------------------------
+def latency_ms(seconds: list[float]) -> dict[str, float]:
+    """Median and 90th percentile (inclusive: within the values measured), in milliseconds."""
+    p90 = statistics.quantiles(seconds, n=10, method="inclusive")[8] if len(seconds) > 1 \
+        else seconds[0]
+    return {"median_ms": statistics.median(seconds) * 1000, "p90_ms": p90 * 1000}
+
+
+def timed(calls: dict[str, Callable[[], object]], count: int, warmup: int
+          ) -> dict[str, list[float]]:
+    """Each call's seconds, the calls made in turn `warmup + count` times; the warm-up rounds'
+    left out."""
+    seconds: dict[str, list[float]] = {name: [] for name in calls}
+    for round_ in range(warmup + count):
+        for name, call in calls.items():
+            start = time.perf_counter()
+            call()
+            if round_ >= warmup:
+                seconds[name].append(time.perf_counter() - start)
+    return seconds
+
+
+def medians_line(seconds: dict[str, list[float]]) -> str:
+    return "  median " + ", ".join(f"{name} {statistics.median(s) * 1000:.1f} ms"
+                                   for name, s in seconds.items())
+
+
+def rates(clients: int, iterations: int, samples: int, seconds: float) -> dict[str, float]:
+    return {"clients": clients, "seconds": seconds,
+            "iterations_per_s": clients * iterations / seconds,
+            "samples_per_s": clients * iterations * samples / seconds}
+
+
+def addition_rows(tokenizer, count: int) -> list[dict]:
+    """`count` sums "a+b=" with their answer and EOS, as next-token datums weighted on the
+    answer."""
+    rows = []
+    for k in range(count):
+        a, b = k % 7 + 1, k // 7 + 2
+        prompt = tokenizer(f"{a}+{b}=", add_special_tokens=False)["input_ids"]
+        answer = tokenizer(str(a + b), add_special_tokens=False)["input_ids"] + \
+            [tokenizer.eos_token_id]
+        full = prompt + answer
+        rows.append({"tokens": full[:-1], "targets": full[1:],
+                     "weights": [0.0] * (len(prompt) - 1) + [1.0] * len(answer)})
+    return rows
+
+
+# -- the server's side: the fleet, in-process and over HTTP -------------------------------------
+def in_process_latency(service, work: Workload) -> tuple[dict[str, list[float]], int]:
+    """The calls' seconds made on the actors directly, and the tokens one sample call drew; the
+    adapter is added for the measurement and removed after it."""
+    import ray
+    import torch
+
+    from ...common.client_records import AdamStep, ClientLoss, TokenDatum
+    from ...common.records import GenerationRequest, Prompt
+
+    learner, worker = service.learner, service.rollout.actors[0]
+    lora = service.client_lora({"rank": work.rank, "train_unembed": False})[0]
+    ray.get(learner.add_client_policy.remote(IN_PROCESS, lora, work.seed))
+    try:
+        ray.get(worker.load_snapshot.remote(learner.publish.remote(IN_PROCESS), IN_PROCESS))
+        request = GenerationRequest(IN_PROCESS, [Prompt(0, "", work.prompt, {})], work.samples,
+                                    1.0, work.max_tokens, work.seed)
+        drawn = []
+
+        def sample() -> None:
+            drawn[:] = ray.get(worker.generate_requests.remote([request]))[0]
+
+        seconds = timed({"sample": sample}, work.calls, work.warmup)
+        datums = [TokenDatum(row["tokens"], {
+            "target_tokens": torch.tensor(row["targets"], dtype=torch.int64),
+            "weights": torch.tensor(row["weights"], dtype=torch.float32)}) for row in work.rows]
+        loss, step = ClientLoss("cross_entropy"), AdamStep(learning_rate=LEARNING_RATE)
+        seconds |= timed({
+            "forward_backward": lambda: ray.get(learner.forward_backward.remote(
+                IN_PROCESS, datums, loss, False)),
+            "optim_step": lambda: ray.get(learner.optim_step.remote(IN_PROCESS, step)),
+        }, work.calls, work.warmup)
+    finally:
+        ray.get(worker.drop_slot.remote(IN_PROCESS))
+        ray.get(learner.remove_policy.remote(IN_PROCESS))
+    return seconds, sum(len(r.response_ids) for r in drawn)
+
+
+def serve_clients(service, work: Workload, out: Path, address_file: Path) -> dict:
+    """The service over HTTP (server.py's serve_http) in this thread while the SDK's client
+    process runs; stopped as `lorafleet serve` is, by SIGINT, once that process is done. The
+    clients' figures."""
+    from ..tinker.server import serve_http
+
+    spec, result = out / "tinker_client_spec.json", out / "tinker_client_result.json"
+    address_file.parent.mkdir(parents=True, exist_ok=True)
+    for stale in (address_file, result):
+        stale.unlink(missing_ok=True)
+    spec.write_text(json.dumps({"address_file": str(address_file), "model": service.model_name,
+                                "work": asdict(work), "result": str(result)}))
+    clients = subprocess.Popen([sys.executable, "-m", __name__, str(spec)])
+    serving = threading.Event()
+    serving.set()
+
+    def stop_server() -> None:
+        clients.wait()
+        if serving.is_set():
+            os.kill(os.getpid(), signal.SIGINT)
+
+    threading.Thread(target=stop_server, name="tinker-bench-clients", daemon=True).start()
+    try:
+        asyncio.run(serve_http(service, frozenset(), address_file))
+    except KeyboardInterrupt:
+        pass
+    finally:
+        serving.clear()
+        if clients.poll() is None:
+            clients.terminate()
+        clients.wait()
+    if clients.returncode != 0:
+        raise RuntimeError(f"the benchmark's client process failed (exit {clients.returncode})")
+    return json.loads(result.read_text())
+
+
+# -- the client process (the SDK) ---------------------------------------------------------------
+def sdk_datums(work: Workload) -> list:
+    import numpy as np
+    from tinker import types
+
+    return [types.Datum(model_input=types.ModelInput.from_ints(row["tokens"]), loss_fn_inputs={
+        "target_tokens": np.array(row["targets"], dtype=np.int64),
+        "weights": np.array(row["weights"], dtype=np.float32)}) for row in work.rows]
+
+
+def sdk_client(url: str, model: str, work: Workload):
+    """A ServiceClient, its training client (rank, seed and targets as in-process) and the
+    sampling client of its current weights."""
+    import tinker
+
+    client = tinker.ServiceClient(base_url=url)
+    training = client.create_lora_training_client(base_model=model, rank=work.rank,
+                                                  seed=work.seed, train_unembed=False)
+    return client, training, training.save_weights_and_get_sampling_client()
+
+
+def sdk_latency(url: str, model: str, work: Workload) -> tuple[dict[str, list[float]], int]:
+    from tinker import types
+
+    client, training, sampler = sdk_client(url, model, work)
+    with client:
+        prompt = types.ModelInput.from_ints(work.prompt)
+        params = types.SamplingParams(max_tokens=work.max_tokens, temperature=1.0,
+                                      seed=work.seed)
+        drawn = []
+
+        def sample() -> None:
+            drawn[:] = sampler.sample(prompt, work.samples, params).result().sequences
+
+        seconds = timed({"sample": sample}, work.calls, work.warmup)
+        datums, adam = sdk_datums(work), types.AdamParams(learning_rate=LEARNING_RATE)
+        seconds |= timed({
+            "forward_backward": lambda: training.forward_backward(
+                datums, "cross_entropy").result(),
+            "optim_step": lambda: training.optim_step(adam).result(),
+        }, work.calls, work.warmup)
+    return seconds, sum(len(s.tokens) for s in drawn)
+
+
+def sdk_clients_at_once(url: str, model: str, work: Workload, clients: int) -> dict[str, float]:
+    """`clients` threads, each its own client running `work.iterations` iterations (after one
+    warm-up) from a common start; the rates of them all."""
+    from tinker import types
+
+    start = threading.Barrier(clients)
+    spans, failures = [], []
+
+    def one(index: int) -> None:
+        try:
+            client, training, sampler = sdk_client(url, model, work)
+            with client:
+                prompt = types.ModelInput.from_ints(work.prompt)
+                datums, adam = sdk_datums(work), types.AdamParams(learning_rate=LEARNING_RATE)
+
+                def iteration(i: int) -> None:
+                    sampler.sample(prompt, work.samples, types.SamplingParams(
+                        max_tokens=work.max_tokens, temperature=1.0,
+                        seed=work.seed + 1000 * index + i)).result()
+                    backward = training.forward_backward(datums, "cross_entropy")
+                    step = training.optim_step(adam)
+                    backward.result()
+                    step.result()
+
+                iteration(-1)
+                start.wait()
+                began = time.perf_counter()
+                for i in range(work.iterations):
+                    iteration(i)
+                spans.append((began, time.perf_counter()))
+        except BaseException as exc:
+            failures.append(exc)
+            start.abort()
+
+    threads = [threading.Thread(target=one, args=(k,)) for k in range(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if failures:
+        raise failures[0]
+    seconds = max(end for _, end in spans) - min(began for began, _ in spans)
+    return rates(clients, work.iterations, work.samples, seconds)
+
+
+def client_main(spec: dict) -> None:
+    os.environ.setdefault("TINKER_API_KEY", "tml-lorafleet-bench")  # the SDK's key format
+    address_file, model = Path(spec["address_file"]), spec["model"]
+    deadline = time.monotonic() + SERVER_START_S
+    while not address_file.is_file():  # the server writes it once it listens
+        if time.monotonic() > deadline:
+            sys.exit(f"no Tinker server wrote {address_file} within {SERVER_START_S} s")
+        time.sleep(0.2)
+    url = json.loads(address_file.read_text())["base_url"]
+    work = Workload(**spec["work"])
+    print(f"bench tinker: API latency, {work.warmup} + {work.calls} calls each", flush=True)
+    seconds, tokens = sdk_latency(url, model, work)
+    print(medians_line(seconds), flush=True)
+    result = {"latency": {name: latency_ms(s) for name, s in seconds.items()},
+              "sample_tokens": tokens, "scaling": []}
+    for clients in work.clients:
+        print(f"bench tinker: {clients} client(s) at once, {work.iterations} iterations each",
+              flush=True)
+        result["scaling"].append(sdk_clients_at_once(url, model, work, clients))
+        print(f"  {result['scaling'][-1]['iterations_per_s']:.2f} iterations/s", flush=True)
+    Path(spec["result"]).write_text(json.dumps(result))
+
+
+# -- the command --------------------------------------------------------------------------------
+def tables(results: dict) -> str:
+    work = results["workload"]
+    latency = results["latency"]
+    rows = []
+    for name in CALLS:
+        api, base = latency[name]["api"], latency[name]["in_process"]
+        rows.append([name, f"{api['median_ms']:.1f}", f"{api['p90_ms']:.1f}",
+                     f"{base['median_ms']:.1f}", f"{base['p90_ms']:.1f}",
+                     ratio(api["median_ms"], base["median_ms"])])
+    per_call = markdown_table(["call", "API median ms", "API p90 ms", "in-process median ms",
+                               "in-process p90 ms", "API / in-process (median)"], rows)
+    scaling = results["scaling"]
+    first = scaling[0]
+    at_once = markdown_table(
+        ["clients at once", "iterations/s", "samples/s", f"vs {first['clients']} client(s)"],
+        [[str(s["clients"]), f"{s['iterations_per_s']:.2f}", f"{s['samples_per_s']:.1f}",
+          ratio(s["iterations_per_s"], first["iterations_per_s"])] for s in scaling])
+    tokens = results["sample_tokens"]
+    return (f"per call ({work['calls']} calls after {work['warmup']} warm-up; forward_backward: "
+            f"{work['datums']} addition datums, cross_entropy; sample: one prompt, "
+            f"{work['samples']} samples x <= {work['max_tokens']} tokens, drawing "
+            f"{tokens['api']} tokens through the API, {tokens['in_process']} in-process; "
+            f"LoRA rank {work['rank']})\n\n{per_call}\n"
+            f"clients at once (each {work['iterations']} iterations of sample, forward_backward,"
+            f" optim_step after one warm-up)\n\n{at_once}")
+
+
+def bench_tinker(path: str | None, overrides: list[str], out: str, clients: list[int],
+                 calls: int, iterations: int, command: str) -> dict:
+    from ...common.tasks.registry import build_task
+    from ..inputs import driver_tokenizer, resolve_model
+    from ..tinker.config import load_serve_config
+    from ..tinker.server import start_fleet
+
+    out_dir = Path(out).resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cfg = load_serve_config(path, [f"run_dir={out_dir / 'serve'}", "serve.port=0",
+                                   *overrides])
+    run = cfg.train_config()
+    tokenizer = driver_tokenizer(run, resolve_model(run, build_task(cfg.task)))
+    work = Workload(clients=list(clients), calls=calls, iterations=iterations, seed=cfg.seed,
+                    rows=addition_rows(tokenizer, Workload.datums),
+                    prompt=tokenizer(SAMPLE_PROMPT)["input_ids"])
+    with ExitStack() as stack:
+        print(f"bench tinker: starting the fleet ({cfg.rollout.num_workers} rollout workers)",
+              flush=True)
+        service = start_fleet(cfg, stack)
+        print(f"bench tinker: in-process latency, {work.warmup} + {work.calls} calls each",
+              flush=True)
+        in_process, in_process_tokens = in_process_latency(service, work)
+        print(medians_line(in_process), flush=True)
+        api = serve_clients(service, work, out_dir, Path(cfg.run_dir) / "server.json")
+    results = {
+        "provenance": provenance(command),
+        "workload": {k: v for k, v in asdict(work).items() if k not in ("rows", "prompt")},
+        "latency": {name: {"api": api["latency"][name],
+                           "in_process": latency_ms(in_process[name])} for name in CALLS},
+        "sample_tokens": {"api": api["sample_tokens"], "in_process": in_process_tokens},
+        "scaling": api["scaling"],
+    }
+    (out_dir / "tinker_bench.json").write_text(json.dumps(results, indent=1))
+    publish(report(command, f"Tinker API benchmark (model {cfg.model.name_or_path}, "
+                   f"{cfg.rollout.num_workers} rollout workers)", tables(results)),
+            out_dir / "tinker_bench.md", ("tinker_bench.json",))
+    return results
+
+
+if __name__ == "__main__":
+    client_main(json.loads(Path(sys.argv[1]).read_text()))
