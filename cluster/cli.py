@@ -124,9 +124,9 @@ def cmd_bench(args: argparse.Namespace) -> None:
     if args.what == "tinker":
         from .bench.tinker import bench_tinker
 
-        bench_tinker(path, overrides, args.out or "runs/bench-tinker",
-                     _int_list(args.clients, "--clients"), args.calls, args.iterations or 5,
-                     args.command_line)
+        clients = None if args.clients is None else _int_list(args.clients, "--clients")
+        bench_tinker(path, overrides, args.out or "runs/bench-tinker", clients, args.calls,
+                     args.iterations, args.command_line)
         return
     if args.what == "reward":
         from .bench.reward import bench_reward
@@ -294,11 +294,11 @@ def build_parser() -> argparse.ArgumentParser:
                        "(runs/demo, runs/vs-trl, runs/bench-sweep, runs/bench-tinker)")
     bench.add_argument("--iterations", type=int,
                        help="sweep: iterations of every run on every side (the config's); "
-                       "tinker: iterations of each client at once (5)")
-    bench.add_argument("--clients", default="1,2,4",
+                       "tinker: iterations of each client at once (20)")
+    bench.add_argument("--clients",
                        help="tinker: comma-separated counts of clients at once (1,2,4)")
-    bench.add_argument("--calls", type=int, default=20,
-                       help="tinker: timed calls of each kind, after 3 warm-up ones (20)")
+    bench.add_argument("--calls", type=int,
+                       help="tinker: timed calls of each kind, after 5 warm-up ones (30)")
     bench.add_argument("--scales", default="small,large",
                        help="vs-trl: small (the embedded model), large (~27M random-init)")
     bench.add_argument("--autocast", choices=["auto", "bf16", "off"], default="auto",

@@ -47,12 +47,12 @@ class Workload:
     (tokens, next-token targets, loss weights), `prompt`: the sampled prompt's tokens."""
 
     datums: int = 8
-    samples: int = 4
+    samples: int = 8
     max_tokens: int = 16
-    calls: int = 20
-    warmup: int = 3
+    calls: int = 30
+    warmup: int = 5
     clients: list[int] = field(default_factory=lambda: [1, 2, 4])
-    iterations: int = 5
+    iterations: int = 20
     rank: int = 8
     seed: int = 0
     rows: list[dict] = field(default_factory=list)
@@ -321,8 +321,9 @@ def tables(results: dict) -> str:
             f" optim_step after one warm-up)\n\n{at_once}")
 
 
-def bench_tinker(path: str | None, overrides: list[str], out: str, clients: list[int],
-                 calls: int, iterations: int, command: str) -> dict:
+def bench_tinker(path: str | None, overrides: list[str], out: str, clients: list[int] | None,
+                 calls: int | None, iterations: int | None, command: str) -> dict:
+    """Runs the benchmark into `out` (None: Workload's default) and returns its figures."""
     from ...common.tasks.registry import build_task
     from ..inputs import driver_tokenizer, resolve_model
     from ..tinker.config import load_serve_config
@@ -334,9 +335,10 @@ def bench_tinker(path: str | None, overrides: list[str], out: str, clients: list
                                    *overrides])
     run = cfg.train_config()
     tokenizer = driver_tokenizer(run, resolve_model(run, build_task(cfg.task)))
-    work = Workload(clients=list(clients), calls=calls, iterations=iterations, seed=cfg.seed,
-                    rows=addition_rows(tokenizer, Workload.datums),
-                    prompt=tokenizer(SAMPLE_PROMPT)["input_ids"])
+    given = {"clients": clients, "calls": calls, "iterations": iterations}
+    work = Workload(seed=cfg.seed, rows=addition_rows(tokenizer, Workload.datums),
+                    prompt=tokenizer(SAMPLE_PROMPT)["input_ids"],
+                    **{key: value for key, value in given.items() if value is not None})
     with ExitStack() as stack:
         print(f"bench tinker: starting the fleet ({cfg.rollout.num_workers} rollout workers)",
               flush=True)
