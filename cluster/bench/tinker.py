@@ -2,13 +2,14 @@
 SDK) against the same work done by the fleet's own actors, measured in one command on one fleet
 (cluster/tinker/server.py's start_fleet).
 
-1. In-process: a client adapter added on the learner, then the learner actor's
-   forward_backward (B addition datums, cross_entropy) and optim_step, and one rollout worker's
-   generate_requests (one prompt, n samples, <= m tokens) under that adapter, called with Ray.
-2. API: the same fleet answers HTTP; a client process times the same calls through a training
-   client and the sampling client of its (as yet untrained) weights. Each call's latency is the
-   median and p90 over N calls after a warm-up; API / in-process is the API's overhead.
-3. Scaling: P clients at once (threads of the client process, each its own ServiceClient,
+1. Per call: forward_backward (B addition datums, cross_entropy), optim_step and sample (one
+   prompt, n samples, <= m tokens) in turn, timed in rounds: in-process (a client adapter added
+   on the learner, the learner actor's and one rollout worker's methods called with Ray), then
+   through the API (a client process's training client and the sampling client of its untrained
+   weights, as the in-process sampler's). Taking turns, a load that comes and goes on a shared
+   machine slows both sides alike. Each call's latency is the median and p90 over all rounds
+   (after each round's warm-up); API / in-process is the API's overhead.
+2. Scaling: P clients at once (threads of a client process, each its own ServiceClient,
    training client and sampler), each K iterations of (sample a group of n, forward_backward,
    optim_step): iterations/s and samples/s of them all, against the first P.
 
@@ -27,8 +28,8 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
-from contextlib import ExitStack
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -49,8 +50,9 @@ class Workload:
     datums: int = 8
     samples: int = 8
     max_tokens: int = 16
-    calls: int = 30
-    warmup: int = 5
+    calls: int = 30  # timed calls of each kind and side, over all rounds
+    rounds: int = 3
+    warmup: int = 5  # calls of each kind and side before each round's timed ones
     clients: list[int] = field(default_factory=lambda: [1, 2, 4])
     iterations: int = 20
     rank: int = 8
@@ -108,9 +110,12 @@ def addition_rows(tokenizer, count: int) -> list[dict]:
 
 
 # -- the server's side: the fleet, in-process and over HTTP -------------------------------------
-def in_process_latency(service, work: Workload) -> tuple[dict[str, list[float]], int]:
-    """The calls' seconds made on the actors directly, and the tokens one sample call drew; the
-    adapter is added for the measurement and removed after it."""
+@contextmanager
+def in_process_calls(service, work: Workload
+                     ) -> Iterator[tuple[dict[str, Callable[[], object]], list]]:
+    """The calls on the actors directly, and the list the last sample call's rollouts land in;
+    the adapter is added for the block and removed after it. The worker samples the adapter's
+    untrained weights throughout, as the API's sampler does."""
     import ray
     import torch
 
@@ -124,61 +129,111 @@ def in_process_latency(service, work: Workload) -> tuple[dict[str, list[float]],
         ray.get(worker.load_snapshot.remote(learner.publish.remote(IN_PROCESS), IN_PROCESS))
         request = GenerationRequest(IN_PROCESS, [Prompt(0, "", work.prompt, {})], work.samples,
                                     1.0, work.max_tokens, work.seed)
+        datums = [TokenDatum(row["tokens"], {
+            "target_tokens": torch.tensor(row["targets"], dtype=torch.int64),
+            "weights": torch.tensor(row["weights"], dtype=torch.float32)}) for row in work.rows]
+        loss, step = ClientLoss("cross_entropy"), AdamStep(learning_rate=LEARNING_RATE)
         drawn = []
 
         def sample() -> None:
             drawn[:] = ray.get(worker.generate_requests.remote([request]))[0]
 
-        seconds = timed({"sample": sample}, work.calls, work.warmup)
-        datums = [TokenDatum(row["tokens"], {
-            "target_tokens": torch.tensor(row["targets"], dtype=torch.int64),
-            "weights": torch.tensor(row["weights"], dtype=torch.float32)}) for row in work.rows]
-        loss, step = ClientLoss("cross_entropy"), AdamStep(learning_rate=LEARNING_RATE)
-        seconds |= timed({
+        yield {
             "forward_backward": lambda: ray.get(learner.forward_backward.remote(
                 IN_PROCESS, datums, loss, False)),
             "optim_step": lambda: ray.get(learner.optim_step.remote(IN_PROCESS, step)),
-        }, work.calls, work.warmup)
+            "sample": sample,
+        }, drawn
     finally:
         ray.get(worker.drop_slot.remote(IN_PROCESS))
         ray.get(learner.remove_policy.remote(IN_PROCESS))
-    return seconds, sum(len(r.response_ids) for r in drawn)
 
 
-def serve_clients(service, work: Workload, out: Path, address_file: Path) -> dict:
-    """The service over HTTP (server.py's serve_http) in this thread while the SDK's client
-    process runs; stopped as `lorafleet serve` is, by SIGINT, once that process is done. The
-    clients' figures."""
-    from ..tinker.server import serve_http
+class ServedBench:
+    """The service answers HTTP in the main thread (server.py's serve_http) while a driver
+    thread takes the rounds and runs the client processes; once they are done it stops the
+    server as `lorafleet serve` is stopped, by SIGINT."""
 
-    spec, result = out / "tinker_client_spec.json", out / "tinker_client_result.json"
-    address_file.parent.mkdir(parents=True, exist_ok=True)
-    for stale in (address_file, result):
-        stale.unlink(missing_ok=True)
-    spec.write_text(json.dumps({"address_file": str(address_file), "model": service.model_name,
-                                "work": asdict(work), "result": str(result)}))
-    clients = subprocess.Popen([sys.executable, "-m", __name__, str(spec)])
-    serving = threading.Event()
-    serving.set()
+    def __init__(self, service, work: Workload, out: Path, address_file: Path) -> None:
+        self.service, self.work, self.out, self.address_file = service, work, out, address_file
+        self.serving = threading.Event()
+        self.client: subprocess.Popen | None = None
+        self.figures: dict = {}
+        self.failure: list[BaseException] = []
 
-    def stop_server() -> None:
-        clients.wait()
-        if serving.is_set():
-            os.kill(os.getpid(), signal.SIGINT)
+    def run(self) -> dict:
+        from ..tinker.server import serve_http
 
-    threading.Thread(target=stop_server, name="tinker-bench-clients", daemon=True).start()
-    try:
-        asyncio.run(serve_http(service, frozenset(), address_file))
-    except KeyboardInterrupt:
-        pass
-    finally:
-        serving.clear()
-        if clients.poll() is None:
-            clients.terminate()
-        clients.wait()
-    if clients.returncode != 0:
-        raise RuntimeError(f"the benchmark's client process failed (exit {clients.returncode})")
-    return json.loads(result.read_text())
+        self.address_file.parent.mkdir(parents=True, exist_ok=True)
+        self.address_file.unlink(missing_ok=True)
+        self.serving.set()
+        driver = threading.Thread(target=self.drive, name="tinker-bench", daemon=True)
+        driver.start()
+        try:
+            asyncio.run(serve_http(self.service, frozenset(), self.address_file))
+        except KeyboardInterrupt:
+            pass
+        finally:
+            self.serving.clear()
+            if self.client is not None and self.client.poll() is None:
+                self.client.terminate()
+        driver.join()
+        if self.failure:
+            raise self.failure[0]
+        return self.figures
+
+    def drive(self) -> None:
+        try:
+            server_url(self.address_file, self.serving.is_set)
+            self.figures = self.rounds()
+            self.figures["scaling"] = self.client_process("scaling")
+        except BaseException as exc:  # the main thread raises it once the server has stopped
+            self.failure.append(exc)
+        finally:
+            if self.serving.is_set():
+                os.kill(os.getpid(), signal.SIGINT)
+
+    def rounds(self) -> dict:
+        work, per_round = self.work, max(1, self.work.calls // self.work.rounds)
+        seconds: dict[str, dict[str, list[float]]] = {
+            side: {name: [] for name in CALLS} for side in ("api", "in_process")}
+        with in_process_calls(self.service, work) as (calls, drawn):
+            for round_ in range(1, work.rounds + 1):
+                print(f"bench tinker: round {round_}/{work.rounds}: {work.warmup} + {per_round} "
+                      "calls of each kind in-process, then through the API", flush=True)
+                ours = timed(calls, per_round, work.warmup)
+                print(medians_line(ours), flush=True)
+                theirs = self.client_process("latency", per_round)
+                for name in CALLS:
+                    seconds["in_process"][name] += ours[name]
+                    seconds["api"][name] += theirs["seconds"][name]
+        return {"seconds": seconds, "sample_tokens": {
+            "api": theirs["sample_tokens"], "in_process": sum(len(r.response_ids) for r in drawn)}}
+
+    def client_process(self, mode: str, calls: int = 0):
+        """The SDK's side of `mode` (latency: `calls` timed calls; scaling) in a client
+        process; its figures."""
+        spec = self.out / "tinker_client_spec.json"
+        result = self.out / "tinker_client_result.json"
+        result.unlink(missing_ok=True)
+        spec.write_text(json.dumps({
+            "address_file": str(self.address_file), "model": self.service.model_name,
+            "work": asdict(self.work), "mode": mode, "calls": calls, "result": str(result)}))
+        self.client = subprocess.Popen([sys.executable, "-m", __name__, str(spec)])
+        if self.client.wait() != 0:
+            raise RuntimeError(f"the benchmark's client process ({mode}) failed "
+                               f"(exit {self.client.returncode})")
+        return json.loads(result.read_text())
+
+
+def server_url(address_file: Path, waiting: Callable[[], bool] = lambda: True) -> str:
+    """The base URL the server writes to `address_file` once it listens."""
+    deadline = time.monotonic() + SERVER_START_S
+    while not address_file.is_file():
+        if time.monotonic() > deadline or not waiting():
+            raise RuntimeError(f"no Tinker server wrote {address_file}")
+        time.sleep(0.2)
+    return json.loads(address_file.read_text())["base_url"]
 
 
 # -- the client process (the SDK) ---------------------------------------------------------------
@@ -202,7 +257,9 @@ def sdk_client(url: str, model: str, work: Workload):
     return client, training, training.save_weights_and_get_sampling_client()
 
 
-def sdk_latency(url: str, model: str, work: Workload) -> tuple[dict[str, list[float]], int]:
+def sdk_latency(url: str, model: str, work: Workload, calls: int
+                ) -> tuple[dict[str, list[float]], int]:
+    """The calls' seconds through the API, and the tokens the last sample call drew."""
     from tinker import types
 
     client, training, sampler = sdk_client(url, model, work)
@@ -210,18 +267,18 @@ def sdk_latency(url: str, model: str, work: Workload) -> tuple[dict[str, list[fl
         prompt = types.ModelInput.from_ints(work.prompt)
         params = types.SamplingParams(max_tokens=work.max_tokens, temperature=1.0,
                                       seed=work.seed)
+        datums, adam = sdk_datums(work), types.AdamParams(learning_rate=LEARNING_RATE)
         drawn = []
 
         def sample() -> None:
             drawn[:] = sampler.sample(prompt, work.samples, params).result().sequences
 
-        seconds = timed({"sample": sample}, work.calls, work.warmup)
-        datums, adam = sdk_datums(work), types.AdamParams(learning_rate=LEARNING_RATE)
-        seconds |= timed({
+        seconds = timed({
             "forward_backward": lambda: training.forward_backward(
                 datums, "cross_entropy").result(),
             "optim_step": lambda: training.optim_step(adam).result(),
-        }, work.calls, work.warmup)
+            "sample": sample,
+        }, calls, work.warmup)
     return seconds, sum(len(s.tokens) for s in drawn)
 
 
@@ -272,24 +329,19 @@ def sdk_clients_at_once(url: str, model: str, work: Workload, clients: int) -> d
 
 def client_main(spec: dict) -> None:
     os.environ.setdefault("TINKER_API_KEY", "tml-lorafleet-bench")  # the SDK's key format
-    address_file, model = Path(spec["address_file"]), spec["model"]
-    deadline = time.monotonic() + SERVER_START_S
-    while not address_file.is_file():  # the server writes it once it listens
-        if time.monotonic() > deadline:
-            sys.exit(f"no Tinker server wrote {address_file} within {SERVER_START_S} s")
-        time.sleep(0.2)
-    url = json.loads(address_file.read_text())["base_url"]
+    url, model = server_url(Path(spec["address_file"])), spec["model"]
     work = Workload(**spec["work"])
-    print(f"bench tinker: API latency, {work.warmup} + {work.calls} calls each", flush=True)
-    seconds, tokens = sdk_latency(url, model, work)
-    print(medians_line(seconds), flush=True)
-    result = {"latency": {name: latency_ms(s) for name, s in seconds.items()},
-              "sample_tokens": tokens, "scaling": []}
-    for clients in work.clients:
-        print(f"bench tinker: {clients} client(s) at once, {work.iterations} iterations each",
-              flush=True)
-        result["scaling"].append(sdk_clients_at_once(url, model, work, clients))
-        print(f"  {result['scaling'][-1]['iterations_per_s']:.2f} iterations/s", flush=True)
+    if spec["mode"] == "latency":
+        seconds, tokens = sdk_latency(url, model, work, spec["calls"])
+        print(medians_line(seconds).replace("median", "API median"), flush=True)
+        result = {"seconds": seconds, "sample_tokens": tokens}
+    else:
+        result = []
+        for clients in work.clients:
+            print(f"bench tinker: {clients} client(s) at once, {work.iterations} iterations "
+                  "each", flush=True)
+            result.append(sdk_clients_at_once(url, model, work, clients))
+            print(f"  {result[-1]['iterations_per_s']:.2f} iterations/s", flush=True)
     Path(spec["result"]).write_text(json.dumps(result))
 
 
@@ -312,7 +364,8 @@ def tables(results: dict) -> str:
         [[str(s["clients"]), f"{s['iterations_per_s']:.2f}", f"{s['samples_per_s']:.1f}",
           ratio(s["iterations_per_s"], first["iterations_per_s"])] for s in scaling])
     tokens = results["sample_tokens"]
-    return (f"per call ({work['calls']} calls after {work['warmup']} warm-up; forward_backward: "
+    return (f"per call ({results['calls']} calls of each, in {work['rounds']} rounds taking "
+            f"turns with the other side, each after {work['warmup']} warm-up; forward_backward: "
             f"{work['datums']} addition datums, cross_entropy; sample: one prompt, "
             f"{work['samples']} samples x <= {work['max_tokens']} tokens, drawing "
             f"{tokens['api']} tokens through the API, {tokens['in_process']} in-process; "
@@ -343,18 +396,16 @@ def bench_tinker(path: str | None, overrides: list[str], out: str, clients: list
         print(f"bench tinker: starting the fleet ({cfg.rollout.num_workers} rollout workers)",
               flush=True)
         service = start_fleet(cfg, stack)
-        print(f"bench tinker: in-process latency, {work.warmup} + {work.calls} calls each",
-              flush=True)
-        in_process, in_process_tokens = in_process_latency(service, work)
-        print(medians_line(in_process), flush=True)
-        api = serve_clients(service, work, out_dir, Path(cfg.run_dir) / "server.json")
+        figures = ServedBench(service, work, out_dir, Path(cfg.run_dir) / "server.json").run()
+    seconds = figures["seconds"]
     results = {
         "provenance": provenance(command),
         "workload": {k: v for k, v in asdict(work).items() if k not in ("rows", "prompt")},
-        "latency": {name: {"api": api["latency"][name],
-                           "in_process": latency_ms(in_process[name])} for name in CALLS},
-        "sample_tokens": {"api": api["sample_tokens"], "in_process": in_process_tokens},
-        "scaling": api["scaling"],
+        "latency": {name: {side: latency_ms(seconds[side][name])
+                           for side in ("api", "in_process")} for name in CALLS},
+        "calls": len(seconds["api"]["sample"]),
+        "sample_tokens": figures["sample_tokens"],
+        "scaling": figures["scaling"],
     }
     (out_dir / "tinker_bench.json").write_text(json.dumps(results, indent=1))
     publish(report(command, f"Tinker API benchmark (model {cfg.model.name_or_path}, "

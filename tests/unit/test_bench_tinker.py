@@ -49,8 +49,9 @@ def test_tables_give_the_api_overhead_and_the_scaling():
                 "in_process": {"median_ms": base_ms, "p90_ms": base_ms}}
 
     text = tables({
-        "workload": {"calls": 20, "warmup": 3, "datums": 8, "samples": 4, "max_tokens": 16,
-                     "rank": 8, "iterations": 5},
+        "workload": {"calls": 30, "rounds": 3, "warmup": 5, "datums": 8, "samples": 4,
+                     "max_tokens": 16, "rank": 8, "iterations": 5},
+        "calls": 30,
         "latency": {"forward_backward": call(60.0, 20.0), "optim_step": call(5.0, 4.0),
                     "sample": call(30.0, 30.0)},
         "sample_tokens": {"api": 40, "in_process": 40},
