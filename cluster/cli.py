@@ -121,6 +121,13 @@ def cmd_bench(args: argparse.Namespace) -> None:
         bench_async(path, overrides, _int_list(args.seeds or "0,1,2", "--seeds"),
                     args.command_line)
         return
+    if args.what == "tinker":
+        from .bench.tinker import bench_tinker
+
+        clients = None if args.clients is None else _int_list(args.clients, "--clients")
+        bench_tinker(path, overrides, args.out or "runs/bench-tinker", clients, args.calls,
+                     args.iterations, args.command_line)
+        return
     if args.what == "reward":
         from .bench.reward import bench_reward
 
@@ -274,17 +281,24 @@ def build_parser() -> argparse.ArgumentParser:
         "`bench demo`: the default job (or CONFIG) over --seeds, start/end figures and spread; "
         "`bench async`: rollout.mode sync vs async over --seeds, and with a slow reward; "
         "`bench vs-trl`: TRL's GRPOTrainer vs lorafleet's GRPO, two scales; `bench sweep`: "
-        "one policy per seed on one fleet vs the single runs one after the other vs TRL",
+        "one policy per seed on one fleet vs the single runs one after the other vs TRL; "
+        "`bench tinker`: the Tinker API (lorafleet serve, the tinker SDK) vs the same calls "
+        "in-process, per call and with --clients at once",
     )
     bench.add_argument("what", choices=["rollout", "memory", "reward", "demo", "async", "vs-trl",
-                                        "sweep"])
+                                        "sweep", "tinker"])
     bench.add_argument("items", nargs="*", metavar="CONFIG.yaml | key=value")
     bench.add_argument("--seeds", help="demo, async, vs-trl, sweep: comma-separated seeds "
                        "(0,1,2; vs-trl 0; sweep 0,1,2,3)")
-    bench.add_argument("--out", help="demo, vs-trl, sweep: output directory (runs/demo, "
-                       "runs/vs-trl, runs/bench-sweep)")
+    bench.add_argument("--out", help="demo, vs-trl, sweep, tinker: output directory "
+                       "(runs/demo, runs/vs-trl, runs/bench-sweep, runs/bench-tinker)")
     bench.add_argument("--iterations", type=int,
-                       help="sweep: iterations of every run on every side (the config's)")
+                       help="sweep: iterations of every run on every side (the config's); "
+                       "tinker: iterations of each client at once (20)")
+    bench.add_argument("--clients",
+                       help="tinker: comma-separated counts of clients at once (1,2,4)")
+    bench.add_argument("--calls", type=int,
+                       help="tinker: timed calls of each kind, after 5 warm-up ones (30)")
     bench.add_argument("--scales", default="small,large",
                        help="vs-trl: small (the embedded model), large (~27M random-init)")
     bench.add_argument("--autocast", choices=["auto", "bf16", "off"], default="auto",
