@@ -2,7 +2,8 @@
 clients trained at once on opposite targets, a cookbook-style RL loop, saved states and
 samplers, and what the server refuses (each by name).
 
-Margins, measured over client seeds 0, 1, 2 with this module's server (2-core AMD EPYC):
+Margins, measured over client seeds 0, 1, 2 with this module's server (2-core AMD EPYC; seeds
+0 and 2 again with the server under ATEN_CPU_CAPABILITY=avx2: the same figures):
 - the warm-started embedded model answers the held-out prompts greedily with the sum 0.031
   and with the sum + 1 0.953 of the time (its teacher's habit);
 - 15 supervised steps on the sum: greedy exact 0.89-0.91 (asserted > 0.6); the per-token loss
