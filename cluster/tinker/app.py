@@ -16,6 +16,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
 from .service import NotFound, TinkerService
+from .state import CALLER, key_id
 from .wire import BadRequest, Unsupported
 
 PROTOBUF = "application/x-protobuf"
@@ -59,10 +60,11 @@ def build_app(service: TinkerService, api_keys: frozenset[str] = frozenset()):
 
     @app.middleware("http")
     async def check_key(request: Request, call_next):
-        if api_keys and request.url.path != "/api/v1/healthz" and \
-                request.headers.get("X-API-Key") not in api_keys:
+        key = request.headers.get("X-API-Key")
+        if api_keys and request.url.path != "/api/v1/healthz" and key not in api_keys:
             return error(401, "missing or unknown API key (X-API-Key; TINKER_API_KEY on the "
                          "client)")
+        CALLER.set(key_id(key) if api_keys else "")
         return await call_next(request)
 
     def future(request_id: str, **extra) -> dict:
@@ -105,8 +107,12 @@ def build_app(service: TinkerService, api_keys: frozenset[str] = frozenset()):
 
     @app.post("/api/v1/sessions/{session_id}/finish")
     async def finish(session_id: str):
-        service.close_session(session_id, "finished by its client")
-        return {}
+        def close() -> dict:
+            service.session(session_id)  # the caller's own
+            service.close_session(session_id, "finished by its client")
+            return {}
+
+        return await answer(close)
 
     @app.post("/api/v1/create_model")
     async def create_model(request: Request):

@@ -20,12 +20,13 @@ from typing import Any
 
 from ...common.client_records import CLIENT_LOSSES
 from ...common.config import VLLM_LORA_RANKS, LoRAConfig
-from ...common.records import GenerationRequest, ProbeResult, Prompt
+from ...common.records import AdapterSnapshot, GenerationRequest, ProbeResult, Prompt
 from ..actor_group import ActorGroup
 from . import wire
 from .config import ATTENTION_MODULES, MLP_MODULES, ServeConfig
 from .sampling import SampleJob, SamplingLoop
 from .state import (
+    CALLER,
     Futures,
     Lanes,
     Op,
@@ -64,7 +65,7 @@ class TinkerService:
 
     # -- lookups ----------------------------------------------------------------------------
     def session(self, session_id: str) -> Session:
-        if session_id not in self.sessions:
+        if session_id not in self.sessions or self.sessions[session_id].owner != CALLER.get():
             raise NotFound(f"session {session_id!r} is not open on this server (closed, or "
                            f"idle for serve.idle_timeout_s={self.serve.idle_timeout_s:g} s)")
         session = self.sessions[session_id]
@@ -73,7 +74,7 @@ class TinkerService:
 
     def model(self, model_id: str) -> TrainingModel:
         model = self.models.get(model_id)
-        if model is None:
+        if model is None or model.owner != CALLER.get():
             raise NotFound(f"no training model {model_id!r} on this server")
         if model.freed:
             raise NotFound(f"training model {model_id!r} was freed: {model.freed}")
@@ -82,7 +83,7 @@ class TinkerService:
 
     def sampler(self, sampler_id: str) -> Sampler:
         sampler = self.samplers.get(sampler_id)
-        if sampler is None:
+        if sampler is None or sampler.owner != CALLER.get():
             raise NotFound(f"no sampling session {sampler_id!r} on this server")
         if sampler.freed:
             raise NotFound(f"sampling session {sampler_id!r} was freed: {sampler.freed}")
@@ -155,7 +156,7 @@ class TinkerService:
             if optimizer != "adamw":
                 raise Unsupported(f"optimizer {optimizer!r} (AdamW only)")
             lora, attn, mlp = self.client_lora(body.get("lora_config") or {"rank": 32})
-            seed = body.get("lora_config", {}).get("seed")
+            seed = (body.get("lora_config") or {}).get("seed")
         else:
             meta = json.loads((load[0] / "meta.json").read_text())
             lora, attn, mlp, seed = LoRAConfig(**meta["lora"]), meta["train_attn"], \
@@ -257,15 +258,22 @@ class TinkerService:
 
     def meta(self, model: TrainingModel) -> dict:
         return {"base_model": self.model_name, "model_id": model.id, "seed": model.seed,
+                "owner": model.owner,
                 "train_attn": model.train_attn, "train_mlp": model.train_mlp,
                 "lora": {"rank": model.lora.rank, "alpha": model.lora.alpha,
                          "target_modules": list(model.lora.target_modules)}}
 
+    def saved(self, path: str, kind: str, writer: str) -> tuple[Path, dict]:
+        """The directory and meta.json of a saved state or sampler the caller may read."""
+        directory = checkpoint_dir(self.root, path, (kind,))[2]
+        meta_file = directory / "meta.json"
+        meta = json.loads(meta_file.read_text()) if meta_file.is_file() else None
+        if meta is None or meta.get("owner", "") != CALLER.get():
+            raise NotFound(f"no {kind.replace('_', ' ')} at {path} ({writer} writes them)")
+        return directory, meta
+
     def state_dir(self, path: str) -> Path:
-        directory = checkpoint_dir(self.root, path, ("weights",))[2]
-        if not (directory / "meta.json").is_file():
-            raise NotFound(f"no saved state at {path} (save_state writes one)")
-        return directory
+        return self.saved(path, "weights", "save_state")[0]
 
     def load_state(self, body: dict) -> str:
         if body.get("model_id") is None:  # create_training_client_from_state
@@ -308,8 +316,10 @@ class TinkerService:
         against the learner before the request completes; named: also saved to disk."""
         sampler_id = f"{model.session}:sample:{body.get('sampling_session_seq_id')}" \
             if path is None else f"{model.session}:sampler:{uuid.uuid4().hex[:8]}"
+        # made in the learner loop, not in the request's context: the owner is the model's
         sampler = Sampler(sampler_id, model.session, self.model_name,
-                          self.learner.publish.remote(model.adapter), model.id, path)
+                          self.learner.publish.remote(model.adapter), model.id, path,
+                          owner=model.owner)
         await self.sampling.verify(sampler, model.adapter)
         if path is None:
             self.samplers[sampler.id] = sampler
@@ -346,13 +356,7 @@ class TinkerService:
             self.check_base_model(body.get("base_model"))
             sampler = Sampler(sampler_id, session.id, self.model_name)
         else:
-            directory = checkpoint_dir(self.root, path, ("sampler_weights",))[2]
-            if not (directory / "meta.json").is_file():
-                raise NotFound(f"no sampler weights at {path} (save_weights_for_sampler writes "
-                               "them)")
-            from ...common.records import AdapterSnapshot
-
-            meta = json.loads((directory / "meta.json").read_text())
+            directory, meta = self.saved(path, "sampler_weights", "save_weights_for_sampler")
             sampler = Sampler(sampler_id, session.id, self.model_name,
                               ray.put(AdapterSnapshot.load_pretrained(directory)),
                               meta["model_id"], path, ProbeResult(**meta["reference"]))

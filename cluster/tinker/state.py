@@ -6,10 +6,12 @@ turn). Plain asyncio-free bookkeeping, so it can be tested by itself."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import itertools
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,11 +21,20 @@ from ...common.records import ProbeResult
 from .wire import BadRequest, Unsupported
 
 TINKER = "tinker://"
+# who sends the request being handled: its API key's id (`key_id`), "" on a server without keys;
+# a session, and what it saved, answer only the key that opened it
+CALLER: ContextVar[str] = ContextVar("caller", default="")
+
+
+def key_id(key: str) -> str:
+    """An API key's id: a digest, so that no key is kept in memory longer or written anywhere."""
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
 @dataclass
 class Session:
     id: str
+    owner: str = field(default_factory=CALLER.get)  # the key_id that opened it
     last_seen: float = field(default_factory=time.monotonic)
     models: list[str] = field(default_factory=list)
     samplers: list[str] = field(default_factory=list)
@@ -44,6 +55,7 @@ class TrainingModel:
     train_attn: bool
     train_mlp: bool
     freed: str | None = None  # why it is gone, once it is
+    owner: str = field(default_factory=CALLER.get)  # the key_id of its session
 
 
 @dataclass
@@ -61,6 +73,7 @@ class Sampler:
     path: str | None = None  # tinker://... when saved under a name
     reference: ProbeResult | None = None
     freed: str | None = None
+    owner: str = field(default_factory=CALLER.get)  # the key_id of its session
 
     @property
     def slot(self) -> str | None:
@@ -215,7 +228,7 @@ def checkpoint_dir(root: Path, path: str, kinds: tuple[str, ...]) -> tuple[str, 
     if not path.startswith(TINKER):
         raise BadRequest(f"{path!r}: a checkpoint path starts with {TINKER}")
     parts = path[len(TINKER):].split("/")
-    if len(parts) != 3 or parts[1] not in kinds or not parts[2] or parts[2] in (".", ".."):
+    if len(parts) != 3 or parts[1] not in kinds or any(p in ("", ".", "..") for p in parts):
         raise BadRequest(f"{path!r}: expected {TINKER}<model id>/<{'|'.join(kinds)}>/<name>")
     model_id, kind, name = parts
     return model_id, kind, root / model_id.replace(":", "_") / kind / name

@@ -31,7 +31,7 @@ import tinker
 from tinker import types
 from tinker_clients import TASK, fraction, greedy_answers, train_rl, train_sl
 
-KEY = "tml-lorafleet-test"
+KEY, OTHER_KEY = "tml-lorafleet-test", "tml-lorafleet-other"
 IDLE_S = 20
 SERVER = ["serve.port=0", "rollout.num_workers=1", "rollout.max_loras=2",
           "serve.max_adapters=4", f"serve.idle_timeout_s={IDLE_S}", "ray.num_cpus=2"]
@@ -45,7 +45,7 @@ PLUS_ONE = [str(int(s) + 1) for s in SUMS]
 def server(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("serve")
     log = (run_dir / "server.log").open("w")
-    env = {**os.environ, "LORAFLEET_API_KEYS": KEY}
+    env = {**os.environ, "LORAFLEET_API_KEYS": f"{KEY},{OTHER_KEY}"}
     proc = subprocess.Popen(["lorafleet", "serve", f"run_dir={run_dir}", *SERVER], env=env,
                             stdout=log, stderr=subprocess.STDOUT)
     address = run_dir / "server.json"
@@ -142,7 +142,7 @@ def test_rl_loop_raises_reward_and_sampler_logprobs_match(service, model_name, t
     assert training.forward([datum], "cross_entropy").result().metrics["loss:sum"] > 0
 
 
-def test_refusals_name_what_is_wrong(server, service, model_name):
+def test_refusals_name_what_is_wrong(server, service, model_name, silent_session):
     with pytest.raises(tinker.BadRequestError, match="train_unembed=True"):
         service.create_lora_training_client(base_model=model_name, rank=8).result()
     with pytest.raises(tinker.BadRequestError, match="this server serves"):
@@ -151,6 +151,10 @@ def test_refusals_name_what_is_wrong(server, service, model_name):
     with pytest.raises(tinker.BadRequestError, match="LoRA rank 128"):
         service.create_lora_training_client(base_model=model_name, rank=128,
                                             train_unembed=False).result()
+    # another key's sessions, models and saves do not exist for a caller
+    with httpx.Client(base_url=server[0], headers={"X-API-Key": OTHER_KEY}) as http:
+        answer = http.post("/api/v1/get_info", json={"model_id": silent_session})
+    assert answer.status_code == 404 and "no training model" in answer.json()["error"]
     stranger = tinker.ServiceClient(base_url=server[0], api_key="tml-not-a-key")
     with pytest.raises(tinker.AuthenticationError, match="API key"):
         stranger.create_lora_training_client(base_model=model_name, rank=8,

@@ -135,7 +135,8 @@ def test_checkpoint_paths(tmp_path):
                                             ("weights",))
     assert (model, kind, directory) == ("s:train:0", "weights",
                                         tmp_path / "s_train_0" / "weights" / "step-3")
-    for bad in ("s:train:0/weights/x", "tinker://s/weights/../x", "tinker://s/other/x"):
+    for bad in ("s:train:0/weights/x", "tinker://s/weights/../x", "tinker://s/other/x",
+                "tinker://../weights/x", "tinker://s/weights/.."):
         with pytest.raises(wire.BadRequest, match="tinker://"):
             checkpoint_dir(tmp_path, bad, ("weights",))
 
