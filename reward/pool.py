@@ -141,7 +141,7 @@ class RewardWorker:
             raise RewardError(f"reward {name!r} returned {size} values for a batch of "
                               f"{len(rollouts)} ({rollouts[0].sample_id} ...): it must return "
                               "one float or None per completion")
-        return [None if v is None else float(v) for v in values]
+        return [number(name, v, r) for v, r in zip(values, rollouts, strict=True)]
 
     def rule_values_alone(self, name: str, fn, r: Rollout) -> list:
         try:
@@ -150,6 +150,17 @@ class RewardWorker:
             error = RewardError(f"reward {name!r} raised on {where(r)}: {exc!r}")
             error.__cause__ = exc
             return [error]
+
+
+def number(name: str, value: object, r: Rollout) -> float | None:
+    """A reward function's value as a float (None: it does not apply). A string is refused,
+    not parsed: "1.0" from a reward is a bug that float() would hide."""
+    if value is None:
+        return None
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__float__"):
+        raise RewardError(f"reward {name!r} returned {value!r} (a {type(value).__name__}) for "
+                          f"{where(r)}: a reward is a number or None")
+    return float(value)
 
 
 def where(r: Rollout) -> str:

@@ -90,6 +90,10 @@ def fn_none(completions, **kwargs):
     return [None] * len(completions)
 
 
+def fn_strings(completions, **kwargs):
+    return ["1.0"] * len(completions)
+
+
 def contrast_batch(tokenizer, version: int, offset: int = 1,
                    policy: str = POLICY) -> list[ScoredRollout]:
     """32 prompts x [correct answer (reward 1), the sum + offset (reward 0)], prompt-major,

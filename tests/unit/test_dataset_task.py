@@ -147,6 +147,9 @@ def test_bad_reward_values_name_the_function_and_sample(tokenizer):
     rollouts = rollouts_for(prompts, ["1", "2"])
     with pytest.raises(RewardError, match="returned 1 values for a batch of 2"):
         RewardWorker(RewardSpec(("helpers:fn_wrong_length",))).score(rollouts)
+    with pytest.raises(RewardError, match=r"'helpers:fn_strings' returned '1.0' \(a str\) for "
+                       "prompt 0 sample 0"):
+        RewardWorker(RewardSpec(("helpers:fn_strings",))).score(rollouts)
     with pytest.raises(RewardError, match="no reward function applies to prompt 0 sample 0"):
         RewardWorker(RewardSpec(("helpers:fn_none",))).score(rollouts)
     skipped = RewardWorker(RewardSpec(("helpers:fn_none",), skip_errors=True))
