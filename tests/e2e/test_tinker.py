@@ -183,3 +183,7 @@ def test_states_samplers_and_freeing(server, service, trained, silent_session):
         service.create_training_client_from_state(state).result()
     with pytest.raises(tinker.RequestFailedError, match="after-sl exists"):
         training.save_state("after-sl").result()
+    # no API key lands in the run directory: config, states, samplers, the server's log
+    written = [p.read_bytes() for p in server[1].rglob("*") if p.is_file()]
+    assert written and not any(key.encode() in data for data in written
+                               for key in (KEY, OTHER_KEY))
