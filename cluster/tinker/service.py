@@ -166,6 +166,9 @@ class TinkerService:
         model = TrainingModel(model_id, session.id, "", lora, seed, attn, mlp)
 
         async def add() -> dict:
+            if session.id not in self.sessions:  # closed while this request waited
+                raise NotFound(f"session {session.id!r} was closed before its training "
+                               "client was made")
             live = [m for m in self.models.values() if not m.freed and m.adapter]
             if len(live) >= self.serve.max_adapters:
                 raise BadRequest(
@@ -321,6 +324,9 @@ class TinkerService:
                           self.learner.publish.remote(model.adapter), model.id, path,
                           owner=model.owner)
         await self.sampling.verify(sampler, model.adapter)
+        if model.freed:  # its session closed while the sampler was verified
+            sampler.free(model.freed)
+            raise NotFound(f"training model {model.id!r} was freed: {model.freed}")
         if path is None:
             self.samplers[sampler.id] = sampler
             self.sessions[model.session].samplers.append(sampler.id)
