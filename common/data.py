@@ -43,8 +43,9 @@ def encode_prompts(
             skipped.append(text)
             continue
         if len(ids) > max_prompt_tokens:
+            what = f"prompt {first_index + i}" if ex.where is None else ex.where
             raise ValueError(
-                f"prompt {first_index + i} ({text[:60]!r}...) has {len(ids)} tokens; the "
+                f"{what} ({text[:60]!r}...) has {len(ids)} tokens; the "
                 f"limit is {max_prompt_tokens} (model.max_model_len - rollout.max_new_tokens); set "
                 "rollout.too_long_prompts=skip to leave such prompts out"
             )

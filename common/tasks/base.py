@@ -27,6 +27,7 @@ class TaskExample:
     # template when tokenised), and the row's other columns for the reward functions
     conversation: list[dict[str, str]] | None = None
     columns: dict[str, Any] | None = None
+    where: str | None = None  # a user's dataset row ("FILE: row I"), named in errors about it
 
     def __post_init__(self) -> None:
         if not self.reference:

@@ -118,7 +118,8 @@ class DatasetTask(Task):
                                       f"list of messages: {type(value).__name__}")
             if system is not None:
                 messages = [{"role": "system", "content": system}, *messages]
-            return TaskExample(text, "", conversation=messages, columns=columns)
+            return TaskExample(text, "", conversation=messages, columns=columns,
+                               where=f"{checker.source}: row {i}")
 
         return load_rows(cfg, read_source(cfg), build)
 

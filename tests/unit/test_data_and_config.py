@@ -199,6 +199,10 @@ def test_too_long_prompt_is_named(tokenizer):
     skipped: list[str] = []  # rollout.too_long_prompts=skip: left out and counted
     kept = encode_prompts(examples, tokenizer, max_prompt_tokens=10, skipped=skipped)
     assert [p.text for p in kept] == ["1+1="] and skipped == ["1" * 40 + "+1="]
+    # a user's row is named by its file and row, not its place after the held-out split
+    row = TaskExample("2" * 40 + "+1=", "", where="data/prompts.jsonl: row 60")
+    with pytest.raises(ValueError, match=r"data/prompts.jsonl: row 60 .* tokens; the limit"):
+        encode_prompts([row], tokenizer, max_prompt_tokens=10)
 
 
 def test_shard_is_a_partition():

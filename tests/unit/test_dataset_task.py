@@ -81,6 +81,12 @@ def test_separate_eval_file_and_plain_text_prompts_from_csv(tmp_path, tokenizer)
     prompts = encode_prompts(task.examples("train"), tokenizer, 100)
     assert prompts[1].token_ids == tokenizer("2+2=").input_ids  # plain text: as the tasks do
     assert prompts[1].columns == {"answer": "4"} and prompts[1].conversation is None
+    # a prompt too long for the model names its file and row (row 1 of train.csv, whatever its
+    # place among the training prompts)
+    train.write_text("prompt,answer\n1+1=,2\n" + "9" * 50 + "+1=,1\n3+3=,6\n")
+    task = build_task(dataset_cfg(str(train), f"task.data.eval.path={held}").task)
+    with pytest.raises(ValueError, match=r"train.csv: row 1 \('9999.*has \d+ tokens"):
+        encode_prompts(task.examples("train"), tokenizer, 20)
 
 
 def rollouts_for(prompts, texts):
