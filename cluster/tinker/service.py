@@ -73,22 +73,21 @@ class TinkerService:
         return session
 
     def model(self, model_id: str) -> TrainingModel:
-        model = self.models.get(model_id)
-        if model is None or model.owner != CALLER.get():
-            raise NotFound(f"no training model {model_id!r} on this server")
-        if model.freed:
-            raise NotFound(f"training model {model_id!r} was freed: {model.freed}")
-        self.session(model.session)
-        return model
+        return self.owned(self.models, model_id, "training model")
 
     def sampler(self, sampler_id: str) -> Sampler:
-        sampler = self.samplers.get(sampler_id)
-        if sampler is None or sampler.owner != CALLER.get():
-            raise NotFound(f"no sampling session {sampler_id!r} on this server")
-        if sampler.freed:
-            raise NotFound(f"sampling session {sampler_id!r} was freed: {sampler.freed}")
-        self.session(sampler.session)
-        return sampler
+        return self.owned(self.samplers, sampler_id, "sampling session")
+
+    def owned(self, items: dict, key: str, what: str):
+        """The caller's live model or sampler `key` (another key's is as absent), its
+        session touched."""
+        item = items.get(key)
+        if item is None or item.owner != CALLER.get():
+            raise NotFound(f"no {what} {key!r} on this server")
+        if item.freed:
+            raise NotFound(f"{what} {key!r} was freed: {item.freed}")
+        self.session(item.session)
+        return item
 
     def check_base_model(self, name: str | None) -> None:
         if name not in (self.model_name, self.cfg.model.name_or_path):
