@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import re
 from dataclasses import fields
 
@@ -168,3 +170,22 @@ def table_cells(markdown: str) -> dict[str, list[str]]:
 def numbers(cells: list[str]) -> list[float]:
     """The numbers in table cells, in order ("0.875 ± 0.035" is two, "3.40x" one)."""
     return [float(x) for cell in cells for x in re.findall(r"[-+]?\d+(?:\.\d+)?", cell)]
+
+
+MARGINS_FILE = "LORAFLEET_MARGINS"  # where assert_margin records what it measured
+
+
+def assert_margin(name: str, value: float, floor: float, detail: object = "") -> None:
+    """A learning margin of an end-to-end run: `value` must exceed `floor` (set well below the
+    smallest value measured over seeds and float paths). With $LORAFLEET_MARGINS naming a
+    file, each measured value is appended to it as a JSON line with the float path it ran on,
+    so one suite run on another CPU, thread count or ATEN_CPU_CAPABILITY reports every
+    margin, not only the failing ones (docs/testing.md)."""
+    path = os.environ.get(MARGINS_FILE)
+    if path:
+        record = {"name": name, "value": round(value, 4), "floor": floor,
+                  "aten_cpu_capability": os.environ.get("ATEN_CPU_CAPABILITY", "default"),
+                  "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}
+        with open(path, "a") as out:
+            out.write(json.dumps(record) + "\n")
+    assert value > floor, f"{name}: {value:.4f}, not above {floor} {detail}"
