@@ -407,24 +407,35 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def one_line_error(exc: Exception) -> tuple[str, int] | None:
+    """What the user reads instead of a traceback, and the exit status, for an error whose
+    message says all they need: bad input (2), or a run stopped for the reason it names (1).
+    None: a bug, shown with its traceback."""
+    from ..reward.pool import RewardError
+    from .trainer import LearnerDied
+
+    kinds = ((ConfigError, "config error", 2), (ResumeError, "cannot resume", 2),
+             (DatasetError, "dataset error", 2), (PlacementError, "resources", 2),
+             (RewardError, "reward error", 1), (LearnerDied, "run stopped", 1))
+    for kind, label, status in kinds:
+        if isinstance(exc, kind):
+            # an error raised in an actor arrives wrapped, its remote traceback in the text
+            cause = getattr(exc, "cause", None)
+            return f"lorafleet: {label}: {cause if isinstance(cause, kind) else exc}", status
+    return None
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse(argv)
     try:
         apply_log_level(getattr(args, "verbose", False))
         args.func(args)
-    except ConfigError as exc:
-        print(f"lorafleet: config error: {exc}", file=sys.stderr)
-        sys.exit(2)
-    except ResumeError as exc:
-        print(f"lorafleet: cannot resume: {exc}", file=sys.stderr)
-        sys.exit(2)
-    except DatasetError as exc:
-        print(f"lorafleet: dataset error: {exc}", file=sys.stderr)
-        sys.exit(2)
-    except PlacementError as exc:
-        print(f"lorafleet: resources: {exc}", file=sys.stderr)
-        sys.exit(2)
-
+    except Exception as exc:
+        known = one_line_error(exc)
+        if known is None:
+            raise
+        print(known[0], file=sys.stderr)
+        sys.exit(known[1])
 
 if __name__ == "__main__":
     main()

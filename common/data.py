@@ -7,6 +7,7 @@ import random
 from dataclasses import replace
 
 from .configio import ConfigError
+from .corpora import DatasetError
 from .records import Prompt
 from .tasks.base import TaskExample
 
@@ -44,7 +45,7 @@ def encode_prompts(
             continue
         if len(ids) > max_prompt_tokens:
             what = f"prompt {first_index + i}" if ex.where is None else ex.where
-            raise ValueError(
+            raise DatasetError(
                 f"{what} ({text[:60]!r}...) has {len(ids)} tokens; the "
                 f"limit is {max_prompt_tokens} (model.max_model_len - rollout.max_new_tokens); set "
                 "rollout.too_long_prompts=skip to leave such prompts out"

@@ -162,6 +162,29 @@ def test_bad_reward_values_name_the_function_and_sample(tokenizer):
     assert all(s.error for s in skipped.score(rollouts))
 
 
+def test_the_cli_prints_a_stopped_run_in_one_line():
+    """A reward error raised in a reward actor reaches the driver wrapped by Ray, its remote
+    traceback in the text: the CLI prints the error alone; a bug keeps its traceback."""
+    import ray
+
+    from lorafleet.cluster.cli import one_line_error
+    from lorafleet.cluster.trainer import LearnerDied
+
+    error = RewardError("reward 'rewards:slow' did not return for prompt 3 sample 1")
+    try:
+        raise error
+    except RewardError as exc:
+        wrapped = ray.exceptions.RayTaskError(
+            "score", "Traceback (most recent call last):\n  File ...", exc).as_instanceof_cause()
+    assert isinstance(wrapped, RewardError) and str(wrapped) != str(error)
+    assert one_line_error(wrapped) == (f"lorafleet: reward error: {error}", 1)
+    too_long = DatasetError("rows.jsonl: row 60 ('...') has 3208 tokens; the limit is 122")
+    assert one_line_error(too_long) == (f"lorafleet: dataset error: {too_long}", 2)
+    died = LearnerDied("the learner actor died; continue with: lorafleet train --resume R")
+    assert one_line_error(died) == (f"lorafleet: run stopped: {died}", 1)
+    assert one_line_error(KeyError("a bug")) is None
+
+
 def test_one_reward_worker_scores_each_batch_by_its_own_spec(tokenizer):
     """One pool of reward actors serves every policy: a batch scored with a spec gets that
     spec's rewards (its functions built on first use, then kept), without one the actor's."""
