@@ -4,6 +4,7 @@ finding the newest complete checkpoint, and rewinding the run directory's logs t
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -32,7 +33,11 @@ class TrainerState:
         return self.next_stage, self.next_iteration
 
     def write(self, directory: Path) -> None:
-        (directory / TRAINER_STATE).write_text(json.dumps(asdict(self), indent=2))
+        """Atomically (a kill mid-write leaves no partial file: the checkpoint stays
+        incomplete and the previous one is used)."""
+        partial = directory / f"{TRAINER_STATE}.partial"
+        partial.write_text(json.dumps(asdict(self), indent=2))
+        os.replace(partial, directory / TRAINER_STATE)
 
     @classmethod
     def read(cls, directory: Path) -> TrainerState:

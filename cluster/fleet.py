@@ -23,6 +23,21 @@ from .specs import group_specs, sync_tolerance
 RUNTIME_ENV = {"env_vars": {"RAY_ENABLE_ZERO_COPY_TORCH_TENSORS": "1"}}
 
 
+# Ray's switch for a one-machine cluster (on by default on macOS and Windows): the node takes
+# the loopback address, so every port of the cluster we start (GCS, raylets, agents, metrics)
+# listens on 127.0.0.1 only, not on the machine's network address.
+LOOPBACK_ONLY = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+def loopback_only() -> None:
+    """Makes the cluster about to be started keep to loopback: Ray reads the switch from the
+    environment in each process it starts, and from its constant in this one (read at import)."""
+    from ray._private import ray_constants
+
+    os.environ[LOOPBACK_ONLY] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+
+
 def connect_ray(cfg: TrainConfig) -> bool:
     """Join $RAY_ADDRESS / ray.address (a `ray job submit` job sets it), else start a local
     cluster bound to loopback. True if we started it. The actors get the libraries' log level
@@ -41,10 +56,11 @@ def connect_ray(cfg: TrainConfig) -> bool:
         ray.init(address=address, runtime_env={"env_vars": missing} if missing else None,
                  **driver_logs)
         return False
-    ray.init(
-        num_cpus=cfg.ray.num_cpus, include_dashboard=False, runtime_env={"env_vars": env},
-        _node_ip_address="127.0.0.1", **driver_logs,
-    )
+    loopback_only()
+    # address="local": a new cluster, never one Ray would otherwise find running on this
+    # machine (another user's `ray start`, another run's cluster)
+    ray.init(address="local", num_cpus=cfg.ray.num_cpus, include_dashboard=False,
+             runtime_env={"env_vars": env}, **driver_logs)
     return True
 
 

@@ -56,7 +56,8 @@ def ray_cluster():
 
     path = f"{TESTS_DIR}:{os.environ.get('PYTHONPATH', '')}"
     env = {**RUNTIME_ENV["env_vars"], "PYTHONPATH": path}
-    ray.init(num_cpus=2, num_gpus=2, include_dashboard=False, runtime_env={"env_vars": env})
+    ray.init(address="local", num_cpus=2, num_gpus=2, include_dashboard=False,
+             runtime_env={"env_vars": env})
     yield ray
     ray.shutdown()
 

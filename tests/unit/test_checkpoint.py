@@ -48,3 +48,28 @@ def test_restored_ppo_learner_continues_identically(tmp_path, tiny_model_path, t
     after_a, after_b = trainable(original), trainable(restored)
     assert all(torch.allclose(after_a[k], after_b[k], atol=1e-7) for k in after_a)
     assert any(not torch.equal(before[k], after_a[k]) for k in before)
+
+
+def test_a_half_written_checkpoint_is_ignored_and_dropped(tmp_path):
+    """A kill while a checkpoint is written (its files, or its trainer state mid-write) leaves
+    the previous checkpoint the one resumed from; rewinding removes the partial one."""
+    from lorafleet.cluster.checkpoint import TRAINER_STATE, TrainerState, latest_checkpoint, rewind
+    from lorafleet.common.run_dir import RunDir
+
+    run_dir = RunDir(tmp_path)
+    state = TrainerState(next_stage=0, next_iteration=4, prompt_cursor=64, metrics_lines=1,
+                         stage_evals=[], adapter_version=4, reward_moments={})
+    previous = run_dir.checkpoint("iter_00004")
+    previous.mkdir(parents=True)
+    state.write(previous)
+    assert not list(previous.glob("*.partial"))
+    partial = run_dir.checkpoint("iter_00006")
+    partial.mkdir()
+    (partial / "adapter.safetensors").write_bytes(b"\0" * 8)
+    (partial / f"{TRAINER_STATE}.partial").write_text('{"next_stage": 0, "next_it')
+    run_dir.metrics.write_text('{"iteration": 3}\n{"iteration": 4}\n')
+    directory, found = latest_checkpoint(run_dir)
+    assert directory == previous and found == state
+    rewind(run_dir, found, directory)
+    assert not partial.exists() and previous.exists()
+    assert run_dir.metrics.read_text() == '{"iteration": 3}\n'

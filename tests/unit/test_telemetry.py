@@ -13,22 +13,35 @@ from lorafleet.cluster.telemetry import WandbLogger, write_rollouts
 from lorafleet.common.records import Prompt, Rollout, ScoredRollout
 from lorafleet.common.run_dir import RunDir
 
+SECRET = "lorafleet-test-key-0123456789abcdef0123456789abcdef"
 
-def test_wandb_records_offline_without_a_key(tmp_path, monkeypatch):
+
+@pytest.mark.parametrize("key", [None, SECRET])
+def test_wandb_records_offline_and_keeps_the_key_out_of_the_run(tmp_path, monkeypatch, key):
+    """Without a key (and no login) wandb records offline; with one (here offline too, no
+    network) the key never lands in the run directory."""
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.delenv("WANDB_MODE", raising=False)
+    if key is not None:
+        monkeypatch.setenv("WANDB_API_KEY", key)
+        monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb-config"))  # no stored login
     monkeypatch.setenv("WANDB_SILENT", "true")
     cfg = TrainConfig(run_dir=str(tmp_path / "myrun"))
-    logger = WandbLogger(cfg, RunDir(tmp_path))
+    run_dir = RunDir(tmp_path / "myrun")
+    run_dir.path.mkdir()
+    logger = WandbLogger(cfg, run_dir)
     assert logger.run.settings.mode == "offline"
     assert logger.run.config["algo"]["name"] == "ppo"
     logger.log({"stage": "rl", "iteration": 0, "reward_mean": 0.25, "eval_reward": None}, 0)
     logger.log({"stage": "eval", "eval_reward": 0.3}, 0)  # same step: allowed
     logger.log({"stage": "rl", "iteration": 1, "reward_mean": 0.5}, 1)
     logger.close()
-    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    runs = list((run_dir.path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and list(runs[0].glob("run-*.wandb"))
+    leaked = [path for path in run_dir.path.rglob("*")
+              if path.is_file() and SECRET.encode() in path.read_bytes()]
+    assert not leaked
 
 
 def test_rollouts_parquet_holds_every_sample(tmp_path):
