@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+import time
 from dataclasses import fields
 
 import torch
@@ -92,6 +93,18 @@ def fn_none(completions, **kwargs):
 
 def fn_strings(completions, **kwargs):
     return ["1.0"] * len(completions)
+
+
+def fn_inf(completions, **kwargs):
+    return [math.inf] * len(completions)
+
+
+def fn_scalar(completions, **kwargs):
+    return 1.0
+
+
+def fn_never_returns(completions, **kwargs):
+    time.sleep(3600)
 
 
 def contrast_batch(tokenizer, version: int, offset: int = 1,
