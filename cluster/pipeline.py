@@ -140,7 +140,9 @@ class RolloutPipeline:
         pending = self.in_flight.pop(j)
         rollouts = self.fleet.collect_requests(pending.generation, self.watch.wait)[
             pending.index]
-        # the calls that answered: a call sent again replaced the one that failed
+        # The calls that answered (one sent again replaced the one that failed); stamped here
+        # if another policy's pipeline collected the generation they share.
+        self.watch.wait(pending.refs)
         gen_seconds = max(self.watch.finished[ref] for ref in pending.refs) - pending.sent
         errors_before = self.scorer.errors
         scored = self.scorer.score(rollouts)
