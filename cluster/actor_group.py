@@ -51,11 +51,14 @@ class GroupSpec:
     resource_keys: dict[str, str]
     name: str  # the Ray actor name ("{i}": the actor's index)
     max_restarts: int = 0  # Ray restarts a dead actor up to this often (0: never)
-    max_task_retries: int = 0  # and re-runs the call it lost (for pure calls only)
     index_kwarg: str | None = None  # the constructor keyword that gets the actor's index
     # errors by which an actor says it lost its state: it restarted without the group seeing
     # its death (the calls that met the dead process were already done); recovered as a death
     lost_state: tuple[type[Exception], ...] = ()
+    # (config key, seconds): a call not answered this long after `collect` began waiting for
+    # it gets its actor killed for Ray to restart, then recovered as a death; None: calls are
+    # waited for without limit (the learner's are long, and its death ends the run)
+    call_timeout: tuple[str, float] | None = None
 
 
 @dataclass(frozen=True)
@@ -150,11 +153,24 @@ def is_actor(exc: Exception, handle) -> bool:
 
 @dataclass
 class Calls:
-    """Method calls under way on some of a group's actors: `refs` by actor index."""
+    """Calls of one actor method under way on some of a group's actors: `refs` by actor
+    index, each sent with `args(item)` of its item."""
 
-    method: Callable
+    method: str
+    args: Callable[[object], tuple]
     items: dict[int, object]
-    refs: dict[int, object]
+    refs: dict[int, object] = field(default_factory=dict)
+
+    def send(self, actor, i: int) -> None:
+        self.refs[i] = getattr(actor, self.method).remote(*self.args(self.items[i]))
+
+
+def ray_wait(refs: list, timeout_s: float | None) -> bool:
+    """Whether all `refs` are done within `timeout_s` (None: waits for them)."""
+    import ray
+
+    done, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+    return len(done) == len(refs)
 
 
 class ActorGroup:
@@ -182,7 +198,6 @@ class ActorGroup:
             actors.append(remote.options(
                 **spec.resources.actor_options(), scheduling_strategy=placement.strategy(
                     spec.role, i), name=spec.name.format(i=i), max_restarts=spec.max_restarts,
-                max_task_retries=spec.max_task_retries,
             ).remote(*args, **kwargs, **index))
         return cls(spec, actors)
 
@@ -190,26 +205,37 @@ class ActorGroup:
         """ObjectRefs that resolve once every actor is constructed (or raise its error)."""
         return [actor.__ray_ready__.remote() for actor in self.actors]
 
-    def call(self, method: Callable, items: dict[int, object] | None = None) -> list:
-        """`method(actor, item)` -> ObjectRef for each actor index in `items` (every actor,
+    def call(self, method: str, args: Callable[[object], tuple] = lambda _: (),
+             items: dict[int, object] | None = None) -> list:
+        """`actor.method.remote(*args(item))` on each actor index in `items` (every actor,
         with item None, by default); results in the order of `items`."""
-        return self.collect(self.submit(method, items))
+        return self.collect(self.submit(method, args, items))
 
-    def submit(self, method: Callable, items: dict[int, object] | None = None) -> Calls:
+    def submit(self, method: str, args: Callable[[object], tuple] = lambda _: (),
+               items: dict[int, object] | None = None) -> Calls:
         """`call` without waiting: the calls are under way; `collect` gets their results."""
         items = items if items is not None else dict.fromkeys(range(len(self.actors)))
-        return Calls(method, items, {i: method(self.actors[i], item) for i, item in items.items()})
+        calls = Calls(method, args, items)
+        for i in items:
+            calls.send(self.actors[i], i)
+        return calls
 
-    def collect(self, calls: Calls) -> list:
-        """The results of submitted calls in the order of their items; a call whose actor died
-        is sent again once the actor is back."""
+    def collect(self, calls: Calls, wait: Callable[[list, float | None], bool] = ray_wait
+                ) -> list:
+        """The results of submitted calls in the order of their items; a call whose actor died,
+        or that was not answered within the spec's call timeout (the actor killed for Ray to
+        restart), is sent again once the actor is back. `wait(refs, timeout_s)` says whether
+        a call is done in time (the RL loop's also times the calls that finish meanwhile)."""
         import ray
 
+        timeout_s = self.spec.call_timeout[1] if self.spec.call_timeout else None
         results = []
-        for i, ref in calls.refs.items():
+        for i in calls.items:
             while True:
                 try:
-                    results.append(ray.get(ref))
+                    if not wait([calls.refs[i]], timeout_s):
+                        self.kill_stuck(i, calls.method)  # the call now fails as a death
+                    results.append(ray.get(calls.refs[i]))
                     break
                 except ray.exceptions.RayActorError as exc:
                     if not is_actor(exc, self.actors[i]):  # e.g. the learner behind an arg
@@ -220,8 +246,18 @@ class ActorGroup:
                         raise
                     if not self.recover(i, exc):  # the process it was brought back in
                         raise
-                ref = calls.method(self.actors[i], calls.items[i])
+                calls.send(self.actors[i], i)
         return results
+
+    def kill_stuck(self, i: int, method: str) -> None:
+        """Actor i did not answer `method` within the call timeout (stopped, or stuck in a
+        call that never returns): killed, for Ray to restart."""
+        import ray
+
+        key, seconds = self.spec.call_timeout
+        print(f"{self.spec.role} actor {i} did not answer {method} within {key}={seconds:g} s; "
+              "killing it for Ray to restart", flush=True)
+        ray.kill(self.actors[i], no_restart=False)
 
     def recover(self, i: int, exc: Exception) -> bool:
         """Waits for Ray to bring actor i back, then `revive`s it; False (nothing done) when

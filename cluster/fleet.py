@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from ..common.config import RolloutConfig
@@ -15,7 +16,7 @@ from ..common.records import POLICY, GenerationRequest, ProbeResult, Prompt, Rol
 from ..common.specs import EngineSpec, LearnerSpec
 from ..reward.pool import RewardSpec
 from ..rollout.worker import level_slot
-from .actor_group import ActorGroup, Calls, Placement, place
+from .actor_group import ActorGroup, Calls, Placement, place, ray_wait
 from .config import TrainConfig
 from .specs import group_specs, sync_tolerance
 
@@ -214,9 +215,9 @@ class Fleet:
         start = time.perf_counter()
         # stored once in the object store
         self.snapshots[policy] = snapshot = self.learner.publish.remote(policy)
-        loads = self.rollout.submit(lambda w, _: w.load_snapshot.remote(snapshot, policy))
+        loads = self.rollout.submit("load_snapshot", lambda _: (snapshot, policy))
         max_tokens, probe_ids = self.cfg.rollout.max_new_tokens, self.probe_ids[policy]
-        probes = self.rollout.submit(lambda w, _: w.probe.remote(probe_ids, max_tokens, policy))
+        probes = self.rollout.submit("probe", lambda _: (probe_ids, max_tokens, policy))
         return AdapterSync(policy, start, loads, probes)
 
     def finish_sync(self, sync: AdapterSync) -> SyncFigures:
@@ -238,9 +239,8 @@ class Fleet:
         for level in range(levels):
             slot = level_slot(level)
             self.level_snapshots[level] = snapshot = self.learner.publish_level.remote(level)
-            self.rollout.call(lambda w, _, ref=snapshot, slot=slot: w.load_snapshot.remote(
-                ref, slot))
-            probes = self.rollout.call(lambda w, _, slot=slot: w.probe.remote(
+            self.rollout.call("load_snapshot", lambda _, ref=snapshot, slot=slot: (ref, slot))
+            probes = self.rollout.call("probe", lambda _, slot=slot: (
                 self.level_probe_ids, max_tokens, slot))
             worst = max(worst, self.check_served(probes, POLICY, level))
         return worst
@@ -269,13 +269,15 @@ class Fleet:
                  for i in range(workers)}
         busy = {i: part for i, part in parts.items() if any(r.prompts for r in part)}
         return Generation(requests, self.rollout.submit(
-            lambda w, part: w.generate_requests.remote(part), busy))
+            "generate_requests", lambda part: (part,), busy))
 
-    def collect_requests(self, generation: Generation) -> list[list[Rollout]]:
-        """Each request's rollouts, every prompt checked to have come back exactly n times."""
+    def collect_requests(self, generation: Generation, wait: Callable = ray_wait
+                         ) -> list[list[Rollout]]:
+        """Each request's rollouts, every prompt checked to have come back exactly n times;
+        `wait` as ActorGroup.collect's."""
         if generation.results is None:
             results = [[] for _ in generation.requests]
-            for part in self.rollout.collect(generation.calls):
+            for part in self.rollout.collect(generation.calls, wait):
                 for rollouts, out in zip(part, results, strict=True):
                     out += rollouts
             for request, rollouts in zip(generation.requests, results, strict=True):

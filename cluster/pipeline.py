@@ -58,14 +58,20 @@ class FinishTimes:
     def track(self, refs) -> None:
         self.pending += list(refs)
 
-    def wait(self, refs) -> None:
-        """Blocks until every ref of `refs` is done (tracked or not)."""
+    def wait(self, refs, timeout_s: float | None = None) -> bool:
+        """Blocks until every ref of `refs` is done (tracked or not), or until `timeout_s`
+        passed with some still running (None: no limit); whether all are done."""
         import ray
 
         self.pending += [r for r in refs if r not in self.finished and r not in self.pending]
+        deadline = None if timeout_s is None else time.perf_counter() + timeout_s
         while any(r not in self.finished for r in refs):
-            done, self.pending = ray.wait(self.pending, num_returns=1)
-            self.finished[done[0]] = time.perf_counter()
+            left = None if deadline is None else deadline - time.perf_counter()
+            if left is not None and left <= 0:
+                return False
+            done, self.pending = ray.wait(self.pending, num_returns=1, timeout=left)
+            self.finished |= dict.fromkeys(done, time.perf_counter())
+        return True
 
     def idle_seconds(self, last_calls: list, now: float) -> float:
         """Mean seconds each worker has been idle since its latest call finished (0 while it
@@ -132,10 +138,12 @@ class RolloutPipeline:
 
     def collect(self, j: int) -> ScoredBatch:
         pending = self.in_flight.pop(j)
-        refs = pending.refs
-        self.watch.wait(refs)
-        rollouts = self.fleet.collect_requests(pending.generation)[pending.index]
-        gen_seconds = max(self.watch.finished[ref] for ref in refs) - pending.sent
+        rollouts = self.fleet.collect_requests(pending.generation, self.watch.wait)[
+            pending.index]
+        # The calls that answered (one sent again replaced the one that failed); stamped here
+        # if another policy's pipeline collected the generation they share.
+        self.watch.wait(pending.refs)
+        gen_seconds = max(self.watch.finished[ref] for ref in pending.refs) - pending.sent
         errors_before = self.scorer.errors
         scored = self.scorer.score(rollouts)
         train, normalize_stats = self.scorer.normalize(scored)

@@ -46,7 +46,7 @@ def reward_spec(cfg: TrainConfig, model: str | None):
         rules=reward_rules(cfg), rule_weight=reward.rule_weight, model=model,
         model_weight=reward.model_weight, threads=reward.threads_per_actor,
         skip_errors=reward.on_error == "skip", weights=tuple(reward.weights) or None,
-        fn_settings=tuple(reward.fn_settings().items()),
+        fn_settings=tuple(reward.fn_settings().items()), timeout_s=reward.timeout_s,
     )
 
 
@@ -136,15 +136,16 @@ def group_specs(cfg: TrainConfig) -> list[GroupSpec]:
                       ("num_gpus_per_worker", rollout.num_gpus_per_worker),
                       ("resources_per_worker", rollout.resources_per_worker)),
                   "lorafleet-rollout-{i}", max_restarts=restarts, index_kwarg="worker_id",
-                  lost_state=(AdapterMissing,)),
-        # Scoring is a pure function of the rollout: Ray itself re-runs a lost batch on the
-        # restarted actor (max_task_retries); a reward that raises is not retried.
+                  lost_state=(AdapterMissing,),
+                  call_timeout=("rollout.call_timeout_s", rollout.call_timeout_s)),
+        # Scoring is a pure function of the rollout: the reward pool sends a lost batch again
+        # to the restarted actor (reward/pool.py); a reward that raises is not retried.
         GroupSpec("reward", RewardWorker, reward.num_actors if generates else 0,
                   *role_resources(
                       "reward", ("cpus_per_actor", reward.cpus_per_actor),
                       ("num_gpus_per_actor", reward.num_gpus_per_actor),
                       ("resources_per_actor", reward.resources_per_actor)),
-                  "lorafleet-reward-{i}", max_restarts=restarts, max_task_retries=restarts),
+                  "lorafleet-reward-{i}", max_restarts=restarts),
     ]
 
 

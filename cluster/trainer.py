@@ -124,6 +124,7 @@ class Trainer:
             if cfg.logging.ray_metrics:
                 self.dashboard = DashboardMetrics(self.run_dir.path.name)
                 self.fleet.rollout.on_restart = self.dashboard.restarted
+                self.fleet.reward.on_restart = self.dashboard.restarted
             for policy in policies:
                 if self.fleet.reward.actors:
                     policy.scorer = self.make_scorer(policy)
@@ -152,8 +153,9 @@ class Trainer:
         import ray
 
         reward, learner = policy.cfg.reward, self.fleet.learner
-        pool = RewardPool(self.fleet.reward.actors, reward.batch_size,
-                          on_pending=self.dashboard.reward_queue.set if self.dashboard else None)
+        pool = RewardPool(self.fleet.reward.actors, reward.batch_size, reward.timeout_s,
+                          on_pending=self.dashboard.reward_queue.set if self.dashboard else None,
+                          recover=self.fleet.reward.recover)
         model = None if reward.model_on_learner else reward_model_dir(policy.cfg, self.run_dir)
         return Scorer(
             pool, reward_spec(policy.cfg, model), normalize=reward.normalize, clip=reward.clip,
@@ -471,6 +473,9 @@ class Trainer:
 
         return {
             "worker_restarts": self.fleet.rollout.restarts,
+            "reward_actor_restarts": self.fleet.reward.restarts,
+            "reward_batches_resent": sum(p.scorer.pool.resent for p in self.policies
+                                         if p.scorer is not None),
             "wall_seconds": time.perf_counter() - self.start_time,
             # inputs, Ray, the actors, the first adapter sync; then the start evaluation (None:
             # a resumed run does not repeat it)

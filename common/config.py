@@ -92,8 +92,15 @@ class RolloutConfig:
     # every slot reserves one adapter at the served rank in the engine's memory (~40 MB in
     # bfloat16 for a 7B model at rank 8 on every projection)
     max_loras: int = 8
+    # The longest the driver waits for one call of a worker (a generate call, an adapter swap,
+    # a probe; not the engine's start) once it waits for it; then the worker is taken as stuck:
+    # killed, restarted by Ray, re-synced and sent the call again. Far above any healthy
+    # call: a big batch of a large model on a slow CPU takes minutes.
+    call_timeout_s: float = 1800.0
 
     def validate(self) -> None:
+        if self.call_timeout_s <= 0:
+            raise ConfigError(f"rollout.call_timeout_s must be > 0, got {self.call_timeout_s}")
         if self.num_workers < 1 or self.samples_per_prompt < 1:
             raise ConfigError("rollout.num_workers and rollout.samples_per_prompt must be >= 1")
         if self.max_loras < 1:
@@ -157,6 +164,12 @@ class RewardConfig:
     # a reward that raises or is not finite: "fail" stops the run naming the sample; "skip"
     # drops that prompt's whole group from the update, counted per iteration (reward_errors)
     on_error: Literal["fail", "skip"] = "fail"
+    # The longest the reward functions may take together on one batch (batch_size rollouts)
+    # in a reward actor; then the run stops naming the function and the batch's samples
+    # (whatever on_error says: a function that never returns fails every batch). The driver
+    # waits twice this for a batch's answer, then takes the actor as stuck (killed, restarted
+    # by Ray, sent the batch again). A rule-based reward takes milliseconds per batch.
+    timeout_s: float = 300.0
     # The reward is rule_weight * rule + model_weight * (learned reward model's score). The
     # rule is always computed when it has weight or a task reference to log against.
     rule_weight: float = 1.0
@@ -194,6 +207,8 @@ class RewardConfig:
                                   f"expression ({exc})") from exc
         if self.clip is not None and self.clip <= 0:
             raise ConfigError(f"reward.clip must be > 0 (or null), got {self.clip}")
+        if self.timeout_s <= 0:
+            raise ConfigError(f"reward.timeout_s must be > 0, got {self.timeout_s}")
         check_gpus("reward.num_gpus_per_actor", self.num_gpus_per_actor)
 
 

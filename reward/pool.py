@@ -1,11 +1,18 @@
-"""The reward pool: several reward actors, fed in batches, load-balanced by Ray's ActorPool."""
+"""The reward pool: several reward actors, fed in batches, each idle actor given the next; a
+reward function that never returns, and an actor that stops answering, end within
+reward.timeout_s (an error, or the actor restarted and its batch sent again)."""
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from ..common.config import RewardConfig
 from ..common.records import Rollout, ScoredRollout
 from .normalize import combine_rewards
 from .registry import RewardFn, get_reward_fn
@@ -16,6 +23,11 @@ if TYPE_CHECKING:
 
 class RewardError(RuntimeError):
     """A reward function raised or returned a non-finite value; names the sample."""
+
+
+class RewardTimeout(RewardError):
+    """A reward function did not return within reward.timeout_s; names the batch's samples.
+    Never a per-sample failure (reward.on_error=skip does not apply): it stops the run."""
 
 
 @dataclass(frozen=True)
@@ -32,6 +44,7 @@ class RewardSpec:
     skip_errors: bool = False
     weights: tuple[float, ...] | None = None  # one per rule; None: 1.0 each
     fn_settings: tuple[tuple[str, str | None], ...] = ()  # RewardConfig.fn_settings()
+    timeout_s: float = RewardConfig.timeout_s  # the reward functions' time on one batch
 
     def combine(
         self, r: Rollout, parts: dict[str, float | None], model_score: float | None
@@ -104,7 +117,8 @@ class RewardWorker:
         if spec not in self.fns:
             self.fns[spec] = reward_fns(spec)
         model_scores = self.model(spec).score(rollouts) if spec.model is not None else None
-        values = {name: self.rule_values(name, fn, rollouts)
+        deadline = Deadline(spec.timeout_s)
+        values = {name: self.rule_values(name, fn, rollouts, deadline)
                   for name, fn in self.fns[spec].items()}
         scored = []
         for i, r in enumerate(rollouts):
@@ -127,15 +141,23 @@ class RewardWorker:
             self.models[spec.model] = LearnedReward(spec.model, spec.threads)
         return self.models[spec.model]
 
-    def rule_values(self, name: str, fn, rollouts: list[Rollout]) -> list:
+    def rule_values(self, name: str, fn, rollouts: list[Rollout], deadline: Deadline) -> list:
         """`fn` on the batch: a float or None per sample. If the batch call raises, each
-        sample is scored alone to find the ones that raise (their entry is the RewardError)."""
+        sample is scored alone to find the ones that raise (their entry is the RewardError).
+        A call still running at `deadline` raises RewardTimeout."""
         try:
-            values = fn(**reward_inputs(rollouts))
+            values = call_until(deadline, fn, reward_inputs(rollouts))
+        except TimeoutError:
+            ids = [r.sample_id for r in rollouts]
+            raise RewardTimeout(
+                f"reward {name!r} did not return within reward.timeout_s="
+                f"{deadline.timeout_s:g} on a batch of {len(rollouts)} (sample ids "
+                f"{', '.join(ids[:3])}{', ...' if len(ids) > 3 else ''}): fix the function, or "
+                "raise reward.timeout_s if it is only slow") from None
         except Exception:
             if len(rollouts) == 1:
                 raise
-            return [v for r in rollouts for v in self.rule_values_alone(name, fn, r)]
+            return [v for r in rollouts for v in self.rule_values_alone(name, fn, r, deadline)]
         if not isinstance(values, (list, tuple)) or len(values) != len(rollouts):
             size = len(values) if isinstance(values, (list, tuple)) else type(values).__name__
             raise RewardError(f"reward {name!r} returned {size} values for a batch of "
@@ -143,13 +165,42 @@ class RewardWorker:
                               "one float or None per completion")
         return [number(name, v, r) for v, r in zip(values, rollouts, strict=True)]
 
-    def rule_values_alone(self, name: str, fn, r: Rollout) -> list:
+    def rule_values_alone(self, name: str, fn, r: Rollout, deadline: Deadline) -> list:
         try:
-            return self.rule_values(name, fn, [r])
+            return self.rule_values(name, fn, [r], deadline)
+        except RewardTimeout:
+            raise
         except Exception as exc:
             error = RewardError(f"reward {name!r} raised on {where(r)}: {exc!r}")
             error.__cause__ = exc
             return [error]
+
+
+@dataclass(frozen=True)
+class Deadline:
+    """When a batch's reward functions must be done: `timeout_s` after `start`."""
+
+    timeout_s: float
+    start: float = field(default_factory=time.monotonic)
+
+    def seconds_left(self) -> float:
+        return max(0.0, self.start + self.timeout_s - time.monotonic())
+
+
+def call_until(deadline: Deadline, fn: Callable, kwargs: dict):
+    """fn(**kwargs) in a thread of its own, waited for until `deadline` (TimeoutError after
+    it). A thread cannot be stopped: a call that never returns stays behind
+    in the actor, a daemon thread that does not hold up the actor's exit."""
+    result: Future = Future()
+
+    def run() -> None:
+        try:
+            result.set_result(fn(**kwargs))
+        except BaseException as exc:
+            result.set_exception(exc)
+
+    threading.Thread(target=run, name="reward function", daemon=True).start()
+    return result.result(timeout=deadline.seconds_left())
 
 
 def number(name: str, value: object, r: Rollout) -> float | None:
@@ -177,31 +228,66 @@ def drop_failed_groups(scored: list[ScoredRollout]) -> tuple[list[ScoredRollout]
 
 class RewardPool:
     """Splits rollouts into batches and hands each to the next idle reward actor; results come
-    back in input order."""
+    back in input order. A batch not answered within twice the actors' reward.timeout_s (their
+    own timeout did not fire: the process is stopped, or stuck in C code) gets its actor
+    killed for Ray to restart; an actor that died is brought back by `recover(i, error)` (the
+    driver's: it waits for Ray's restart, and raises naming the actor once its restarts are
+    used up; None: the death is an error) and its batch is sent again (counted: `resent`)."""
 
-    def __init__(self, actors: list, batch_size: int, on_pending=None) -> None:
-        from ray.util import ActorPool
-
+    def __init__(self, actors: list, batch_size: int, timeout_s: float, *,
+                 on_pending: Callable[[int], None] | None = None,
+                 recover: Callable[[int, Exception], object] | None = None) -> None:
         if not actors:
             raise ValueError("the reward pool needs at least one reward actor")
         self.actors = actors
-        self.pool = ActorPool(actors)
         self.batch_size = batch_size
+        self.answer_timeout_s = 2 * timeout_s
         self.on_pending = on_pending  # callback(batches not yet scored), e.g. a gauge
+        self.recover = recover
+        self.resent = 0  # batches sent again after their actor died or was stuck
 
     def score(self, rollouts: list[Rollout], spec: RewardSpec | None = None
               ) -> list[ScoredRollout]:
         """The rewards by `spec` (None: each actor's own)."""
+        import ray
+
         batches = [
             rollouts[i : i + self.batch_size] for i in range(0, len(rollouts), self.batch_size)
         ]
-        if self.on_pending is not None:
-            self.on_pending(len(batches))
-        scored = []
-        for done, batch in enumerate(
-            self.pool.map(lambda actor, batch: actor.score.remote(batch, spec), batches), start=1
-        ):
-            scored += batch
+        results: list[list[ScoredRollout] | None] = [None] * len(batches)
+        waiting, idle = list(range(len(batches))), list(range(len(self.actors)))
+        running: dict = {}  # ObjectRef -> (actor, batch, time.monotonic() when sent)
+        stuck: set[int] = set()  # actors killed as stuck, their death not yet seen
+        while waiting or running:
             if self.on_pending is not None:
-                self.on_pending(len(batches) - done)
-        return scored
+                self.on_pending(results.count(None))
+            while waiting and idle:
+                i, b = idle.pop(0), waiting.pop(0)
+                ref = self.actors[i].score.remote(batches[b], spec)
+                running[ref] = (i, b, time.monotonic())
+            due = [sent + self.answer_timeout_s for i, _, sent in running.values()
+                   if i not in stuck]
+            done, _ = ray.wait(list(running), num_returns=1, timeout=max(
+                0.0, min(due) - time.monotonic()) if due else None)
+            for ref in done:
+                i, b, _ = running.pop(ref)
+                try:
+                    results[b] = ray.get(ref)
+                except ray.exceptions.RayActorError as exc:
+                    if self.recover is None:
+                        raise
+                    stuck.discard(i)
+                    self.recover(i, exc)
+                    self.resent += 1
+                    waiting.insert(0, b)
+                idle.append(i)
+            for i, b, sent in running.values():
+                if i not in stuck and time.monotonic() - sent > self.answer_timeout_s:
+                    print(f"reward actor {i} did not answer batch {b} ({batches[b][0].sample_id}"
+                          f" ...) within {self.answer_timeout_s:g} s (2 x reward.timeout_s); "
+                          "killing it for Ray to restart", flush=True)
+                    ray.kill(self.actors[i], no_restart=False)
+                    stuck.add(i)
+        if self.on_pending is not None:
+            self.on_pending(0)
+        return [s for batch in results for s in batch]

@@ -6,6 +6,7 @@ import json
 import math
 import os
 import re
+import time
 from dataclasses import fields
 
 import torch
@@ -94,6 +95,18 @@ def fn_none(completions, **kwargs):
 
 def fn_strings(completions, **kwargs):
     return ["1.0"] * len(completions)
+
+
+def fn_inf(completions, **kwargs):
+    return [math.inf] * len(completions)
+
+
+def fn_scalar(completions, **kwargs):
+    return 1.0
+
+
+def fn_never_returns(completions, **kwargs):
+    time.sleep(3600)
 
 
 def contrast_batch(tokenizer, version: int, offset: int = 1,

@@ -67,7 +67,7 @@ def bench_reward(path: str | None, overrides: list[str], command: str, repeats: 
                           for _ in range(n)]
                 # warm-up: every actor loads the model and scores once
                 ray.get([a.score.remote(rollouts[: cfg.reward.batch_size]) for a in actors])
-                pool = RewardPool(actors, cfg.reward.batch_size)
+                pool = RewardPool(actors, cfg.reward.batch_size, cfg.reward.timeout_s)
                 seconds = []
                 for _ in range(repeats):
                     start = time.perf_counter()

@@ -130,7 +130,7 @@ class SamplingLoop:
                 owner.append((i, len(parts[i]) - 1, job))
             busy = {i: part for i, part in parts.items() if part}
             results = await asyncio.to_thread(
-                self.rollout.call, lambda w, part: w.generate_requests.remote(part), busy)
+                self.rollout.call, "generate_requests", lambda part: (part,), busy)
             by_worker = dict(zip(busy, results, strict=True))
             for i, k, job in owner:
                 rollouts = by_worker[i][k]
@@ -147,12 +147,11 @@ class SamplingLoop:
     def probe(self, slot: str, workers: list[int] | None = None) -> list[ProbeResult]:
         items = None if workers is None else dict.fromkeys(workers)
         return self.rollout.call(
-            lambda w, _: w.probe.remote(self.probe_ids, PROBE_MAX_TOKENS, slot), items)
+            "probe", lambda _: (self.probe_ids, PROBE_MAX_TOKENS, slot), items)
 
     def load(self, sampler: Sampler, workers: list[int] | None = None) -> list[ProbeResult]:
         items = None if workers is None else dict.fromkeys(workers)
-        self.rollout.call(lambda w, _: w.load_snapshot.remote(sampler.snapshot, sampler.slot),
-                          items)
+        self.rollout.call("load_snapshot", lambda _: (sampler.snapshot, sampler.slot), items)
         self.counts["loads"] += 1
         return self.probe(sampler.slot, workers)
 
@@ -164,7 +163,7 @@ class SamplingLoop:
 
     def evict(self, sampler_id: str) -> None:
         self.resident.pop(sampler_id)
-        self.rollout.call(lambda w, _: w.drop_slot.remote(sampler_id))
+        self.rollout.call("drop_slot", lambda _: (sampler_id,))
         self.counts["evictions"] += 1
 
     def verify_new(self, sampler: Sampler, adapter: str) -> None:

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 
+import psutil
 import pytest
 
 from helpers import assert_each_prompt_once
@@ -85,46 +86,73 @@ def wait_until_restarted(name: str, timeout_s: float = 120) -> None:
             time.sleep(0.2)
 
 
-def kill_at(points: dict[tuple[str, int], str]):
-    """A Trainer.on_event that SIGKILLs the named actor at each (event, index) point of the
-    loop. The pids are asked for now, while the actors are idle: asked at the point itself,
-    the question would wait behind the calls just queued on the actor."""
-    pids = {name: actor_pid(name) for name in points.values()}
+def kill_at(points: dict[tuple[str, int], tuple[str, int]]):
+    """A Trainer.on_event that sends the named actor a signal (SIGKILL, or SIGSTOP: it stops
+    answering) at each (event, index) point of the loop. The pids are asked for now, while
+    the actors are idle: asked at the point itself, the question would wait behind the calls
+    just queued on the actor."""
+    pids = {name: actor_pid(name) for name, _ in points.values()}
 
     def on_event(event: str, index: int) -> None:
-        name = points.get((event, index))
-        if name is not None:
-            os.kill(pids[name], signal.SIGKILL)
+        if (event, index) in points:
+            name, signum = points[event, index]
+            os.kill(pids[name], signum)
 
     return on_event, pids
 
 
+def kill_stopped(pids) -> None:
+    """The stopped processes the driver did not kill (when the test failed before)."""
+    for pid in pids:
+        try:
+            if psutil.Process(pid).status() == psutil.STATUS_STOPPED:
+                os.kill(pid, signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+
+
 def test_killed_rollout_and_reward_actors_are_replaced(ray_cluster, tmp_path, tokenizer):
-    cfg = load_train_config(None, [*SHORT_RUN, f"run_dir={tmp_path / 'run'}"])
+    # Timeouts far below the defaults, and far above any call of this job (a generate call
+    # takes under a second here), so that a stopped actor is found in seconds.
+    cfg = load_train_config(None, [*SHORT_RUN, f"run_dir={tmp_path / 'run'}",
+                                   "rollout.call_timeout_s=20", "reward.timeout_s=3"])
     # The rollout worker is killed right after batch 2 is queued on it, behind the swap to
     # the new version and its probe: those calls fail, and the fleet re-sends them to its
-    # replacement once it is re-synced and verified. The reward actor is killed between
-    # batches: Ray restarts it and re-runs the batch it is sent next (max_task_retries).
-    points = {("queued", 2): "lorafleet-rollout-0", ("trained", 3): "lorafleet-reward-1"}
-    with Trainer(cfg) as trainer:
-        # Rollout worker 1 restarts unseen before the run: killed while idle and back (the
-        # pid question waits for the new process) before the driver calls it again. The start
-        # evaluation's first request finds it holding no adapter (never the base model in its
-        # place): it is re-synced, verified and asked again.
-        os.kill(actor_pid("lorafleet-rollout-1"), signal.SIGKILL)
-        wait_until_restarted("lorafleet-rollout-1")
-        trainer.on_event, killed = kill_at(points)
-        run_dir = trainer.run()
-        assert all(actor_pid(name) != pid for name, pid in killed.items())
+    # replacement once it is re-synced and verified. Worker 1 is stopped (SIGSTOP) after
+    # batch 4 is queued: its swap is not answered within rollout.call_timeout_s, it is killed,
+    # and recovered the same way. Reward actor 0, which scores each iteration's one batch
+    # (64 samples, reward.batch_size), is stopped after update 1: its batch is not answered
+    # within 2 x reward.timeout_s, it is killed, restarted, and the batch sent again. Reward
+    # actor 1 is killed between batches, and is given none after: Ray restarts it unseen.
+    points = {("trained", 1): ("lorafleet-reward-0", signal.SIGSTOP),
+              ("queued", 2): ("lorafleet-rollout-0", signal.SIGKILL),
+              ("trained", 3): ("lorafleet-reward-1", signal.SIGKILL),
+              ("queued", 4): ("lorafleet-rollout-1", signal.SIGSTOP)}
+    killed = {}
+    try:
+        with Trainer(cfg) as trainer:
+            # Rollout worker 1 restarts unseen before the run: killed while idle and back (the
+            # pid question waits for the new process) before the driver calls it again. The
+            # start evaluation's first request finds it holding no adapter (never the base
+            # model in its place): it is re-synced, verified and asked again.
+            os.kill(actor_pid("lorafleet-rollout-1"), signal.SIGKILL)
+            wait_until_restarted("lorafleet-rollout-1")
+            trainer.on_event, killed = kill_at(points)
+            run_dir = trainer.run()
+            assert all(actor_pid(name) != pid for name, pid in killed.items())
+    finally:
+        kill_stopped(killed.values())
 
     rows = read_metrics(run_dir)
     assert [r["iteration"] for r in rows] == list(range(ITERATIONS))
-    assert [r["worker_restarts"] for r in rows] == [1, 1] + [2] * (ITERATIONS - 2)
+    assert [r["worker_restarts"] for r in rows] == [1, 1, 2, 2, 3, 3]
     # Every iteration's probe shows every worker on the learner's current adapter, the
-    # restarted one included.
+    # restarted ones included.
     assert all(r["worker_versions"] == [r["adapter_version"]] * 2 for r in rows)
     assert_each_prompt_once(run_dir, cfg, tokenizer)
-    assert run_dir.read_summary()["worker_restarts"] == 2
+    summary = run_dir.read_summary()
+    assert summary["worker_restarts"] == 3
+    assert summary["reward_actor_restarts"] == 1 and summary["reward_batches_resent"] == 1
 
 
 def test_dead_learner_ends_the_run_with_a_resume_hint(ray_cluster, tmp_path):

@@ -49,7 +49,7 @@ def test_gpus_are_placed_by_role_and_shared_by_fraction(ray_cluster):
             {"CPU": 0.5, "GPU": 1.0}, {"CPU": 0.25, "GPU": 0.5}, {"CPU": 0.25, "GPU": 0.5},
             {"CPU": 0.1},
         ]
-        learner, rollout, reward = (g.call(lambda a, _: a.assigned.remote()) for g in groups)
+        learner, rollout, reward = (g.call("assigned") for g in groups)
         [(learner_ids, learner_env)] = learner
         assert len(learner_ids) == 1 and learner_env == learner_ids[0]
         # both workers on the same one GPU, not the learner's

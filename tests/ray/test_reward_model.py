@@ -80,7 +80,7 @@ def test_reward_actors_combine_rule_and_model(trained, tokenizer, ray_cluster):
     actors = [ray_cluster.remote(RewardWorker).options(num_cpus=0.1).remote(spec)
               for _ in range(2)]
     try:
-        scored = RewardPool(actors, batch_size=16).score(rollouts)
+        scored = RewardPool(actors, batch_size=16, timeout_s=60).score(rollouts)
     finally:
         for actor in actors:
             ray_cluster.kill(actor)

@@ -37,7 +37,7 @@ def pool_of(ray_cluster):
     def build(fn: str, batch_size: int = 4, skip_errors: bool = False) -> RewardPool:
         remote = ray_cluster.remote(RewardWorker).options(num_cpus=0.1)
         actors.extend(remote.remote(RewardSpec((fn,), skip_errors=skip_errors)) for _ in range(2))
-        return RewardPool(actors[-2:], batch_size)
+        return RewardPool(actors[-2:], batch_size, timeout_s=60)
 
     yield build
     for actor in actors:

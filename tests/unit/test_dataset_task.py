@@ -18,7 +18,7 @@ from lorafleet.common.corpora import DatasetError
 from lorafleet.common.data import encode_prompts
 from lorafleet.common.records import Rollout
 from lorafleet.common.tasks.registry import build_task
-from lorafleet.reward.pool import RewardError, RewardSpec, RewardWorker
+from lorafleet.reward.pool import RewardError, RewardSpec, RewardTimeout, RewardWorker
 from lorafleet.reward.registry import check_reward_fn, get_reward_fn
 
 CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
@@ -156,6 +156,11 @@ def test_bad_reward_values_name_the_function_and_sample(tokenizer):
     with pytest.raises(RewardError, match=r"'helpers:fn_strings' returned '1.0' \(a str\) for "
                        "prompt 0 sample 0"):
         RewardWorker(RewardSpec(("helpers:fn_strings",))).score(rollouts)
+    with pytest.raises(RewardError, match="'helpers:fn_scalar' returned float values for a "
+                       "batch of 2"):
+        RewardWorker(RewardSpec(("helpers:fn_scalar",))).score(rollouts)
+    with pytest.raises(RewardError, match="'helpers:fn_inf' returned inf for prompt 0 sample 0"):
+        RewardWorker(RewardSpec(("helpers:fn_inf",))).score(rollouts)
     with pytest.raises(RewardError, match="no reward function applies to prompt 0 sample 0"):
         RewardWorker(RewardSpec(("helpers:fn_none",))).score(rollouts)
     skipped = RewardWorker(RewardSpec(("helpers:fn_none",), skip_errors=True))
@@ -183,6 +188,22 @@ def test_the_cli_prints_a_stopped_run_in_one_line():
     died = LearnerDied("the learner actor died; continue with: lorafleet train --resume R")
     assert one_line_error(died) == (f"lorafleet: run stopped: {died}", 1)
     assert one_line_error(KeyError("a bug")) is None
+
+
+@pytest.mark.parametrize("skip_errors", [False, True])
+def test_a_reward_that_never_returns_ends_in_an_error_naming_it(tokenizer, skip_errors):
+    """Not a per-sample failure: reward.on_error=skip stops the run too. The stuck call stays
+    behind in a daemon thread of the reward actor (here: of pytest)."""
+    prompts = encode_prompts(build_task(load_train_config(None, []).task).examples("eval")[:5],
+                             tokenizer, 100)
+    worker = RewardWorker(RewardSpec(("exact_match", "helpers:fn_never_returns"), timeout_s=0.5,
+                                     skip_errors=skip_errors))
+    with pytest.raises(RewardTimeout) as failure:
+        worker.score(rollouts_for(prompts, ["1", "2", "3", "4", "5"]))
+    assert str(failure.value) == (
+        "reward 'helpers:fn_never_returns' did not return within reward.timeout_s=0.5 on a "
+        "batch of 5 (sample ids prompt 0 sample 0, prompt 1 sample 0, prompt 2 sample 0, ...): "
+        "fix the function, or raise reward.timeout_s if it is only slow")
 
 
 def test_one_reward_worker_scores_each_batch_by_its_own_spec(tokenizer):

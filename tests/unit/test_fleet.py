@@ -15,8 +15,11 @@ def test_the_default_job_has_a_learner_two_rollout_workers_and_two_reward_actors
     ]
     assert learner.name == "lorafleet-learner" and learner.max_restarts == 0
     assert rollout.name.format(i=1) == "lorafleet-rollout-1" and rollout.max_restarts == 3
-    assert rollout.max_task_retries == 0 and rollout.index_kwarg == "worker_id"
-    assert reward.max_task_retries == 3  # scoring is pure: Ray re-runs a lost batch
+    assert rollout.index_kwarg == "worker_id" and reward.max_restarts == 3
+    # a stuck rollout worker is killed and recovered after rollout.call_timeout_s; the learner
+    # is waited for without limit, the reward pool has its own (reward.timeout_s)
+    assert rollout.call_timeout == ("rollout.call_timeout_s", 1800.0)
+    assert learner.call_timeout is None and reward.call_timeout is None
     assert learner.resources == Resources(cpus=0.8) and learner.resources.bundle() == {"CPU": 0.8}
     assert learner.resource_keys == {"CPU": "learner.cpus", "GPU": "learner.num_gpus"}
 
