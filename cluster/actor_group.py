@@ -1,7 +1,8 @@
 """Groups of like actors: the learner (a group of one), the rollout workers, the reward actors.
 A group's spec says what each actor reserves and how Ray restarts it; the run's one placement
 group is made of every group's bundles (fractional CPUs: the default job fits on 2 cores); a
-group fans calls out to its actors and brings a restarted actor back before re-sending."""
+group fans calls out to its actors and brings a restarted actor back before re-sending; an
+actor whose node was lost waits for its bundle to be placed again, at most placement.timeout_s."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 RESTART_TIMEOUT_S = 600  # a restarted rollout worker reloads its model and engine
+POLL_S = 1.0  # how often a recovery looks at its actor and its bundle
 
 
 class PlacementError(RuntimeError):
@@ -65,6 +67,8 @@ class GroupSpec:
 class Placement:
     group: object  # ray.util.placement_group.PlacementGroup
     first_bundle: dict[str, int]  # role -> the index of its first actor's bundle
+    # how long a bundle may go without a node (at the start, or after its node was lost)
+    timeout_s: float
 
     def strategy(self, role: str, i: int):
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -72,6 +76,14 @@ class Placement:
         return PlacementGroupSchedulingStrategy(
             placement_group=self.group, placement_group_bundle_index=self.first_bundle[role] + i
         )
+
+    def has_node(self, role: str, i: int) -> bool:
+        """Whether actor i of `role` has its bundle on a node: after its node is lost, Ray
+        places the bundle again once some node has the resources free."""
+        from ray.util.placement_group import placement_group_table
+
+        nodes = placement_group_table(self.group)["bundles_to_node_id"]
+        return bool(nodes.get(self.first_bundle[role] + i))
 
     def remove(self) -> None:
         remove_group(self.group)
@@ -136,7 +148,7 @@ def place(specs: list[GroupSpec], strategy: str = "PACK", timeout_s: float = 60.
             f"the actors' resources were not placed within placement.timeout_s={timeout_s:g} s "
             f"({why}). Lower those asks, add nodes, or, while an autoscaler adds them, raise "
             "placement.timeout_s") from None
-    return Placement(group, first_bundle)
+    return Placement(group, first_bundle, timeout_s)
 
 
 def remove_group(group) -> None:
@@ -178,9 +190,10 @@ class ActorGroup:
     death: Ray restarts it (spec.max_restarts), `revive(i)` brings it back in step (e.g. the
     current adapter, verified), and its call is sent again."""
 
-    def __init__(self, spec: GroupSpec, actors: list) -> None:
+    def __init__(self, spec: GroupSpec, actors: list, placement: Placement) -> None:
         self.spec = spec
         self.actors = actors
+        self.placement = placement
         self.restarts = 0
         self.pids: dict[int, int] = {}  # actor index -> its process after its last recovery
         self.revive: Callable[[int], None] | None = None
@@ -199,7 +212,7 @@ class ActorGroup:
                 **spec.resources.actor_options(), scheduling_strategy=placement.strategy(
                     spec.role, i), name=spec.name.format(i=i), max_restarts=spec.max_restarts,
             ).remote(*args, **kwargs, **index))
-        return cls(spec, actors)
+        return cls(spec, actors, placement)
 
     def ready(self) -> list:
         """ObjectRefs that resolve once every actor is constructed (or raise its error)."""
@@ -261,28 +274,35 @@ class ActorGroup:
 
     def recover(self, i: int, exc: Exception) -> bool:
         """Waits for Ray to bring actor i back, then `revive`s it; False (nothing done) when
-        it is the process the last recovery brought back."""
+        it is the process the last recovery brought back. An actor whose node was lost waits
+        for its bundle to be placed again, at most placement.timeout_s (else PlacementError)."""
         import ray
 
         actor, what = self.actors[i], f"{self.spec.role} actor {i}"
         print(f"{what} died ({str(exc).splitlines()[0][:200]}); waiting for Ray to restart it",
               flush=True)
-        start = time.perf_counter()
-        while True:
-            try:
-                ray.get(actor.__ray_ready__.remote())
-                break
-            except ray.exceptions.ActorUnavailableError:  # restarting: calls fail fast
-                if time.perf_counter() - start > RESTART_TIMEOUT_S:
-                    raise RuntimeError(
-                        f"{what} did not come back within {RESTART_TIMEOUT_S} s"
-                    ) from exc
-                time.sleep(1.0)
-            except ray.exceptions.RayActorError:
-                raise RuntimeError(
-                    f"{what} died and was not restarted (ray.max_actor_restarts="
-                    f"{self.spec.max_restarts} used up, or its node is gone)"
-                ) from exc
+        start = restart = time.perf_counter()  # restart: since its bundle last had a node
+        homeless_since = None  # since its bundle was first seen without a node
+        ready = actor.__ray_ready__.remote()
+        while not self.is_ready(ready, what, exc):
+            now = time.perf_counter()
+            if self.placement.has_node(self.spec.role, i):
+                homeless_since = None
+            elif homeless_since is None:
+                homeless_since = now
+                print(f"{what}: {self.homeless(i)}; waiting up to placement.timeout_s="
+                      f"{self.placement.timeout_s:g} s for a node to hold it", flush=True)
+            elif now - homeless_since > self.placement.timeout_s:
+                raise PlacementError(
+                    f"{what}: {self.homeless(i)}, and none did within placement.timeout_s="
+                    f"{self.placement.timeout_s:g} s. Add a node that holds the bundle, or "
+                    "raise placement.timeout_s while an autoscaler adds one") from exc
+            restart = now if homeless_since is not None else restart
+            if now - restart > RESTART_TIMEOUT_S:
+                raise RuntimeError(f"{what} did not come back within {RESTART_TIMEOUT_S} s "
+                                   "of its bundle's placement") from exc
+            if ray.wait([ready], timeout=0)[0]:  # failed fast: restarting
+                ready = actor.__ray_ready__.remote()
         pid = ray.get(actor.__ray_call__.remote(lambda _: os.getpid()))
         if self.pids.get(i) == pid:
             # The process that came back last time: a call that was under way when the actor
@@ -297,6 +317,33 @@ class ActorGroup:
             self.on_restart(self.spec.role)
         print(f"{what} is back ({time.perf_counter() - start:.1f} s)", flush=True)
         return True
+
+    def is_ready(self, ready, what: str, exc: Exception) -> bool:
+        """Whether the actor answered `ready` (a __ray_ready__ call) within POLL_S; False
+        while Ray restarts it (the call failed fast, or waits for the actor's bundle)."""
+        import ray
+
+        if not ray.wait([ready], timeout=POLL_S)[0]:
+            return False
+        try:
+            ray.get(ready)
+            return True
+        except ray.exceptions.ActorUnavailableError:  # restarting: calls fail fast
+            time.sleep(POLL_S)
+            return False
+        except ray.exceptions.RayActorError:
+            raise RuntimeError(f"{what} died and was not restarted (ray.max_actor_restarts="
+                               f"{self.spec.max_restarts} used up)") from exc
+
+    def homeless(self, i: int) -> str:
+        """What actor i's bundle asks for (and its keys) that no node holds now."""
+        import ray
+
+        bundle = self.spec.resources.bundle()
+        free = ray.available_resources()
+        keys = ", ".join(self.spec.resource_keys[name] for name in bundle)
+        return (f"its bundle {bundle} (keys: {keys}) has no node since its node was lost "
+                f"(free in the cluster: { {name: free.get(name, 0.0) for name in bundle} })")
 
     def kill(self) -> None:
         import ray

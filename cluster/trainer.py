@@ -45,6 +45,7 @@ from .telemetry import DashboardMetrics, WandbLogger, write_rollouts
 # What stops one policy of several (its own reward function, its own update) while the others
 # go on; anything else stops the run.
 POLICY_FAILURES = (RewardError, UpdateDiverged)
+LEARNER_CHECK_S = 60.0  # after a failed call, how long the learner may take to say it lives
 
 
 class LearnerDied(RuntimeError):
@@ -396,10 +397,11 @@ class Trainer:
 
         try:
             self.run_stages()
-        except ray.exceptions.RayActorError as exc:
-            if not is_actor(exc, self.fleet.learner):
+        except ray.exceptions.RayError as exc:
+            death = self.learner_death(exc)
+            if death is None:
                 raise
-            raise LearnerDied(self.resume_hint(f"the learner actor died ({exc})")) from exc
+            raise LearnerDied(self.resume_hint(f"the learner actor died ({death})")) from exc
         for policy in self.policies:
             if read_metrics(policy.run_dir):
                 plot_reward_curve(policy.run_dir)
@@ -408,6 +410,22 @@ class Trainer:
         else:
             print_summary(self.run_dir, self.policy.run_dir.read_summary())
         return self.run_dir
+
+    def learner_death(self, exc: Exception) -> Exception | None:
+        """The learner's death behind a failed call: the error itself, or the learner's own
+        when asked (a call that failed on an object the learner made, lost with its node,
+        names no dead actor); None while the learner lives."""
+        import ray
+
+        if isinstance(exc, ray.exceptions.RayActorError) and is_actor(exc, self.fleet.learner):
+            return exc
+        try:
+            ray.get(self.fleet.learner.__ray_ready__.remote(), timeout=LEARNER_CHECK_S)
+        except ray.exceptions.RayActorError as death:
+            return death
+        except ray.exceptions.GetTimeoutError:  # busy: alive
+            pass
+        return None
 
     def run_stages(self) -> None:
         import ray

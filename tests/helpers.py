@@ -6,6 +6,8 @@ import json
 import math
 import os
 import re
+import subprocess
+import sys
 import time
 from dataclasses import fields
 
@@ -149,6 +151,15 @@ def train_config_error(overrides: list[str], tmp_path, capsys, monkeypatch) -> s
     assert exit_info.value.code == 2 and err.count("\n") == 1, err
     assert not (tmp_path / "run").exists()
     return err
+
+
+def lorafleet(*args: str, stdout=subprocess.PIPE) -> subprocess.Popen:
+    """The `lorafleet` CLI in a process group of its own (a Ray cluster it starts included),
+    its stderr with its stdout."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "lorafleet.cluster.cli", *args], stdout=stdout,
+        stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )
 
 
 def expected_batches(cfg, tokenizer) -> list[list[int]]:
