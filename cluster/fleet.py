@@ -41,8 +41,12 @@ def connect_ray(cfg: TrainConfig) -> bool:
         ray.init(address=address, runtime_env={"env_vars": missing} if missing else None,
                  **driver_logs)
         return False
+    # address="local": a new cluster, always. Without it Ray joins the cluster named in
+    # /tmp/ray/ray_current_cluster (the last `ray start` or ray.cluster_utils head on this
+    # machine), someone else's, if it still runs.
     ray.init(
-        num_cpus=cfg.ray.num_cpus, include_dashboard=False, runtime_env={"env_vars": env},
+        address="local", num_cpus=cfg.ray.num_cpus, include_dashboard=False,
+        runtime_env={"env_vars": env},
         _node_ip_address="127.0.0.1", **driver_logs,
     )
     return True
