@@ -132,7 +132,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
         from .bench.soak import bench_soak
 
         bench_soak(path, overrides, args.iterations or 200, args.kill_every, not args.no_faults,
-                   args.out or "runs/bench-soak", args.command_line)
+                   args.overlap, args.out or "runs/bench-soak", args.command_line)
         return
     if args.what == "shape":
         from .bench.shape import bench_shape
@@ -319,6 +319,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="soak: seconds between two actor kills (20)")
     bench.add_argument("--no-faults", action="store_true",
                        help="soak: the same job undisturbed (the figures to compare with)")
+    bench.add_argument("--overlap", action="store_true",
+                       help="soak: kill every --kill-every s even while the last victim is "
+                       "being brought back (default: one fault at a time)")
     bench.add_argument("--clients",
                        help="tinker: comma-separated counts of clients at once (1,2,4)")
     bench.add_argument("--calls", type=int,

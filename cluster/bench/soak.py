@@ -2,9 +2,12 @@
 die, then the run's records checked.
 
 The job runs as a `lorafleet train` subprocess (the driver) joined to a Ray head of its own
-(cluster/local_head.py), so that this process can join the cluster too and see the run's
-actors. Every ~`kill_every` seconds it SIGKILLs a random rollout worker or reward actor (by the
-pid Ray's state API reports for lorafleet-rollout-{i} / lorafleet-reward-{i}); once, past half
+(cluster/local_head.py), whose state API tells this process the run's actors and their pids.
+Every ~`kill_every` seconds it SIGKILLs a random rollout worker or reward actor (by the
+pid Ray's state API reports for lorafleet-rollout-{i} / lorafleet-reward-{i}), one fault at a
+time: the next kill waits until every actor is back in Ray and a killed rollout worker is back
+in the driver ("is back": re-synced and verified); `overlap` kills on schedule regardless,
+also while the driver is still bringing the last victim back. Once, past half
 the iterations, it SIGKILLs the driver, while a checkpoint is being written when it sees one
 (a checkpoint directory without its trainer_state.json, which the driver writes last), else at
 the first moment after the next one; then it runs `lorafleet train --resume RUN` on the same
@@ -97,17 +100,24 @@ class Injector:
     """Kills a random rollout or reward actor every `kill_every` seconds and, once the run is
     past `driver_kill_row` metrics rows, the driver (during a checkpoint write if it can)."""
 
-    def __init__(self, run_dir: RunDir, dashboard: str, kill_every: float,
-                 driver_kill_row: int | None, seed: int) -> None:
+    def __init__(self, run_dir: RunDir, dashboard: str, driver_log: Path, actors: int,
+                 kill_every: float, driver_kill_row: int | None, overlap: bool,
+                 seed: int) -> None:
         self.run_dir = run_dir
         self.dashboard = dashboard
+        self.driver_log = driver_log
+        self.actors = actors  # rollout workers + reward actors of the run
         self.kill_every = kill_every
         self.driver_kill_row = driver_kill_row
+        self.overlap = overlap
         self.rng = random.Random(seed)
         self.log = SoakLog()
         self.start = time.monotonic()
         self.next_kill = self.start + kill_every
         self.complete_at_row: set[str] | None = None  # checkpoints when the row was reached
+        # a killed rollout worker the driver has not brought back yet: the "is back" lines
+        # in its log at the kill (None: none awaited)
+        self.back_at_kill: int | None = None
 
     def watch(self, driver: subprocess.Popen) -> bool:
         """Until the driver exits; True if this injector killed it."""
@@ -115,11 +125,13 @@ class Injector:
             if self.driver_kill_row is not None and self.log.driver_kill is None \
                     and self.try_driver_kill(driver):
                 driver.wait()
+                self.back_at_kill = None
                 return True
             if self.kill_every and time.monotonic() >= self.next_kill:
-                self.kill_actor()
-                self.next_kill = time.monotonic() + self.kill_every
+                killed = self.kill_actor()
+                self.next_kill = time.monotonic() + (self.kill_every if killed else 1.0)
             time.sleep(POLL_S)
+        self.back_at_kill = None  # a new driver starts a new fleet
         return False
 
     def try_driver_kill(self, driver: subprocess.Popen) -> bool:
@@ -140,22 +152,39 @@ class Injector:
         print(f"soak: killed the driver {where}", flush=True)
         return True
 
-    def kill_actor(self) -> None:
+    def recovering(self, alive: dict[str, int]) -> bool:
+        """The last fault is not repaired yet: an actor not back in Ray, or a killed rollout
+        worker the driver has not re-synced ("is back")."""
+        if len(alive) < self.actors:
+            return True
+        if self.back_at_kill is None:
+            return False
+        if count_lines(self.driver_log)["restarts handled"] > self.back_at_kill:
+            self.back_at_kill = None
+        return self.back_at_kill is not None
+
+    def kill_actor(self) -> bool:
+        """Kills one live victim at random (without `overlap`: once the last one is back);
+        False when nothing was killed."""
         try:
             alive = victims(self.dashboard)
         except Exception as exc:  # the state API between two drivers: try at the next tick
             print(f"soak: no actor list ({str(exc).splitlines()[0][:120]})", flush=True)
-            return
-        if not alive:
-            return
+            return False
+        if not alive or (not self.overlap and self.recovering(alive)):
+            return False
         name = self.rng.choice(sorted(alive))
+        back = count_lines(self.driver_log)["restarts handled"]
         try:
             os.kill(alive[name], signal.SIGKILL)
         except ProcessLookupError:  # it died on its own meanwhile
-            return
+            return False
+        if name.startswith(VICTIMS[0]):
+            self.back_at_kill = back
         self.log.actor_kills.append(
             f"{name} pid {alive[name]} t={time.monotonic() - self.start:.0f}s")
         print(f"soak: killed {name} (pid {alive[name]})", flush=True)
+        return True
 
 
 def count_lines(log: Path) -> dict[str, int]:
@@ -164,7 +193,7 @@ def count_lines(log: Path) -> dict[str, int]:
 
 
 def bench_soak(path: str | None, overrides: list[str], iterations: int, kill_every: float,
-               faults: bool, out: str, command: str) -> dict:
+               faults: bool, overlap: bool, out: str, command: str) -> dict:
     """Runs the soak (or with `faults` False the undisturbed job) into out/run; prints and
     writes out/soak.md and out/soak.json; returns what soak.json holds."""
     config = path or DEFAULT_CONFIG
@@ -179,8 +208,10 @@ def bench_soak(path: str | None, overrides: list[str], iterations: int, kill_eve
     start = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="lf-soak-", dir="/tmp") as tmp, \
             local_head(Path(tmp)) as head:
-        injector = Injector(run_dir, head.dashboard, kill_every if faults else 0,
-                            iterations // 2 if faults else None, cfg.seed)
+        injector = Injector(run_dir, head.dashboard, log,
+                            cfg.rollout.num_workers + cfg.reward.num_actors,
+                            kill_every if faults else 0, iterations // 2 if faults else None,
+                            overlap, cfg.seed)
         joined = [f"ray.address={head.address}"]
         driver = start_driver([*args, *joined], log)
         try:

@@ -12,8 +12,8 @@ ITERATIONS = 20
 
 
 def test_a_soak_with_faults_keeps_the_records_whole(tmp_path):
-    result = bench_soak(None, ["checkpoint_every=5"], ITERATIONS, 8.0, True, str(tmp_path),
-                        "test")
+    result = bench_soak(None, ["checkpoint_every=5"], ITERATIONS, 8.0, True, False,
+                        str(tmp_path), "test")
     assert result["problems"] == {
         "driver exit": [], "every prompt trained on exactly once": [],
         "adapter versions continuous": [], "no checkpoint half written": []}, result
