@@ -5,9 +5,10 @@ The job runs as a `lorafleet train` subprocess (the driver) joined to a Ray head
 (cluster/local_head.py), whose state API tells this process the run's actors and their pids.
 Every ~`kill_every` seconds it SIGKILLs a random rollout worker or reward actor (by the
 pid Ray's state API reports for lorafleet-rollout-{i} / lorafleet-reward-{i}), one fault at a
-time: the next kill waits until every actor is back in Ray and a killed rollout worker is back
-in the driver ("is back": re-synced and verified); `overlap` kills on schedule regardless,
-also while the driver is still bringing the last victim back. Once, past half
+time: the next kill waits until every actor is back in Ray and the driver has answered every
+death it reported (a "died" line, then "is back": re-synced and verified, or "sending it
+again"); `overlap` kills on schedule regardless, also while the driver is bringing a victim
+back. Once, past half
 the iterations, it SIGKILLs the driver, while a checkpoint is being written when it sees one
 (a checkpoint directory without its trainer_state.json, which the driver writes last), else at
 the first moment after the next one; then it runs `lorafleet train --resume RUN` on the same
@@ -115,9 +116,6 @@ class Injector:
         self.start = time.monotonic()
         self.next_kill = self.start + kill_every
         self.complete_at_row: set[str] | None = None  # checkpoints when the row was reached
-        # a killed rollout worker the driver has not brought back yet: the "is back" lines
-        # in its log at the kill (None: none awaited)
-        self.back_at_kill: int | None = None
 
     def watch(self, driver: subprocess.Popen) -> bool:
         """Until the driver exits; True if this injector killed it."""
@@ -125,13 +123,11 @@ class Injector:
             if self.driver_kill_row is not None and self.log.driver_kill is None \
                     and self.try_driver_kill(driver):
                 driver.wait()
-                self.back_at_kill = None
                 return True
             if self.kill_every and time.monotonic() >= self.next_kill:
                 killed = self.kill_actor()
                 self.next_kill = time.monotonic() + (self.kill_every if killed else 1.0)
             time.sleep(POLL_S)
-        self.back_at_kill = None  # a new driver starts a new fleet
         return False
 
     def try_driver_kill(self, driver: subprocess.Popen) -> bool:
@@ -153,15 +149,12 @@ class Injector:
         return True
 
     def recovering(self, alive: dict[str, int]) -> bool:
-        """The last fault is not repaired yet: an actor not back in Ray, or a killed rollout
-        worker the driver has not re-synced ("is back")."""
-        if len(alive) < self.actors:
-            return True
-        if self.back_at_kill is None:
-            return False
-        if count_lines(self.driver_log)["restarts handled"] > self.back_at_kill:
-            self.back_at_kill = None
-        return self.back_at_kill is not None
+        """The last fault is not repaired yet: an actor not back in Ray, or a death the
+        driver reported ("died") and has not answered yet ("is back" or "sending it
+        again")."""
+        lines = count_lines(self.driver_log)
+        answered = lines["restarts handled"] + lines["calls re-sent on a dead connection"]
+        return len(alive) < self.actors or lines["deaths seen"] > answered
 
     def kill_actor(self) -> bool:
         """Kills one live victim at random (without `overlap`: once the last one is back);
@@ -174,13 +167,10 @@ class Injector:
         if not alive or (not self.overlap and self.recovering(alive)):
             return False
         name = self.rng.choice(sorted(alive))
-        back = count_lines(self.driver_log)["restarts handled"]
         try:
             os.kill(alive[name], signal.SIGKILL)
         except ProcessLookupError:  # it died on its own meanwhile
             return False
-        if name.startswith(VICTIMS[0]):
-            self.back_at_kill = back
         self.log.actor_kills.append(
             f"{name} pid {alive[name]} t={time.monotonic() - self.start:.0f}s")
         print(f"soak: killed {name} (pid {alive[name]})", flush=True)
