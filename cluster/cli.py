@@ -12,8 +12,8 @@ from ..common.configio import ConfigError
 from ..common.corpora import DatasetError
 from ..common.logs import apply_log_level
 from .actor_group import PlacementError
+from .bench.memory import QWEN2_SHAPES, bench_memory
 from .bench.memory import add_arguments as add_bench_memory_arguments
-from .bench.memory import bench_memory
 from .checkpoint import ResumeError
 
 
@@ -127,6 +127,18 @@ def cmd_bench(args: argparse.Namespace) -> None:
         clients = None if args.clients is None else _int_list(args.clients, "--clients")
         bench_tinker(path, overrides, args.out or "runs/bench-tinker", clients, args.calls,
                      args.iterations, args.command_line)
+        return
+    if args.what == "soak":
+        from .bench.soak import bench_soak
+
+        bench_soak(path, overrides, args.iterations or 200, args.kill_every, not args.no_faults,
+                   args.overlap, args.out or "runs/bench-soak", args.command_line)
+        return
+    if args.what == "shape":
+        from .bench.shape import bench_shape
+
+        bench_shape(path, overrides, args.shape, args.out or "runs/bench-shape",
+                    args.command_line)
         return
     if args.what == "reward":
         from .bench.reward import bench_reward
@@ -283,18 +295,33 @@ def build_parser() -> argparse.ArgumentParser:
         "`bench vs-trl`: TRL's GRPOTrainer vs lorafleet's GRPO, two scales; `bench sweep`: "
         "one policy per seed on one fleet vs the single runs one after the other vs TRL; "
         "`bench tinker`: the Tinker API (lorafleet serve, the tinker SDK) vs the same calls "
-        "in-process, per call and with --clients at once",
+        "in-process, per call and with --clients at once; `bench shape`: a few iterations on "
+        "a random-init model of Qwen2.5's shape vs the embedded model (adapter bytes, sync "
+        "seconds, peak memory per actor, update time); `bench soak`: the default job in async "
+        "mode while rollout and reward actors and once the driver are SIGKILLed, then "
+        "resumed and its records checked",
     )
     bench.add_argument("what", choices=["rollout", "memory", "reward", "demo", "async", "vs-trl",
-                                        "sweep", "tinker"])
+                                        "sweep", "tinker", "shape", "soak"])
     bench.add_argument("items", nargs="*", metavar="CONFIG.yaml | key=value")
     bench.add_argument("--seeds", help="demo, async, vs-trl, sweep: comma-separated seeds "
                        "(0,1,2; vs-trl 0; sweep 0,1,2,3)")
-    bench.add_argument("--out", help="demo, vs-trl, sweep, tinker: output directory "
-                       "(runs/demo, runs/vs-trl, runs/bench-sweep, runs/bench-tinker)")
+    bench.add_argument("--out", help="demo, vs-trl, sweep, tinker, shape, soak: output "
+                       "directory (runs/demo, runs/vs-trl, runs/bench-sweep, "
+                       "runs/bench-tinker, runs/bench-shape, runs/bench-soak)")
+    bench.add_argument("--shape", default="qwen2.5-0.5b", choices=list(QWEN2_SHAPES),
+                       help="shape: the published model shape, built random-init "
+                       "(qwen2.5-0.5b)")
     bench.add_argument("--iterations", type=int,
                        help="sweep: iterations of every run on every side (the config's); "
-                       "tinker: iterations of each client at once (20)")
+                       "tinker: iterations of each client at once (20); soak: of the run (200)")
+    bench.add_argument("--kill-every", type=float, default=20.0,
+                       help="soak: seconds between two actor kills (20)")
+    bench.add_argument("--no-faults", action="store_true",
+                       help="soak: the same job undisturbed (the figures to compare with)")
+    bench.add_argument("--overlap", action="store_true",
+                       help="soak: kill every --kill-every s even while the last victim is "
+                       "being brought back (default: one fault at a time)")
     bench.add_argument("--clients",
                        help="tinker: comma-separated counts of clients at once (1,2,4)")
     bench.add_argument("--calls", type=int,

@@ -72,3 +72,12 @@ def native_bf16(device: str) -> bool:
     cpuinfo = Path("/proc/cpuinfo")
     flags = set(cpuinfo.read_text().split()) if cpuinfo.exists() else set()
     return any(flag in flags for flag in CPU_BF16_FLAGS)
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident memory since it started, in MiB (Linux reports
+    ru_maxrss in KiB); an actor's, asked through `__ray_call__`, covers its in-process
+    vLLM engine too."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

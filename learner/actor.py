@@ -19,13 +19,11 @@ the same way).
 
 from __future__ import annotations
 
-import resource
-
 import torch
 
 from ..common.client_records import AdamStep, ClientLoss, ForwardBackwardResult, TokenDatum
 from ..common.config import LoRAConfig
-from ..common.devices import actor_device, autocast_dtype, model_dtype
+from ..common.devices import actor_device, autocast_dtype, model_dtype, peak_rss_mib
 from ..common.records import (
     POLICY,
     AdapterSnapshot,
@@ -130,10 +128,10 @@ class Learner:
 
     def peak_memory_mib(self) -> float:
         """The learner's peak memory so far: CUDA's max allocated on a GPU, else the actor
-        process's peak RSS (Linux reports ru_maxrss in KiB)."""
+        process's peak RSS."""
         if self.net.device.type == "cuda":
             return torch.cuda.max_memory_allocated(self.net.device) / 2**20
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        return peak_rss_mib()
 
     # -- the policies' updates ------------------------------------------------------------------
     def start_stage(self, lr: float, policy: str = POLICY) -> None:

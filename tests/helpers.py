@@ -13,11 +13,10 @@ from dataclasses import fields
 
 import torch
 
-from lorafleet.common.data import PromptStream, encode_prompts
+from lorafleet.cluster.accounting import prompts_not_once
 from lorafleet.common.records import POLICY, Prompt, Rollout, ScoredRollout
 from lorafleet.common.specs import LearnerSpec, PolicySpec
 from lorafleet.common.tasks.addition import AdditionTask
-from lorafleet.common.tasks.registry import build_task
 from lorafleet.learner.actor import Learner
 from lorafleet.learner.algorithms.registry import PPOConfig
 from lorafleet.reward.rules import exact_match
@@ -162,25 +161,10 @@ def lorafleet(*args: str, stdout=subprocess.PIPE) -> subprocess.Popen:
     )
 
 
-def expected_batches(cfg, tokenizer) -> list[list[int]]:
-    """The prompt indices an uninterrupted run serves per iteration (its PromptStream)."""
-    limit = cfg.model.max_model_len - cfg.rollout.max_new_tokens
-    examples = build_task(cfg.task).examples("train")
-    stream = PromptStream(encode_prompts(examples, tokenizer, limit), cfg.seed)
-    return [[p.index for p in stream.next_batch(cfg.prompts_per_iteration)]
-            for _ in range(cfg.iterations)]
-
-
 def assert_each_prompt_once(run_dir, cfg, tokenizer) -> None:
     """Each iteration's rollouts (Parquet) are its PromptStream batch, n samples each."""
-    import pyarrow.parquet as pq
-
-    n = cfg.rollout.samples_per_prompt
-    for it, indices in enumerate(expected_batches(cfg, tokenizer)):
-        table = pq.read_table(run_dir.rollout_file(0, it)).to_pylist()
-        served = sorted(r["prompt_index"] for r in table)
-        assert served == sorted(indices * n), f"iteration {it}: prompts lost or repeated"
-        assert {r["sample_index"] for r in table} == set(range(n))
+    problems = prompts_not_once(run_dir, cfg, tokenizer)
+    assert not problems, problems
 
 
 def table_cells(markdown: str) -> dict[str, list[str]]:

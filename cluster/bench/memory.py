@@ -73,7 +73,7 @@ def bench_model(name: str, root: Path) -> Path:
 
         return build_tiny_model(AdditionTask(), TinyModelSpec())
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2ForCausalLM
 
     path = root / "models" / f"bench-{name}"
     if (path / "config.json").exists():
@@ -87,12 +87,20 @@ def bench_model(name: str, root: Path) -> Path:
         )
         LlamaForCausalLM(config).save_pretrained(path)
     else:
-        config = Qwen2Config(
-            vocab_size=151936, max_position_embeddings=32768, rope_theta=1e6, rms_norm_eps=1e-6,
-            tie_word_embeddings=True, **QWEN2_SHAPES[name],
-        )
-        Qwen2ForCausalLM(config).to(torch.bfloat16).save_pretrained(path)  # half the disk
+        # bfloat16 on disk: half the bytes
+        Qwen2ForCausalLM(qwen2_config(name)).to(torch.bfloat16).save_pretrained(path)
     return path
+
+
+def qwen2_config(name: str, **keys):
+    """Qwen2.5 `name`'s published config (QWEN2_SHAPES, its vocabulary, tied embeddings, rope
+    theta, max positions); `keys` replace any of it (e.g. the tokenizer's special ids)."""
+    from transformers import Qwen2Config
+
+    return Qwen2Config(**{
+        "vocab_size": 151936, "max_position_embeddings": 32768, "rope_theta": 1e6,
+        "rms_norm_eps": 1e-6, "tie_word_embeddings": True, **QWEN2_SHAPES[name], **keys,
+    })
 
 
 def _status_mb(key: str) -> float:

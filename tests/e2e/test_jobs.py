@@ -12,8 +12,6 @@ SPR chain: tests/long/)."""
 from __future__ import annotations
 
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,6 +23,7 @@ import pytest
 
 from helpers import assert_margin
 from lorafleet.cluster.config import load_train_config
+from lorafleet.cluster.local_head import AUTH_ENV, local_head
 from lorafleet.cluster.trainer import Trainer
 from lorafleet.common.metrics import read_metrics
 from lorafleet.common.run_dir import RunDir
@@ -67,53 +66,16 @@ def run_short_job(config: str, tmp_path, checkpoint_every: int, iterations: int 
 
 REPO = Path(__file__).parents[2]
 RAY = str(Path(sys.executable).parent / "ray")
-# Ray's token authentication (the head generates ~/.ray/auth_token; clients send it).
-ENV = {**os.environ, "RAY_AUTH_MODE": "token"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+ENV = {**os.environ, **AUTH_ENV}
 
 
 @pytest.fixture(scope="module")
 def ray_head(tmp_path_factory):
     """A real head node on 127.0.0.1 with its own ports (another local cluster may be running);
-    its process group is killed at the end (not `ray stop`, which would stop every Ray
-    cluster on the machine)."""
-    names = ("gcs", "dashboard", "metrics", "agent", "agent-grpc", "client", "runtime-env")
-    ports = {name: free_port() for name in names}
+    its process group is killed at the end."""
     env = {**ENV, "RAY_metrics_report_interval_ms": "1000"}
-    head = subprocess.Popen(
-        [RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.1",
-         f"--port={ports['gcs']}", "--dashboard-host=127.0.0.1",
-         f"--dashboard-port={ports['dashboard']}", f"--metrics-export-port={ports['metrics']}",
-         f"--dashboard-agent-listen-port={ports['agent']}",
-         f"--dashboard-agent-grpc-port={ports['agent-grpc']}",
-         f"--ray-client-server-port={ports['client']}",
-         f"--runtime-env-agent-port={ports['runtime-env']}",
-         "--num-cpus=2", "--disable-usage-stats",
-         f"--temp-dir={tmp_path_factory.mktemp('ray')}"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True,
-    )
-    try:
-        dashboard = f"http://127.0.0.1:{ports['dashboard']}"
-        deadline = time.time() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"{dashboard}/api/version", timeout=2)
-                break
-            except urllib.error.HTTPError:  # it answers (401 with Ray's token auth): it is up
-                break
-            except OSError:
-                assert head.poll() is None, "ray start --head exited"
-                assert time.time() < deadline, "the dashboard did not come up in 120 s"
-                time.sleep(1)
-        yield {"dashboard": dashboard, "metrics": f"http://127.0.0.1:{ports['metrics']}/metrics"}
-    finally:
-        os.killpg(head.pid, signal.SIGKILL)
-        head.wait()
+    with local_head(tmp_path_factory.mktemp("ray"), env=env) as head:
+        yield {"dashboard": head.dashboard, "metrics": head.metrics}
 
 
 def ray_job(*args: str, timeout: float = 60) -> str:
