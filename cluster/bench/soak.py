@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -225,8 +226,8 @@ def soak_report(cfg, run_dir: RunDir, soak: SoakLog, log: Path, seconds: float, 
     """The checks and counts of a finished soak, printed and written."""
     from transformers import AutoTokenizer
 
-    text = log.read_text()
-    resumed = [line for line in text.splitlines() if line.startswith("resuming ")]
+    # the Trainer's "resuming RUN from CHECKPOINT: ..." (after a progress bar's \r, maybe)
+    resumed = re.findall(r"resuming \S+ from (\S+):", log.read_text())
     soak.resumed_from = resumed[-1] if resumed else None
     summary = run_dir.read_summary() if run_dir.summary.exists() else {}
     problems = {"driver exit": [] if soak.driver_exits[-1] == 0 else
@@ -257,7 +258,7 @@ def soak_report(cfg, run_dir: RunDir, soak: SoakLog, log: Path, seconds: float, 
     title = (f"soak {'with faults' if faults else 'undisturbed (--no-faults)'}: "
              f"{cfg.iterations} iterations, rollout.mode={cfg.rollout.mode}, "
              f"{seconds / 60:.1f} min; driver killed {soak.driver_kill or 'never'}; "
-             f"{soak.resumed_from or 'no resume'}")
+             + (f"resumed from {soak.resumed_from}" if soak.resumed_from else "no resume"))
     table = markdown_table(["what", "value"], [*counts, *checks, *figures])
     publish(report(command, title, table), out_dir / "soak.md", ("soak.json", "driver.log"))
     return result

@@ -19,6 +19,7 @@ def test_a_soak_with_faults_keeps_the_records_whole(tmp_path):
         "adapter versions continuous": [], "no checkpoint half written": []}, result
     assert result["actor_kills"] >= 2 and result["driver_kills"] == 1
     assert result["resumes"] == 1 and "iter_" in result["log"]["resumed_from"]
+    assert result["log"]["driver_kill"] is not None
     # every death the driver saw was brought back or re-sent
     assert result["restarts handled"] + result["calls re-sent on a dead connection"] >= \
         result["deaths seen"] > 0
