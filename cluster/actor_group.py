@@ -250,15 +250,14 @@ class ActorGroup:
                         self.kill_stuck(i, calls.method)  # the call now fails as a death
                     results.append(ray.get(calls.refs[i]))
                     break
-                except ray.exceptions.RayActorError as exc:
-                    if not is_actor(exc, self.actors[i]):  # e.g. the learner behind an arg
+                except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as exc:
+                    # not lost: another actor's death (the learner behind an argument), or
+                    # the call's own error
+                    if not self.lost(exc, self.actors[i]):
                         raise
-                    self.recover(i, exc)
-                except ray.exceptions.RayTaskError as exc:
-                    if not isinstance(exc.cause, self.spec.lost_state):
-                        raise
-                    if not self.recover(i, exc):  # the process it was brought back in
-                        raise
+                    revived = self.recover(i, exc)
+                    if not revived and isinstance(exc, ray.exceptions.RayTaskError):
+                        raise  # it lost its state in the process the last recovery revived
                 calls.send(self.actors[i], i)
         return results
 
@@ -275,15 +274,57 @@ class ActorGroup:
     def recover(self, i: int, exc: Exception) -> bool:
         """Waits for Ray to bring actor i back, then `revive`s it; False (nothing done) when
         it is the process the last recovery brought back. An actor whose node was lost waits
-        for its bundle to be placed again, at most placement.timeout_s (else PlacementError)."""
+        for its bundle to be placed again, at most placement.timeout_s (else PlacementError).
+        An actor that dies again while it is revived is waited for again."""
         import ray
 
         actor, what = self.actors[i], f"{self.spec.role} actor {i}"
         print(f"{what} died ({str(exc).splitlines()[0][:200]}); waiting for Ray to restart it",
               flush=True)
-        start = restart = time.perf_counter()  # restart: since its bundle last had a node
+        start = time.perf_counter()
+        while True:
+            self.wait_back(i, what, exc)
+            try:
+                pid = ray.get(actor.__ray_call__.remote(lambda _: os.getpid()))
+                if self.pids.get(i) == pid:
+                    # The process that came back last time: a call that was under way when
+                    # the actor died can fail again on the dead process's connection
+                    print(f"{what}: a call failed on the dead process; sending it again",
+                          flush=True)
+                    return False
+                self.pids[i] = pid
+                if self.revive is not None:
+                    self.revive(i)
+                break
+            except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as again:
+                if not self.lost(again, actor):
+                    raise
+                exc = again
+                print(f"{what} died again while it was brought back "
+                      f"({str(again).splitlines()[0][:200]}); waiting for Ray to restart it",
+                      flush=True)
+        self.restarts += 1
+        if self.on_restart is not None:
+            self.on_restart(self.spec.role)
+        print(f"{what} is back ({time.perf_counter() - start:.1f} s)", flush=True)
+        return True
+
+    def lost(self, exc: Exception, actor) -> bool:
+        """Whether an error says `actor` died or lost its state (and not something else)."""
+        import ray
+
+        if isinstance(exc, ray.exceptions.RayActorError):
+            return is_actor(exc, actor)
+        return isinstance(exc.cause, self.spec.lost_state)
+
+    def wait_back(self, i: int, what: str, exc: Exception) -> None:
+        """Until Ray has restarted actor i: a lost node's bundle is waited for at most
+        placement.timeout_s, then the restart at most RESTART_TIMEOUT_S."""
+        import ray
+
+        restart = time.perf_counter()  # since its bundle last had a node
         homeless_since = None  # since its bundle was first seen without a node
-        ready = actor.__ray_ready__.remote()
+        ready = self.actors[i].__ray_ready__.remote()
         while not self.is_ready(ready, what, exc):
             now = time.perf_counter()
             if self.placement.has_node(self.spec.role, i):
@@ -302,21 +343,7 @@ class ActorGroup:
                 raise RuntimeError(f"{what} did not come back within {RESTART_TIMEOUT_S} s "
                                    "of its bundle's placement") from exc
             if ray.wait([ready], timeout=0)[0]:  # failed fast: restarting
-                ready = actor.__ray_ready__.remote()
-        pid = ray.get(actor.__ray_call__.remote(lambda _: os.getpid()))
-        if self.pids.get(i) == pid:
-            # The process that came back last time: a call that was under way when the actor
-            # died can fail again on the dead process's connection, after the restart
-            print(f"{what}: a call failed on the dead process; sending it again", flush=True)
-            return False
-        self.pids[i] = pid
-        if self.revive is not None:
-            self.revive(i)
-        self.restarts += 1
-        if self.on_restart is not None:
-            self.on_restart(self.spec.role)
-        print(f"{what} is back ({time.perf_counter() - start:.1f} s)", flush=True)
-        return True
+                ready = self.actors[i].__ray_ready__.remote()
 
     def is_ready(self, ready, what: str, exc: Exception) -> bool:
         """Whether the actor answered `ready` (a __ray_ready__ call) within POLL_S; False

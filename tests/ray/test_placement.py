@@ -91,3 +91,35 @@ def test_a_cluster_that_could_grow_fails_after_placement_timeout(ray_cluster):
     assert table[made]["state"] == "REMOVED"
     pending = [g for g in table.values() if g["state"] != "REMOVED"]
     assert pending == []  # the unplaceable group is not left behind
+
+
+def test_an_actor_that_dies_while_it_is_revived_is_waited_for_again(ray_cluster):
+    """The first revive kills the actor it revives (as a second fault would): the group waits
+    for the next restart, revives that one, and the call is answered."""
+    import os
+    import signal
+
+    import ray
+
+    specs = probes(["reward.num_actors=1"])
+    reward = specs[2]
+    placement = place([reward], "PACK", timeout_s=30)
+    group = ActorGroup.start(reward, placement)
+    revived: list[int] = []
+
+    def revive(i: int) -> None:
+        pid = ray.get(group.actors[i].__ray_call__.remote(lambda _: os.getpid()))
+        revived.append(pid)
+        if len(revived) == 1:
+            os.kill(pid, signal.SIGKILL)
+            ray.get(group.actors[i].assigned.remote())  # fails: the actor is gone again
+
+    group.revive = revive
+    try:
+        os.kill(ray.get(group.actors[0].__ray_call__.remote(lambda _: os.getpid())),
+                signal.SIGKILL)
+        assert group.call("assigned") == [([], None)]
+        assert len(revived) == 2 and revived[0] != revived[1] and group.restarts == 1
+    finally:
+        group.kill()
+        placement.remove()
