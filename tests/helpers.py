@@ -17,6 +17,7 @@ from lorafleet.cluster.accounting import prompts_not_once
 from lorafleet.common.records import POLICY, Prompt, Rollout, ScoredRollout
 from lorafleet.common.specs import LearnerSpec, PolicySpec
 from lorafleet.common.tasks.addition import AdditionTask
+from lorafleet.common.tasks.registry import build_task
 from lorafleet.learner.actor import Learner
 from lorafleet.learner.algorithms.registry import PPOConfig
 from lorafleet.reward.rules import exact_match
@@ -197,3 +198,35 @@ def assert_margin(name: str, value: float, floor: float, detail: object = "") ->
         with open(path, "a") as out:
             out.write(json.dumps(record) + "\n")
     assert value > floor, f"{name}: {value:.4f}, not above {floor} {detail}"
+
+
+def fraction(answers: list[str], targets: list[str]) -> float:
+    return sum(a == t for a, t in zip(answers, targets, strict=True)) / len(targets)
+
+
+def hf_greedy_reward(model, cfg, model_path: str) -> float:
+    gold = [e.answer for e in build_task(cfg.task).examples("eval")]
+    return fraction(hf_greedy_answers(model, cfg, model_path), gold)
+
+
+def hf_greedy_answers(model, cfg, model_path: str) -> list[str]:
+    """HF greedy decoding's answer (stripped) to each held-out prompt of the task."""
+    import torch
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    tokenizer.padding_side = "left"
+    examples = build_task(cfg.task).examples("eval")
+    answers = []
+    with torch.no_grad():
+        for start in range(0, len(examples), 64):
+            chunk = examples[start : start + 64]
+            enc = tokenizer([e.prompt for e in chunk], return_tensors="pt", padding=True)
+            out = model.generate(
+                **enc, max_new_tokens=cfg.rollout.max_new_tokens, do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+            new_tokens = out[:, enc.input_ids.shape[1] :]
+            answers += [t.strip() for t in tokenizer.batch_decode(new_tokens,
+                                                                  skip_special_tokens=True)]
+    return answers

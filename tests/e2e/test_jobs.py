@@ -1,13 +1,13 @@
 """End to end through the real actors (Ray cluster, vLLM rollout workers with in-memory LoRA
 swaps, reward pool, PEFT learner). The default job runs once, the way a Ray user runs it:
-`ray start --head` on loopback and `ray job submit` with the shipped runtime_env, as three
-policies on one fleet: `exact` (the default job itself), `plus_one` (rewarded for the sum + 1,
-the opposite target) and `broken` (its reward raises on its first training batch). The run
-answers the job questions (SUCCEEDED, run directory, metrics on the head's Prometheus
-endpoint), the learning ones (held-out gains, verified syncs, checkpoints, a plain-PEFT
-adapter) and the isolation ones (each policy learns its own target, the broken one is stopped
-and reported while the others finish). SPR runs in-process on the session cluster (the SFT ->
-SPR chain: tests/long/)."""
+`ray start --head` on loopback and `ray job submit` with the shipped runtime_env, as two
+policies on one fleet: `exact` (the default job itself) and `broken` (its reward raises on its
+first training batch). The run answers the job questions (SUCCEEDED, run directory, metrics on
+the head's Prometheus endpoint), the learning ones (held-out gains, verified syncs,
+checkpoints, a plain-PEFT adapter) and isolation (the broken one is stopped and reported while
+the other finishes). SPR runs in-process on the session cluster. The long tier adds two
+policies learning opposite targets on one fleet (tests/long/test_opposite_targets.py) and the
+SFT -> SPR chain."""
 
 from __future__ import annotations
 
@@ -21,13 +21,12 @@ from pathlib import Path
 
 import pytest
 
-from helpers import assert_margin
+from helpers import assert_margin, hf_greedy_reward
 from lorafleet.cluster.config import load_train_config
 from lorafleet.cluster.local_head import AUTH_ENV, local_head
 from lorafleet.cluster.trainer import Trainer
 from lorafleet.common.metrics import read_metrics
 from lorafleet.common.run_dir import RunDir
-from lorafleet.common.tasks.registry import build_task
 
 ITERATIONS = 20
 WINDOW = 5
@@ -37,21 +36,14 @@ WINDOW = 5
 # 0.904-0.916 (+0.856 to +0.868), train reward of iterations 0-4 -> 15-19 +0.287 to +0.326.
 # With the earlier sdpa kernel: 3.23x-3.46x, +0.844 to +0.860, +0.266 to +0.327; seed 0 with 1
 # learner thread and ATEN_CPU_CAPABILITY=avx2: 3.25x, +0.852, +0.317. As the `exact` policy of
-# POLICIES below (seeds 0, 1, 2): 3.19x-3.38x, +0.856 to +0.868, +0.287 to +0.326. Asserted
+# three (with plus_one of tests/long/test_opposite_targets.py, and broken; seeds 0, 1, 2):
+# 3.19x-3.38x, +0.856 to +0.868, +0.287 to +0.326; seed 0 with ATEN_CPU_CAPABILITY=avx2:
+# 3.20x, +0.848, +0.327. Asserted
 # well below the smallest value seen, so another CPU's float path cannot fail them; a flat
 # curve would.
 MIN_SAMPLED_RATIO = 2.0  # held-out sampled reward, end / start
 MIN_GREEDY_GAIN = 0.4  # held-out greedy accuracy, end - start
 MIN_REWARD_GAIN = 0.12  # train reward, mean of the last 5 iterations - the first 5
-# The opposite targets (exact vs plus_one) of POLICIES, measured over seeds 0, 1, 2 (`lorafleet
-# train` of this job with seed=S, 2 cores, AMD EPYC): held-out greedy answers that are the
-# policy's own target (HF + PEFT) exact 0.904-0.916, plus_one 0.960-0.976; the two disagree on
-# 0.996-1.000 of the prompts; held-out sampled reward on its own target, end - start, exact
-# +0.564 to +0.590, plus_one +0.246 to +0.276 (it starts at the shipped model's habit: greedy
-# 0.936 -> 0.960-0.976). The default job alone, for comparison: greedy 0.904-0.916.
-MIN_OWN_TARGET = 0.6
-MIN_DISAGREEMENT = 0.8
-MIN_OWN_GAIN = {"exact": 0.3, "plus_one": 0.12}
 
 
 def run_short_job(config: str, tmp_path, checkpoint_every: int, iterations: int = ITERATIONS):
@@ -102,9 +94,8 @@ METRICS = {"ray_lorafleet_reward_mean", "ray_lorafleet_rollout_tokens_per_s",
            "ray_lorafleet_adapter_version", "ray_lorafleet_learner_step_seconds_bucket"}
 
 
-# The job's policies: the default job, its opposite target, and one whose reward fails.
+# The job's policies: the default job, and one whose reward fails.
 POLICIES = ("policies=[{name: exact}, "
-            "{name: plus_one, reward.fns: ['tests.helpers:exact_sum_plus_one']}, "
             "{name: broken, reward.fns: ['tests.helpers:reward_raises_on_training_prompts']}]")
 
 
@@ -142,9 +133,9 @@ def test_submitted_job_succeeds_and_exports_metrics(default_job):
     root, seen = default_job
     summary = root.read_summary()
     assert summary["iterations"] == ITERATIONS and list(summary["policies"]) == [
-        "exact", "plus_one", "broken"]
+        "exact", "broken"]
     assert all(root.policy(name).adapter.is_dir() for name in summary["policies"])
-    assert "| plus_one |" in root.comparison.read_text()
+    assert "| broken |" in root.comparison.read_text()
     assert seen == METRICS, f"missing on the metrics endpoint: {METRICS - seen}"
 
 
@@ -156,8 +147,7 @@ def test_a_failing_policy_is_stopped_and_reported_alone(default_job):
     assert read_metrics(root.policy("broken")) == []  # stopped at its first training batch
     assert len(broken["stage_evals"]) == 1  # its start evaluation ran
     assert root.read_summary()["policies"]["broken"]["stopped"] == broken["stopped"]
-    for name in ("exact", "plus_one"):
-        assert root.policy(name).read_summary()["stopped"] is None
+    assert root.policy("exact").read_summary()["stopped"] is None
 
 
 def test_default_job_learns_and_saves_a_plain_peft_adapter(default_job, tiny_model_path):
@@ -223,63 +213,3 @@ def test_spr_job_reward_rises(ray_cluster, tmp_path):
     assert_reward_rises("spr", rows, SPR_MIN_REWARD_GAIN)
     # No critic: the saved run has the policy adapter only.
     assert not (run_dir.adapter / "value").exists()
-
-
-def test_opposite_targets_each_learn_their_own_and_disagree(default_job, tiny_model_path):
-    """Two policies on one fleet, rewarded for the sum and for the sum + 1: each saved
-    adapter answers the held-out prompts with its own target, so they disagree on most."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    root = default_job[0]
-    cfg = load_train_config(root.policy("exact").config)
-    gold = [e.answer for e in build_task(cfg.task).examples("eval")]
-    answers = {}
-    for name in ("exact", "plus_one"):
-        base = AutoModelForCausalLM.from_pretrained(tiny_model_path)
-        model = PeftModel.from_pretrained(base, str(root.policy(name).adapter)).eval()
-        answers[name] = hf_greedy_answers(model, cfg, tiny_model_path)
-    targets = {"exact": gold, "plus_one": [str(int(g) + 1) for g in gold]}
-    hits = {name: fraction(answers[name], targets[name]) for name in answers}
-    disagree = 1 - fraction(answers["exact"], answers["plus_one"])
-    for name in ("exact", "plus_one"):
-        assert_margin(f"policy {name}: held-out greedy on its own target", hits[name],
-                      MIN_OWN_TARGET)
-    assert_margin("exact vs plus_one: held-out prompts they disagree on", disagree,
-                  MIN_DISAGREEMENT)
-    for name in ("exact", "plus_one"):  # each one's held-out reward on its own target rose
-        evals = root.policy(name).read_summary()["stage_evals"]
-        assert_margin(f"policy {name}: held-out sampled reward, end - start",
-                      evals[-1]["eval_reward"] - evals[0]["eval_reward"], MIN_OWN_GAIN[name])
-
-
-def fraction(answers: list[str], targets: list[str]) -> float:
-    return sum(a == t for a, t in zip(answers, targets, strict=True)) / len(targets)
-
-
-def hf_greedy_reward(model, cfg, model_path: str) -> float:
-    gold = [e.answer for e in build_task(cfg.task).examples("eval")]
-    return fraction(hf_greedy_answers(model, cfg, model_path), gold)
-
-
-def hf_greedy_answers(model, cfg, model_path: str) -> list[str]:
-    """HF greedy decoding's answer (stripped) to each held-out prompt of the task."""
-    import torch
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    tokenizer.padding_side = "left"
-    examples = build_task(cfg.task).examples("eval")
-    answers = []
-    with torch.no_grad():
-        for start in range(0, len(examples), 64):
-            chunk = examples[start : start + 64]
-            enc = tokenizer([e.prompt for e in chunk], return_tensors="pt", padding=True)
-            out = model.generate(
-                **enc, max_new_tokens=cfg.rollout.max_new_tokens, do_sample=False,
-                pad_token_id=tokenizer.pad_token_id,
-            )
-            new_tokens = out[:, enc.input_ids.shape[1] :]
-            answers += [t.strip() for t in tokenizer.batch_decode(new_tokens,
-                                                                  skip_special_tokens=True)]
-    return answers

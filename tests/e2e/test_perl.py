@@ -37,9 +37,11 @@ def test_reward_model_learns_and_the_policy_climbs_it(perl_run):
     # +0.08 to +0.25; trained on the RM alone, the true greedy exact match rises 0.048 ->
     # 0.352-0.504 (the RM tells the gold sum from random wrong sums, and partly from the habit's
     # slip). Seed 0 with 1 learner thread and ATEN_CPU_CAPABILITY=avx2: held-out RM score +0.23,
-    # greedy exact match 0.048 -> 0.612, train RM score +0.29. On an AVX2-only machine the
-    # train RM score rose only +0.007 while the held-out figures held: the held-out ones are
-    # asserted (at about half of the smallest), the train score's rise is not.
+    # greedy exact match 0.048 -> 0.612, train RM score +0.29; seed 0 with
+    # ATEN_CPU_CAPABILITY=avx2 alone (2 threads): held-out RM score +0.086, greedy exact match
+    # +0.256, pair accuracy 0.916, margin 4.95. On an AVX2-only machine the train RM score rose
+    # only +0.007 while the held-out figures held: the held-out ones are asserted (at about
+    # half of the smallest), the train score's rise is not.
     report = json.loads(perl_run.rm_eval.read_text())
     assert_margin("perl: RM held-out pair accuracy", report["after"]["accuracy"], 0.75)
     assert_margin("perl: RM held-out pair accuracy, after - before",
@@ -52,9 +54,9 @@ def test_reward_model_learns_and_the_policy_climbs_it(perl_run):
     evals = {e["stage"]: e for e in summary["stage_evals"]}
     assert list(evals) == ["start", "rl"]
     assert_margin("perl: held-out RM score, end - start",
-                  evals["rl"]["eval_reward_model"] - evals["start"]["eval_reward_model"], 0.05)
+                  evals["rl"]["eval_reward_model"] - evals["start"]["eval_reward_model"], 0.04)
     assert_margin("perl: held-out greedy exact match, end - start",
-                  evals["rl"]["eval_greedy_rule"] - evals["start"]["eval_greedy_rule"], 0.15)
+                  evals["rl"]["eval_greedy_rule"] - evals["start"]["eval_greedy_rule"], 0.12)
     assert evals["rl"]["eval_reward"] == evals["rl"]["eval_reward_model"]  # rule weight 0
 
     rows = read_metrics(perl_run)

@@ -1,5 +1,6 @@
-"""Rollout and reward actors killed by pid mid-run are restarted, resynced and their work
-re-sent, with every prompt accounted for exactly once (lost nodes: test_node_loss.py)."""
+"""Rollout and reward actors that die or stop answering mid-run are restarted, re-synced and
+their work re-sent, with every prompt accounted for exactly once (lost nodes:
+test_node_loss.py)."""
 
 from __future__ import annotations
 
@@ -72,17 +73,15 @@ def test_killed_rollout_and_reward_actors_are_replaced(ray_cluster, tmp_path, to
     # takes under a second here), so that a stopped actor is found in seconds.
     cfg = load_train_config(None, [*SHORT_RUN, f"run_dir={tmp_path / 'run'}",
                                    "rollout.call_timeout_s=20", "reward.timeout_s=3"])
-    # The rollout worker is killed right after batch 2 is queued on it, behind the swap to
-    # the new version and its probe: those calls fail, and the fleet re-sends them to its
-    # replacement once it is re-synced and verified. Worker 1 is stopped (SIGSTOP) after
-    # batch 4 is queued: its swap is not answered within rollout.call_timeout_s, it is killed,
-    # and recovered the same way. Reward actor 0, which scores each iteration's one batch
-    # (64 samples, reward.batch_size), is stopped after update 1: its batch is not answered
-    # within 2 x reward.timeout_s, it is killed, restarted, and the batch sent again. Reward
-    # actor 1 is killed between batches, and is given none after: Ray restarts it unseen.
+    # Rollout worker 1 is stopped (SIGSTOP) right after batch 4 is queued on it, behind the
+    # swap to the new version and its probe: the swap is not answered within
+    # rollout.call_timeout_s, the worker is killed, its queued calls fail, and the fleet
+    # re-sends them to its replacement once it is re-synced and verified. Reward actor 0,
+    # which scores each iteration's one batch (64 samples, reward.batch_size), is stopped after
+    # update 1: its batch is not answered within 2 x reward.timeout_s, it is killed, restarted,
+    # and the batch sent again. (A SIGKILLed worker is recovered the same way, without the
+    # wait: tests/e2e/test_async.py, and every actor of a lost node in test_node_loss.py.)
     points = {("trained", 1): ("lorafleet-reward-0", signal.SIGSTOP),
-              ("queued", 2): ("lorafleet-rollout-0", signal.SIGKILL),
-              ("trained", 3): ("lorafleet-reward-1", signal.SIGKILL),
               ("queued", 4): ("lorafleet-rollout-1", signal.SIGSTOP)}
     killed = {}
     try:
@@ -101,11 +100,11 @@ def test_killed_rollout_and_reward_actors_are_replaced(ray_cluster, tmp_path, to
 
     rows = read_metrics(run_dir)
     assert [r["iteration"] for r in rows] == list(range(ITERATIONS))
-    assert [r["worker_restarts"] for r in rows] == [1, 1, 2, 2, 3, 3]
+    assert [r["worker_restarts"] for r in rows] == [1, 1, 1, 1, 2, 2]
     # Every iteration's probe shows every worker on the learner's current adapter, the
     # restarted ones included.
     assert all(r["worker_versions"] == [r["adapter_version"]] * 2 for r in rows)
     assert_each_prompt_once(run_dir, cfg, tokenizer)
     summary = run_dir.read_summary()
-    assert summary["worker_restarts"] == 3
+    assert summary["worker_restarts"] == 2
     assert summary["reward_actor_restarts"] == 1 and summary["reward_batches_resent"] == 1
