@@ -8,7 +8,7 @@ import math
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, wait
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -23,6 +23,11 @@ if TYPE_CHECKING:
 
 class RewardError(RuntimeError):
     """A reward function raised or returned a non-finite value; names the sample."""
+
+
+class StillRunning(Exception):
+    """A call waited for until its deadline has not returned (distinct from a TimeoutError
+    the reward function itself raises, which is its own failure)."""
 
 
 class RewardTimeout(RewardError):
@@ -147,7 +152,7 @@ class RewardWorker:
         A call still running at `deadline` raises RewardTimeout."""
         try:
             values = call_until(deadline, fn, reward_inputs(rollouts))
-        except TimeoutError:
+        except StillRunning:
             ids = [r.sample_id for r in rollouts]
             raise RewardTimeout(
                 f"reward {name!r} did not return within reward.timeout_s="
@@ -188,7 +193,7 @@ class Deadline:
 
 
 def call_until(deadline: Deadline, fn: Callable, kwargs: dict):
-    """fn(**kwargs) in a thread of its own, waited for until `deadline` (TimeoutError after
+    """fn(**kwargs) in a thread of its own, waited for until `deadline` (StillRunning after
     it). A thread cannot be stopped: a call that never returns stays behind
     in the actor, a daemon thread that does not hold up the actor's exit."""
     result: Future = Future()
@@ -200,7 +205,9 @@ def call_until(deadline: Deadline, fn: Callable, kwargs: dict):
             result.set_exception(exc)
 
     threading.Thread(target=run, name="reward function", daemon=True).start()
-    return result.result(timeout=deadline.seconds_left())
+    if not wait([result], timeout=deadline.seconds_left()).done:
+        raise StillRunning
+    return result.result()
 
 
 def number(name: str, value: object, r: Rollout) -> float | None:

@@ -95,6 +95,10 @@ def fn_none(completions, **kwargs):
     return [None] * len(completions)
 
 
+def fn_raises_timeout(completions, **kwargs):
+    raise TimeoutError("the grader's server did not answer")
+
+
 def fn_strings(completions, **kwargs):
     return ["1.0"] * len(completions)
 

@@ -161,6 +161,10 @@ def test_bad_reward_values_name_the_function_and_sample(tokenizer):
         RewardWorker(RewardSpec(("helpers:fn_scalar",))).score(rollouts)
     with pytest.raises(RewardError, match="'helpers:fn_inf' returned inf for prompt 0 sample 0"):
         RewardWorker(RewardSpec(("helpers:fn_inf",))).score(rollouts)
+    with pytest.raises(RewardError, match=r"'helpers:fn_raises_timeout' raised on prompt 0 "
+                       "sample 0") as raised:  # its own TimeoutError: not reward.timeout_s
+        RewardWorker(RewardSpec(("helpers:fn_raises_timeout",))).score(rollouts)
+    assert not isinstance(raised.value, RewardTimeout)
     with pytest.raises(RewardError, match="no reward function applies to prompt 0 sample 0"):
         RewardWorker(RewardSpec(("helpers:fn_none",))).score(rollouts)
     skipped = RewardWorker(RewardSpec(("helpers:fn_none",), skip_errors=True))
