@@ -190,33 +190,47 @@ class ActorGroup:
     death: Ray restarts it (spec.max_restarts), `revive(i)` brings it back in step (e.g. the
     current adapter, verified), and its call is sent again."""
 
-    def __init__(self, spec: GroupSpec, actors: list, placement: Placement) -> None:
+    def __init__(self, spec: GroupSpec, actors: list, placement: Placement, shared: int = 0
+                 ) -> None:
+        """`shared`: the first actors belong to another group (the colocated learner, rollout
+        worker 0): never restarted by this one nor timed out, their death raised as is."""
         self.spec = spec
         self.actors = actors
         self.placement = placement
+        self.shared = shared
         self.restarts = 0
         self.pids: dict[int, int] = {}  # actor index -> its process after its last recovery
         self.revive: Callable[[int], None] | None = None
         self.on_restart: Callable[[str], None] | None = None  # callback(role), e.g. a metric
 
     @classmethod
-    def start(cls, spec: GroupSpec, placement: Placement, *args, **kwargs) -> ActorGroup:
-        """Starts the actors in their bundles (without waiting: see `ready`)."""
+    def start(cls, spec: GroupSpec, placement: Placement, *args, shared: tuple = (),
+              **kwargs) -> ActorGroup:
+        """Starts the actors in their bundles (without waiting: see `ready`), after the
+        `shared` actors of another group (indices 0..len(shared)-1)."""
         import ray
 
         remote = ray.remote(spec.actor_class)
-        actors = []
-        for i in range(spec.size):
+        actors = list(shared)
+        for bundle in range(spec.size):
+            i = len(shared) + bundle
             index = {spec.index_kwarg: i} if spec.index_kwarg else {}
             actors.append(remote.options(
                 **spec.resources.actor_options(), scheduling_strategy=placement.strategy(
-                    spec.role, i), name=spec.name.format(i=i), max_restarts=spec.max_restarts,
+                    spec.role, bundle), name=spec.name.format(i=i),
+                max_restarts=spec.max_restarts,
             ).remote(*args, **kwargs, **index))
-        return cls(spec, actors, placement)
+        return cls(spec, actors, placement, len(shared))
+
+    @property
+    def own(self) -> list:
+        """The actors this group started (not the shared ones)."""
+        return self.actors[self.shared:]
 
     def ready(self) -> list:
-        """ObjectRefs that resolve once every actor is constructed (or raise its error)."""
-        return [actor.__ray_ready__.remote() for actor in self.actors]
+        """ObjectRefs that resolve once every actor it started is constructed (or raise its
+        error)."""
+        return [actor.__ray_ready__.remote() for actor in self.own]
 
     def call(self, method: str, args: Callable[[object], tuple] = lambda _: (),
              items: dict[int, object] | None = None) -> list:
@@ -241,9 +255,11 @@ class ActorGroup:
         a call is done in time (the RL loop's also times the calls that finish meanwhile)."""
         import ray
 
-        timeout_s = self.spec.call_timeout[1] if self.spec.call_timeout else None
         results = []
         for i in calls.items:
+            # a shared actor's calls queue behind its own group's (the learner's updates)
+            timeout_s = (self.spec.call_timeout[1] if self.spec.call_timeout
+                         and i >= self.shared else None)
             while True:
                 try:
                     if not wait([calls.refs[i]], timeout_s):
@@ -252,8 +268,8 @@ class ActorGroup:
                     break
                 except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as exc:
                     # not lost: another actor's death (the learner behind an argument), or
-                    # the call's own error
-                    if not self.lost(exc, self.actors[i]):
+                    # the call's own error; a shared actor's death is its own group's
+                    if i < self.shared or not self.lost(exc, self.actors[i]):
                         raise
                     revived = self.recover(i, exc)
                     if not revived and isinstance(exc, ray.exceptions.RayTaskError):
@@ -327,7 +343,7 @@ class ActorGroup:
         ready = self.actors[i].__ray_ready__.remote()
         while not self.is_ready(ready, what, exc):
             now = time.perf_counter()
-            if self.placement.has_node(self.spec.role, i):
+            if self.placement.has_node(self.spec.role, i - self.shared):
                 homeless_since = None
             elif homeless_since is None:
                 homeless_since = now
@@ -375,5 +391,5 @@ class ActorGroup:
     def kill(self) -> None:
         import ray
 
-        for actor in self.actors:
+        for actor in self.own:
             ray.kill(actor, no_restart=True)

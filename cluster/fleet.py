@@ -18,7 +18,7 @@ from ..reward.pool import RewardSpec
 from ..rollout.worker import level_slot
 from .actor_group import ActorGroup, Calls, Placement, place, ray_wait
 from .config import TrainConfig
-from .specs import group_specs, sync_tolerance
+from .specs import colocated, fixed_cluster, group_specs, sync_tolerance
 
 # Zero-copy tensors through the object store: the adapter reaches every worker without copies.
 RUNTIME_ENV = {"env_vars": {"RAY_ENABLE_ZERO_COPY_TORCH_TENSORS": "1"}}
@@ -85,11 +85,6 @@ def check_exactly_once(prompts: list[Prompt], rollouts: list[Rollout], n: int) -
     if counts != expected:
         wrong = sorted(i for i in expected.keys() | counts.keys() if counts.get(i) != n)
         raise RuntimeError(f"rollouts do not match the prompts (n={n} each) for {wrong[:10]}")
-
-
-def fixed_cluster(cfg: TrainConfig) -> bool:
-    """A local cluster (no address to join): no autoscaler will add what is missing."""
-    return not (cfg.ray.address or os.environ.get("RAY_ADDRESS"))
 
 
 @dataclass(frozen=True)
@@ -213,9 +208,13 @@ class Fleet:
         """`sync_adapter` without waiting: each worker swaps the adapter in after the requests
         already queued on it (the fleet never pauses) and then runs the probe."""
         start = time.perf_counter()
-        # stored once in the object store
-        self.snapshots[policy] = snapshot = self.learner.publish.remote(policy)
-        loads = self.rollout.submit("load_snapshot", lambda _: (snapshot, policy))
+        rollout = self.rollout
+        # stored once in the object store, for the workers apart from the learner; a
+        # colocated engine (None) takes it from the learner in its own process
+        snapshot = self.learner.publish.remote(policy) if rollout.own else None
+        self.snapshots[policy] = snapshot
+        loads = rollout.submit("load_snapshot", lambda ref: (ref, policy), {
+            i: None if i < rollout.shared else snapshot for i in range(len(rollout.actors))})
         max_tokens, probe_ids = self.cfg.rollout.max_new_tokens, self.probe_ids[policy]
         probes = self.rollout.submit("probe", lambda _: (probe_ids, max_tokens, policy))
         return AdapterSync(policy, start, loads, probes)
@@ -303,9 +302,14 @@ def start_fleet(
     learner_group, rollout_group, reward_group = group_specs(cfg)
     placement = place([learner_group, rollout_group, reward_group], cfg.placement.strategy,
                       cfg.placement.timeout_s, fixed_cluster(cfg))
+    together = colocated(cfg)
+    learners = ActorGroup.start(learner_group, placement, learner, *(
+        [replace(engine, threads_per_worker=cfg.learner.threads, colocated=True)]
+        if together else []))
     fleet = Fleet(
-        cfg, placement, ActorGroup.start(learner_group, placement, learner),
-        ActorGroup.start(rollout_group, placement, engine),
+        cfg, placement, learners,
+        ActorGroup.start(rollout_group, placement, engine,
+                         shared=tuple(learners.actors) if together else ()),
         ActorGroup.start(reward_group, placement, reward), probe_ids,
     )
     try:

@@ -4,8 +4,10 @@ with their resources (GroupSpec); and the sync check's tolerance."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Collection
 
+from ..common.configio import ConfigError
 from ..common.devices import model_dtype
 from ..common.run_dir import RunDir
 from ..common.specs import EngineSpec, LearnerSpec, PolicySpec
@@ -103,6 +105,53 @@ def engine_spec(
     )
 
 
+def fixed_cluster(cfg: TrainConfig) -> bool:
+    """A local cluster (no address to join): no autoscaler will add what is missing."""
+    return not (cfg.ray.address or os.environ.get("RAY_ADDRESS"))
+
+
+def generates(cfg: TrainConfig) -> bool:
+    """A stage samples from the policy (an rm stage alone trains on preference pairs)."""
+    return any(stage != "rm" for stage in cfg.stages)
+
+
+def colocated(cfg: TrainConfig) -> bool:
+    """Whether the learner and rollout worker 0 share one actor (placement.colocate; "auto":
+    on a local cluster without GPUs, where they would share one machine's cores anyway)."""
+    colocate = cfg.placement.colocate
+    gpus = cfg.learner.num_gpus or cfg.rollout.num_gpus_per_worker
+    if colocate == "on":
+        if not generates(cfg):
+            raise ConfigError(f"placement.colocate=on: stages {cfg.stages} generate nothing, so "
+                              "there is no engine to put beside the learner")
+        if cfg.rollout.num_gpus_per_worker and not cfg.learner.num_gpus:
+            raise ConfigError("placement.colocate=on: the colocated engine runs on the "
+                              "learner's device; give the learner the GPU (learner.num_gpus)")
+        return True
+    return colocate == "auto" and generates(cfg) and fixed_cluster(cfg) and not gpus
+
+
+def rollout_workers(cfg: TrainConfig) -> int:
+    """The run's vLLM engines (the colocated one included): rollout.num_workers, by default
+    1 beside a colocated learner and 2 apart; none when no stage generates."""
+    if not generates(cfg):
+        return 0
+    if cfg.rollout.num_workers is not None:
+        return cfg.rollout.num_workers
+    return 1 if colocated(cfg) else 2
+
+
+def placement_label(cfg: TrainConfig) -> str:
+    """How the run places its actors, as the run prints it."""
+    workers = rollout_workers(cfg)
+    if colocated(cfg):
+        others = f" + {workers - 1} rollout worker(s)" if workers > 1 else ""
+        return (f"learner + engine colocated in one actor{others} (placement.colocate="
+                f"{cfg.placement.colocate})")
+    return f"learner + {workers} rollout worker(s), each its own actor (placement.colocate=" \
+        f"{cfg.placement.colocate})"
+
+
 def role_resources(
     prefix: str, cpus: tuple[str, float], gpus: tuple[str, float], custom: tuple[str, dict]
 ) -> tuple[Resources, dict[str, str]]:
@@ -114,24 +163,28 @@ def role_resources(
 
 def group_specs(cfg: TrainConfig) -> list[GroupSpec]:
     """The learner, the rollout workers and the reward actors; the last two only when a stage
-    generates (an rm stage alone trains on preference pairs and evaluates nothing)."""
+    generates. Colocated, the learner's actor also holds rollout worker 0 (its bundle adds a
+    worker's CPUs), and the rollout group starts the others."""
     from ..learner.actor import Learner
     from ..reward.pool import RewardWorker
     from ..rollout.worker import AdapterMissing, RolloutWorker
+    from .colocated import ColocatedLearner
 
-    generates = any(stage != "rm" for stage in cfg.stages)
+    together = colocated(cfg)
+    workers = rollout_workers(cfg) - together if generates(cfg) else 0
     restarts = cfg.ray.max_actor_restarts
     learner, rollout, reward = cfg.learner, cfg.rollout, cfg.reward
+    cpus = learner.cpus + rollout.cpus_per_worker if together else learner.cpus
+    cpus_key = "cpus + rollout.cpus_per_worker" if together else "cpus"
     return [
         # The learner holds the only copy of the training state: no restart (resume from the
         # last checkpoint instead); rollout and reward actors are stateless and restart.
-        GroupSpec("learner", Learner, 1, *role_resources(
-            "learner", ("cpus", learner.cpus), ("num_gpus", learner.num_gpus),
+        GroupSpec("learner", ColocatedLearner if together else Learner, 1, *role_resources(
+            "learner", (cpus_key, cpus), ("num_gpus", learner.num_gpus),
             ("resources", learner.resources)), "lorafleet-learner"),
         # A worker's bundle holds all its engine's GPUs (tensor_parallel_size of them), so
         # they sit on one node and vLLM shards over the worker's own CUDA_VISIBLE_DEVICES.
-        GroupSpec("rollout", RolloutWorker, rollout.num_workers if generates else 0,
-                  *role_resources(
+        GroupSpec("rollout", RolloutWorker, workers, *role_resources(
                       "rollout", ("cpus_per_worker", rollout.cpus_per_worker),
                       ("num_gpus_per_worker", rollout.num_gpus_per_worker),
                       ("resources_per_worker", rollout.resources_per_worker)),
@@ -140,12 +193,10 @@ def group_specs(cfg: TrainConfig) -> list[GroupSpec]:
                   call_timeout=("rollout.call_timeout_s", rollout.call_timeout_s)),
         # Scoring is a pure function of the rollout: the reward pool sends a lost batch again
         # to the restarted actor (reward/pool.py); a reward that raises is not retried.
-        GroupSpec("reward", RewardWorker, reward.num_actors if generates else 0,
+        GroupSpec("reward", RewardWorker, reward.num_actors if generates(cfg) else 0,
                   *role_resources(
                       "reward", ("cpus_per_actor", reward.cpus_per_actor),
                       ("num_gpus_per_actor", reward.num_gpus_per_actor),
                       ("resources_per_actor", reward.resources_per_actor)),
                   "lorafleet-reward-{i}", max_restarts=restarts),
     ]
-
-

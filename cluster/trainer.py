@@ -32,13 +32,14 @@ from .pipeline import RolloutPipeline, ScoredBatch, launch_together
 from .policy_state import PolicyState, load_policies, place_policies, resume_policies
 from .report import (
     EVAL_KEYS,
+    StartupClock,
     iteration_row,
     policies_summary,
     policy_summary,
     print_summary,
     write_comparison,
 )
-from .specs import engine_spec, learner_spec, reward_model_dir, reward_spec
+from .specs import engine_spec, learner_spec, placement_label, reward_model_dir, reward_spec
 from .stages import run_meet_stage, run_offline_stage, run_rm_stage
 from .telemetry import DashboardMetrics, WandbLogger, write_rollouts
 
@@ -86,8 +87,10 @@ class Trainer:
 
         self.cfg = cfg
         self.start_time = time.perf_counter()
+        self.clock = clock = StartupClock()
         # all checked before any actor starts
         self.policies = policies = load_policies(cfg)
+        clock.lap("inputs (data, tokenizer, model files)")
         self.policy = policies[0]  # the one the rm, sft, dpo and meet stages train
         self.inputs = inputs = self.policy.inputs
         # -- the run directory, created only once the inputs are known good (a failed start
@@ -113,6 +116,8 @@ class Trainer:
                 stack.callback(self.wandb.close)
             if connect_ray(cfg):
                 stack.callback(ray.shutdown)
+            clock.lap("Ray")
+            print(f"placement: {placement_label(cfg)}", flush=True)
             self.fleet = start_fleet(
                 cfg, learner_spec(cfg, inputs.model_path, inputs.pad_token_id,
                              [(p.name, p.cfg) for p in policies]),
@@ -121,6 +126,7 @@ class Trainer:
                 {p.name: p.inputs.probe_ids(p.cfg.rollout.probe_prompts) for p in policies},
             )
             stack.callback(self.fleet.kill)
+            clock.lap("actors (their imports, engines, models)")
             self.dashboard = None
             if cfg.logging.ray_metrics:
                 self.dashboard = DashboardMetrics(self.run_dir.path.name)
@@ -133,6 +139,8 @@ class Trainer:
             for policy in self.live():
                 self.fleet.sync_adapter(policy.name)
             self.running = stack.pop_all()
+        clock.lap("first adapter sync")
+        print(clock.line(), flush=True)
         self.startup_seconds = time.perf_counter() - self.start_time
         self.start_eval_seconds: float | None = None  # the held-out evaluation before stage 1
         # Called at two fixed points of each RL iteration, for whoever must act at a known
@@ -498,7 +506,9 @@ class Trainer:
             # inputs, Ray, the actors, the first adapter sync; then the start evaluation (None:
             # a resumed run does not repeat it)
             "startup_seconds": self.startup_seconds,
+            "startup_phases": self.clock.phases,  # from the process's start
             "start_eval_seconds": self.start_eval_seconds,
+            "placement": placement_label(self.cfg),
             "learner_peak_mib": ray.get(self.fleet.learner.peak_memory_mib.remote()),
         }
 

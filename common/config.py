@@ -56,7 +56,9 @@ DEFAULT_MAX_BEHAVIOUR_WEIGHT = 5.0
 
 @dataclass
 class RolloutConfig:
-    num_workers: int = 2
+    # vLLM engines; None: 1 beside a colocated learner (placement.colocate: its own engine;
+    # more on the same cores only contend for them), else 2
+    num_workers: int | None = None
     samples_per_prompt: int = 4
     temperature: float = 1.0
     max_new_tokens: int = 6
@@ -101,7 +103,7 @@ class RolloutConfig:
     def validate(self) -> None:
         if self.call_timeout_s <= 0:
             raise ConfigError(f"rollout.call_timeout_s must be > 0, got {self.call_timeout_s}")
-        if self.num_workers < 1 or self.samples_per_prompt < 1:
+        if (self.num_workers is not None and self.num_workers < 1) or self.samples_per_prompt < 1:
             raise ConfigError("rollout.num_workers and rollout.samples_per_prompt must be >= 1")
         if self.max_loras < 1:
             raise ConfigError(f"rollout.max_loras must be >= 1, got {self.max_loras}")
@@ -369,6 +371,12 @@ class PlacementConfig:
     all on one node or none."""
 
     strategy: Literal["PACK", "SPREAD", "STRICT_PACK"] = "PACK"
+    # "on": the learner and one vLLM engine in one actor (one process, one bundle of
+    # learner.cpus + rollout.cpus_per_worker and the learner's GPU; learner.threads for both),
+    # rollout worker 0 of rollout.num_workers; "off": every engine in its own actor; "auto":
+    # "on" on a local cluster without GPUs (one machine's cores: docs/benchmarks.md#colocated),
+    # else "off". The run prints which.
+    colocate: Literal["auto", "on", "off"] = "auto"
     # a run whose actors are not all placed by then fails naming what is missing (Ray would
     # wait forever); a cluster we start ourselves fails at once. Raise it while an autoscaler
     # adds GPU nodes (minutes).

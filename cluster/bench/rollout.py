@@ -20,7 +20,7 @@ from ...common.metrics import read_metrics
 from ...common.tasks.registry import build_task
 from ..config import load_train_config
 from ..inputs import resolve_model
-from ..specs import engine_spec
+from ..specs import engine_spec, rollout_workers
 from .harness import markdown_table, publish, ratio, report, train
 
 WARMUP_ITERATIONS = 2  # engine warm-up (first compiles, allocator growth) is not steady state
@@ -38,7 +38,7 @@ def raw_vllm_tokens_per_s(cfg, model_path: str, repeats: int = 3) -> tuple[float
     limit = cfg.model.max_model_len - cfg.rollout.max_new_tokens
     examples = build_task(cfg.task).examples("train")
     stream = PromptStream(encode_prompts(examples, tokenizer, limit), cfg.seed)
-    threads = cfg.rollout.num_workers * cfg.rollout.threads_per_worker
+    threads = rollout_workers(cfg) * cfg.rollout.threads_per_worker
     # the whole rollout group's threads in one engine
     engine = RolloutWorker(replace(engine_spec(cfg, model_path), threads_per_worker=threads))
     learner = Learner(LearnerSpec(
@@ -83,7 +83,7 @@ def bench_rollout(path: str | None, overrides: list[str], command: str) -> None:
         ["fleet during training (end to end)", f"{fleet_tps:.0f}", ratio(fleet_tps, lora_tps)],
     ])
     publish(report(command, f"rollout benchmark ({len(rows)} steady iterations; model "
-                   f"{cfg.model.name_or_path}, {cfg.rollout.num_workers} workers, "
+                   f"{cfg.model.name_or_path}, {rollout_workers(cfg)} workers, "
                    f"{cfg.prompts_per_iteration} prompts x {cfg.rollout.samples_per_prompt} "
                    f"samples x <= {cfg.rollout.max_new_tokens} tokens)", table)
             + f"\nadapter publish -> all serving: {sync_s * 1000:.1f} ms ({sync_s / step_s:.1%} "

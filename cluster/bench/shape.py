@@ -32,7 +32,7 @@ from pathlib import Path
 from ...common.devices import peak_rss_mib
 from ...common.metrics import read_metrics
 from ..config import TrainConfig, load_train_config
-from ..specs import sync_tolerance
+from ..specs import rollout_workers, sync_tolerance
 from ..trainer import Trainer
 from .harness import markdown_table, publish, ratio, report
 from .memory import QWEN2_SHAPES, qwen2_config
@@ -170,7 +170,7 @@ def bench_shape(path: str | None, overrides: list[str], shape: str, out: str,
     tolerance = figures[shape]["probe_tolerance"]
     publish(report(command, f"a real model's shape ({shape}, random-init) vs the embedded tiny "
                    f"model: {cfg.iterations} iterations of {cfg.prompts_per_iteration} prompts x "
-                   f"{cfg.rollout.samples_per_prompt} samples, {cfg.rollout.num_workers} rollout "
+                   f"{cfg.rollout.samples_per_prompt} samples, {rollout_workers(cfg)} rollout "
                    f"workers, {cfg.reward.num_actors} reward actors; medians after the first "
                    f"iteration; probe tolerance {tolerance:g}", table),
             out_dir / "shape.md", ("shape.json",))

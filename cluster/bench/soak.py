@@ -41,10 +41,12 @@ from ..accounting import half_written_checkpoints, prompts_not_once, versions_no
 from ..checkpoint import TRAINER_STATE
 from ..config import load_train_config
 from ..local_head import AUTH_ENV, local_head
+from ..specs import rollout_workers
 from .harness import markdown_table, publish, report
 
 DEFAULT_CONFIG = "deploy/configs/default.yaml"
 SOAK_RUN = ["rollout.mode=async", "logging.rollouts_parquet=true", "eval_every=0",
+            "placement.colocate=off",
             "ray.max_actor_restarts=1000"]
 VICTIMS = ("lorafleet-rollout-", "lorafleet-reward-")
 POLL_S = 0.01  # how often the driver's checkpoints are looked at (a write takes ~0.1 s)
@@ -200,7 +202,7 @@ def bench_soak(path: str | None, overrides: list[str], iterations: int, kill_eve
     with tempfile.TemporaryDirectory(prefix="lf-soak-", dir="/tmp") as tmp, \
             local_head(Path(tmp)) as head:
         injector = Injector(run_dir, head.dashboard, log,
-                            cfg.rollout.num_workers + cfg.reward.num_actors,
+                            rollout_workers(cfg) + cfg.reward.num_actors,
                             kill_every if faults else 0, iterations // 2 if faults else None,
                             overlap, cfg.seed)
         joined = [f"ray.address={head.address}"]

@@ -379,6 +379,7 @@ def bench_tinker(path: str | None, overrides: list[str], out: str, clients: list
     """Runs the benchmark into `out` (None: Workload's default) and returns its figures."""
     from ...common.tasks.registry import build_task
     from ..inputs import driver_tokenizer, resolve_model
+    from ..specs import rollout_workers
     from ..tinker.config import load_serve_config
     from ..tinker.server import start_fleet
 
@@ -393,8 +394,8 @@ def bench_tinker(path: str | None, overrides: list[str], out: str, clients: list
                     prompt=tokenizer(SAMPLE_PROMPT)["input_ids"],
                     **{key: value for key, value in given.items() if value is not None})
     with ExitStack() as stack:
-        print(f"bench tinker: starting the fleet ({cfg.rollout.num_workers} rollout workers)",
-              flush=True)
+        workers = rollout_workers(cfg.train_config())
+        print(f"bench tinker: starting the fleet ({workers} rollout workers)", flush=True)
         service = start_fleet(cfg, stack)
         figures = ServedBench(service, work, out_dir, Path(cfg.run_dir) / "server.json").run()
     seconds = figures["seconds"]
@@ -409,7 +410,7 @@ def bench_tinker(path: str | None, overrides: list[str], out: str, clients: list
     }
     (out_dir / "tinker_bench.json").write_text(json.dumps(results, indent=1))
     publish(report(command, f"Tinker API benchmark (model {cfg.model.name_or_path}, "
-                   f"{cfg.rollout.num_workers} rollout workers)", tables(results)),
+                   f"{rollout_workers(cfg.train_config())} rollout workers)", tables(results)),
             out_dir / "tinker_bench.md", ("tinker_bench.json",))
     return results
 

@@ -67,18 +67,34 @@ def lorafleet_overrides(scale: Scale, seed: int, autocast: str, run_dir: Path) -
     ]
 
 
+def cpu_seconds() -> tuple[float, float]:
+    """The machine's CPU seconds so far, (user, kernel): every process's, Ray's included."""
+    import psutil
+
+    times = psutil.cpu_times()
+    return times.user + times.nice, times.system
+
+
+def kernel_share(before: tuple[float, float]) -> float:
+    """The kernel's share of the CPU time spent since `before` (cpu_seconds): thread
+    contention (spinning, futex waits, context switches) shows up there."""
+    user, kernel = (now - then for now, then in zip(cpu_seconds(), before, strict=True))
+    return kernel / (user + kernel)
+
+
 # -- lorafleet ---------------------------------------------------------------------------------
 def run_lorafleet(overrides: list[str], run_dir: Path) -> dict:
     """`lorafleet train` as its own process: whole-command time, command -> first iteration
-    (when its metrics row appears, less the iteration's own seconds), steady rows."""
-    start = time.perf_counter()
+    (when its metrics row appears, less the iteration's own seconds), steady rows, the kernel's
+    share of the machine's CPU time."""
+    start, cpu = time.perf_counter(), cpu_seconds()
     proc = subprocess.Popen([sys.executable, "-m", "lorafleet.cluster.cli", "train", *overrides])
     first_row_at = None
     while proc.poll() is None:
         if first_row_at is None and RunDir(run_dir).metrics.exists():
             first_row_at = time.perf_counter() - start
         time.sleep(0.2)
-    seconds = time.perf_counter() - start
+    seconds, kernel = time.perf_counter() - start, kernel_share(cpu)
     if proc.returncode:
         raise RuntimeError(f"lorafleet train failed (exit {proc.returncode}): {overrides}")
     from ...common.metrics import read_metrics
@@ -87,7 +103,8 @@ def run_lorafleet(overrides: list[str], run_dir: Path) -> dict:
     summary = RunDir(run_dir).read_summary()
     return dict(
         command_seconds=seconds, first_step_seconds=first_row_at - rows[0]["step_seconds"],
-        startup_seconds=summary["startup_seconds"],
+        kernel_share=kernel, placement=summary["placement"],
+        startup_phases=summary["startup_phases"], startup_seconds=summary["startup_seconds"],
         start_eval_seconds=summary["start_eval_seconds"],
         step_seconds=[r["step_seconds"] for r in rows], samples=[r["samples"] for r in rows],
         reward=[r["reward_mean"] for r in rows],
@@ -127,13 +144,14 @@ def run_trl(spec: dict) -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(
         p for p in (str(trl_target()), env.get("PYTHONPATH")) if p)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), cpu_seconds()
     out = Path(spec["output_dir"]) / "trl_result.json"
     spec = spec | {"launched_at": time.time()}  # wall clock: read in the other process
     subprocess.run([sys.executable, "-m", "lorafleet.cluster.bench.vs_trl", json.dumps(spec)],
                    env=env, check=True)
     result = json.loads(out.read_text())
-    return result | {"command_seconds": time.perf_counter() - start}
+    return result | {"command_seconds": time.perf_counter() - start,
+                     "kernel_share": kernel_share(cpu)}
 
 
 def trl_main(spec: dict) -> None:
@@ -311,10 +329,15 @@ def print_scale(name: str, scale: Scale, runs: list[dict], learner: dict, result
         ratio = statistics.mean(ours) / statistics.mean(trl)
         ratio = ratio if key == "rate" else 1 / ratio  # > 1: lorafleet better
         print(f"  {label:34}{spread(trl):>14}{spread(ours):>14}{ratio:>9.2f}x")
-    startup, start_eval = (spread(figures(key, "lorafleet"))
-                           for key in ("startup_seconds", "start_eval_seconds"))
-    print(f"  lorafleet's first step, after its imports: start-up (inputs, Ray, the actors, "
-          f"the first sync) {startup} s, the start evaluation {start_eval} s")
+    trl, ours = figures("kernel_share", "trl"), figures("kernel_share", "lorafleet")
+    print(f"  {'kernel share of the CPU time':34}{spread([100 * x for x in trl]) + '%':>14}"
+          f"{spread([100 * x for x in ours]) + '%':>14}")
+    print(f"  lorafleet placement: {runs[0]['lorafleet']['placement']}")
+    for run in runs:
+        side = run["lorafleet"]
+        phases = ", ".join(f"{name} {s:.1f}" for name, s in side["startup_phases"].items())
+        print(f"  lorafleet seed {run['seed']} start-up: {phases}; then the start evaluation "
+              f"{side['start_eval_seconds']:.1f} s")
     for run in runs:
         for side in ("trl", "lorafleet"):
             curve = " ".join(f"{r:.2f}" for r in run[side]["reward"])

@@ -5,7 +5,7 @@ the run keys a server has no use for are errors here, not silently ignored."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Literal
 
@@ -95,6 +95,9 @@ class ServeConfig:
             raise ConfigError(f"{', '.join(unused)}: a server's clients choose how to sample "
                               f"(SamplingParams); lorafleet serve takes only "
                               f"rollout.{{{', '.join(SERVED_ROLLOUT_KEYS)}}}")
+        if self.placement.colocate == "on":
+            raise ConfigError("placement.colocate=on: the Tinker service keeps the learner "
+                              "and the engines apart (clients train and sample at once)")
 
     def train_config(self) -> TrainConfig:
         """The run config the fleet's actors are built from (cluster/specs.py): one policy,
@@ -102,8 +105,8 @@ class ServeConfig:
         return TrainConfig(
             run_dir=self.run_dir, seed=self.seed, task=self.task, model=self.model,
             lora=LoRAConfig(rank=self.serve.max_lora_rank, alpha=self.serve.lora_alpha),
-            rollout=self.rollout, learner=self.learner, placement=self.placement,
-            ray=self.ray)
+            rollout=self.rollout, learner=self.learner,
+            placement=replace(self.placement, colocate="off"), ray=self.ray)
 
 
 def load_serve_config(path: str | Path | None, overrides: list[str] = ()) -> ServeConfig:

@@ -39,7 +39,7 @@ def test_async_run_bounds_staleness_and_learns(ray_cluster, tmp_path, tokenizer)
     cfg = load_train_config(None, [
         f"run_dir={tmp_path / 'run'}", f"iterations={ITERATIONS}", "eval_every=0",
         "checkpoint_every=4", "logging.rollouts_parquet=true", "rollout.mode=async",
-        f"rollout.max_staleness={MAX_STALENESS}",
+        f"rollout.max_staleness={MAX_STALENESS}", "placement.colocate=off",
     ])
     with Trainer(cfg) as trainer:
         worker = actor_pid("lorafleet-rollout-0")  # asked while the worker is idle

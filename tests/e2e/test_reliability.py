@@ -18,7 +18,7 @@ from lorafleet.common.metrics import read_metrics
 ITERATIONS = 6
 SHORT_RUN = [
     f"iterations={ITERATIONS}", "checkpoint_every=2", "eval_every=0",
-    "logging.rollouts_parquet=true", "prompts_per_iteration=16",
+    "logging.rollouts_parquet=true", "prompts_per_iteration=16", "placement.colocate=off",
 ]
 
 

@@ -38,8 +38,11 @@ def test_bad_resource_keys_are_named(overrides, key):
 
 
 def test_the_default_job_asks_for_cpus_only_and_fits_two_cores():
-    specs = group_specs(load_train_config(None))
+    specs = group_specs(load_train_config(None, ["placement.colocate=off"]))
     assert [s.resources.bundle() for s in specs] == [{"CPU": 0.8}, {"CPU": 0.5}, {"CPU": 0.1}]
+    assert shortfalls(specs, [{"CPU": 2.0}], "PACK") == []
+    specs = group_specs(load_train_config(None, ["placement.colocate=on"]))
+    assert [s.resources.bundle() for s in specs] == [{"CPU": 1.3}, {"CPU": 0.5}, {"CPU": 0.1}]
     assert shortfalls(specs, [{"CPU": 2.0}], "PACK") == []
 
 
@@ -96,3 +99,8 @@ def test_vllm_gets_gpu_arguments_only_on_a_gpu():
     assert engine_args(spec, "bfloat16", gpu=True) == cpu
     with pytest.raises(ValueError, match="need a GPU worker"):
         engine_args(replace(spec, tensor_parallel_size=2), "bfloat16", gpu=False)
+    # colocated with the learner: on a GPU the engine can free its KV cache during updates
+    # (vLLM's sleep mode; cluster/colocated.py), on the CPU there is nothing to free
+    colocated = replace(spec, colocated=True)
+    assert engine_args(colocated, "bfloat16", gpu=True) == {**cpu, "enable_sleep_mode": True}
+    assert engine_args(colocated, "bfloat16", gpu=False) == cpu
