@@ -82,7 +82,7 @@ def learner_spec(
         stages=tuple(cfg.stages), dtype=cfg.model.dtype, threads=cfg.learner.threads,
         attn_implementation=cfg.model.attn_implementation,
         gradient_checkpointing=cfg.learner.gradient_checkpointing,
-        autocast=cfg.learner.autocast,
+        autocast=cfg.learner.autocast, compile=cfg.learner.compile,
     )
 
 

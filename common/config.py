@@ -356,6 +356,12 @@ class LearnerConfig:
     # weights and Adam moments stay float32; the probe check runs in float32): "auto" where the
     # CPU (AVX512-BF16/AMX) or GPU multiplies bfloat16 natively, "bf16" anywhere, "off" never
     autocast: Literal["auto", "bf16", "off"] = "off"
+    # torch.compile of the model's forward passes (inductor): the elementwise work between the
+    # matmuls (norms, rotary, LoRA scaling, casts) fused; on a 28M-parameter model on 2 CPU
+    # cores the update ran 2x faster (docs/benchmarks.md#the-learners-flop-rate), after
+    # minutes of compiling in the first steps. Off by default: the embedded model is too small
+    # to gain it back in the default job
+    compile: bool = False
 
     def validate(self) -> None:
         check_gpus("learner.num_gpus", self.num_gpus)

@@ -41,6 +41,7 @@ class LearnerSpec:
     attn_implementation: str | None = None  # model.attn_implementation
     gradient_checkpointing: bool = False  # learner.gradient_checkpointing
     autocast: str = "off"  # learner.autocast
+    compile: bool = False  # learner.compile
     # not a config key: None puts the learner on the GPU Ray assigned it, else the CPU; the
     # benches name one
     device: str | None = None

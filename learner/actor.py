@@ -71,6 +71,8 @@ class Learner:
         )
         for policy in others:
             add_policy_adapters(net, policy, rl)
+        if spec.compile:
+            net.compile()
         self.autocast = autocast_dtype(spec.autocast, device, self.dtype)
         self.policies = {p.name: Policy(p, net, spec.pad_token_id, self.autocast, rl)
                          for p in spec.policies}

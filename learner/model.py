@@ -153,6 +153,11 @@ class PolicyValueModel:
             self.add_adapter(name, lora)
         self.eval()
 
+    def compile(self) -> None:
+        """The model's forward passes compiled (torch.compile, shapes dynamic: batches differ
+        in length); each adapter setting compiles once, on its first pass."""
+        self.model.forward = torch.compile(self.model.forward, dynamic=True)
+
     def eval(self) -> None:
         """Every module in eval mode, no dropout (lora.dropout still applies via train()), but
         for the training flag of the checkpointed layers (`__init__`)."""

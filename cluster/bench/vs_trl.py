@@ -45,13 +45,15 @@ class Scale:
     steps: int
     warmup: int  # first steps left out of the steady-state rate (engine and allocator warm-up)
     model_overrides: tuple[str, ...] = ()  # model.tiny.* keys: the embedded recipe's shape
+    # learner.compile: worth its minutes of compiling where the update is large
+    compile: bool = False
 
 
 SCALES = {
     "small": Scale(max_new_tokens=6, steps=20, warmup=2),
-    "large": Scale(max_new_tokens=64, steps=4, warmup=1, model_overrides=(
+    "large": Scale(max_new_tokens=64, steps=5, warmup=2, model_overrides=(
         "model.tiny.hidden_size=512", "model.tiny.num_layers=8", "model.tiny.num_heads=8",
-        "model.tiny.intermediate_size=1536", "model.tiny.sft_steps=0")),
+        "model.tiny.intermediate_size=1536", "model.tiny.sft_steps=0"), compile=True),
 }
 
 
@@ -63,7 +65,8 @@ def lorafleet_overrides(scale: Scale, seed: int, autocast: str, run_dir: Path) -
         "algo.name=grpo", "algo.epochs=1", f"algo.minibatch_size={PROMPTS * SAMPLES}",
         f"algo.policy_lr={LR}", f"algo.kl_coef={KL_COEF}", "algo.kl_mode=loss",
         f"algo.clip_eps={CLIP_EPS}", f"lora.rank={LORA['rank']}", f"lora.alpha={LORA['alpha']}",
-        f"learner.autocast={autocast}", *scale.model_overrides,
+        f"learner.autocast={autocast}", f"learner.compile={str(scale.compile).lower()}",
+        *scale.model_overrides,
     ]
 
 
@@ -217,11 +220,13 @@ def matmul_gflops(dtype: str, threads: int, n: int = 2048, repeats: int = 5) -> 
     return 2 * n**3 * repeats / (time.perf_counter() - start) / 1e9
 
 
-def learner_gflops(cfg, model_path: str, response_tokens: int, attention: str,
+def learner_gflops(cfg, model_path: str, response_tokens: int, attention: str, autocast: str,
                    steps: int = 3) -> dict:
-    """One GRPO update as the run's learner makes it (same config, threads, autocast; the
-    `attention` kernel) on a batch of the scale's shape: torch's FLOP count of the update over
-    its median time."""
+    """One GRPO update as the run's learner makes it (same config, threads, learner.compile;
+    the `attention` kernel) in `autocast` on a batch of the scale's shape: torch's FLOP count of
+    the update (run eagerly: a compiled graph's kernels are not counted) over its median time,
+    after two warm-up updates (compiling)."""
+    import torch
     from torch.utils.flop_counter import FlopCounterMode
     from transformers import AutoTokenizer
 
@@ -233,8 +238,8 @@ def learner_gflops(cfg, model_path: str, response_tokens: int, attention: str,
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     learner = Learner(LearnerSpec(
         model_path, pad_token_id(tokenizer), (PolicySpec(algo=cfg.algo, lora=cfg.lora),),
-        dtype=cfg.model.dtype, threads=cfg.learner.threads, autocast=cfg.learner.autocast,
-        attn_implementation=attention,
+        dtype=cfg.model.dtype, threads=cfg.learner.threads, autocast=autocast,
+        attn_implementation=attention, compile=cfg.learner.compile,
     ))
     setup = BenchSetup(prompts=PROMPTS, samples=SAMPLES, prompt_tokens=6,
                        response_tokens=response_tokens)
@@ -246,8 +251,9 @@ def learner_gflops(cfg, model_path: str, response_tokens: int, attention: str,
         learner.train_step(batch)
         return time.perf_counter() - start
 
-    with FlopCounterMode(display=False) as counter:
+    with FlopCounterMode(display=False) as counter, torch.compiler.set_stance("force_eager"):
         update()
+    update(), update()
     seconds = statistics.median(update() for _ in range(steps))
     flops = counter.get_total_flops()
     return dict(params=params, gflop=flops / 1e9, seconds=seconds, gflops=flops / seconds / 1e9,
@@ -291,10 +297,10 @@ def bench_vs_trl(path: str | None, overrides: list[str], scales: list[str], seed
                                       out_dir / f"trl-{name}-seed{seed}"))
             ours = run_lorafleet(keys, run_dir)
             runs.append({"seed": seed, "lorafleet": ours, "trl": theirs})
-        # the run's kernel, and the other one for comparison (sdpa: transformers' default)
-        learner = learner_gflops(cfg, model_path, scale.max_new_tokens, attention)
-        learner["sdpa_seconds"] = learner_gflops(
-            cfg, model_path, scale.max_new_tokens, "sdpa")["seconds"]
+        # the learner in each precision, side by side
+        learner = {precision: learner_gflops(cfg, model_path, scale.max_new_tokens, attention,
+                                             setting)
+                   for precision, setting in (("bfloat16", "bf16"), ("float32", "off"))}
         results["scales"][name] = {"scale": asdict(scale), "runs": runs, "learner": learner}
         print_scale(name, scale, runs, learner, results)
     (out_dir / "vs_trl.json").write_text(json.dumps(results, indent=1))
@@ -317,7 +323,8 @@ def print_scale(name: str, scale: Scale, runs: list[dict], learner: dict, result
         return f"{min(values):.1f}-{max(values):.1f}" if len(values) > 1 else f"{values[0]:.1f}"
 
     peak = results["peak_gflops"]
-    print(f"\nvs TRL {TRL_VERSION}, {name} scale: {learner['params'] / 1e6:.1f}M-param model, "
+    params = learner["bfloat16"]["params"]
+    print(f"\nvs TRL {TRL_VERSION}, {name} scale: {params / 1e6:.1f}M-param model, "
           f"{PROMPTS} prompts x {SAMPLES} samples x <= {scale.max_new_tokens} new tokens, "
           f"{scale.steps} steps, learner autocast {results['autocast']}, "
           f"{results['attention']} attention on both sides, seeds {results['seeds']}")
@@ -342,11 +349,12 @@ def print_scale(name: str, scale: Scale, runs: list[dict], learner: dict, result
         for side in ("trl", "lorafleet"):
             curve = " ".join(f"{r:.2f}" for r in run[side]["reward"])
             print(f"  reward per sample, {side:9} seed {run['seed']}: {curve}")
-    print(f"  learner update ({learner['autocast']}): {learner['gflop']:.0f} GFLOP in "
-          f"{learner['seconds']:.1f} s = {learner['gflops']:.0f} GFLOP/s; matmul peak here: "
-          f"float32 {peak['float32']:.0f}, bfloat16 {peak['bfloat16']:.0f} GFLOP/s")
-    print(f"  the same update with {results['attention']} attention {learner['seconds']:.2f} s, "
-          f"with sdpa (transformers' default) {learner['sdpa_seconds']:.2f} s")
+    compiled = "compiled" if scale.compile else "eager"
+    for precision, update in learner.items():
+        print(f"  learner update, {precision} ({compiled}): {update['gflop']:.0f} GFLOP in "
+              f"{update['seconds']:.2f} s = {update['gflops']:.0f} GFLOP/s, "
+              f"{update['gflops'] / peak[precision]:.0%} of this machine's {precision} matmul "
+              f"peak ({peak[precision]:.0f} GFLOP/s)")
 
 
 if __name__ == "__main__":
