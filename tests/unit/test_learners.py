@@ -225,3 +225,4 @@ def test_bf16_autocast_learns_on_float32_weights(tiny_model_path, tokenizer):
     assert moments and {m.dtype for m in moments} == {torch.float32}
     gain = margin(learner, tokenizer) - before
     assert gain > MIN_GAIN["grpo"], gain  # measured: 3.26 at seed 0 (float32: 3.25-3.44)
+
