@@ -510,6 +510,7 @@ class Trainer:
             "start_eval_seconds": self.start_eval_seconds,
             "placement": placement_label(self.cfg),
             "learner_peak_mib": ray.get(self.fleet.learner.peak_memory_mib.remote()),
+            "learner_precision": ray.get(self.fleet.learner.precision.remote()),
         }
 
     def resume_hint(self, what: str) -> str:

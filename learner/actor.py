@@ -128,6 +128,13 @@ class Learner:
             results, tolerance, lambda batch: self.meet.level_logprobs(batch, level),
             f" ({adapters})")
 
+    def precision(self) -> str:
+        """What the updates compute in (learner.autocast, model.dtype, learner.compile)."""
+        matmuls = f"{self.autocast} autocast on {self.dtype} weights" if self.autocast \
+            else self.dtype
+        return f"{matmuls} on {self.net.device.type}" + (", compiled" if self.spec.compile
+                                                          else "")
+
     def peak_memory_mib(self) -> float:
         """The learner's peak memory so far: CUDA's max allocated on a GPU, else the actor
         process's peak RSS."""

@@ -203,6 +203,7 @@ def test_colocated_default_job_learns_as_the_distributed_one(ray_cluster, defaul
     summary, rows = root.read_summary(), read_metrics(root)
     assert summary["placement"] == ("learner + engine colocated in one actor "
                                     "(placement.colocate=auto)")
+    assert summary["learner_precision"] == "float32 on cpu"  # learner.autocast: off
     assert [r["adapter_version"] for r in rows] == list(range(ITERATIONS))
     assert all(r["worker_versions"] == [r["adapter_version"]] for r in rows)  # one engine
     assert max(r["probe_max_logprob_gap"] for r in rows) < 1e-3

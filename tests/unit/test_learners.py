@@ -226,3 +226,8 @@ def test_bf16_autocast_learns_on_float32_weights(tiny_model_path, tokenizer):
     gain = margin(learner, tokenizer) - before
     assert gain > MIN_GAIN["grpo"], gain  # measured: 3.26 at seed 0 (float32: 3.25-3.44)
 
+
+def test_the_learner_names_its_precision(tiny_model_path, tokenizer):
+    assert new_learner(tiny_model_path, tokenizer.pad_token_id).precision() == "float32 on cpu"
+    learner = new_learner(tiny_model_path, tokenizer.pad_token_id, autocast="bf16")
+    assert learner.precision() == "bfloat16 autocast on float32 weights on cpu"
