@@ -26,3 +26,21 @@ def test_summary_without_a_reference_has_no_kl():
     assert summarize(rows)["kl_last_iterations"] is None
     rows = [r | {"kl": 0.25} for r in rows]
     assert summarize(rows)["kl_last_iterations"] == 0.25
+
+
+def test_the_startup_clock_counts_the_process_start_once(monkeypatch):
+    import time
+
+    from lorafleet.cluster.report import StartupClock
+
+    monkeypatch.setattr(StartupClock, "process_start_counted", False)
+    first = StartupClock()
+    time.sleep(0.05)
+    first.lap("Ray")
+    assert list(first.phases) == ["python and imports", "Ray"]
+    assert first.phases["python and imports"] > 0 and first.phases["Ray"] >= 0.05
+    assert first.line().startswith(f"start-up {sum(first.phases.values()):.1f} s: python and "
+                                   "imports ")
+    second = StartupClock()  # a later run in the same process: its own start only
+    second.lap("Ray")
+    assert list(second.phases) == ["Ray"]
