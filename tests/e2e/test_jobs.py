@@ -44,8 +44,11 @@ WINDOW = 5
 MIN_SAMPLED_RATIO = 2.0  # held-out sampled reward, end / start
 MIN_GREEDY_GAIN = 0.4  # held-out greedy accuracy, end - start
 MIN_REWARD_GAIN = 0.12  # train reward, mean of the last 5 iterations - the first 5
-# Held-out greedy accuracy after 20 iterations, colocated vs distributed (seeds 0, 1, 2; see
-# docs/benchmarks.md#colocated): measured below; asserted at several times the seeds' spread.
+# Held-out greedy accuracy, colocated vs apart: the same seed gave the same figures in every
+# placement (seed 0, 40 iterations: 0.873 / 0.924 sampled / greedy apart, colocated with one
+# engine and with two; docs/benchmarks.md#colocated-or-apart), the samples being seeded per
+# prompt. Asserted within 0.1 (the seeds' spread at 20 iterations is 0.012) for a CPU whose
+# float path lets the two placements drift apart.
 COLOCATED_GREEDY_GAP = 0.1
 
 
