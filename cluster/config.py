@@ -94,9 +94,19 @@ class TrainConfig:
         if self.reward.model_on_learner and not self.uses_reward_model:
             raise ConfigError("reward.model_on_learner is set but there is no reward model")
         self.algo.check_run(self.rollout)
+        if self.placement.colocate == "on":
+            self.check_colocate()
         if "meet" in self.stages:
             self.check_meet()
         expand_policies(self)  # each policy's own config is checked here, at load
+
+    def check_colocate(self) -> None:
+        if all(stage == "rm" for stage in self.stages):
+            raise ConfigError(f"placement.colocate=on: stages {self.stages} generate nothing, "
+                              "so there is no engine to put beside the learner")
+        if self.rollout.num_gpus_per_worker and not self.learner.num_gpus:
+            raise ConfigError("placement.colocate=on: the colocated engine runs on the "
+                              "learner's device; give the learner the GPU (learner.num_gpus)")
 
     def check_meet(self) -> None:
         meet = self.meet

@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 from collections.abc import Collection
 
-from ..common.configio import ConfigError
 from ..common.devices import model_dtype
 from ..common.run_dir import RunDir
 from ..common.specs import EngineSpec, LearnerSpec, PolicySpec
@@ -116,19 +115,13 @@ def generates(cfg: TrainConfig) -> bool:
 
 
 def colocated(cfg: TrainConfig) -> bool:
-    """Whether the learner and rollout worker 0 share one actor (placement.colocate; "auto":
-    on a local cluster without GPUs, where they would share one machine's cores anyway)."""
+    """Whether the learner and rollout worker 0 share one actor (placement.colocate, checked
+    at load by TrainConfig.validate; "auto": on a local cluster without GPUs, where they would
+    share one machine's cores anyway)."""
     colocate = cfg.placement.colocate
     gpus = cfg.learner.num_gpus or cfg.rollout.num_gpus_per_worker
-    if colocate == "on":
-        if not generates(cfg):
-            raise ConfigError(f"placement.colocate=on: stages {cfg.stages} generate nothing, so "
-                              "there is no engine to put beside the learner")
-        if cfg.rollout.num_gpus_per_worker and not cfg.learner.num_gpus:
-            raise ConfigError("placement.colocate=on: the colocated engine runs on the "
-                              "learner's device; give the learner the GPU (learner.num_gpus)")
-        return True
-    return colocate == "auto" and generates(cfg) and fixed_cluster(cfg) and not gpus
+    return colocate == "on" or (colocate == "auto" and generates(cfg) and fixed_cluster(cfg)
+                                and not gpus)
 
 
 def rollout_workers(cfg: TrainConfig) -> int:
@@ -171,7 +164,7 @@ def group_specs(cfg: TrainConfig) -> list[GroupSpec]:
     from .colocated import ColocatedLearner
 
     together = colocated(cfg)
-    workers = rollout_workers(cfg) - together if generates(cfg) else 0
+    workers = rollout_workers(cfg) - together
     restarts = cfg.ray.max_actor_restarts
     learner, rollout, reward = cfg.learner, cfg.rollout, cfg.reward
     cpus = learner.cpus + rollout.cpus_per_worker if together else learner.cpus

@@ -380,8 +380,8 @@ class PlacementConfig:
     # "on": the learner and one vLLM engine in one actor (one process, one bundle of
     # learner.cpus + rollout.cpus_per_worker and the learner's GPU; learner.threads for both),
     # rollout worker 0 of rollout.num_workers; "off": every engine in its own actor; "auto":
-    # "on" on a local cluster without GPUs (one machine's cores: docs/benchmarks.md#colocated),
-    # else "off". The run prints which.
+    # "on" on a local cluster without GPUs (one machine's cores:
+    # docs/benchmarks.md#colocated-or-apart), else "off". The run prints which.
     colocate: Literal["auto", "on", "off"] = "auto"
     # a run whose actors are not all placed by then fails naming what is missing (Ray would
     # wait forever); a cluster we start ourselves fails at once. Raise it while an autoscaler

@@ -4,10 +4,10 @@ vLLM's CPU punica path (`vllm.lora.ops.torch_ops`) gathers every token's LoRA we
 (`weights[indices]`: a tokens x out x rank copy) and multiplies token by token (an einsum
 batched over tokens). A batch holds a few adapters at most (one per policy or meet level), so
 the same products grouped by adapter are a handful of plain matmuls, with no copy: on the
-embedded model this was 43% of generation (`docs/benchmarks.md#lorafleet-vs-trl`). The
-functions keep vLLM's signatures and semantics (an index of -1, "no adapter", selects the last
-slot, as torch indexing does there; vLLM keeps that slot zero), and `install` puts them in
-place of vLLM's; tests/unit/test_lora_kernels.py compares them with vLLM's own."""
+embedded model this was 43% of generation in a profile (`docs/benchmarks.md#lorafleet-vs-trl`).
+The functions keep vLLM's signatures and semantics (an index of -1, "no adapter", selects the
+last slot, as torch indexing does there; vLLM keeps that slot zero), and `install` puts them in
+place of vLLM's; tests/ray/test_lora_kernels.py compares them with vLLM's own."""
 
 from __future__ import annotations
 

@@ -410,7 +410,7 @@ def bench_tinker(path: str | None, overrides: list[str], out: str, clients: list
     }
     (out_dir / "tinker_bench.json").write_text(json.dumps(results, indent=1))
     publish(report(command, f"Tinker API benchmark (model {cfg.model.name_or_path}, "
-                   f"{rollout_workers(cfg.train_config())} rollout workers)", tables(results)),
+                   f"{workers} rollout workers)", tables(results)),
             out_dir / "tinker_bench.md", ("tinker_bench.json",))
     return results
 
