@@ -24,6 +24,7 @@ from torch import Tensor
 from ..common.records import AdapterSnapshot, OfflineStats, SFTExample
 from .core import LearnerCore
 from .model import PolicyValueModel, TokenBatch, token_logprobs
+from .routing import Route
 
 SHARED = "shared"
 
@@ -57,14 +58,14 @@ def lora_of(net: PolicyValueModel, name: str) -> tuple[dict[str, Tensor], float,
             config.lora_alpha / config.r, config.r)
 
 
-def prefixed_logprobs(net: PolicyValueModel, batch: TokenBatch, adapters: list[str],
+def prefixed_logprobs(net: PolicyValueModel, batch: TokenBatch, route: Route,
                       prefix: Tensor) -> Tensor:
-    """Response log-probs under `adapters` (PolicyValueModel.active) with the `prefix`
-    embeddings ([P, hidden], a soft prompt) before every row's ([B, T])."""
-    with net.active(adapters):
-        rows, length = len(batch.input_ids), len(prefix)
+    """Response log-probs under `route`'s adapters with the `prefix` embeddings ([B, P,
+    hidden], soft prompts) before each row's ([B, T])."""
+    rows, length = len(batch.input_ids), prefix.shape[1]
+    with net.routed(route, rows):
         embeds = net.model.get_input_embeddings()(batch.input_ids)
-        embeds = torch.cat([prefix.to(embeds.dtype).expand(rows, -1, -1), embeds], dim=1)
+        embeds = torch.cat([prefix.to(embeds.dtype), embeds], dim=1)
         mask = torch.cat([batch.attention_mask.new_ones(rows, length), batch.attention_mask],
                          dim=1)
         logits = net.model(inputs_embeds=embeds, attention_mask=mask).logits
@@ -163,28 +164,31 @@ class MeetUpdater:
 
     def level_logprobs(self, batch, level: int, with_shared: bool = True) -> Tensor:
         """Response log-probs under level `level`'s control (and the shared LoRA)."""
-        adapters = self.controls.adapters(level) + [SHARED] * with_shared
-        soft_prompt = self.controls.soft_prompt(level)
-        if soft_prompt is None:
-            return self.core.net.logprobs(batch, adapters=adapters)
-        return prefixed_logprobs(self.core.net, batch, adapters, soft_prompt)
+        return self.levels_logprobs(batch, [(level, len(batch.input_ids))], with_shared)
+
+    def levels_logprobs(self, batch, runs: list[tuple[int, int]], with_shared: bool) -> Tensor:
+        """Response log-probs of rows in runs of one level each, `(level, rows)` in row order,
+        each under its level's control (and the shared LoRA), in one forward pass."""
+        route = Route.of([(self.controls.adapters(level) + [SHARED] * with_shared, rows)
+                          for level, rows in runs])
+        prompts = [self.controls.soft_prompt(level) for level, _ in runs]
+        if prompts[0] is None:
+            return self.core.net.logprobs(batch, adapters=route)
+        prefix = torch.cat([p.expand(rows, -1, -1) for p, (_, rows) in zip(prompts, runs,
+                                                                             strict=True)])
+        return prefixed_logprobs(self.core.net, batch, route, prefix)
 
     def step(self, examples: list[SFTExample], version: int) -> OfflineStats:
-        """The SFT token loss over the minibatch, each row under its own level's control (one
-        forward per level present)."""
+        """The SFT token loss over the minibatch, each row under its own level's control: the
+        rows ordered by level, all levels in one forward pass (the loss is a mean over
+        tokens, so the order is the minibatch's own)."""
         core = self.core
+        examples = sorted(examples, key=lambda e: e.level)
         batch = core.collate([e.prompt_ids for e in examples], [e.response_ids for e in examples])
-        levels = torch.tensor([e.level for e in examples], device=core.net.device)
-        logp = torch.zeros_like(batch.mask)
-        for level in levels.unique().tolist():
-            rows = (levels == level).nonzero().squeeze(1)
-            with core.autocast():
-                level_logp = self.level_logprobs(batch.select(rows), level, self.with_shared)
-            logp = logp.index_put((rows,), level_logp.float())
-        # set_adapter leaves only the last level's adapters requiring grad: a parameter that
-        # does not at backward time gets no gradient, so every trained one must again
-        for param in self.params:
-            param.requires_grad_(True)
+        levels = [e.level for e in examples]
+        runs = [(level, levels.count(level)) for level in sorted(set(levels))]
+        with core.autocast():
+            logp = self.levels_logprobs(batch, runs, self.with_shared).float()
         return core.nll_step(batch, logp, self.params, self.opt, version)
 
     def publish_level(self, level: int, policy: AdapterSnapshot) -> AdapterSnapshot:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import re
 import warnings
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -24,6 +24,7 @@ from torch import Tensor
 
 from ..common.devices import attention_kernel
 from ..common.records import POLICY, AdapterSnapshot, ScoredRollout
+from .routing import Route, Router
 
 # Ray warns on every zero-copy tensor it serialises; snapshot() below hands it detached clones.
 warnings.filterwarnings("ignore", message="Zero-copy tensor serialization is enabled")
@@ -134,10 +135,12 @@ class PolicyValueModel:
         attention = {"attn_implementation": kernel} if kernel else {}
         base = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, **attention)
         base.config.use_cache = False
+        self.router = Router()
         if gradient_checkpointing:
-            # non-reentrant: the frozen base's inputs need no grad for the LoRA grads to flow
-            base.gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs={"use_reentrant": False})
+            # non-reentrant: the frozen base's inputs need no grad for the LoRA grads to flow;
+            # a layer recomputed in the backward pass goes through its forward pass's route
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={
+                "use_reentrant": False, "context_fn": self.router.checkpoint_contexts})
             # transformers checkpoints a layer only in training mode: flag the layers alone
             # (below), so their dropout stays off as everywhere else
         self.checkpointed = [m for m in base.modules()
@@ -147,6 +150,7 @@ class PolicyValueModel:
         base.to(self.device)
         self.check_adapter_name(adapters[0])
         self.model = get_peft_model(base, lora_config(lora), adapter_name=adapters[0])
+        self.router.install(self.model)
         self.heads: dict[str, torch.nn.Linear] = {}
         self._add_head(adapters[0])
         for name in adapters[1:]:  # critic-free algorithms carry no value adapter (memory)
@@ -177,6 +181,7 @@ class PolicyValueModel:
     def add_adapter(self, name: str, lora: object) -> None:
         self.check_adapter_name(name)
         self.model.add_adapter(name, lora_config(lora))
+        self.router.install(self.model)
         self._add_head(name)
 
     def remove_adapter(self, name: str) -> None:
@@ -218,22 +223,20 @@ class PolicyValueModel:
         base = self.model.get_base_model()
         return getattr(base, base.base_model_prefix)
 
-    def active(self, adapters: str | list[str]) -> AbstractContextManager:
-        """The context of forward passes under adapter `adapters` (a name), or under the
-        `adapters` listed active together (their updates summed; [] = none: the base; the meet
-        stage)."""
-        if isinstance(adapters, str):
-            self.model.set_adapter(adapters)
-        elif adapters:  # PEFT's model-level set_adapter takes one name; its LoRA model several
-            self.model.base_model.set_adapter(adapters)
-        return self.model.disable_adapter() if adapters == [] else nullcontext()
+    def routed(self, adapters: str | list[str] | Route, rows: int) -> AbstractContextManager:
+        """The context of one forward pass of `rows` rows, each through its adapters: a name,
+        names whose updates are summed ([]: none, the base model; the meet stage), or a
+        `Route` giving each run of rows its own (several adapters in one pass)."""
+        route = adapters if isinstance(adapters, Route) else Route.whole(adapters, rows)
+        return self.router.routed(route)
 
     def logprobs(
-        self, batch: TokenBatch, with_entropy: bool = False, adapters: str | list[str] = POLICY,
+        self, batch: TokenBatch, with_entropy: bool = False,
+        adapters: str | list[str] | Route = POLICY,
     ):
         """Log-probs of the response tokens under the policy adapter, or under `adapters`
-        (`active`) ([B, T])."""
-        with self.active(adapters):
+        (`routed`) ([B, T])."""
+        with self.routed(adapters, len(batch.input_ids)):
             logits = self.model(
                 input_ids=batch.input_ids, attention_mask=batch.attention_mask
             ).logits
@@ -243,27 +246,37 @@ class PolicyValueModel:
     def reference_logprobs(self, batch: TokenBatch) -> Tensor:
         return self.logprobs(batch, adapters=[])  # every adapter off: the base model
 
-    def values(self, batch: TokenBatch, name: str = VALUE) -> Tensor:
-        """V(state before response token k) from value adapter `name` + its head ([B, T])."""
-        # set_adapter also makes only the active adapter trainable, so each forward activates
-        # its own adapter and leaves it active until its backward has run.
-        self.model.set_adapter(name)
-        hidden = self._decoder()(
-            input_ids=batch.input_ids, attention_mask=batch.attention_mask
-        ).last_hidden_state
-        return self.heads[name](gather_positions(hidden, batch.positions)).squeeze(-1)
+    def head_states(self, input_ids: Tensor, attention_mask: Tensor,
+                    adapters: str | Route) -> tuple[Tensor, list[tuple[str, int, int]]]:
+        """The decoder's last hidden states [B, L, H] under scalar-head adapters (a name, or a
+        Route of one per run), and each run's head adapter with its rows."""
+        route = adapters if isinstance(adapters, Route) else Route.whole(adapters,
+                                                                          len(input_ids))
+        with self.router.routed(route):
+            hidden = self._decoder()(input_ids=input_ids,
+                                     attention_mask=attention_mask).last_hidden_state
+        return hidden, [(names[0], start, end) for names, start, end in route.spans()]
 
-    def scores(self, input_ids: Tensor, attention_mask: Tensor, name: str = REWARD) -> Tensor:
+    def through_heads(self, states: Tensor, runs: list[tuple[str, int, int]]) -> Tensor:
+        """Each run's rows of `states` ([B, ..., H]) through its adapter's scalar head."""
+        out = [self.heads[name](states[start:end]).squeeze(-1) for name, start, end in runs]
+        return out[0] if len(out) == 1 else torch.cat(out)
+
+    def values(self, batch: TokenBatch, adapters: str | Route = VALUE) -> Tensor:
+        """V(state before response token k) from value adapter `adapters` + its head, or one
+        per run of a Route ([B, T])."""
+        hidden, runs = self.head_states(batch.input_ids, batch.attention_mask, adapters)
+        return self.through_heads(gather_positions(hidden, batch.positions), runs)
+
+    def scores(self, input_ids: Tensor, attention_mask: Tensor,
+               adapters: str | Route = REWARD) -> Tensor:
         """A scalar-head adapter's score of each whole right-padded row: the head on the hidden
         state of the row's last token ([B], on the model's device)."""
-        self.model.set_adapter(name)
         input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
-        hidden = self._decoder()(
-            input_ids=input_ids, attention_mask=attention_mask
-        ).last_hidden_state
+        hidden, runs = self.head_states(input_ids, attention_mask, adapters)
         last = attention_mask.sum(-1) - 1
         rows = torch.arange(len(last), device=self.device)
-        return self.heads[name](hidden[rows, last]).squeeze(-1)
+        return self.through_heads(hidden[rows, last], runs)
 
     def snapshot(self, name: str, version: int) -> AdapterSnapshot:
         from peft import get_peft_model_state_dict

@@ -39,9 +39,8 @@ def hf_greedy(learner: Learner, level: int, prompt_ids: list[int], eos: int) -> 
     """HF generation under the level's control: its adapters with the shared LoRA, its soft
     prompt (if any) before the prompt's embeddings (then only new tokens come back)."""
     model, controls = learner.net.model, learner.meet.controls
-    model.base_model.set_adapter(controls.adapters(level) + [SHARED])
     soft_prompt = controls.soft_prompt(level)
-    with torch.no_grad():
+    with torch.no_grad(), learner.net.routed(controls.adapters(level) + [SHARED], 1):
         ids = torch.tensor([prompt_ids])
         if soft_prompt is None:
             out = model.generate(input_ids=ids, max_new_tokens=MAX_TOKENS, do_sample=False,

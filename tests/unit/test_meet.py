@@ -146,7 +146,7 @@ def test_soft_prompt_controls(tiny_model_path, tokenizer):
         prefix = net.model.get_input_embeddings().weight[lead]
         led = collate([lead + e.prompt_ids for e in examples],
                       [e.response_ids for e in examples], tokenizer.pad_token_id)
-        gap = (prefixed_logprobs(net, batch, [], prefix)
+        gap = (prefixed_logprobs(net, batch, [], prefix.expand(len(examples), -1, -1))
                - net.logprobs(led, adapters=[])).abs() * batch.mask
         assert float(gap.max()) < 1e-5
         # each level's soft prompt changes the log-probs (here: from its vocabulary start)
