@@ -19,6 +19,7 @@ from contextlib import contextmanager
 from ..common.records import POLICY, AdapterSnapshot, ScoredRollout, TrainStats
 from ..common.specs import EngineSpec, LearnerSpec
 from ..learner.actor import Learner
+from ..learner.core import UpdateDiverged
 from ..rollout.worker import RolloutWorker
 
 
@@ -37,9 +38,10 @@ class ColocatedLearner(Learner, RolloutWorker):
         return RolloutWorker.load_snapshot(
             self, self.publish(slot) if snapshot is None else snapshot, slot)
 
-    def train_step(self, scored: list[ScoredRollout], policy: str = POLICY) -> TrainStats:
+    def train_step(self, batches: dict[str, list[ScoredRollout]]
+                   ) -> dict[str, TrainStats | UpdateDiverged]:
         with self.engine_asleep():
-            return Learner.train_step(self, scored, policy)
+            return Learner.train_step(self, batches)
 
     @contextmanager
     def engine_asleep(self) -> Iterator[None]:

@@ -21,7 +21,7 @@ def main() -> None:
     from lorafleet.common.specs import LearnerSpec, PolicySpec
     from lorafleet.common.tasks.addition import AdditionTask
     from lorafleet.common.tiny_model import TinyModelSpec, build_tiny_model
-    from lorafleet.learner.actor import Learner
+    from lorafleet.learner.actor import Learner, train_one
     from lorafleet.learner.algorithms.registry import algorithm
 
     out = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__}
@@ -38,7 +38,7 @@ def main() -> None:
 
     def sgd_step(learner, batch):
         learner.core.policy_opt = torch.optim.SGD(learner.core.policy_params, lr=1.0)
-        learner.train_step(batch)
+        train_one(learner, batch)
         return [p.detach().clone() for p in learner.core.policy_params]
 
     for name in ("ppo", "spr"):
@@ -51,7 +51,7 @@ def main() -> None:
         torch.cuda.reset_peak_memory_stats()
         learner = make("grpo", None, gradient_checkpointing=ckpt, max_tokens_per_microbatch=512)
         start = time.perf_counter()
-        stats = learner.train_step(contrast_batch(tok, learner.version))
+        stats = train_one(learner, contrast_batch(tok, learner.version))
         torch.cuda.synchronize()
         snap = learner.publish()
         out[f"grpo_bf16_ckpt={ckpt}"] = {

@@ -43,13 +43,13 @@ from .checkpoint import (
     save_checkpoint,
     save_client_state,
 )
-from .core import LearnerCore
+from .core import LearnerCore, UpdateDiverged
 from .meet import SHARED, MeetUpdater
 from .model import DTYPES, PolicyValueModel
 from .offline import OfflineUpdater
 from .policy import Policy, add_policy_adapters, policy_adapters
 from .reward_adapter import RewardAdapter
-from .rl import RLUpdater
+from .rl import RLUpdater, train_together
 
 
 class Learner:
@@ -147,10 +147,18 @@ class Learner:
         """A fresh policy optimiser: each stage (sft, dpo, rl) starts its own Adam moments."""
         self.get_policy(policy).core.start_stage(lr)
 
-    def train_step(self, scored: list[ScoredRollout], policy: str = POLICY) -> TrainStats:
-        """One RL update of `policy` on its own rollouts (SyncError for another's, stale ones);
-        UpdateDiverged, the update not applied, where its loss or gradient is not finite."""
-        return self.get_policy(policy).train_step(scored)
+    def train_step(self, batches: dict[str, list[ScoredRollout]]
+                   ) -> dict[str, TrainStats | UpdateDiverged]:
+        """One RL update of each policy named in `batches` on its own rollouts, all of them
+        in joint steps (rl.train_together; SyncError, nothing trained, for another policy's
+        or stale rollouts). Each policy's stats, or its UpdateDiverged where its loss or
+        gradient was not finite (its version does not move; the others' do)."""
+        policies = [self.get_policy(name) for name in batches]
+        results = train_together([(p.rl, batches[p.spec.name], p.version) for p in policies])
+        for policy in policies:
+            if isinstance(results[policy.spec.name], TrainStats):
+                policy.core.advance()
+        return results
 
     def sft_step(self, examples: list[SFTExample]) -> OfflineStats:
         stats = self.offline.sft_step(examples, self.version)
@@ -255,3 +263,13 @@ class Learner:
         trained = self.get_policy(policy)
         trained.core.version = load_checkpoint(self, trained, directory)
         return trained.version
+
+
+def train_one(learner: Learner, scored: list[ScoredRollout], policy: str = POLICY
+              ) -> TrainStats:
+    """One policy's RL update alone (benches, checks): its stats, or its UpdateDiverged
+    raised."""
+    result = learner.train_step({policy: scored})[policy]
+    if isinstance(result, UpdateDiverged):
+        raise result
+    return result

@@ -35,6 +35,7 @@ from .algorithms.ppo import (
     ppo_value_loss,
     token_rewards,
 )
+from .joint import MicroLoss
 from .rl import BatchContext, RLUpdater
 
 
@@ -47,15 +48,16 @@ class Objective:
     # what the loss averages over in a minibatch, "tokens" or "rows": weighs each
     # micro-batch's gradient so that their sum is the minibatch's own
     averaged_over: str = "tokens"
-    # after each minibatch's policy step: the value model's step on its rows -> metrics
-    value_step: Callable[[Tensor], dict[str, Tensor]] | None = None
+    # after each minibatch's policy step, the value adapter's step on its rows with this loss
+    # (joint.MicroLoss: of the micro-batch, its rows and its values), averaged over
+    # `value_averaged_over`
+    value_loss: MicroLoss | None = None
+    value_averaged_over: str = "tokens"
 
 
 def ppo(rl: RLUpdater, ctx: BatchContext) -> Objective:
     """PPO on the policy adapter with a LoRA critic, against the adapter-off reference."""
-    algo, mask = rl.algo, ctx.batch.mask
-    with torch.no_grad(), rl.core.autocast():
-        old_values = rl.value.values(ctx.batch)
+    algo, mask, old_values = rl.algo, ctx.batch.mask, ctx.old_values
     with torch.no_grad():
         if algo.needs_old_logp_first:
             kl_old, kl_in_reward = kl_penalty(ctx.old_logp, ctx.ref_logp, "k1"), algo.kl_coef
@@ -73,16 +75,12 @@ def ppo(rl: RLUpdater, ctx: BatchContext) -> Objective:
         return with_kl_loss(pg_loss, logp, rl, ctx, rows, mb.mask), {
             "policy_loss": pg_loss, "clip_fraction": clip_frac, "approx_kl": approx_kl}
 
-    def value_loss(mb, rows):
+    def value_loss(mb, rows, out):
         v_loss, v_clip = ppo_value_loss(
-            rl.value.values(mb), old_values[rows], returns[rows], mb.mask, algo.value_clip_eps)
+            out[0], old_values[rows], returns[rows], mb.mask, algo.value_clip_eps)
         return v_loss, {"value_clip_fraction": v_clip}
 
-    def value_step(chunk):
-        step = rl.value.accumulated_step(ctx.batch, chunk, value_loss)
-        return {"value_loss": step["loss"], "value_clip_fraction": step["value_clip_fraction"]}
-
-    return Objective(loss, value_step=value_step)
+    return Objective(loss, value_loss=value_loss)
 
 
 def grpo(rl: RLUpdater, ctx: BatchContext) -> Objective:
@@ -113,17 +111,13 @@ def spr_learned_normalizer(rl: RLUpdater, ctx: BatchContext) -> Objective:
     batch, after each minibatch's policy step."""
     algo = rl.algo
     rewards = ctx.rewards_by_prompt()
-    with torch.no_grad():
-        values = rl.value.prompt_values(ctx.batch)
-    weights = awr_weights(rewards.reshape(-1), values, algo.weight_temperature, algo.max_weight)
+    weights = awr_weights(rewards.reshape(-1), ctx.old_values[:, 0], algo.weight_temperature,
+                          algo.max_weight)
 
-    def value_step(chunk):
-        loss = torch.nn.functional.mse_loss(
-            rl.value.prompt_values(ctx.batch.select(chunk)), ctx.scores[chunk])
-        rl.value.step(loss)
-        return {"value_loss": loss}
+    def value_loss(mb, rows, out):  # V(x): the value before the first response token
+        return torch.nn.functional.mse_loss(out[0][:, 0], ctx.scores[rows]), {}
 
-    return weighted_likelihood(rl, weights, value_step)
+    return weighted_likelihood(rl, weights, value_loss)
 
 
 # -- the two losses the critic-free algorithms share -------------------------------------------
@@ -153,7 +147,7 @@ def clipped_sequence(rl: RLUpdater, ctx: BatchContext, advantages: Tensor) -> Ob
 
 
 def weighted_likelihood(
-    rl: RLUpdater, weights: Tensor, value_step: Callable | None = None
+    rl: RLUpdater, weights: Tensor, value_loss: MicroLoss | None = None
 ) -> Objective:
     """The samples' log-likelihood weighted per sample (weights: [batch], prompt-major)."""
     length_normalize = rl.algo.length_normalize
@@ -161,7 +155,7 @@ def weighted_likelihood(
     def loss(mb, rows, logp, old_logp):
         return weighted_nll(logp, mb.mask, weights[rows], length_normalize), {}
 
-    return Objective(loss, {"weight_max": float(weights.max())}, "rows", value_step)
+    return Objective(loss, {"weight_max": float(weights.max())}, "rows", value_loss, "rows")
 
 
 def with_kl_loss(loss: Tensor, logp: Tensor, rl: RLUpdater, ctx: BatchContext, rows: Tensor,

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from ..common.records import AdapterSnapshot, ProbeResult, ScoredRollout, TrainStats
+from ..common.records import AdapterSnapshot, ProbeResult
 from ..common.specs import PolicySpec
 from .core import LearnerCore
 from .model import PolicyValueModel, value_adapter
@@ -52,7 +52,3 @@ class Policy:
     def check_probe(self, results: list[ProbeResult], tolerance: float) -> float:
         return self.core.check_probe(results, tolerance)
 
-    def train_step(self, scored: list[ScoredRollout]) -> TrainStats:
-        stats = self.rl.train_step(scored, self.version)
-        self.core.advance()
-        return stats

@@ -1,12 +1,15 @@
-"""The rl stage's updater, one for every algorithm: stale-rollout refusal, the old and reference
-log-probs of a batch, epochs of shuffled minibatches, each one policy step accumulated over
-micro-batches, then the value model's step where the algorithm fits one. What makes it PPO,
-GRPO, RLOO, SPR or best-of-N is the batch's objective (objectives.py), picked by algo.name."""
+"""The rl stage's update, one for every algorithm and for any number of policies at once: each
+policy's batch is checked (its own rollouts, none stale), its old, reference and value passes
+run jointly with the others' (no gradients), its objective turns it into advantages or sample
+weights, and then minibatch k of every policy trains in one joint step (joint.py: one
+forward/backward, each adapter its own loss, clipping and optimiser), followed by the joint
+step of the value adapters where an algorithm fits one. What makes it PPO, GRPO, RLOO, SPR or
+best-of-N is the policy's objective (objectives.py), picked by its algo.name; one policy is
+the case of one."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -17,11 +20,9 @@ from ..common.specs import PolicySpec
 from .algorithms.off_policy import behaviour_weights, weighted_token_mean
 from .algorithms.ppo import kl_penalty, masked_mean
 from .algorithms.registry import AlgoConfig, objective_function
-from .core import LearnerCore, SyncError, padded
+from .core import LearnerCore, SyncError, UpdateDiverged, padded
+from .joint import HEAD, LM, AdapterStep, joint_forward, joint_step
 from .model import TokenBatch, collate_scored
-
-# (micro-batch, its row indices in the batch) -> (loss, metrics)
-MicroLoss = Callable[[TokenBatch, Tensor], tuple[Tensor, dict[str, Tensor]]]
 
 
 @dataclass
@@ -31,17 +32,20 @@ class BatchContext:
     scored: list[ScoredRollout]
     batch: TokenBatch
     scores: Tensor  # [B]
-    # [B, T], the learner's own (exact for importance ratios): from a forward pass before the
-    # update, or, when the update is one step on the whole batch, from that step's own pass
-    old_logp: Tensor
+    vllm_logp: Tensor  # [B, T], what the rollout engine reported while sampling
+    # the update is one on-policy step on the whole batch: its own pass gives the old
+    # log-probs (decoupled PPO's proximal policy needs them first, so never under async)
     old_logp_from_update: bool
+    # [B, T], the learner's own (exact for importance ratios): from the joint pass before the
+    # update, or, in a one-step update, recorded from that step's own pass
+    old_logp: Tensor | None = None
+    ref_logp: Tensor | None = None  # [B, T], adapters disabled; None when the algorithm needs none
+    old_values: Tensor | None = None  # [B, T], the value adapter's before the update, if any
     # [B, T] decoupled PPO's truncated pi_old / pi_vllm per token (off_policy.py); the mask
     # itself when every sample is on-policy (rollout.mode=sync)
-    behaviour_weights: Tensor
-    ref_logp: Tensor | None  # [B, T], adapters disabled; None when the algorithm needs none
-    vllm_logp: Tensor  # [B, T], what the rollout engine reported while sampling
+    behaviour_weights: Tensor | None = None
 
-    def old_logp_of(self, rows: Tensor, logp: Tensor) -> Tensor:
+    def record_old_logp(self, rows: Tensor, logp: Tensor) -> Tensor:
         """The old log-probs of batch `rows`, whose current log-probs are `logp`. In a one-step
         update they are `logp` itself, detached (the ratio is 1 by construction, as in TRL's
         GRPO), recorded here for the metrics."""
@@ -72,25 +76,14 @@ class ValueModel:
     """The value adapter + scalar head and its optimiser: PPO's critic, SPR's learned
     normaliser."""
 
-    def __init__(self, rl: RLUpdater, lr: float) -> None:
-        self.rl = rl
-        self.params = rl.core.net.adapter_parameters(rl.core.value_name)
+    def __init__(self, core: LearnerCore, lr: float) -> None:
+        self.core, self.name = core, core.value_name
+        self.params = core.net.adapter_parameters(self.name)
         self.opt = torch.optim.AdamW(self.params, lr=lr, weight_decay=0)
-
-    def values(self, batch: TokenBatch) -> Tensor:
-        """V(state before response token k) ([B, T])."""
-        return self.rl.core.values(batch)
 
     def prompt_values(self, batch: TokenBatch) -> Tensor:
         """V(x): the value at the position that predicts the first response token ([B])."""
-        return self.values(batch)[:, 0]
-
-    def step(self, loss: Tensor) -> Tensor:
-        return self.rl.core.step(loss, self.params, self.opt)
-
-    def accumulated_step(self, batch: TokenBatch, chunk: Tensor,
-                         loss_of: MicroLoss) -> dict[str, Tensor]:
-        return self.rl.accumulated_step(batch, chunk, loss_of, self.params, self.opt, "tokens")
+        return self.core.values(batch)[:, 0]
 
 
 class RLUpdater:
@@ -102,41 +95,15 @@ class RLUpdater:
         algo: AlgoConfig = policy.algo
         self.core, self.algo = core, algo
         self.objective = objective_function(algo)
-        self.value = ValueModel(self, algo.value_lr) if algo.value_model else None
+        self.value = ValueModel(core, algo.value_lr) if algo.value_model else None
         self.generator = torch.Generator().manual_seed(policy.seed)  # the minibatch shuffle
         self.max_staleness = policy.max_staleness
         self.max_behaviour_weight = policy.max_behaviour_weight
 
-    def train_step(self, scored: list[ScoredRollout], version: int) -> TrainStats:
-        """One update of the policy at `version` on rollouts of at most max_staleness versions
-        before it."""
-        start = time.perf_counter()
-        ctx = self.prepare(scored, version)
-        objective = self.objective(self, ctx)
-
-        def loss_of(mb, rows):
-            logp, entropy = self.core.logprobs(mb, with_entropy=True)
-            loss, metrics = objective.loss(mb, rows, logp, ctx.old_logp_of(rows, logp))
-            return loss, {"entropy": masked_mean(entropy, mb.mask), **metrics}
-
-        totals: dict[str, float] = {}
-        for chunk in self.minibatches(len(scored)):
-            step = self.accumulated_step(ctx.batch, chunk, loss_of, self.core.policy_params,
-                                         self.core.policy_opt, objective.averaged_over)
-            # the objective's own "policy_loss" (PPO: without the KL term), else the loss
-            metrics = {"policy_loss": step.pop("loss"), **step}
-            if objective.value_step is not None:
-                metrics |= objective.value_step(chunk)
-            accumulate(totals, metrics)
-        count = totals.pop("_count")
-        return TrainStats(
-            adapter_version=version, kl=ctx.kl, logprob_diff_vllm=ctx.logprob_gap,
-            train_seconds=time.perf_counter() - start,
-            **{key: value / count for key, value in totals.items()}, **objective.metrics,
-        )
-
     @torch.no_grad()
     def prepare(self, scored: list[ScoredRollout], version: int) -> BatchContext:
+        """The batch collated, once it is checked to hold the policy's own rollouts of at most
+        max_staleness versions before `version`; its passes are still to run."""
         name = self.core.name
         others = [s.rollout for s in scored if s.rollout.policy != name]
         if others:
@@ -154,72 +121,132 @@ class RLUpdater:
                 f"behind): {r.sample_id} came from adapter v{r.adapter_version} on worker "
                 f"{r.worker_id}, learner is at v{version}"
             )
-        net, algo = self.core.net, self.algo
-        batch = collate_scored(scored, self.core.pad_id, net.device)
-        # one on-policy step on the whole batch: the update's own pass gives the old log-probs
-        # (decoupled PPO's proximal policy needs them first, so never under async)
-        one_step = (algo.epochs == 1 and algo.minibatch_size >= len(scored)
-                    and not algo.needs_old_logp_first and self.max_staleness == 0)
-        with self.core.autocast():
-            old_logp = torch.zeros_like(batch.mask) if one_step else self.core.logprobs(batch)
-            ref_logp = net.reference_logprobs(batch) if algo.uses_reference else None
-        vllm_logp = padded([s.rollout.logprobs for s in scored], batch)
-        weights = batch.mask if self.max_staleness == 0 else behaviour_weights(
-            old_logp, vllm_logp, batch.mask, self.max_behaviour_weight)
+        algo = self.algo
+        batch = collate_scored(scored, self.core.pad_id, self.core.net.device)
         return BatchContext(
             scored=scored, batch=batch,
             scores=torch.tensor([s.reward for s in scored], device=batch.mask.device),
-            old_logp=old_logp, old_logp_from_update=one_step, behaviour_weights=weights,
-            ref_logp=ref_logp, vllm_logp=vllm_logp,
+            vllm_logp=padded([s.rollout.logprobs for s in scored], batch),
+            old_logp_from_update=(algo.epochs == 1 and algo.minibatch_size >= len(scored)
+                                  and not algo.needs_old_logp_first and self.max_staleness == 0),
         )
 
-    def minibatches(self, size: int):
+    def passes(self, ctx: BatchContext) -> list[tuple[str, str, str | list[str]]]:
+        """The no-gradient passes the batch needs before its update: (field of ctx, head kind
+        read, adapters)."""
+        needed = []
+        if not ctx.old_logp_from_update:
+            needed.append(("old_logp", LM, self.core.name))
+        if self.algo.uses_reference:
+            needed.append(("ref_logp", LM, []))
+        if self.value is not None:
+            needed.append(("old_values", HEAD, self.value.name))
+        return needed
+
+    def finish_passes(self, ctx: BatchContext) -> None:
+        if ctx.old_logp is None:
+            ctx.old_logp = torch.zeros_like(ctx.batch.mask)
+        ctx.behaviour_weights = ctx.batch.mask if self.max_staleness == 0 else behaviour_weights(
+            ctx.old_logp, ctx.vllm_logp, ctx.batch.mask, self.max_behaviour_weight)
+
+    def minibatches(self, size: int) -> list[Tensor]:
         """`epochs` shuffled passes of row-index chunks."""
-        for _ in range(self.algo.epochs):
-            yield from torch.randperm(size, generator=self.generator).split(
-                self.algo.minibatch_size
-            )
+        return [chunk for _ in range(self.algo.epochs)
+                for chunk in torch.randperm(size, generator=self.generator).split(
+                    self.algo.minibatch_size)]
 
-    def micro_batches(self, batch: TokenBatch, chunk: Tensor,
-                      averaged_over: str) -> list[tuple[Tensor, float]]:
-        """Minibatch rows `chunk` as micro-batches of at most algo.max_tokens_per_microbatch
-        tokens (rows x the batch's padded length), each with its share of the minibatch: of
-        its rows or of its tokens, as the loss averages over `averaged_over`."""
-        budget = self.algo.max_tokens_per_microbatch
-        if budget is None:
-            return [(chunk, 1.0)]
-        parts = chunk.split(max(1, budget // batch.input_ids.shape[1]))
-        if averaged_over == "rows":
-            return [(rows, len(rows) / len(chunk)) for rows in parts]
-        tokens = batch.mask[chunk].sum()
-        return [(rows, float(batch.mask[rows].sum() / tokens)) for rows in parts]
+    def steps(self, ctx: BatchContext, objective, chunk: Tensor) -> list[AdapterStep]:
+        """Minibatch `chunk`'s policy step and, where the algorithm fits one, its value step."""
+        core, budget = self.core, self.algo.max_tokens_per_microbatch
 
-    def accumulated_step(
-        self, batch: TokenBatch, chunk: Tensor, loss_of: MicroLoss, params: list,
-        optimizer: torch.optim.Optimizer, averaged_over: str,
-    ) -> dict[str, Tensor]:
-        """One optimiser step on minibatch rows `chunk`, its gradient accumulated over
-        `micro_batches` weighted by their shares. Returns the metrics weighted alike, with the
-        loss as "loss" and the step's "grad_norm"."""
-        optimizer.zero_grad(set_to_none=True)
-        totals: dict[str, Tensor] = {}
-        for rows, share in self.micro_batches(batch, chunk, averaged_over):
-            with self.core.autocast():
-                loss, metrics = loss_of(batch.select(rows), rows)
-            (loss * share).backward()
-            for key, value in {"loss": loss, **metrics}.items():
-                value = share * value.detach()
-                totals[key] = totals[key] + value if key in totals else value
-        self.core.check_finite("loss", totals["loss"])
-        totals["grad_norm"] = self.core.clip_and_step(params, optimizer)
-        return totals
+        def policy_loss(mb, rows, out):
+            logp, entropy = out
+            loss, metrics = objective.loss(mb, rows, logp, ctx.record_old_logp(rows, logp))
+            return loss, {"entropy": masked_mean(entropy, mb.mask), **metrics}
+
+        steps = [AdapterStep(core.name, core.name, LM, ctx.batch, chunk, policy_loss, core,
+                             core.policy_params, core.policy_opt, objective.averaged_over,
+                             budget)]
+        if objective.value_loss is not None:
+            value = self.value
+            steps.append(AdapterStep(core.name, value.name, HEAD, ctx.batch, chunk,
+                                     objective.value_loss, core, value.params, value.opt,
+                                     objective.value_averaged_over, budget))
+        return steps
+
+
+def run_passes(work: list[tuple[RLUpdater, BatchContext]]) -> None:
+    """Every batch's no-gradient passes, one joint pass per head kind over all of them."""
+    core = work[0][0].core
+    for reads in (LM, HEAD):
+        wanted = [(ctx, field, adapters) for rl, ctx in work
+                  for field, kind, adapters in rl.passes(ctx) if kind == reads]
+        if not wanted:
+            continue
+        with torch.no_grad(), core.autocast():
+            outputs = joint_forward(core.net, [(ctx.batch, adapters) for ctx, _, adapters
+                                               in wanted], reads, core.pad_id)
+        for (ctx, field, _), (out,) in zip(wanted, outputs, strict=True):
+            setattr(ctx, field, out.float())
+    for rl, ctx in work:
+        rl.finish_passes(ctx)
+
+
+def train_together(work: list[tuple[RLUpdater, list[ScoredRollout], int]]
+                   ) -> dict[str, TrainStats | UpdateDiverged]:
+    """One RL update of each policy of `work` ((updater, its batch, its version)), in joint
+    steps: minibatch k of every policy that has one in one step, then their value adapters'.
+    A policy whose step diverges stops there (its earlier steps stay applied, its version does
+    not move) and gets its UpdateDiverged; the others go on. SyncError, before anything
+    trains, for a batch holding another policy's or stale rollouts."""
+    start = time.perf_counter()
+    contexts = [(rl, rl.prepare(scored, version)) for rl, scored, version in work]
+    run_passes(contexts)
+    core = work[0][0].core
+    plans = [(rl, ctx, rl.objective(rl, ctx), rl.minibatches(len(ctx.scored)))
+             for rl, ctx in contexts]
+    versions = {rl.core.name: version for rl, _, version in work}
+    totals: dict[str, dict[str, float]] = {name: {} for name in versions}
+    failed: dict[str, UpdateDiverged] = {}
+    for k in range(max(len(chunks) for *_, chunks in plans)):
+        steps = [rl.steps(ctx, objective, chunks[k]) for rl, ctx, objective, chunks in plans
+                 if k < len(chunks) and rl.core.name not in failed]
+        for kind in range(2):  # every policy step first, then the value steps
+            here = [own[kind] for own in steps if len(own) > kind
+                    and own[kind].owner not in failed]
+            failed |= joint_step(core.net, here, core.pad_id, core.autocast)
+            for step in here:
+                if step.owner not in failed:
+                    accumulate(totals[step.owner], step_metrics(step, kind))
+    seconds = time.perf_counter() - start
+    results: dict[str, TrainStats | UpdateDiverged] = dict(failed)
+    for rl, ctx, objective, _ in plans:
+        name = rl.core.name
+        if name in failed:
+            continue
+        count = totals[name].pop("_count")
+        results[name] = TrainStats(
+            adapter_version=versions[name], kl=ctx.kl, logprob_diff_vllm=ctx.logprob_gap,
+            train_seconds=seconds, **{key: value / count for key, value in totals[name].items()},
+            **objective.metrics,
+        )
+    return results
+
+
+def step_metrics(step: AdapterStep, kind: int) -> dict[str, Tensor]:
+    """A policy step's metrics as TrainStats names them (the objective's own "policy_loss",
+    PPO's without the KL term, in place of the loss), or a value step's."""
+    totals = dict(step.totals)
+    loss, grad_norm = totals.pop("loss"), totals.pop("grad_norm")
+    if kind == 0:
+        return {"policy_loss": loss, "grad_norm": grad_norm, **totals, "_count": 1}
+    return {"value_loss": loss, **totals}
 
 
 def accumulate(totals: dict[str, float], step: dict[str, Tensor]) -> None:
     """Running sums of per-minibatch metrics; `_count` counts minibatches."""
     for key, value in step.items():
-        totals[key] = totals.get(key, 0.0) + float(value.detach())
-    totals["_count"] = totals.get("_count", 0.0) + 1
+        totals[key] = totals.get(key, 0.0) + float(value)
 
 
 def group_rewards(scored: list[ScoredRollout]) -> Tensor:

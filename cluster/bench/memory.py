@@ -179,7 +179,7 @@ def _variant_update(variant: str, model_path: str, setup: BenchSetup, vocab_size
     from ...common.config import LoRAConfig
     from ...common.records import PreferencePair, SFTExample
     from ...common.specs import LearnerSpec, PolicySpec
-    from ...learner.actor import Learner
+    from ...learner.actor import Learner, train_one
     from ...learner.algorithms.registry import algorithm
     from ...learner.model import DTYPES, REWARD, PolicyValueModel
     from ...learner.reward_model import score_rows
@@ -230,7 +230,7 @@ def _variant_update(variant: str, model_path: str, setup: BenchSetup, vocab_size
     def update() -> None:
         if variant == "ppo_lora_rm":
             score_rows(learner.net, rows, PAD)
-        learner.train_step(batches[learner.version])
+        train_one(learner, batches[learner.version])
 
     return update
 
@@ -264,13 +264,24 @@ class FullParameterModels:
         return [*self.value.parameters(), *self.head.parameters()]
 
     def logprobs(self, batch, with_entropy: bool = False, adapters=None):
-        """The policy copy's log-probs, or the reference copy's for `adapters` [] (as the
-        adapter stack's with every adapter off)."""
-        from ...learner.model import token_logprobs
+        """The policy copy's log-probs, or the reference copy's for no adapter ([], or a
+        Route's runs of none: as the adapter stack's with every adapter off), run by run."""
+        import torch
 
-        model = self.reference if adapters == [] else self.policy
-        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-        return token_logprobs(logits, batch, with_entropy)
+        from ...learner.model import token_logprobs
+        from ...learner.routing import Route
+
+        route = adapters if isinstance(adapters, Route) else Route.whole(
+            [] if adapters == [] else "policy", len(batch.input_ids))
+        outs = []
+        for names, start, end in route.spans():
+            rows = batch.select(torch.arange(start, end, device=batch.mask.device))
+            model = self.policy if names else self.reference
+            logits = model(input_ids=rows.input_ids, attention_mask=rows.attention_mask).logits
+            outs.append(token_logprobs(logits, rows, with_entropy))
+        if with_entropy:
+            return tuple(torch.cat(parts) for parts in zip(*outs, strict=True))
+        return torch.cat(outs)
 
     def reference_logprobs(self, batch):
         import torch
@@ -295,7 +306,9 @@ def _full_ppo_update(model_path: str, setup: BenchSetup, algo, batch: list):
     core = LearnerCore(FullParameterModels(model_path, setup), PAD, algo.max_grad_norm, None,
                        algo.policy_lr)
     rl = RLUpdater(core, PolicySpec(algo=algo))
-    return lambda: rl.train_step(batch, 0)
+    from ...learner.rl import train_together
+
+    return lambda: train_together([(rl, batch, 0)])
 
 
 def run_variant(variant: str, model_path: Path, setup: BenchSetup) -> dict:

@@ -232,7 +232,7 @@ def learner_gflops(cfg, model_path: str, response_tokens: int, attention: str, a
 
     from ...common.data import pad_token_id
     from ...common.specs import LearnerSpec, PolicySpec
-    from ...learner.actor import Learner
+    from ...learner.actor import Learner, train_one
     from .memory import BenchSetup, random_scored_batch
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
@@ -248,7 +248,7 @@ def learner_gflops(cfg, model_path: str, response_tokens: int, attention: str, a
     def update() -> float:
         batch = random_scored_batch(setup, learner.version, len(tokenizer))
         start = time.perf_counter()
-        learner.train_step(batch)
+        train_one(learner, batch)
         return time.perf_counter() - start
 
     with FlopCounterMode(display=False) as counter, torch.compiler.set_stance("force_eager"):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 
 from helpers import contrast_batch, new_learner
+from lorafleet.learner.actor import train_one
 from lorafleet.learner.algorithms.registry import GRPOConfig
 
 
@@ -18,7 +19,7 @@ def test_a_compiled_learner_takes_the_same_steps(tiny_model_path, tokenizer):
                             algo=GRPOConfig(kl_coef=0.0), compile=compiled)
                 for compiled in (False, True)]
     for _ in range(2):  # the second step reuses the first's graph, on the updated adapter
-        stats = [learner.train_step(contrast_batch(tokenizer, learner.version))
+        stats = [train_one(learner, contrast_batch(tokenizer, learner.version))
                  for learner in learners]
         assert stats[1].policy_loss == pytest.approx(stats[0].policy_loss, abs=1e-5)
         assert stats[1].grad_norm == pytest.approx(stats[0].grad_norm, rel=1e-4)

@@ -16,6 +16,7 @@ from lorafleet.common.data import encode_prompts
 from lorafleet.common.records import GenerationRequest, Prompt, ScoredRollout
 from lorafleet.common.tasks.addition import AdditionTask
 from lorafleet.common.tasks.base import TaskExample
+from lorafleet.learner.actor import train_one
 from lorafleet.learner.core import SyncError
 from lorafleet.rollout.worker import POLICY, AdapterMissing
 
@@ -131,7 +132,7 @@ def test_stale_and_silent_noop_swaps_are_detected(engine, prompts, tokenizer, mo
     from lorafleet.common.records import ScoredRollout
 
     with pytest.raises(SyncError, match="stale"):
-        learner.train_step([ScoredRollout(r, 1.0) for r in old])
+        train_one(learner, [ScoredRollout(r, 1.0) for r in old])
 
 
 def test_chat_prompts_train_on_the_ids_vllm_generated_from(engine, tokenizer, model_path):

@@ -7,6 +7,7 @@ import torch
 
 from helpers import contrast_batch, new_learner
 from lorafleet.common.state_io import load_state, save_state
+from lorafleet.learner.actor import train_one
 from lorafleet.learner.algorithms.registry import algorithm
 
 
@@ -32,7 +33,7 @@ def test_state_io_round_trip_keeps_int_keys_and_tensors(tmp_path):
 
 def test_restored_ppo_learner_continues_identically(tmp_path, tiny_model_path, tokenizer):
     original = algo_learner("ppo", tiny_model_path, tokenizer)
-    original.train_step(contrast_batch(tokenizer, original.version))
+    train_one(original, contrast_batch(tokenizer, original.version))
     original.save_checkpoint(str(tmp_path / "ckpt"))
 
     restored = algo_learner("ppo", tiny_model_path, tokenizer)
@@ -42,8 +43,8 @@ def test_restored_ppo_learner_continues_identically(tmp_path, tiny_model_path, t
     assert torch.equal(original.net.value_head.weight, restored.net.value_head.weight)
 
     # Same next update: needs the Adam moments and the minibatch shuffling RNG restored.
-    a = original.train_step(contrast_batch(tokenizer, 1))
-    b = restored.train_step(contrast_batch(tokenizer, 1))
+    a = train_one(original, contrast_batch(tokenizer, 1))
+    b = train_one(restored, contrast_batch(tokenizer, 1))
     assert a.policy_loss == b.policy_loss and a.value_loss == b.value_loss
     after_a, after_b = trainable(original), trainable(restored)
     assert all(torch.allclose(after_a[k], after_b[k], atol=1e-7) for k in after_a)

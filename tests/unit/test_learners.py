@@ -10,6 +10,7 @@ from helpers import contrast_batch, new_learner
 from lorafleet.common.devices import attention_kernel, autocast_dtype, native_bf16
 from lorafleet.common.tasks.addition import AdditionTask
 from lorafleet.learner import objectives
+from lorafleet.learner.actor import train_one
 from lorafleet.learner.algorithms.registry import (
     ALGORITHMS,
     GRPOConfig,
@@ -41,7 +42,7 @@ def test_learner_prefers_rewarded_samples(name, tiny_model_path, tokenizer):
     assert (learner.net.value_head is not None) == (name == "ppo")
     before = margin(learner, tokenizer)
     for _ in range(3):
-        stats = learner.train_step(contrast_batch(tokenizer, learner.version))
+        stats = train_one(learner, contrast_batch(tokenizer, learner.version))
     assert learner.version == 3 and stats.adapter_version == 2
     gain = margin(learner, tokenizer) - before
     assert gain > MIN_GAIN[name], f"{name}: log-prob margin moved by {gain:.3f}"
@@ -81,7 +82,7 @@ def test_single_sample_spr_learns_its_normaliser(tiny_model_path, tokenizer):
         v_before = float(learner.rl.value.prompt_values(rows).mean())
     before = margin(learner, tokenizer)
     for _ in range(3):
-        stats = learner.train_step(single())
+        stats = train_one(learner, single())
     # V regresses towards the reward of 1.0, so the weights exp((1 - V) / 0.5) shrink
     with torch.no_grad():
         v_after = float(learner.rl.value.prompt_values(rows).mean())
@@ -112,7 +113,7 @@ def policy_after_one_step(learner, tokenizer) -> list[torch.Tensor]:
     """The policy adapter after one plain-SGD step on the whole contrast batch: the step is
     the (clipped) gradient itself, which Adam's first step would reduce to its sign."""
     learner.core.policy_opt = torch.optim.SGD(learner.core.policy_params, lr=1.0)
-    learner.train_step(contrast_batch(tokenizer, learner.version))
+    train_one(learner, contrast_batch(tokenizer, learner.version))
     return [p.detach().clone() for p in learner.core.policy_params]
 
 
@@ -148,42 +149,47 @@ def test_gradient_checkpointing_changes_memory_not_the_step(tiny_model_path, tok
     assert max(float((x - y).abs().max()) for x, y in zip(a, b, strict=True)) < 1e-6
 
 
-def forward_passes(learner, tokenizer) -> int:
-    """Forward passes of the base model in one train_step on the 64-row contrast batch."""
+def forward_rows(learner, tokenizer) -> tuple[int, int]:
+    """(forward passes, rows through them) of the base model in one train_step on the 64-row
+    contrast batch."""
     calls = []
-    hook = learner.net.model.get_base_model().register_forward_hook(lambda *_: calls.append(1))
-    learner.train_step(contrast_batch(tokenizer, learner.version))
+    hook = learner.net.model.get_base_model().register_forward_hook(
+        lambda module, args, kwargs, out: calls.append(len(kwargs["input_ids"])),
+        with_kwargs=True)
+    train_one(learner, contrast_batch(tokenizer, learner.version))
     hook.remove()
-    return len(calls)
+    return len(calls), sum(calls)
 
 
-# one step on the whole batch, KL in the loss: 2 passes (reference, update), and 3 when the KL
-# shapes the rewards: test_one_step_update_equals_the_recomputed_old_logprobs
+# one step on the whole batch, KL in the loss: the reference pass and the update's (128 rows),
+# and the old log-probs' rows too when the KL shapes the rewards (the old and reference rows
+# in one pass): test_one_step_update_equals_the_recomputed_old_logprobs
 @pytest.mark.parametrize("keys, passes", [
-    (dict(minibatch_size=64, kl_mode="loss", kl_coef=0.0), 1),  # no KL term: no reference
-    (dict(minibatch_size=32, kl_mode="loss"), 4),  # two steps: old, reference, 2 updates
+    (dict(minibatch_size=64, kl_mode="loss", kl_coef=0.0), (1, 64)),  # no KL: no reference
+    # two steps: the old and reference rows in one pass, then 2 updates of 32 rows
+    (dict(minibatch_size=32, kl_mode="loss"), (3, 192)),
 ])
 def test_learner_skips_redundant_passes(keys, passes, tiny_model_path, tokenizer):
     learner = make_learner("grpo", tiny_model_path, tokenizer, epochs=1, **keys)
-    assert forward_passes(learner, tokenizer) == passes
+    assert forward_rows(learner, tokenizer) == passes
 
 
 def test_one_step_update_equals_the_recomputed_old_logprobs(
     tiny_model_path, tokenizer, monkeypatch,
 ):
-    """Old log-probs from the update's own pass (2 forward passes with the reference) give
-    the step, KL and vLLM gap that a separate pass gives (3, as when the KL shapes the
-    rewards)."""
+    """Old log-probs from the update's own pass (the reference's 64 rows and the update's)
+    give the step, KL and vLLM gap that their own rows in the reference's pass give (as when
+    the KL shapes the rewards)."""
     keys = dict(epochs=1, minibatch_size=64, kl_mode="loss")
     one_step = make_learner("grpo", tiny_model_path, tokenizer, **keys)
-    assert forward_passes(one_step, tokenizer) == 2
+    assert forward_rows(one_step, tokenizer) == (2, 128)
     monkeypatch.setattr(GRPOConfig, "needs_old_logp_first", property(lambda self: True))
     recomputed = make_learner("grpo", tiny_model_path, tokenizer, **keys)
-    assert forward_passes(recomputed, tokenizer) == 3
+    assert forward_rows(recomputed, tokenizer) == (2, 192)
     stats = []
     for learner in (one_step, recomputed):
         learner.core.policy_opt = torch.optim.SGD(learner.core.policy_params, lr=1.0)
-        stats.append(learner.train_step(contrast_batch(tokenizer, learner.version)))
+        stats.append(train_one(learner, contrast_batch(tokenizer, learner.version)))
     gap = max(float((a - b).detach().abs().max()) for a, b in zip(
         one_step.core.policy_params, recomputed.core.policy_params, strict=True))
     assert gap < 1e-6, gap  # measured: 0.0 (the same forward pass)
@@ -217,7 +223,7 @@ def test_bf16_autocast_learns_on_float32_weights(tiny_model_path, tokenizer):
     hook = layer.register_forward_hook(lambda module, args, out: dtypes.add(out.dtype))
     before = margin(learner, tokenizer)  # no autocast outside an update
     for _ in range(3):
-        learner.train_step(contrast_batch(tokenizer, learner.version))
+        train_one(learner, contrast_batch(tokenizer, learner.version))
     hook.remove()
     assert dtypes == {torch.float32, torch.bfloat16}
     assert {p.dtype for p in learner.core.policy_params} == {torch.float32}

@@ -13,6 +13,7 @@ import torch
 from helpers import contrast_batch, new_learner
 from lorafleet.common.records import ProbeResult
 from lorafleet.common.specs import LearnerSpec, PolicySpec
+from lorafleet.learner.actor import train_one
 from lorafleet.learner.algorithms.registry import algorithm
 from lorafleet.learner.core import SyncError, UpdateDiverged
 from lorafleet.learner.model import VALUE, collate, value_adapter
@@ -65,15 +66,15 @@ def test_each_policy_trains_as_it_would_alone(tiny_model_path, tokenizer):
     # ...and trains as it: same stats, same weights; the other policy untouched
     b_weights, b_state = weights(learner, B), optimiser_state(learner, B)
     for _ in range(2):
-        ours = learner.train_step(batch(tokenizer, learner, A), A)
-        theirs = alone[0].train_step(contrast_batch(tokenizer, alone[0].version))
+        ours = train_one(learner, batch(tokenizer, learner, A), A)
+        theirs = train_one(alone[0], contrast_batch(tokenizer, alone[0].version))
         assert (ours.policy_loss, ours.value_loss) == (theirs.policy_loss, theirs.value_loss)
     assert same(learner.publish(A).tensors, alone[0].publish().tensors)
     assert same(weights(learner, B), b_weights) and b_state == optimiser_state(learner, B) == []
     assert (learner.get_version(A), learner.get_version(B)) == (2, 0)
 
     a_weights, a_state = weights(learner, A), optimiser_state(learner, A)
-    stats = learner.train_step(batch(tokenizer, learner, B), B)
+    stats = train_one(learner, batch(tokenizer, learner, B), B)
     assert stats.adapter_version == 0
     assert (learner.get_version(A), learner.get_version(B)) == (2, 1)
     assert same(weights(learner, A), a_weights)
@@ -95,7 +96,7 @@ def probe_of(learner, name: str, tokenizer, version: int) -> ProbeResult:
 
 def test_publish_and_probe_check_per_policy(tiny_model_path, tokenizer):
     learner = two_policies(tiny_model_path, tokenizer)
-    learner.train_step(batch(tokenizer, learner, A), A)
+    train_one(learner, batch(tokenizer, learner, A), A)
     a, b = learner.publish(A), learner.publish(B)
     assert (a.version, b.version) == (1, 0) and not same(a.tensors, b.tensors)
 
@@ -114,7 +115,7 @@ def test_checkpoint_per_policy_round_trips(tiny_model_path, tokenizer, tmp_path)
     learner = two_policies(tiny_model_path, tokenizer)
     for name, steps in ((A, 2), (B, 1)):
         for _ in range(steps):
-            learner.train_step(batch(tokenizer, learner, name), name)
+            train_one(learner, batch(tokenizer, learner, name), name)
         learner.save_checkpoint(str(tmp_path / name), name)
     # each policy's directory reads as a one-policy run's
     assert (tmp_path / B / "adapter_config.json").exists()
@@ -129,8 +130,8 @@ def test_checkpoint_per_policy_round_trips(tiny_model_path, tokenizer, tmp_path)
     for name in (A, B):
         assert same(weights(restored, name), weights(learner, name))
         # the same next update: Adam moments and the minibatch shuffle came back
-        ours = learner.train_step(batch(tokenizer, learner, name), name)
-        theirs = restored.train_step(batch(tokenizer, restored, name), name)
+        ours = train_one(learner, batch(tokenizer, learner, name), name)
+        theirs = train_one(restored, batch(tokenizer, restored, name), name)
         assert (ours.policy_loss, ours.value_loss) == (theirs.policy_loss, theirs.value_loss)
         assert same(weights(restored, name), weights(learner, name))
 
@@ -142,10 +143,10 @@ def test_a_diverged_update_is_refused_and_the_other_policy_trains_on(tiny_model_
     a_weights = weights(learner, A)
     with pytest.raises(UpdateDiverged, match=r"^policy 'policy_lr=1e-4': the update at "
                        r"version 0 diverged \((loss|grad norm) nan\); not applied$"):
-        learner.train_step(nan_batch, A)
+        train_one(learner, nan_batch, A)
     assert same(weights(learner, A), a_weights) and optimiser_state(learner, A) == []
     assert learner.get_version(A) == 0
-    learner.train_step(batch(tokenizer, learner, B), B)
+    train_one(learner, batch(tokenizer, learner, B), B)
     assert learner.get_version(B) == 1
 
 
@@ -154,7 +155,7 @@ def test_a_policy_refuses_other_policies_rollouts_and_unknown_names(tiny_model_p
     learner = two_policies(tiny_model_path, tokenizer)
     with pytest.raises(SyncError, match=r"64 rollouts were sampled by policy 'seed=1' \(prompt "
                                         r"0 sample 0 on worker 0\), not by 'policy_lr=1e-4'"):
-        learner.train_step(batch(tokenizer, learner, B), A)
+        train_one(learner, batch(tokenizer, learner, B), A)
     assert (learner.get_version(A), learner.get_version(B)) == (0, 0)
     with pytest.raises(ValueError,
                        match="no policy 'policy'; it trains 'policy_lr=1e-4', 'seed=1'"):

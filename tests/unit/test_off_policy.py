@@ -18,6 +18,7 @@ from lorafleet.learner.algorithms.off_policy import behaviour_weights, weighted_
 from lorafleet.learner.algorithms.ppo import kl_penalty, masked_mean, ppo_policy_loss
 from lorafleet.learner.algorithms.registry import GRPOConfig
 from lorafleet.learner.core import SyncError
+from lorafleet.learner.rl import run_passes
 
 
 def t(*rows: list[float]) -> torch.Tensor:
@@ -67,10 +68,17 @@ def test_decoupled_loss_weights_each_token_of_the_clipped_objective() -> None:
     assert_close(on_policy, torch.tensor(-(1.2 + 0.5) / 2))
 
 
+def prepared(rl, scored, version):
+    """The batch's context with its passes run, as the update sees it."""
+    ctx = rl.prepare(scored, version)
+    run_passes([(rl, ctx)])
+    return ctx
+
+
 def test_learner_takes_samples_up_to_max_staleness_versions_old(tiny_model_path, tokenizer):
     rl = new_learner(tiny_model_path, tokenizer.pad_token_id, GRPOConfig(), max_staleness=1).rl
     # at version 1, as after one update (the weights do not matter here)
-    ctx = rl.prepare(contrast_batch(tokenizer, 0)[:8], 1)  # one version behind: taken
+    ctx = prepared(rl, contrast_batch(tokenizer, 0)[:8], 1)  # one version behind: taken
     weights, mask = ctx.behaviour_weights, ctx.batch.mask
     # vLLM's log-probs in contrast_batch are 0 (p = 1): w = pi_old / 1, in (0, 1) on tokens
     assert_close(weights, torch.exp(ctx.old_logp) * mask)
@@ -81,7 +89,7 @@ def test_learner_takes_samples_up_to_max_staleness_versions_old(tiny_model_path,
     rl.max_staleness = 0  # rollout.mode=sync
     with pytest.raises(SyncError, match="more than 0 versions behind"):
         rl.prepare(contrast_batch(tokenizer, 0)[:8], 1)
-    ctx = rl.prepare(contrast_batch(tokenizer, 1)[:8], 1)
+    ctx = prepared(rl, contrast_batch(tokenizer, 1)[:8], 1)
     assert ctx.behaviour_weights is ctx.batch.mask  # the on-policy objective
 
 
