@@ -1,24 +1,18 @@
-"""The driver: runs a run's stages on one fleet, and the RL loop itself. One RL iteration,
-top to bottom (`run_rl_stage`), for each policy in turn (one, or a `policies:` section's): the
-workers serve the policy's published adapter (verified by the probe), its batch is collected
-from its rollout pipeline and scored, the learner trains on it, the next version is published
-and the batch the workers sample next is queued; the iteration is logged and checkpointed. At
-rollout.max_staleness 0 (sync) a policy's next batch is queued behind its new version; at
-k >= 1 (async) k batches are in flight ahead of it. While the learner trains one policy the
-workers generate for the others."""
+"""The driver: runs a run's stages on one fleet (start-up, held-out evaluation after each
+stage, checkpoints, summaries, a dead learner's resume hint); the rl stage's loop, one
+iteration of every policy at once top to bottom, is cluster/rl_loop.py."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from functools import partial
 
 from ..common.configio import save_config
 from ..common.metrics import plot_reward_curve, read_metrics
-from ..common.progress import progress
-from ..common.records import Prompt, TrainStats
+from ..common.records import Prompt
 from ..common.run_dir import RunDir
 from ..learner.core import UpdateDiverged
 from ..reward.pool import RewardError, RewardPool
@@ -27,21 +21,19 @@ from .actor_group import is_actor
 from .checkpoint import ResumeError, TrainerState, latest_checkpoint
 from .config import TrainConfig
 from .evaluation import evaluate_prompts
-from .fleet import AdapterSync, SyncFigures, connect_ray, start_fleet
-from .pipeline import RolloutPipeline, ScoredBatch, launch_together
+from .fleet import connect_ray, start_fleet
 from .policy_state import PolicyState, load_policies, place_policies, resume_policies
 from .report import (
-    EVAL_KEYS,
     StartupClock,
-    iteration_row,
     policies_summary,
     policy_summary,
     print_summary,
     write_comparison,
 )
+from .rl_loop import RLStage
 from .specs import engine_spec, learner_spec, placement_label, reward_model_dir, reward_spec
 from .stages import run_meet_stage, run_offline_stage, run_rm_stage
-from .telemetry import DashboardMetrics, WandbLogger, write_rollouts
+from .telemetry import DashboardMetrics, WandbLogger
 
 # What stops one policy of several (its own reward function, its own update) while the others
 # go on; anything else stops the run.
@@ -51,19 +43,6 @@ LEARNER_CHECK_S = 60.0  # after a failed call, how long the learner may take to 
 
 class LearnerDied(RuntimeError):
     """The learner actor is gone; the run continues only from a checkpoint."""
-
-
-@dataclass
-class PolicyLoop:
-    """Where one policy stands in the rl stage's loop."""
-
-    policy: PolicyState
-    pipeline: RolloutPipeline
-    staleness: int  # k: batches in flight ahead of the version that trains them
-    sync: SyncFigures  # the verified sync of the adapter that sampled the next batch
-    pending_sync: AdapterSync | None = None
-    batch: ScoredBatch | None = None  # this iteration's, when collected ahead (async)
-    iter_start: float = 0.0
 
 
 class Trainer:
@@ -277,125 +256,6 @@ class Trainer:
             raise RuntimeError("every policy stopped: " + "; ".join(
                 f"{p.name}: {p.stopped}" for p in self.policies))
 
-    # -- the RL loop --------------------------------------------------------------------------
-    def run_rl_stage(self, index: int, first: int) -> None:
-        """Iterations `first`..iterations-1 of the rl stage, each policy in turn within an
-        iteration. Batch j of a policy is sampled by the policy's adapter the workers hold when
-        it is queued, at most k = its rollout.max_staleness versions behind the one that trains
-        it: batches first..first+k by the adapter the stage starts from (queued for every
-        policy at once, so each worker's engine batches across the policies' adapters), batch
-        j > first + k right after the swap to the version trained on batch j - k - 1. Each
-        policy's turn is the one-policy iteration (`rl_iteration`), so the batch a policy
-        queues at the end of its turn is generated while the learner trains the next policies.
-        A checkpoint records the cursor of the prompts trained on: batches in flight are
-        generated again after a resume."""
-        import ray
-
-        cfg, learner = self.cfg, self.fleet.learner
-        loops = []
-        for policy in self.live():
-            if first == 0:
-                ray.get(learner.start_stage.remote(policy.cfg.algo.policy_lr, policy.name))
-            pipeline = RolloutPipeline(
-                self.fleet, self.scorer(policy), policy.stream, policy.cfg.rollout,
-                policy.cfg.seed, policy.cfg.prompts_per_iteration, policy.name)
-            # the version the first k + 1 batches sample
-            loops.append(PolicyLoop(policy, pipeline, policy.cfg.rollout.staleness_bound,
-                                    self.fleet.sync_adapter(policy.name)))
-        bar = progress(range(first, cfg.iterations), desc=self.progress_label(), unit="iter",
-                       initial=first, total=cfg.iterations)
-        for loop in loops:
-            loop.iter_start = time.perf_counter()
-        for j in range(first, min(first + max(loop.staleness for loop in loops) + 1,
-                                  cfg.iterations)):
-            self.launch([loop for loop in loops if j <= first + loop.staleness], j)
-        postfix: dict[str, str] = {}
-        for it in bar:
-            for loop in self.active(loops):
-                self.show_in_flight(loops)
-                with self.isolated(loop.policy):
-                    row, stats = self.rl_iteration(loop, index, it)
-                    postfix |= self.progress_postfix(loop.policy, row, stats)
-                    bar.set_postfix(postfix, refresh=False)
-        self.show_in_flight(loops)
-
-    def rl_iteration(self, loop: PolicyLoop, index: int, it: int) -> tuple[dict, TrainStats]:
-        """Iteration `it` of one policy; returns its metrics row and the update's stats."""
-        import ray
-
-        iterations, name = self.cfg.iterations, loop.policy.name
-        if loop.pending_sync is not None:  # verified before it trains
-            loop.sync = self.fleet.finish_sync(loop.pending_sync)
-        evals = self.iteration_evals(loop.policy, it)
-        batch = loop.batch or loop.pipeline.collect(it)
-        train = self.fleet.learner.train_step.remote(batch.train, name)
-        next_batch = loop.pipeline.collect(it + 1) if it + 1 in loop.pipeline.in_flight else None
-        loop.pipeline.wait(train)
-        stats = ray.get(train)
-        self.on_event("trained", it)
-        now = time.perf_counter()
-        workers_wait = loop.pipeline.workers_idle_seconds(now)
-        if it + 1 < iterations:
-            loop.pending_sync = self.fleet.start_sync(name)
-            if it + 1 + loop.staleness < iterations:
-                self.launch([loop], it + 1 + loop.staleness)
-        row = iteration_row(
-            it, batch, evals, stats, loop.sync, loop.policy.inputs.task,
-            step_seconds=now - loop.iter_start, workers_wait_seconds=workers_wait,
-            worker_restarts=self.fleet.rollout.restarts, staleness_bound=loop.staleness,
-        )
-        self.record_iteration(loop, batch, index, it, row, stats)
-        loop.iter_start, loop.batch = time.perf_counter(), next_batch
-        return row, stats
-
-    def active(self, loops: list[PolicyLoop]) -> list[PolicyLoop]:
-        return [loop for loop in loops if loop.policy.stopped is None]
-
-    def launch(self, loops: list[PolicyLoop], j: int) -> None:
-        """Batch j of each policy of `loops`, queued together."""
-        launch_together(self.fleet, [(loop.pipeline, j) for loop in loops])
-        self.on_event("queued", j)
-
-    def show_in_flight(self, loops: list[PolicyLoop]) -> None:
-        if self.dashboard:
-            self.dashboard.in_flight.set(sum(loop.pipeline.in_flight_samples()
-                                             for loop in self.active(loops)))
-
-    def progress_label(self) -> str:
-        if self.several:
-            return f"{len(self.live())} policies"
-        return self.cfg.algo.name.upper()
-
-    def progress_postfix(self, policy: PolicyState, row: dict, stats: TrainStats) -> dict:
-        """The progress bar's figures: each policy's reward, or the one policy's reward and
-        KL."""
-        if self.several:
-            return {policy.name: f"{row['reward_mean']:.3f}"}
-        kl = "-" if stats.kl is None else f"{stats.kl:.4f}"  # None: no reference pass
-        return {"reward": f"{row['reward_mean']:.3f}", "kl": kl}
-
-    def iteration_evals(self, policy: PolicyState, it: int) -> dict:
-        if it == 0:  # the adapter the previous stage evaluation just measured
-            return {k: policy.stage_evals[-1][k] for k in EVAL_KEYS}
-        if policy.cfg.eval_every and it % policy.cfg.eval_every == 0:
-            return self.evaluate(policy=policy)
-        return {"eval_reward": None, "eval_greedy": None}
-
-    def record_iteration(self, loop: PolicyLoop, batch: ScoredBatch, index: int, it: int,
-                         row: dict, stats: TrainStats) -> None:
-        """Logs the row (metrics.jsonl, dashboard, rollouts Parquet) and checkpoints on
-        schedule."""
-        cfg, policy = self.cfg, loop.policy
-        if cfg.logging.rollouts_parquet:
-            write_rollouts(policy.run_dir, index, it, batch.scored)
-        self.log(row, stats.adapter_version, policy)
-        if self.dashboard:
-            self.dashboard.iteration(row, policy.name)
-            self.dashboard.worker_versions(loop.sync.versions, stats.adapter_version,
-                                           policy.name)
-        if cfg.checkpoint_every and (it + 1) % cfg.checkpoint_every == 0:
-            self.checkpoint(policy, f"iter_{it + 1:05d}", index, it + 1, batch.cursor)
-
     # -- the run ----------------------------------------------------------------------------
     def run(self) -> RunDir:
         """Runs the stages from where the run stands; writes each policy's summary.json,
@@ -461,7 +321,7 @@ class Trainer:
                     self.inputs.level_prompts)}
             else:
                 if stage == "rl":
-                    self.run_rl_stage(index, next_iteration if index == next_stage else 0)
+                    RLStage(self).run(index, next_iteration if index == next_stage else 0)
                 else:
                     run_offline_stage(cfg, self.fleet.learner, stage, data, index, self.log)
                 evals = {}
