@@ -22,7 +22,7 @@ import yaml
 from ..common.config import TINY
 from ..learner.algorithms.registry import ALGORITHMS, AlgoConfig
 from .config import TrainConfig
-from .policies import MAX_NAME_LENGTH, PER_POLICY_KEYS, RESERVED_NAMES, TINY_TASK_KEYS
+from .policies import MAX_NAME_LENGTH, PER_POLICY_KEYS, TINY_TASK_KEYS
 from .tinker.config import SERVED_ROLLOUT_KEYS, ServeConfig, ServeSection
 
 DEFAULT_PATH = Path("docs/configuration.md")
@@ -187,8 +187,8 @@ rollout engine serves all of them (at most `rollout.max_loras`), the learner hol
 set per policy. An entry is a `name` and overrides of the top level for that policy, as nested
 mappings or dotted keys; each policy writes to `RUN_DIR/<name>/` what a single run writes to
 `RUN_DIR`. A name is letters, digits and `_=+-`, starting with a letter or digit, at most
-{MAX_NAME_LENGTH} characters, unique, and not one of the learner's own adapter names or one
-PEFT would confuse with its own ({RESERVED_NAMES}).
+{MAX_NAME_LENGTH} characters, and unique; any such name is the user's (the learner names its
+adapters itself: `a`, `value` or `default` are policy names like any other).
 
 The keys a policy may set (`.*`: every key of the section):
 

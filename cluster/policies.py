@@ -33,16 +33,11 @@ PER_POLICY_KEYS = (
     "reward.fns", "reward.weights", "reward.format_regex", "reward.rule_weight", "reward.model",
     "reward.model_weight", "reward.normalize", "reward.clip", "reward.on_error",
 )
-# A policy's name is its PEFT adapter's (no "."), its vLLM LoRA's and its run directory's.
+# A policy's name is its vLLM LoRA's and its run directory's; the learner names its PEFT
+# adapters itself, so no name is reserved.
 NAME_CHARACTERS = "A-Za-z0-9_=+-"
 NAME = re.compile(f"[A-Za-z0-9][{NAME_CHARACTERS}]*")
 MAX_NAME_LENGTH = 64
-# The learner's and workers' own adapter names, and names PEFT would confuse with its own
-# (its `lora_` prefix, a layer index: it picks an adapter's tensors out by name).
-RESERVED_NAME = re.compile(r"value|reward|shared|(level|control)\d+|.*-value|\d+|lora.*|"
-                           r"base_layer|[alor]")
-RESERVED_NAMES = ("`value`, `reward`, `shared`, `level<k>`, `control<k>`, `*-value`, a layer "
-                  "index, `lora*`, `base_layer`, `a`, `l`, `o`, `r`")  # what RESERVED_NAME is
 # The task keys a policy may change on the embedded model: the others are its recipe.
 TINY_TASK_KEYS = ("reward_fn",)
 
@@ -84,9 +79,6 @@ def policy_name(index: int, entry: Mapping[str, Any]) -> str:
         raise ConfigError(f"policies[{index}]: name {name!r} must be letters, digits and "
                           f"_=+- (starting with a letter or digit), at most {MAX_NAME_LENGTH} "
                           "characters")
-    if RESERVED_NAME.fullmatch(name):
-        raise ConfigError(f"policies[{name}]: name {name!r} is reserved for the learner's own "
-                          f"adapters, or PEFT would confuse it with its own ({RESERVED_NAMES})")
     return name
 
 

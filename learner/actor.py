@@ -19,6 +19,8 @@ the same way).
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 from ..common.client_records import AdamStep, ClientLoss, ForwardBackwardResult, TokenDatum
@@ -47,7 +49,7 @@ from .core import LearnerCore, UpdateDiverged
 from .meet import SHARED, MeetUpdater
 from .model import DTYPES, PolicyValueModel
 from .offline import OfflineUpdater
-from .policy import Policy, add_policy_adapters, policy_adapters
+from .policy import Policy, adapter_name, add_policy_adapters, policy_adapters
 from .reward_adapter import RewardAdapter
 from .rl import RLUpdater, train_together
 
@@ -64,18 +66,21 @@ class Learner:
         first, *others = spec.policies
         # the first policy's adapters are created with the base, before any other (its seed's
         # draws); every other's beside them from its own seed
+        # each policy's adapters are named by the learner, never after the policy
+        self.adapter_ids = itertools.count()
+        adapters = [adapter_name(next(self.adapter_ids)) for _ in spec.policies]
         net = PolicyValueModel(
             spec.model_path, first.lora, DTYPES[self.dtype], first.seed,
-            policy_adapters(first, rl), device, spec.attn_implementation,
+            policy_adapters(adapters[0], first, rl), device, spec.attn_implementation,
             spec.gradient_checkpointing,
         )
-        for policy in others:
-            add_policy_adapters(net, policy, rl)
+        for adapter, policy in zip(adapters[1:], others, strict=True):
+            add_policy_adapters(net, adapter, policy, rl)
         if spec.compile:
             net.compile()
         self.autocast = autocast_dtype(spec.autocast, device, self.dtype)
-        self.policies = {p.name: Policy(p, net, spec.pad_token_id, self.autocast, rl)
-                         for p in spec.policies}
+        self.policies = {p.name: Policy(p, adapter, net, spec.pad_token_id, self.autocast, rl)
+                         for adapter, p in zip(adapters, spec.policies, strict=True)}
         self.first = self.policies[first.name]
         self.offline = OfflineUpdater(self.core)
         self.reward: RewardAdapter | None = None  # start_reward_model, load_reward_model
@@ -220,10 +225,11 @@ class Learner:
         if name in self.policies:
             raise ValueError(f"the learner has a policy {name!r} already")
         spec = PolicySpec(name, self.first.spec.algo, lora, seed)
-        net = self.net
+        net, adapter = self.net, adapter_name(next(self.adapter_ids))
         with torch.random.fork_rng(devices=[net.device] if net.device.type == "cuda" else []):
-            add_policy_adapters(net, spec, rl=False)
-        self.policies[name] = Policy(spec, net, self.spec.pad_token_id, self.autocast, rl=False)
+            add_policy_adapters(net, adapter, spec, rl=False)
+        self.policies[name] = Policy(spec, adapter, net, self.spec.pad_token_id, self.autocast,
+                                     rl=False)
 
     def remove_policy(self, name: str) -> None:
         """Policy `name`'s adapter off the model and its optimiser state gone; the run's own
@@ -232,7 +238,7 @@ class Learner:
         if any(name == own.name for own in self.spec.policies):
             raise ValueError(f"policy {name!r} is one the learner was built with; only a "
                              "client's policy can be removed")
-        for adapter in policy_adapters(policy.spec, policy.rl is not None):
+        for adapter in policy_adapters(policy.core.adapter, policy.spec, policy.rl is not None):
             self.net.remove_adapter(adapter)
         del self.policies[name]
 

@@ -23,7 +23,7 @@ def saved_adapters(learner, policy) -> dict[str, str]:
     policy the reward adapter in `reward` where the learner holds one. The same layout whatever
     the policy's name, so a policy's directory reads as a one-policy run's."""
     core, heads = policy.core, policy.core.net.heads
-    adapters = {core.name: ""}
+    adapters = {core.adapter: ""}
     if core.value_name in heads:
         adapters[core.value_name] = VALUE
     if policy is learner.first and REWARD in heads:
@@ -89,7 +89,7 @@ def save_client_state(policy, directory: str, optimizer: bool) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.staging-"))
     try:
-        save_adapter(core.net, core.name, core.version, staging)
+        save_adapter(core.net, core.adapter, core.version, staging)
         state = {"version": core.version}
         if optimizer:
             state["policy_opt"] = core.policy_opt.state_dict()
@@ -113,11 +113,11 @@ def load_client_state(policy, directory: str, optimizer: bool) -> int:
     core, path = policy.core, Path(directory)
     if not (path / f"{STATE_FILE}.json").exists():
         raise ValueError(f"{path} holds no saved client state")
-    check_adapter_fits(core.net, core.name, path)
+    check_adapter_fits(core.net, core.adapter, path, core.name)
     state = load_state(path, STATE_FILE)
     if optimizer and "policy_opt" not in state:
         raise ValueError(f"{path} was saved without its optimizer state; load it without")
-    load_adapter(core.net, core.name, path)
+    load_adapter(core.net, core.adapter, path)
     core.start_stage(policy.spec.algo.policy_lr)  # each optim_step sets its own lr
     core.policy_opt.zero_grad(set_to_none=True)  # gradients summed before the load are void
     if optimizer:

@@ -29,13 +29,15 @@ class LearnerCore:
     def __init__(
         self, net: PolicyValueModel, pad_id: int, max_grad_norm: float,
         autocast_dtype: str | None, policy_lr: float, name: str = POLICY,
+        adapter: str = POLICY,
     ) -> None:
         """autocast_dtype: the update's forward passes in that dtype (learner.autocast), None:
-        in the weights' own; name: the policy's, its adapter's (its value adapter's is
-        `value_adapter(name)`)."""
-        self.net, self.pad_id, self.name = net, pad_id, name
+        in the weights' own; name: the policy's (the user's, in messages and on its
+        rollouts); adapter: its adapter's on `net`, the learner's own name for it (its value
+        adapter's is `value_adapter(adapter)`)."""
+        self.net, self.pad_id, self.name, self.adapter = net, pad_id, name, adapter
         self.max_grad_norm, self.autocast_dtype = max_grad_norm, autocast_dtype
-        self.policy_params = net.adapter_parameters(name)
+        self.policy_params = net.adapter_parameters(adapter)
         self.start_stage(policy_lr)
         # the number of updates applied to the weights the policy publishes
         self.version = 0
@@ -48,11 +50,11 @@ class LearnerCore:
 
     @property
     def value_name(self) -> str:
-        return value_adapter(self.name)
+        return value_adapter(self.adapter)
 
     def logprobs(self, batch: TokenBatch, with_entropy: bool = False):
         """Log-probs of the response tokens under the policy's adapter ([B, T])."""
-        return self.net.logprobs(batch, with_entropy, adapters=self.name)
+        return self.net.logprobs(batch, with_entropy, adapters=self.adapter)
 
     def values(self, batch: TokenBatch) -> Tensor:
         """V(state before response token k) under the policy's value adapter ([B, T])."""

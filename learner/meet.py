@@ -210,7 +210,7 @@ class MeetUpdater:
         it)."""
         from peft import set_peft_model_state_dict
 
-        net, policy = self.core.net, self.core.name
+        net, policy = self.core.net, self.core.adapter
         tensors, rank = self.controls.served_lora(level)
         config = net.model.peft_config[policy]
         if (config.r, config.lora_alpha) != (rank, rank):  # scale 1, as served

@@ -314,9 +314,10 @@ def save_adapter(net: PolicyValueModel, name: str, version: int, directory: Path
     return directory
 
 
-def check_adapter_fits(net: PolicyValueModel, name: str, directory: Path) -> None:
+def check_adapter_fits(net: PolicyValueModel, name: str, directory: Path, label: str) -> None:
     """A ValueError naming each LoRA setting (rank, alpha, target modules) in which the
-    adapter saved at `directory` differs from the model's adapter `name`."""
+    adapter saved at `directory` differs from the model's adapter `name` (`label`: what the
+    message calls it, its policy's name)."""
     saved = json.loads((directory / "adapter_config.json").read_text())
     ours = net.model.peft_config[name]
     settings = {"rank": ("r", ours.r), "alpha": ("lora_alpha", ours.lora_alpha),
@@ -329,7 +330,7 @@ def check_adapter_fits(net: PolicyValueModel, name: str, directory: Path) -> Non
         if theirs != value:
             differ.append(f"{setting} {theirs} (the adapter's: {value})")
     if differ:
-        raise ValueError(f"{directory} does not fit adapter {name!r}: it has "
+        raise ValueError(f"{directory} does not fit adapter {label!r}: it has "
                          f"{'; '.join(differ)}")
 
 

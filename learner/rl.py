@@ -136,7 +136,7 @@ class RLUpdater:
         read, adapters)."""
         needed = []
         if not ctx.old_logp_from_update:
-            needed.append(("old_logp", LM, self.core.name))
+            needed.append(("old_logp", LM, self.core.adapter))
         if self.algo.uses_reference:
             needed.append(("ref_logp", LM, []))
         if self.value is not None:
@@ -164,7 +164,7 @@ class RLUpdater:
             loss, metrics = objective.loss(mb, rows, logp, ctx.record_old_logp(rows, logp))
             return loss, {"entropy": masked_mean(entropy, mb.mask), **metrics}
 
-        steps = [AdapterStep(core.name, core.name, LM, ctx.batch, chunk, policy_loss, core,
+        steps = [AdapterStep(core.name, core.adapter, LM, ctx.batch, chunk, policy_loss, core,
                              core.policy_params, core.policy_opt, objective.averaged_over,
                              budget)]
         if objective.value_loss is not None:

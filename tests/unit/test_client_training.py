@@ -42,14 +42,19 @@ def sums(tokenizer) -> list[TokenDatum]:
 
 
 def weights(learner, name: str) -> dict[str, torch.Tensor]:
-    """Adapter `name`'s tensors under names without it (comparable across adapters)."""
-    return {n.replace(f".{name}.", "."): p.detach().clone()
-            for n, p in learner.net.model.named_parameters() if f".{name}." in n}
+    """Policy `name`'s adapter tensors under names without the adapter's (comparable across
+    adapters)."""
+    adapter = learner.get_policy(name).core.adapter
+    out = {n.replace(f".{adapter}.", "."): p.detach().clone()
+           for n, p in learner.net.model.named_parameters() if f".{adapter}." in n}
+    assert out, name
+    return out
 
 
 def grads(learner, name: str) -> dict[str, torch.Tensor]:
-    return {n.replace(f".{name}.", "."): p.grad.clone()
-            for n, p in learner.net.model.named_parameters() if f".{name}." in n}
+    adapter = learner.get_policy(name).core.adapter
+    return {n.replace(f".{adapter}.", "."): p.grad.clone()
+            for n, p in learner.net.model.named_parameters() if f".{adapter}." in n}
 
 
 def same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
@@ -160,10 +165,12 @@ def test_a_removed_client_frees_its_adapter_and_its_name(tiny_model_path, tokeni
     learner.forward_backward(A, sums(tokenizer), CE, False)
     learner.optim_step(A, STEP)
     param = weakref.ref(learner.get_policy(A).core.policy_params[0])
+    adapter = learner.get_policy(A).core.adapter
     b_weights = weights(learner, B)
     learner.remove_policy(A)
     gc.collect()
-    assert param() is None and weights(learner, A) == {}
+    assert param() is None
+    assert not any(f".{adapter}." in n for n, _ in learner.net.model.named_parameters())
     assert learner.policy_names() == [POLICY, B] and same(weights(learner, B), b_weights)
     learner.add_client_policy(A, LoRAConfig(), 0)
     assert learner.get_version(A) == 0

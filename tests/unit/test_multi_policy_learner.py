@@ -29,10 +29,11 @@ def two_policies(model_path, tokenizer):
 
 def weights(learner, name: str) -> dict[str, torch.Tensor]:
     """A policy's adapter and value adapter tensors (+ value head), copied."""
-    net = learner.net
+    net, adapter = learner.net, learner.get_policy(name).core.adapter
     out = {f"{n}": p.detach().clone() for n, p in net.model.named_parameters()
-           if f".{name}." in n or f".{value_adapter(name)}." in n}
-    out |= {f"head.{k}": v.clone() for k, v in net.heads[value_adapter(name)].state_dict().items()}
+           if f".{adapter}." in n or f".{value_adapter(adapter)}." in n}
+    out |= {f"head.{k}": v.clone()
+            for k, v in net.heads[value_adapter(adapter)].state_dict().items()}
     return out
 
 
@@ -53,15 +54,17 @@ def batch(tokenizer, learner, name: str, **keys):
 def test_each_policy_trains_as_it_would_alone(tiny_model_path, tokenizer):
     learner = two_policies(tiny_model_path, tokenizer)
     assert learner.policy_names() == [A, B]
-    assert {value_adapter(A), value_adapter(B)} <= learner.net.heads.keys()
-    assert value_adapter("policy") == VALUE and VALUE not in learner.net.heads
+    # adapters named by the learner: the first policy's as a one-policy run's
+    assert learner.net.heads.keys() == {VALUE, value_adapter("policy1")}
+    assert value_adapter("policy") == VALUE
     # each policy's adapters are drawn as a one-policy learner's of its seed...
     alone = [new_learner(tiny_model_path, tokenizer.pad_token_id, PPO, seed=seed)
              for seed in (0, 1)]
     for name, single in zip((A, B), alone, strict=True):
         ours, theirs = learner.publish(name), single.publish()
         assert same(ours.tensors, theirs.tensors) and ours.version == 0
-        assert torch.equal(learner.net.heads[value_adapter(name)].weight,
+        adapter = learner.get_policy(name).core.adapter
+        assert torch.equal(learner.net.heads[value_adapter(adapter)].weight,
                            single.net.value_head.weight)
     # ...and trains as it: same stats, same weights; the other policy untouched
     b_weights, b_state = weights(learner, B), optimiser_state(learner, B)
@@ -162,9 +165,18 @@ def test_a_policy_refuses_other_policies_rollouts_and_unknown_names(tiny_model_p
         learner.get_version()
     with pytest.raises(ValueError, match="distinct names"):
         LearnerSpec(tiny_model_path, 0, (PolicySpec(A, PPO), PolicySpec(A, PPO)))
-    # names PEFT would confuse with a module's (layer 0) or its own: refused before they mix
-    # tensors up
-    for name in ("0", "a"):
-        with pytest.raises(ValueError, match=f"adapter name '{name}' is also the name of a "):
-            new_learner(tiny_model_path, tokenizer.pad_token_id,
-                        policies=(PolicySpec(A, PPO), PolicySpec(name, PPO)))
+
+
+
+def test_policy_names_are_the_users(tiny_model_path, tokenizer):
+    """The learner names the adapters: a policy may be called after a layer (`0`), PEFT's own
+    names (`a` of `lora_A`), the learner's (`value`, `policy`) or PEFT's default."""
+    names = ("0", "a", "value", "policy", "default")
+    learner = new_learner(tiny_model_path, tokenizer.pad_token_id, policies=tuple(
+        PolicySpec(name, PPO, seed=i) for i, name in enumerate(names)))
+    adapters = [learner.get_policy(name).core.adapter for name in names]
+    assert adapters == ["policy", "policy1", "policy2", "policy3", "policy4"]
+    results = learner.train_step({name: batch(tokenizer, learner, name) for name in names})
+    assert all(r.adapter_version == 0 for r in results.values())
+    snapshots = [learner.publish(name) for name in names]
+    assert all(not same(snapshots[0].tensors, s.tensors) for s in snapshots[1:])

@@ -114,14 +114,6 @@ def test_on_the_embedded_model_the_task_is_shared_but_its_reward():
     (["{name: ''}"], [], r"policies\[0\]: name '' must be"),
     (["{name: 3}"], [], r"policies\[0\]: name 3 must be"),
     ([f"{{name: {'a' * 65}}}"], [], rf"policies\[0\]: name '{'a' * 65}' must be .* at most 64"),
-    (["{name: value}"], [], r"policies\[value\]: name 'value' is reserved"),
-    (["{name: shared}"], [], r"policies\[shared\]: name 'shared' is reserved"),
-    (["{name: level0}"], [], r"policies\[level0\]: name 'level0' is reserved"),
-    (["{name: control12}"], [], r"policies\[control12\]: name 'control12' is reserved"),
-    (["{name: b-value}"], [], r"policies\[b-value\]: name 'b-value' is reserved"),
-    (["{name: a}"], [], r"policies\[a\]: name 'a' is reserved"),  # in PEFT's lora_ prefix
-    (["{name: '1'}"], [], r"policies\[1\]: name '1' is reserved"),  # a layer's index
-    (["{name: lora_x}"], [], r"policies\[lora_x\]: name 'lora_x' is reserved"),
     (["{name: b, model.max_model_len: 64}"], [],
      r"policies\[b\]: model\.max_model_len is shared by every policy \(one base model, one "
      r"fleet\); set it at the top level"),
