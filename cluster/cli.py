@@ -12,29 +12,9 @@ from ..common.configio import ConfigError
 from ..common.corpora import DatasetError
 from ..common.logs import apply_log_level
 from .actor_group import PlacementError
-from .bench.memory import QWEN2_SHAPES, bench_memory
-from .bench.memory import add_arguments as add_bench_memory_arguments
+from .bench.cli import add_bench_parser
 from .checkpoint import ResumeError
-
-
-def _int_list(text: str, flag: str) -> list[int]:
-    try:
-        return [int(k) for k in text.split(",")]
-    except ValueError as exc:
-        raise ConfigError(f"{flag}: comma-separated integers, got {text!r}") from exc
-
-
-def _split_config_and_overrides(items: list[str]) -> tuple[str | None, list[str]]:
-    config = None
-    overrides = []
-    for item in items:
-        if "=" in item:
-            overrides.append(item)
-        elif config is None:
-            config = item
-        else:
-            raise ConfigError(f"expected one CONFIG.yaml and key=value overrides, got {item!r}")
-    return config, overrides
+from .cli_args import int_list, split_config_and_overrides
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -42,7 +22,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     from .config import load_train_config
     from .trainer import Trainer
 
-    path, overrides = _split_config_and_overrides(args.items)
+    path, overrides = split_config_and_overrides(args.items)
     if args.resume is None:
         cfg = load_train_config(path, overrides)
     elif path is not None:
@@ -61,7 +41,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from .tinker.config import load_serve_config
     from .tinker.server import serve
 
-    path, overrides = _split_config_and_overrides(args.items)
+    path, overrides = split_config_and_overrides(args.items)
     serve(load_serve_config(path, overrides))
 
 
@@ -72,7 +52,7 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     from .policies import sweep_policies
     from .trainer import Trainer
 
-    path, assignments = _split_config_and_overrides(args.items)
+    path, assignments = split_config_and_overrides(args.items)
     policies, overrides = sweep_policies(assignments)
     if not policies:
         raise ConfigError("sweep: give at least one key=a,b,... to sweep over (e.g. seed=0,1,2)")
@@ -87,67 +67,7 @@ def cmd_sweep(args: argparse.Namespace) -> None:
 def cmd_train_rm(args: argparse.Namespace) -> None:
     from .train_rm import train_reward_model
 
-    train_reward_model(*_split_config_and_overrides(args.items))
-
-
-def cmd_bench(args: argparse.Namespace) -> None:
-    if args.what == "memory":
-        bench_memory(args)
-        return
-    path, overrides = _split_config_and_overrides(args.items)
-    if args.what == "demo":
-        from .bench.demo import bench_demo
-
-        bench_demo(path, _int_list(args.seeds or "0,1,2", "--seeds"), overrides,
-                   args.out or "runs/demo", args.command_line)
-        return
-    if args.what == "vs-trl":
-        from .bench.vs_trl import bench_vs_trl
-
-        bench_vs_trl(path, overrides, args.scales.split(","),
-                     _int_list(args.seeds or "0", "--seeds"), args.autocast,
-                     args.out or "runs/vs-trl", args.command_line, args.reprint)
-        return
-    if args.what == "sweep":
-        from .bench.sweep import bench_sweep
-
-        bench_sweep(path, overrides, _int_list(args.seeds or "0,1,2,3", "--seeds"),
-                    args.iterations, args.out or "runs/bench-sweep", args.command_line,
-                    args.reprint)
-        return
-    if args.what == "async":
-        from .bench.async_mode import bench_async
-
-        bench_async(path, overrides, _int_list(args.seeds or "0,1,2", "--seeds"),
-                    args.command_line)
-        return
-    if args.what == "tinker":
-        from .bench.tinker import bench_tinker
-
-        clients = None if args.clients is None else _int_list(args.clients, "--clients")
-        bench_tinker(path, overrides, args.out or "runs/bench-tinker", clients, args.calls,
-                     args.iterations, args.command_line)
-        return
-    if args.what == "soak":
-        from .bench.soak import bench_soak
-
-        bench_soak(path, overrides, args.iterations or 200, args.kill_every, not args.no_faults,
-                   args.overlap, args.out or "runs/bench-soak", args.command_line)
-        return
-    if args.what == "shape":
-        from .bench.shape import bench_shape
-
-        bench_shape(path, overrides, args.shape, args.out or "runs/bench-shape",
-                    args.command_line)
-        return
-    if args.what == "reward":
-        from .bench.reward import bench_reward
-
-        bench_reward(path, overrides, args.command_line)
-        return
-    from .bench.rollout import bench_rollout
-
-    bench_rollout(path, overrides, args.command_line)
+    train_reward_model(*split_config_and_overrides(args.items))
 
 
 def cmd_compare(args: argparse.Namespace) -> None:
@@ -155,7 +75,7 @@ def cmd_compare(args: argparse.Namespace) -> None:
 
     configs = [i for i in args.items if "=" not in i]
     overrides = [i for i in args.items if "=" in i]
-    compare(configs, _int_list(args.seeds, "--seeds"), overrides, args.out, args.command_line)
+    compare(configs, int_list(args.seeds, "--seeds"), overrides, args.out, args.command_line)
 
 
 def cmd_build_model(args: argparse.Namespace) -> None:
@@ -164,7 +84,7 @@ def cmd_build_model(args: argparse.Namespace) -> None:
     from ..common.tiny_model import build_tiny_model, ship_tiny_model
     from .config import load_train_config
 
-    path, overrides = _split_config_and_overrides(args.items)
+    path, overrides = split_config_and_overrides(args.items)
     cfg = load_train_config(path, overrides)
     if cfg.model.name_or_path != TINY:
         raise ConfigError(f"model.name_or_path={cfg.model.name_or_path!r}: build-model builds "
@@ -193,7 +113,7 @@ def cmd_make_data(args: argparse.Namespace) -> None:
         rows = word_problem_rows(ROWS if args.rows is None else args.rows, args.seed or SEED)
         print(f"wrote {len(rows)} word problems to {write_jsonl(rows, Path(args.out))}")
         return
-    path, overrides = _split_config_and_overrides(args.items)
+    path, overrides = split_config_and_overrides(args.items)
     task = build_task(load_train_config(path, overrides).task)
     if args.kind == "sft":
         rows = sft_rows(task.examples(args.split))
@@ -215,8 +135,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from .bench.model_eval import run_eval
     from .config import load_train_config
 
-    path, overrides = _split_config_and_overrides(args.items)
-    run_eval(load_train_config(path, overrides), _int_list(args.shots, "--shots"), args.adapter,
+    path, overrides = split_config_and_overrides(args.items)
+    run_eval(load_train_config(path, overrides), int_list(args.shots, "--shots"), args.adapter,
              args.command_line)
 
 
@@ -224,7 +144,7 @@ def cmd_nlu_table(args: argparse.Namespace) -> None:
     from .bench.nlu_table import nlu_table
     from .config import load_train_config
 
-    path, overrides = _split_config_and_overrides(args.items)
+    path, overrides = split_config_and_overrides(args.items)
     nlu_table(load_train_config(path, overrides), args.shots, args.command_line)
 
 
@@ -232,8 +152,8 @@ def cmd_meet_table(args: argparse.Namespace) -> None:
     from .bench.meet_table import meet_table
     from .config import load_train_config
 
-    path, overrides = _split_config_and_overrides(args.items)
-    seeds = None if args.seeds is None else _int_list(args.seeds, "--seeds")
+    path, overrides = split_config_and_overrides(args.items)
+    seeds = None if args.seeds is None else int_list(args.seeds, "--seeds")
     meet_table(load_train_config(path, overrides), seeds, args.command_line)
 
 
@@ -287,54 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train_rm.add_argument("items", nargs="*", metavar="CONFIG.yaml | key=value")
     train_rm.set_defaults(func=cmd_train_rm)
-    bench = sub.add_parser(
-        "bench", help="`bench rollout`: the rollout fleet vs raw vLLM; `bench memory`: learner "
-        "memory per algorithm; `bench reward`: reward-model scoring, 1 vs 2 reward actors; "
-        "`bench demo`: the default job (or CONFIG) over --seeds, start/end figures and spread; "
-        "`bench async`: rollout.mode sync vs async over --seeds, and with a slow reward; "
-        "`bench vs-trl`: TRL's GRPOTrainer vs lorafleet's GRPO, two scales; `bench sweep`: "
-        "one policy per seed on one fleet vs the single runs one after the other vs TRL; "
-        "`bench tinker`: the Tinker API (lorafleet serve, the tinker SDK) vs the same calls "
-        "in-process, per call and with --clients at once; `bench shape`: a few iterations on "
-        "a random-init model of Qwen2.5's shape vs the embedded model (adapter bytes, sync "
-        "seconds, peak memory per actor, update time); `bench soak`: the default job in async "
-        "mode while rollout and reward actors and once the driver are SIGKILLed, then "
-        "resumed and its records checked",
-    )
-    bench.add_argument("what", choices=["rollout", "memory", "reward", "demo", "async", "vs-trl",
-                                        "sweep", "tinker", "shape", "soak"])
-    bench.add_argument("items", nargs="*", metavar="CONFIG.yaml | key=value")
-    bench.add_argument("--seeds", help="demo, async, vs-trl, sweep: comma-separated seeds "
-                       "(0,1,2; vs-trl 0; sweep 0,1,2,3)")
-    bench.add_argument("--out", help="demo, vs-trl, sweep, tinker, shape, soak: output "
-                       "directory (runs/demo, runs/vs-trl, runs/bench-sweep, "
-                       "runs/bench-tinker, runs/bench-shape, runs/bench-soak)")
-    bench.add_argument("--shape", default="qwen2.5-0.5b", choices=list(QWEN2_SHAPES),
-                       help="shape: the published model shape, built random-init "
-                       "(qwen2.5-0.5b)")
-    bench.add_argument("--iterations", type=int,
-                       help="sweep: iterations of every run on every side (the config's); "
-                       "tinker: iterations of each client at once (20); soak: of the run (200)")
-    bench.add_argument("--kill-every", type=float, default=20.0,
-                       help="soak: seconds between two actor kills (20)")
-    bench.add_argument("--no-faults", action="store_true",
-                       help="soak: the same job undisturbed (the figures to compare with)")
-    bench.add_argument("--overlap", action="store_true",
-                       help="soak: kill every --kill-every s even while the last victim is "
-                       "being brought back (default: one fault at a time)")
-    bench.add_argument("--clients",
-                       help="tinker: comma-separated counts of clients at once (1,2,4)")
-    bench.add_argument("--calls", type=int,
-                       help="tinker: timed calls of each kind, after 5 warm-up ones (30)")
-    bench.add_argument("--scales", default="small,large",
-                       help="vs-trl: small (the embedded model), large (~27M random-init)")
-    bench.add_argument("--autocast", choices=["auto", "bf16", "off"], default="auto",
-                       help="vs-trl: both learners' bfloat16 autocast (auto: where native)")
-    bench.add_argument("--reprint", action="store_true",
-                       help="vs-trl, sweep: print the tables of the run saved in --out, run "
-                       "nothing")
-    add_bench_memory_arguments(bench)
-    bench.set_defaults(func=cmd_bench)
+    bench = add_bench_parser(sub)
     comp = sub.add_parser(
         "compare", help="run several algorithm configs over seeds; plot reward vs samples"
     )

@@ -325,7 +325,8 @@ def run_variant(variant: str, model_path: Path, setup: BenchSetup) -> dict:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of `lorafleet bench memory` (and of this module run as a script)."""
-    parser.add_argument("--device", help="memory: cpu or cuda (default: cuda if available)")
+    parser.add_argument("--device", help="memory: cpu or cuda (default: cuda if available); "
+                        "learner: cpu or cuda (default: cpu)")
     parser.add_argument("--model", choices=MODELS, default="llama-100m",
                         help="memory: model shape, random init (default llama-100m)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
