@@ -1,7 +1,7 @@
 """Rows of one batch through different adapters in one forward pass (the many-adapters step).
 
 Every LoRA-wrapped linear computes its base projection once for all rows, then adds each run of
-rows' own low-rank product: `x[run] @ A_k^T @ B_k^T * scale_k` for the adapters k of that run,
+rows' own low-rank product, `scale_k * x[run] @ A_k^T @ B_k^T` for the adapters k of that run,
 so the base matmuls are shared and each adapter's gradient comes only from its own rows. A
 `Route` says which adapters each contiguous run of rows goes through; one adapter for the whole
 batch is the one-run case, the base model alone a run with no adapter.
@@ -9,7 +9,7 @@ batch is the one-run case, the base model alone a run with no adapter.
 PEFT keeps the adapters, their configs and their save/load (PEFT format); its own forward is
 switched to the base projection (`_disable_adapters`) and this module adds the adapters' part
 through a forward hook on each LoRA layer. PEFT's mixed-adapter forward (`adapter_names=`) is
-inference-only and gathers rows by Python lists in every layer; the runs here are slices.
+inference-only and gathers rows by Python lists in every layer; the runs here are one split.
 """
 
 from __future__ import annotations
@@ -108,18 +108,21 @@ class Router:
                                "PolicyValueModel's passes (logprobs, values, scores)")
         if route.rows != len(x):
             raise ValueError(f"the route covers {route.rows} rows, the batch has {len(x)}")
+        # one split of the rows (its backward is one concatenation; a slice per run would
+        # each back-propagate a zero-filled gradient of the whole batch)
+        runs = x.split([rows for _, rows in route.runs]) if len(route.runs) > 1 else (x,)
         parts, touched = [], False
-        for adapters, start, end in route.spans():
+        for (adapters, _), rows in zip(route.runs, runs, strict=True):
             delta = None
             for name in adapters:
                 if name not in module.lora_A:  # this adapter does not target the module
                     continue
                 a, b = module.lora_A[name], module.lora_B[name]
-                rows = module.lora_dropout[name](x[start:end].to(a.weight.dtype))
-                product = b(a(rows)) * module.scaling[name]
-                delta = product if delta is None else delta + product
+                # the scale on the rank-wide product: the cheaper side of the matmul
+                low = a(module.lora_dropout[name](rows.to(a.weight.dtype))) * module.scaling[name]
+                delta = b(low) if delta is None else delta + b(low)
             touched |= delta is not None
-            parts.append(base.new_zeros(end - start, *base.shape[1:]) if delta is None
+            parts.append(base.new_zeros(len(rows), *base.shape[1:]) if delta is None
                          else delta.to(base.dtype))
         if not touched:
             return base
