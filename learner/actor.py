@@ -242,13 +242,43 @@ class Learner:
             self.net.remove_adapter(adapter)
         del self.policies[name]
 
-    def forward_backward(self, name: str, datums: list[TokenDatum], loss: ClientLoss,
-                         forward_only: bool) -> ForwardBackwardResult:
-        return client_training.forward_backward(self.get_policy(name).core, datums, loss,
-                                                forward_only)
+    def forward_backward(self, calls: list[tuple[str, list[TokenDatum], ClientLoss, bool]]
+                         ) -> list[ForwardBackwardResult | Exception]:
+        """Client policies' forward_backward calls, each `(policy, datums, loss,
+        forward_only)`, in one pass (client_training.forward_backward); each call's result,
+        or its error."""
+        return client_training.forward_backward([
+            (self.get_policy(name).core, datums, loss, forward_only)
+            for name, datums, loss, forward_only in calls])
 
-    def optim_step(self, name: str, step: AdamStep) -> dict[str, float]:
-        return client_training.optim_step(self.get_policy(name).core, step)
+    def train_cycle(self, requests: list[tuple]) -> list:
+        """One clock cycle of client requests, each `("forward_backward", policy, datums,
+        loss, forward_only)` or `("optim_step", policy, step)`, of distinct policies: the
+        forward_backward calls in one pass, then the optimiser steps; each request's result,
+        or its error, in order."""
+        kinds = {"forward_backward": self.forward_backward, "optim_step": self.optim_step}
+        unknown = {kind for kind, *_ in requests} - kinds.keys()
+        if unknown:
+            raise ValueError(f"unknown client requests {sorted(unknown)}; known: {list(kinds)}")
+        results: list = [None] * len(requests)
+        for kind, run in kinds.items():
+            indices = [i for i, (k, *_) in enumerate(requests) if k == kind]
+            if indices:
+                for i, result in zip(indices, run([tuple(requests[i][1:]) for i in indices]),
+                                     strict=True):
+                    results[i] = result
+        return results
+
+    def optim_step(self, steps: list[tuple[str, AdamStep]]) -> list[dict[str, float] | Exception]:
+        """Client policies' optim_steps, each with its own AdamW settings; each step's
+        metrics, or its error (UpdateDiverged: that one's gradient was not finite)."""
+        results: list[dict[str, float] | Exception] = []
+        for name, step in steps:
+            try:
+                results.append(client_training.optim_step(self.get_policy(name).core, step))
+            except (UpdateDiverged, ValueError) as exc:
+                results.append(exc)
+        return results
 
     def save_client_state(self, name: str, directory: str, optimizer: bool) -> None:
         save_client_state(self.get_policy(name), directory, optimizer)

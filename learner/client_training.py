@@ -1,6 +1,8 @@
-"""Training one client's adapter the way Tinker does (cluster/tinker/ serves the API): the
-client sends forward_backward calls, whose gradients add up in the adapter's .grad, then an
-optim_step applies them with the AdamW settings it names and starts the next sum.
+"""Training clients' adapters the way Tinker does (cluster/tinker/ serves the API): a client
+sends forward_backward calls, whose gradients add up in its adapter's .grad, then an
+optim_step applies them with the AdamW settings it names and starts the next sum. The calls of
+several clients that arrive in one cycle run as one pass (`forward_backward`), as in Tinker's
+clock cycle.
 
 An optim_step with no gradient since the last one leaves the weights and Adam moments as they
 are (torch's AdamW skips a parameter without a gradient, its weight decay too) and still counts
@@ -15,7 +17,8 @@ import torch
 
 from ..common.client_records import AdamStep, ClientLoss, ForwardBackwardResult, TokenDatum
 from .client_losses import TARGETS, check_inputs, loss_config, loss_spec
-from .core import LearnerCore
+from .core import LearnerCore, UpdateDiverged
+from .joint import LM, joint_forward
 from .model import TokenBatch
 
 
@@ -56,28 +59,65 @@ def datum_batch(datums: list[TokenDatum], pad_id: int, device: torch.device) -> 
     return TokenBatch(input_ids, attention, positions, targets, attention.float()).to(device)
 
 
-def forward_backward(core: LearnerCore, datums: list[TokenDatum], loss: ClientLoss,
-                     forward_only: bool) -> ForwardBackwardResult:
-    """The loss summed over the datums' tokens under the client's adapter; unless
-    `forward_only`, its gradient added to the adapter's (UpdateDiverged, nothing added, where
-    the loss is not finite)."""
-    net = core.net
-    check_datums(datums, loss, net.model.config.vocab_size)
-    per_token, config = loss_spec(loss).per_token, loss_config(loss)
-    batch = datum_batch(datums, core.pad_id, net.device)
-    with torch.set_grad_enabled(not forward_only):
-        with core.autocast():
-            logp = core.logprobs(batch)  # [B, width], float32
-        total = sum(
-            per_token(row[: len(datum.tokens)], on_device(datum.inputs, net.device), config).sum()
-            for row, datum in zip(logp, datums, strict=True))
-    if not forward_only:
-        core.check_finite("loss", total.detach())
-        total.backward()
-    return ForwardBackwardResult(
-        logprobs=[row[: len(d.tokens)].detach().cpu() for row, d in zip(logp, datums, strict=True)],
-        metrics={"loss:sum": float(total.detach())},
-    )
+def forward_backward(calls: list[tuple[LearnerCore, list[TokenDatum], ClientLoss, bool]]
+                     ) -> list[ForwardBackwardResult | Exception]:
+    """Several clients' forward_backward (or forward, `forward_only`) calls, each `(the
+    client's core, its datums, its loss, forward_only)`: the training calls in one routed pass
+    and one backward, their gradients each added to its own adapter's; the forward-only calls
+    in one pass without gradients. A call whose datums do not fit gets its ValueError, one
+    whose loss is not finite its UpdateDiverged (nothing added to its gradient); the others are
+    unaffected."""
+    results: list[ForwardBackwardResult | Exception | None] = [None] * len(calls)
+    groups: dict[bool, list[int]] = {False: [], True: []}
+    for index, (core, datums, loss, forward_only) in enumerate(calls):
+        try:
+            check_datums(datums, loss, core.net.model.config.vocab_size)
+            loss_config(loss)
+        except ValueError as exc:
+            results[index] = exc
+            continue
+        groups[forward_only].append(index)
+    for forward_only, indices in groups.items():
+        if indices:
+            with torch.set_grad_enabled(not forward_only):
+                one_pass([calls[i] for i in indices], indices, results)
+    return results
+
+
+def one_pass(calls: list, indices: list[int], results: list) -> None:
+    """`calls` (all training or all forward-only) in one routed pass; their results at
+    `indices` of `results`; the training ones' summed losses back-propagated once."""
+    first = calls[0][0]
+    net = first.net
+    batches = [datum_batch(datums, first.pad_id, net.device) for _, datums, _, _ in calls]
+    with first.autocast():
+        outputs = joint_forward(net, [(batch, core.adapter) for batch, (core, *_)
+                                      in zip(batches, calls, strict=True)], LM, first.pad_id)
+    backward, diverged = [], []
+    for index, (core, datums, loss, forward_only), (logp,) in zip(indices, calls, outputs,
+                                                                   strict=True):
+        per_token, config = loss_spec(loss).per_token, loss_config(loss)
+        total = sum(per_token(row[: len(datum.tokens)], on_device(datum.inputs, net.device),
+                              config).sum()
+                    for row, datum in zip(logp, datums, strict=True))
+        results[index] = ForwardBackwardResult(
+            logprobs=[row[: len(d.tokens)].detach().cpu()
+                      for row, d in zip(logp, datums, strict=True)],
+            metrics={"loss:sum": float(total.detach())})
+        if forward_only:
+            continue
+        try:
+            core.check_finite("loss", total.detach())
+            backward.append(total)
+        except UpdateDiverged as exc:
+            results[index] = exc
+            # the shared backward reaches its adapter with zeros: where it had no gradient,
+            # it must still have none (an optim_step without one leaves the adapter as it is)
+            diverged += [p for p in core.policy_params if p.grad is None]
+    if backward:
+        sum(backward).backward()
+    for param in diverged:
+        param.grad = None
 
 
 def on_device(inputs: dict, device: torch.device) -> dict:

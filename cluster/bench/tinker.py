@@ -140,8 +140,8 @@ def in_process_calls(service, work: Workload
 
         yield {
             "forward_backward": lambda: ray.get(learner.forward_backward.remote(
-                IN_PROCESS, datums, loss, False)),
-            "optim_step": lambda: ray.get(learner.optim_step.remote(IN_PROCESS, step)),
+                [(IN_PROCESS, datums, loss, False)])),
+            "optim_step": lambda: ray.get(learner.optim_step.remote([(IN_PROCESS, step)])),
             "sample": sample,
         }, drawn
     finally:

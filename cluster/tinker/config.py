@@ -56,6 +56,9 @@ class ServeSection:
     # before it fails
     seq_gap_timeout_s: float = 120.0
     max_sample_batch: int = 256  # sequences per engine round, taken in turn from each client
+    # Tinker's clock cycle: training requests of several clients ready together or arriving
+    # within this many seconds of the first run as one learner pass (one forward/backward)
+    cycle_s: float = 0.005
     # save_weights_and_get_sampling_client samplers kept per training client: an RL loop makes
     # one per step, so the oldest beyond this many are freed (named samplers stay on disk)
     samplers_per_client: int = 4

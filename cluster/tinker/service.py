@@ -2,10 +2,11 @@
 learner's one base model, every sampling client an adapter version served in memory by every
 rollout worker, verified by the probe before its first sample.
 
-Two loops share the fleet. The learner loop (here) runs one request at a time, taking the
-clients' lanes in turn (state.Lanes): a client that queues many forward_backward calls cannot
-hold back another's. The sampling loop (sampling.py) owns the rollout workers. A reaper closes
-sessions that went silent."""
+Two loops share the fleet. The learner loop (here) runs one cycle at a time: the next ready
+request of each client's lane (state.Lanes), at once, their forward_backward and optim_step
+calls batched into one learner call (cycle.py, Tinker's clock cycle); a client that
+queues many requests cannot hold back another's. The sampling loop (sampling.py) owns the
+rollout workers. A reaper closes sessions that went silent."""
 
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from ...common.records import AdapterSnapshot, GenerationRequest, ProbeResult, P
 from ..actor_group import ActorGroup
 from . import wire
 from .config import ATTENTION_MODULES, MLP_MODULES, ServeConfig
+from .cycle import Batcher
 from .sampling import SampleJob, SamplingLoop
 from .state import (
     CALLER,
@@ -62,6 +64,8 @@ class TinkerService:
         self.sampling = SamplingLoop(learner, rollout, self.futures, probe_ids, tolerance,
                                      cfg.rollout.max_loras, cfg.serve.max_sample_batch)
         self.counts = {"forward_backward": 0, "optim_step": 0}
+        # Tinker's clock cycle: the training requests of several clients in one learner call
+        self.cycle = Batcher(learner.train_cycle, cfg.serve.cycle_s)
 
     # -- lookups ----------------------------------------------------------------------------
     def session(self, session_id: str) -> Session:
@@ -216,8 +220,8 @@ class TinkerService:
                                   "client-side)")
 
             async def run(model: TrainingModel) -> bytes:
-                result = await self.learner.forward_backward.remote(
-                    model.adapter, call.datums, call.loss, call.forward_only)
+                result = await self.cycle.call(
+                    "forward_backward", model.adapter, call.datums, call.loss, call.forward_only)
                 self.counts["forward_backward"] += 1
                 return wire.forward_backward_output(result)
 
@@ -231,7 +235,7 @@ class TinkerService:
             step = wire.adam_step(body)
 
             async def run(model: TrainingModel) -> dict:
-                metrics = await self.learner.optim_step.remote(model.adapter, step)
+                metrics = await self.cycle.call("optim_step", model.adapter, step)
                 self.counts["optim_step"] += 1
                 return {"metrics": metrics}
 
@@ -399,16 +403,21 @@ class TinkerService:
         await asyncio.gather(self.learner_loop(), self.sampling.run(), self.reaper())
 
     async def learner_loop(self) -> None:
+        """One cycle at a time: the next ready request of every lane, run at once (their
+        learner calls batched: cycle.py)."""
         while True:
-            op = self.lanes.next()
-            if op is None:
+            ops = self.lanes.next_cycle()
+            if not ops:
                 self.lanes.wake.clear()
                 await self.lanes.wake.wait()
                 continue
-            try:
-                self.futures.resolve(op.request_id, await op.run())
-            except Exception as exc:  # the client gets it as its request's error
-                self.futures.fail(op.request_id, *error_text(exc))
+            await asyncio.gather(*(self.run_op(op) for op in ops))
+
+    async def run_op(self, op: Op) -> None:
+        try:
+            self.futures.resolve(op.request_id, await op.run())
+        except Exception as exc:  # the client gets it as its request's error
+            self.futures.fail(op.request_id, *error_text(exc))
 
     # -- silence ----------------------------------------------------------------------------
     async def reaper(self) -> None:
@@ -431,4 +440,6 @@ class TinkerService:
                 "training_clients": sum(not m.freed for m in self.models.values()),
                 "samplers": sum(not s.freed for s in self.samplers.values()),
                 "resident_samplers": len(self.sampling.resident), **self.counts,
+                # learner calls the cycles made, and the training requests they carried
+                "learner_calls": self.cycle.calls, "learner_requests": self.cycle.batched,
                 **self.sampling.counts}

@@ -183,8 +183,8 @@ class Lane:
 
 
 class Lanes:
-    """The learner's lanes, taken in turn: one request of each lane with one ready, so a
-    client that queues many requests cannot hold back another's."""
+    """The learner's lanes, taken in turn: one request of each lane with one ready per cycle,
+    so a client that queues many requests cannot hold back another's."""
 
     ADMIN = ""  # creation and removal of adapters
 
@@ -197,13 +197,16 @@ class Lanes:
         self.lanes[key].add(op, seq_id)
         self.wake.set()
 
-    def next(self) -> Op | None:
+    def next_cycle(self) -> list[Op]:
+        """A cycle's requests: the next ready one of every lane (at most one each, so a
+        client's run in order), the lanes taken in turn."""
+        ops = []
         for key in list(self.lanes):
             op = self.lanes[key].ready()
             if op is not None:
                 self.lanes.move_to_end(key)  # its turn is over
-                return op
-        return None
+                ops.append(op)
+        return ops
 
     def close(self, key: str) -> list[Op]:
         lane = self.lanes.pop(key, None)

@@ -105,12 +105,18 @@ def trained(server, model_name, silent_session):
         sampler = training.save_weights_and_get_sampling_client().result()
         out[name] = (training, sampler, losses, greedy_answers(sampler, tokenizer, PROMPTS))
 
-    threads = [threading.Thread(target=train, args=args) for args in (("sum", 0), ("plus", 1))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    with httpx.Client(base_url=server[0], headers={"X-API-Key": KEY}) as http:
+        before = http.get("/api/v1/lorafleet/status").json()
+        threads = [threading.Thread(target=train, args=args)
+                   for args in (("sum", 0), ("plus", 1))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        after = http.get("/api/v1/lorafleet/status").json()
     assert set(out) == {"sum", "plus"}, "a training thread failed (its traceback is above)"
+    out["cycles"] = {key: after[key] - before[key] for key in ("learner_calls",
+                                                               "learner_requests")}
     return out
 
 
@@ -126,6 +132,10 @@ def test_two_clients_learn_opposite_targets(service, model_name, trained):
     assert_margin("tinker plus client: its target", fraction(plus_answers, PLUS_ONE), 0.8)
     assert_margin("tinker clients: prompts they disagree on",
                   1 - fraction(answers, plus_answers), 0.8)
+    # the two clients' training requests shared learner calls (Tinker's clock cycle)
+    cycles = trained["cycles"]
+    assert cycles["learner_requests"] >= 60 and \
+        cycles["learner_calls"] < cycles["learner_requests"], cycles
 
 
 def test_rl_loop_raises_reward_and_sampler_logprobs_match(service, model_name, trained):

@@ -18,6 +18,7 @@ from lorafleet.common.tasks.addition import AdditionTask
 from lorafleet.common.tasks.base import TaskExample
 from lorafleet.learner.actor import train_one
 from lorafleet.learner.core import SyncError
+from lorafleet.learner.rl import run_passes
 from lorafleet.rollout.worker import POLICY, AdapterMissing
 
 
@@ -150,7 +151,9 @@ def test_chat_prompts_train_on_the_ids_vllm_generated_from(engine, tokenizer, mo
     learner = perturbed_learner(model_path, tokenizer.pad_token_id, scale=0.2)
     engine.load_snapshot(learner.publish())
     rollouts = sample(engine, prompts)
-    gap = learner.rl.prepare([ScoredRollout(r, 0.0) for r in rollouts], 0).logprob_gap
+    ctx = learner.rl.prepare([ScoredRollout(r, 0.0) for r in rollouts], 0)
+    run_passes([(learner.rl, ctx)])
+    gap = ctx.logprob_gap
     # mean |learner - vLLM| log-prob over the 64 samples' tokens: measured 1.1e-6 (float32)
     assert gap < 1e-4, gap
 

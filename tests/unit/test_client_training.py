@@ -57,6 +57,21 @@ def grads(learner, name: str) -> dict[str, torch.Tensor]:
             for n, p in learner.net.model.named_parameters() if f".{adapter}." in n}
 
 
+def forward_backward(learner, name, datums, loss, forward_only):
+    """One client's call alone; its error raised."""
+    [result] = learner.forward_backward([(name, datums, loss, forward_only)])
+    if isinstance(result, Exception):
+        raise result
+    return result
+
+
+def optim_step(learner, name, step):
+    [result] = learner.optim_step([(name, step)])
+    if isinstance(result, Exception):
+        raise result
+    return result
+
+
 def same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
@@ -75,9 +90,9 @@ def test_a_client_trains_its_own_adapter_alone(tiny_model_path, tokenizer):
     untouched = {name: weights(learner, name) for name in (POLICY, B)}
     batch, losses = sums(tokenizer), []
     for version in (1, 2, 3):
-        result = learner.forward_backward(A, batch, CE, forward_only=False)
+        result = forward_backward(learner, A, batch, CE, forward_only=False)
         losses.append(result.metrics["loss:sum"])
-        stats = learner.optim_step(A, STEP)
+        stats = optim_step(learner, A, STEP)
         assert stats["learning_rate"] == 1e-2 and stats["grad_norm"] > 0
         assert learner.get_version(A) == version
     assert losses[2] < losses[1] < losses[0]
@@ -94,13 +109,13 @@ def test_gradients_add_up_over_forward_backward_calls_until_the_step(tiny_model_
                                                                      tokenizer):
     learner = client_learner(tiny_model_path, tokenizer, (A, 0), (B, 0))  # same seed: same init
     first, second = sums(tokenizer)[:2], sums(tokenizer)[2:]
-    loss = sum(learner.forward_backward(A, part, CE, False).metrics["loss:sum"]
+    loss = sum(forward_backward(learner, A, part, CE, False).metrics["loss:sum"]
                for part in (first, second))
     assert loss == pytest.approx(
-        learner.forward_backward(B, first + second, CE, False).metrics["loss:sum"], rel=1e-5)
+        forward_backward(learner, B, first + second, CE, False).metrics["loss:sum"], rel=1e-5)
     assert close(grads(learner, A), grads(learner, B), 1e-5)
-    learner.optim_step(A, STEP)
-    learner.optim_step(B, STEP)
+    optim_step(learner, A, STEP)
+    optim_step(learner, B, STEP)
     assert close(weights(learner, A), weights(learner, B), 1e-5)
     assert all(p.grad is None for p in learner.get_policy(A).core.policy_params)
 
@@ -109,27 +124,27 @@ def test_rl_losses_read_the_sampler_logprobs_and_forward_only_adds_no_gradient(
         tiny_model_path, tokenizer):
     learner = client_learner(tiny_model_path, tokenizer, (A, 0))
     batch = sums(tokenizer)
-    sampled = learner.forward_backward(A, batch, CE, forward_only=True)
+    sampled = forward_backward(learner, A, batch, CE, forward_only=True)
     assert all(p.grad is None for p in learner.get_policy(A).core.policy_params)
     advantages = [[1.0 - 0.5 * t for t in range(len(d.tokens))] for d in batch]
     rl_batch = [TokenDatum(d.tokens, {**d.inputs, "logprobs": lp, "advantages": torch.tensor(a)})
                 for d, lp, a in zip(batch, sampled.logprobs, advantages, strict=True)]
     # the sampler is the policy itself: every ratio 1, the loss -sum(A)
     for loss in (ClientLoss("importance_sampling"), ClientLoss("ppo"), ClientLoss("cispo")):
-        result = learner.forward_backward(A, rl_batch, loss, forward_only=False)
+        result = forward_backward(learner, A, rl_batch, loss, forward_only=False)
         expected = -sum(map(sum, advantages)) if loss.name != "cispo" else float(sum(
             -(torch.tensor(a) * lp).sum() for a, lp in zip(advantages, sampled.logprobs,
                                                             strict=True)))
         assert result.metrics["loss:sum"] == pytest.approx(expected, rel=1e-5)
-    assert learner.optim_step(A, STEP)["grad_norm"] > 0
+    assert optim_step(learner, A, STEP)["grad_norm"] > 0
 
 
 def test_save_and_load_a_clients_state(tiny_model_path, tokenizer, tmp_path):
     learner = client_learner(tiny_model_path, tokenizer, (A, 1), ("with-opt", 2),
                              ("fresh-opt", 3))
     batch = sums(tokenizer)
-    learner.forward_backward(A, batch, CE, False)
-    learner.optim_step(A, STEP)
+    forward_backward(learner, A, batch, CE, False)
+    optim_step(learner, A, STEP)
     saved = weights(learner, A)
     learner.save_client_state(A, str(tmp_path / "with"), optimizer=True)
     learner.save_client_state(A, str(tmp_path / "without"), optimizer=False)
@@ -140,8 +155,8 @@ def test_save_and_load_a_clients_state(tiny_model_path, tokenizer, tmp_path):
     assert learner.load_client_state("fresh-opt", str(tmp_path / "without"), False) == 1
     assert same(weights(learner, "with-opt"), saved) and same(weights(learner, "fresh-opt"), saved)
     for name in (A, "with-opt", "fresh-opt"):
-        learner.forward_backward(name, batch, CE, False)
-        learner.optim_step(name, STEP)
+        forward_backward(learner, name, batch, CE, False)
+        optim_step(learner, name, STEP)
     # the Adam moments came back: the same step as the never-saved client's...
     assert same(weights(learner, "with-opt"), weights(learner, A))
     # ...where a fresh optimiser takes Adam's first step
@@ -162,8 +177,8 @@ def test_save_and_load_a_clients_state(tiny_model_path, tokenizer, tmp_path):
 
 def test_a_removed_client_frees_its_adapter_and_its_name(tiny_model_path, tokenizer):
     learner = client_learner(tiny_model_path, tokenizer, (A, 0), (B, 1))
-    learner.forward_backward(A, sums(tokenizer), CE, False)
-    learner.optim_step(A, STEP)
+    forward_backward(learner, A, sums(tokenizer), CE, False)
+    optim_step(learner, A, STEP)
     param = weakref.ref(learner.get_policy(A).core.policy_params[0])
     adapter = learner.get_policy(A).core.adapter
     b_weights = weights(learner, B)
@@ -174,8 +189,8 @@ def test_a_removed_client_frees_its_adapter_and_its_name(tiny_model_path, tokeni
     assert learner.policy_names() == [POLICY, B] and same(weights(learner, B), b_weights)
     learner.add_client_policy(A, LoRAConfig(), 0)
     assert learner.get_version(A) == 0
-    learner.forward_backward(B, sums(tokenizer), CE, False)  # B trains on after the removal
-    learner.optim_step(B, STEP)
+    forward_backward(learner, B, sums(tokenizer), CE, False)  # B trains on after the removal
+    optim_step(learner, B, STEP)
     with pytest.raises(ValueError, match="policy 'policy' is one the learner was built with"):
         learner.remove_policy(POLICY)
     with pytest.raises(ValueError, match="the learner has a policy 'client-b' already"):
@@ -191,29 +206,55 @@ def test_bad_datums_and_diverged_steps_are_refused(tiny_model_path, tokenizer):
     short = TokenDatum(good.tokens, {"target_tokens": good.inputs["target_tokens"][:-1]})
     with pytest.raises(ValueError, match=rf"datum 1: input 'target_tokens' has shape \({n - 1},\)"
                                          rf"; expected \({n},\), one value per token"):
-        learner.forward_backward(A, [good, short], CE, False)
+        forward_backward(learner, A, [good, short], CE, False)
     out_of_vocab = TokenDatum(good.tokens, {"target_tokens": torch.full((n,), 10_000)})
     with pytest.raises(ValueError, match=r"datum 0: target_tokens must be token ids in "
                                          rf"\[0, {len(tokenizer)}\)"):
-        learner.forward_backward(A, [out_of_vocab], CE, False)
+        forward_backward(learner, A, [out_of_vocab], CE, False)
     with pytest.raises(ValueError, match="datum 0: loss 'ppo' lacks 'logprobs', 'advantages'"):
-        learner.forward_backward(A, [good], ClientLoss("ppo"), False)
+        forward_backward(learner, A, [good], ClientLoss("ppo"), False)
     with pytest.raises(ValueError, match="at least one datum"):
-        learner.forward_backward(A, [], CE, False)
+        forward_backward(learner, A, [], CE, False)
 
     before = weights(learner, A)
     params = learner.get_policy(A).core.policy_params
     nan = datum(tokenizer, "12+7=19", weights=[math.nan] * n)
     with pytest.raises(UpdateDiverged, match=r"policy 'client-a': the update at version 0 "
                                              r"diverged \(loss nan\); not applied"):
-        learner.forward_backward(A, [nan], CE, False)
+        forward_backward(learner, A, [nan], CE, False)
     assert all(p.grad is None for p in params)
-    learner.forward_backward(A, [good], CE, False)
+    forward_backward(learner, A, [good], CE, False)
     params[0].grad[0, 0] = math.inf
     with pytest.raises(UpdateDiverged, match=r"\(grad norm inf\); not applied"):
-        learner.optim_step(A, STEP)
+        optim_step(learner, A, STEP)
     assert same(weights(learner, A), before) and learner.get_version(A) == 0
     assert all(p.grad is None for p in params) and learner.get_policy(A).core.policy_opt.state == {}
     # a step with no gradient since the last one leaves the weights; it is still a version
-    assert learner.optim_step(A, STEP)["grad_norm"] == 0.0 and learner.get_version(A) == 1
+    assert optim_step(learner, A, STEP)["grad_norm"] == 0.0 and learner.get_version(A) == 1
     assert same(weights(learner, A), before)
+
+
+def test_clients_calls_in_one_pass_equal_their_calls_alone(tiny_model_path, tokenizer):
+    """Two clients' forward_backward calls and a forward-only one in one pass: each client's
+    loss, log-probs and gradient as its call alone gives them (bitwise: every datum has the
+    same padded width); a third client's bad datum fails that call alone."""
+    joint, alone = (client_learner(tiny_model_path, tokenizer, (A, 0), (B, 1), ("c", 2))
+                    for _ in range(2))
+    a_data, b_data = sums(tokenizer), sums(tokenizer)[1:]
+    bad = [TokenDatum([1, 2], {"target_tokens": torch.tensor([3])})]
+    results = joint.forward_backward([(A, a_data, CE, False), (B, b_data, CE, True),
+                                      ("c", bad, CE, False)])
+    assert isinstance(results[2], ValueError) and "datum 0" in str(results[2])
+    ours = {A: results[0], B: results[1]}
+    theirs = {A: forward_backward(alone, A, a_data, CE, False),
+              B: forward_backward(alone, B, b_data, CE, True)}
+    for name in (A, B):
+        assert ours[name].metrics == theirs[name].metrics
+        assert all(torch.equal(x, y) for x, y in zip(ours[name].logprobs, theirs[name].logprobs,
+                                                     strict=True))
+    assert same(grads(joint, A), grads(alone, A))
+    # the forward-only call and the failed one added no gradient
+    for name in (B, "c"):
+        assert all(p.grad is None for p in joint.get_policy(name).core.policy_params)
+    steps = joint.optim_step([(A, STEP), ("gone", STEP)])
+    assert steps[0]["grad_norm"] > 0 and isinstance(steps[1], ValueError)

@@ -110,16 +110,17 @@ def test_sampling_params_adam_params_and_sample_fields():
 
 
 def test_lanes_run_each_model_in_seq_order_and_take_turns():
-    async def run() -> list[str]:
-        lanes, ran = Lanes(), []
+    async def run() -> list[list[str]]:
+        lanes, cycles = Lanes(), []
         for key, seq in (("a", 2), ("a", 1), ("a", 3), ("b", 1)):
             lanes.add(key, Op(f"{key}{seq}", lambda: None), seq)
         lanes.add(Lanes.ADMIN, Op("create", lambda: None))
-        while (op := lanes.next()) is not None:
-            ran.append(op.request_id)
-        return ran
+        while ops := lanes.next_cycle():
+            cycles.append([op.request_id for op in ops])
+        return cycles
 
-    assert asyncio.run(run()) == ["create", "a1", "b1", "a2", "a3"]
+    # one request of each lane per cycle, each lane's in seq_id order
+    assert asyncio.run(run()) == [["create", "a1", "b1"], ["a2"], ["a3"]]
     lane = Lane()
     lane.add(Op("x", lambda: None), 1)
     with pytest.raises(wire.BadRequest, match="seq_id 1 was already used"):
