@@ -82,6 +82,7 @@ def learner_spec(
         attn_implementation=cfg.model.attn_implementation,
         gradient_checkpointing=cfg.learner.gradient_checkpointing,
         autocast=cfg.learner.autocast, compile=cfg.learner.compile,
+        max_tokens_per_pass=cfg.learner.max_tokens_per_pass,
     )
 
 

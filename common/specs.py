@@ -42,6 +42,7 @@ class LearnerSpec:
     gradient_checkpointing: bool = False  # learner.gradient_checkpointing
     autocast: str = "off"  # learner.autocast
     compile: bool = False  # learner.compile
+    max_tokens_per_pass: int | None = 8192  # learner.max_tokens_per_pass
     # not a config key: None puts the learner on the GPU Ray assigned it, else the CPU; the
     # benches name one
     device: str | None = None

@@ -159,7 +159,8 @@ class Learner:
         or stale rollouts). Each policy's stats, or its UpdateDiverged where its loss or
         gradient was not finite (its version does not move; the others' do)."""
         policies = [self.get_policy(name) for name in batches]
-        results = train_together([(p.rl, batches[p.spec.name], p.version) for p in policies])
+        results = train_together([(p.rl, batches[p.spec.name], p.version) for p in policies],
+                                 self.spec.max_tokens_per_pass)
         for policy in policies:
             if isinstance(results[policy.spec.name], TrainStats):
                 policy.core.advance()

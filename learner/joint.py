@@ -11,7 +11,8 @@ one whose loss or gradient norm is not finite skips its step alone (UpdateDiverg
 the others' steps apply.
 
 An adapter's minibatch may be cut into micro-batches (its own token budget), their gradients
-accumulated with their shares; micro-batch m of every adapter goes into joint pass m.
+accumulated with their shares; micro-batch m of every adapter goes into joint pass m, or into
+several passes where they hold more tokens than a pass may (learner.max_tokens_per_pass).
 """
 
 from __future__ import annotations
@@ -108,22 +109,43 @@ def joint_forward(net: PolicyValueModel, parts: list[tuple[TokenBatch, str | lis
     return results
 
 
+def joint_passes(steps: list[AdapterStep], max_tokens: int | None
+                 ) -> list[list[tuple[AdapterStep, Tensor, float]]]:
+    """Micro-batch m of every step (with its rows and share), packed in order into passes of
+    at most `max_tokens` tokens (padded rows x length; a micro-batch is never cut, so one
+    larger than that is a pass alone); None: micro-batch m of all steps in one pass."""
+    micro = [step.micro_batches() for step in steps]
+    passes = []
+    for m in range(max(len(parts) for parts in micro)):
+        current, tokens = [], 0
+        for step, parts in zip(steps, micro, strict=True):
+            if m >= len(parts):
+                continue
+            rows, share = parts[m]
+            size = len(rows) * step.batch.input_ids.shape[1]
+            if current and max_tokens is not None and tokens + size > max_tokens:
+                passes.append(current)
+                current, tokens = [], 0
+            current.append((step, rows, share))
+            tokens += size
+        passes.append(current)
+    return passes
+
+
 def joint_step(net: PolicyValueModel, steps: list[AdapterStep], pad_id: int,
-               autocast: Callable[[], AbstractContextManager]) -> dict[str, UpdateDiverged]:
+               autocast: Callable[[], AbstractContextManager],
+               max_tokens_per_pass: int | None = None) -> dict[str, UpdateDiverged]:
     """One optimiser step of every adapter of `steps` (all reading the same head kind) from
-    joint passes; each step's metrics, weighted by its micro-batches' shares, land in its
-    `totals` with its loss as "loss" and its "grad_norm". Returns the owners whose step was
-    skipped, each with its UpdateDiverged (nothing of theirs applied)."""
+    joint passes (`joint_passes`); each step's metrics, weighted by its micro-batches' shares,
+    land in its `totals` with its loss as "loss" and its "grad_norm". Returns the owners whose
+    step was skipped, each with its UpdateDiverged (nothing of theirs applied)."""
     if not steps:
         return {}
     reads = steps[0].reads
     for step in steps:
         step.optimizer.zero_grad(set_to_none=True)
         step.totals = {}
-    micro = [step.micro_batches() for step in steps]
-    for m in range(max(len(parts) for parts in micro)):
-        here = [(step, *parts[m]) for step, parts in zip(steps, micro, strict=True)
-                if m < len(parts)]
+    for here in joint_passes(steps, max_tokens_per_pass):
         selected = [step.batch.select(rows) for step, rows, _ in here]
         with autocast():
             outputs = joint_forward(net, [(mb, step.adapter) for mb, (step, _, _)

@@ -192,13 +192,15 @@ def run_passes(work: list[tuple[RLUpdater, BatchContext]]) -> None:
         rl.finish_passes(ctx)
 
 
-def train_together(work: list[tuple[RLUpdater, list[ScoredRollout], int]]
+def train_together(work: list[tuple[RLUpdater, list[ScoredRollout], int]],
+                   max_tokens_per_pass: int | None = None
                    ) -> dict[str, TrainStats | UpdateDiverged]:
     """One RL update of each policy of `work` ((updater, its batch, its version)), in joint
     steps: minibatch k of every policy that has one in one step, then their value adapters'.
     A policy whose step diverges stops there (its earlier steps stay applied, its version does
     not move) and gets its UpdateDiverged; the others go on. SyncError, before anything
-    trains, for a batch holding another policy's or stale rollouts."""
+    trains, for a batch holding another policy's or stale rollouts. `max_tokens_per_pass`:
+    joint_step's."""
     start = time.perf_counter()
     contexts = [(rl, rl.prepare(scored, version)) for rl, scored, version in work]
     run_passes(contexts)
@@ -214,7 +216,8 @@ def train_together(work: list[tuple[RLUpdater, list[ScoredRollout], int]]
         for kind in range(2):  # every policy step first, then the value steps
             here = [own[kind] for own in steps if len(own) > kind
                     and own[kind].owner not in failed]
-            failed |= joint_step(core.net, here, core.pad_id, core.autocast)
+            failed |= joint_step(core.net, here, core.pad_id, core.autocast,
+                                 max_tokens_per_pass)
             for step in here:
                 if step.owner not in failed:
                     accumulate(totals[step.owner], step_metrics(step, kind))

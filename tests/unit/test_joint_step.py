@@ -35,9 +35,10 @@ POLICIES = [
 NAMES = [name for name, *_ in POLICIES]
 
 
-def learner(tiny_model_path, tokenizer):
+def learner(tiny_model_path, tokenizer, max_tokens_per_pass=None):
     return new_learner(tiny_model_path, tokenizer.pad_token_id, policies=tuple(
-        PolicySpec(name, algo, lora, seed=i) for i, (name, algo, lora, _) in enumerate(POLICIES)))
+        PolicySpec(name, algo, lora, seed=i) for i, (name, algo, lora, _) in enumerate(POLICIES)),
+        max_tokens_per_pass=max_tokens_per_pass)
 
 
 def batches(tokenizer, learner, names, broken: str | None = None, widths: str = "same"
@@ -98,9 +99,13 @@ def assert_same_state(joint, alone, name: str, exact: bool) -> None:
         assert gap(ours, theirs, kind) < 1e-3, (name, kind)
 
 
-@pytest.mark.parametrize("widths", ["same", "differ"])
-def test_a_joint_update_equals_each_policy_alone(widths, tiny_model_path, tokenizer):
-    joint, alone = (learner(tiny_model_path, tokenizer) for _ in range(2))
+# None: every policy's micro-batch in one pass; 200 tokens: a pass holds one or two of them
+@pytest.mark.parametrize("widths, max_tokens", [("same", None), ("differ", None),
+                                                ("same", 200)])
+def test_a_joint_update_equals_each_policy_alone(widths, max_tokens, tiny_model_path,
+                                                 tokenizer):
+    joint = learner(tiny_model_path, tokenizer, max_tokens)
+    alone = learner(tiny_model_path, tokenizer)
     for _ in range(2):  # the second update: moments from the first, version 1's rollouts
         together = joint.train_step(batches(tokenizer, joint, NAMES, widths=widths))
         separate = {}
@@ -152,3 +157,22 @@ def test_concat_pads_each_batch_to_the_widest(tokenizer):
     assert both.mask.tolist() == [[1.0, 0.0, 0.0], [1.0, 1.0, 1.0]]
     assert both.positions.tolist() == [[1, 0, 0], [2, 3, 4]]
     assert concat_batches([short], 0) is short
+
+
+def test_passes_hold_at_most_their_tokens(tiny_model_path, tokenizer):
+    from lorafleet.learner.joint import AdapterStep, joint_passes
+
+    batch = collate([[5, 6]] * 8, [[7, 8]] * 8, tokenizer.pad_token_id)  # 4 tokens a row
+
+    def step(rows: int, budget=None):
+        return AdapterStep("p", "p", "lm", batch, torch.arange(rows), None, None, [], None,
+                           max_tokens=budget)
+
+    sizes = [[len(rows) for _, rows, _ in p] for p in joint_passes(
+        [step(8), step(4), step(2)], 40)]
+    assert sizes == [[8], [4, 2]]  # 32 tokens, then 16 + 8
+    assert [[len(r) for _, r, _ in p] for p in joint_passes([step(8), step(4)], None)] == [[8, 4]]
+    # micro-batches of 2 rows (8 tokens): pass m holds micro-batch m of each step
+    sizes = [[len(rows) for _, rows, _ in p] for p in joint_passes(
+        [step(4, budget=8), step(2, budget=8)], None)]
+    assert sizes == [[2, 2], [2]]
