@@ -21,6 +21,28 @@ RAY_SYSTEM = ("gcs_server", "raylet", "monitor.py", "dashboard.py", "log_monitor
 RAY_IDLE = ("ray::IDLE", "ray::DashboardAgent", "ray::RuntimeEnvAgent")
 LEFTOVER_WAIT_S = 30  # ray.kill and engine shutdown are asynchronous
 TIERS = ("unit", "ray", "e2e", "long")
+EXIT_STATUS = pytest.StashKey[int]()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    session.config.stash[EXIT_STATUS] = int(exitstatus)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config):
+    """Ends the process with pytest's own status once everything is reported and torn down
+    (this hook runs last), without the interpreter's finalisation: twice in the suite's
+    clean-clone runs the process aborted there (SIGABRT, exit 134, no message) after every
+    test had passed, in a native destructor of one of the libraries the suite loads in this
+    process (Ray's driver, the tinker SDK's client threads, torch). The cause is not found yet
+    (it did not reproduce on demand); nothing is left to run at that point: the session
+    fixtures stopped their clusters and processes already."""
+    if EXIT_STATUS in config.stash:
+        import sys
+
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(config.stash[EXIT_STATUS])
 
 
 def pytest_collection_modifyitems(items):
