@@ -56,10 +56,6 @@ class LearnerCore:
         """Log-probs of the response tokens under the policy's adapter ([B, T])."""
         return self.net.logprobs(batch, with_entropy, adapters=self.adapter)
 
-    def values(self, batch: TokenBatch) -> Tensor:
-        """V(state before response token k) under the policy's value adapter ([B, T])."""
-        return self.net.values(batch, self.value_name)
-
     def start_stage(self, lr: float) -> None:
         """A fresh policy optimiser: each stage (sft, dpo, rl) starts its own Adam moments."""
         self.policy_opt = torch.optim.AdamW(self.policy_params, lr=lr, weight_decay=0)

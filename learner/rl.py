@@ -77,13 +77,9 @@ class ValueModel:
     normaliser."""
 
     def __init__(self, core: LearnerCore, lr: float) -> None:
-        self.core, self.name = core, core.value_name
+        self.name = core.value_name
         self.params = core.net.adapter_parameters(self.name)
         self.opt = torch.optim.AdamW(self.params, lr=lr, weight_decay=0)
-
-    def prompt_values(self, batch: TokenBatch) -> Tensor:
-        """V(x): the value at the position that predicts the first response token ([B])."""
-        return self.core.values(batch)[:, 0]
 
 
 class RLUpdater:

@@ -67,6 +67,11 @@ def make_learner(name, tiny_model_path, tokenizer, **keys):
     return new_learner(tiny_model_path, tokenizer.pad_token_id, algo)
 
 
+def prompt_values(learner, batch):
+    """V(x): the value adapter's value before the first response token ([B])."""
+    return learner.net.values(batch, learner.rl.value.name)[:, 0]
+
+
 def test_single_sample_spr_learns_its_normaliser(tiny_model_path, tokenizer):
     """N=1: each prompt's one sample is weighted by exp((r - V(x)) / weight_temperature) with
     a learned V."""
@@ -79,13 +84,13 @@ def test_single_sample_spr_learns_its_normaliser(tiny_model_path, tokenizer):
 
     rows = collate_scored(single(), tokenizer.pad_token_id)
     with torch.no_grad():
-        v_before = float(learner.rl.value.prompt_values(rows).mean())
+        v_before = float(prompt_values(learner, rows).mean())
     before = margin(learner, tokenizer)
     for _ in range(3):
         stats = train_one(learner, single())
     # V regresses towards the reward of 1.0, so the weights exp((1 - V) / 0.5) shrink
     with torch.no_grad():
-        v_after = float(learner.rl.value.prompt_values(rows).mean())
+        v_after = float(prompt_values(learner, rows).mean())
     assert abs(1.0 - v_after) < abs(1.0 - v_before), (v_before, v_after)
     assert stats.value_loss is not None and stats.weight_max <= 4.0
     assert margin(learner, tokenizer) > before
