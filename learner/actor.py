@@ -246,11 +246,11 @@ class Learner:
     def forward_backward(self, calls: list[tuple[str, list[TokenDatum], ClientLoss, bool]]
                          ) -> list[ForwardBackwardResult | Exception]:
         """Client policies' forward_backward calls, each `(policy, datums, loss,
-        forward_only)`, in one pass (client_training.forward_backward); each call's result,
-        or its error."""
+        forward_only)`, in passes of at most learner.max_tokens_per_pass tokens
+        (client_training.forward_backward); each call's result, or its error."""
         return client_training.forward_backward([
             (self.get_policy(name).core, datums, loss, forward_only)
-            for name, datums, loss, forward_only in calls])
+            for name, datums, loss, forward_only in calls], self.spec.max_tokens_per_pass)
 
     def train_cycle(self, requests: list[tuple]) -> list:
         """One clock cycle of client requests, each `("forward_backward", policy, datums,

@@ -59,19 +59,21 @@ def datum_batch(datums: list[TokenDatum], pad_id: int, device: torch.device) -> 
     return TokenBatch(input_ids, attention, positions, targets, attention.float()).to(device)
 
 
-def forward_backward(calls: list[tuple[LearnerCore, list[TokenDatum], ClientLoss, bool]]
+def forward_backward(calls: list[tuple[LearnerCore, list[TokenDatum], ClientLoss, bool]],
+                     max_tokens_per_pass: int | None = None
                      ) -> list[ForwardBackwardResult | Exception]:
     """Several clients' forward_backward (or forward, `forward_only`) calls, each `(the
-    client's core, its datums, its loss, forward_only)`: the training calls in one routed pass
-    and one backward, their gradients each added to its own adapter's; the forward-only calls
-    in one pass without gradients. A call whose datums do not fit gets its ValueError, one
-    whose loss is not finite its UpdateDiverged (nothing added to its gradient); the others are
-    unaffected."""
+    client's core, its datums, its loss, forward_only)`: the training calls in routed passes
+    of at most `max_tokens_per_pass` tokens (`client_passes`: one pass when they fit), their
+    gradients each added to its own adapter's; the forward-only calls the same way without
+    gradients. A call whose datums do not fit gets its ValueError, one whose loss is not
+    finite its UpdateDiverged (nothing added to its gradient); the others are unaffected."""
     results: list[ForwardBackwardResult | Exception | None] = [None] * len(calls)
     groups: dict[bool, list[int]] = {False: [], True: []}
     for index, (core, datums, loss, forward_only) in enumerate(calls):
         try:
             check_datums(datums, loss, core.net.model.config.vocab_size)
+            check_pass_size(core, datums, max_tokens_per_pass)
             loss_config(loss)
         except ValueError as exc:
             results[index] = exc
@@ -80,44 +82,93 @@ def forward_backward(calls: list[tuple[LearnerCore, list[TokenDatum], ClientLoss
     for forward_only, indices in groups.items():
         if indices:
             with torch.set_grad_enabled(not forward_only):
-                one_pass([calls[i] for i in indices], indices, results)
+                run_calls([calls[i] for i in indices], indices, results, max_tokens_per_pass)
     return results
 
 
-def one_pass(calls: list, indices: list[int], results: list) -> None:
-    """`calls` (all training or all forward-only) in one routed pass; their results at
-    `indices` of `results`; the training ones' summed losses back-propagated once."""
-    first = calls[0][0]
+def check_pass_size(core: LearnerCore, datums: list[TokenDatum], max_tokens: int | None) -> None:
+    """A datum longer than a pass holds cannot be split: a ValueError naming the client and
+    the limit."""
+    if max_tokens is None:
+        return
+    for index, datum in enumerate(datums):
+        if len(datum.tokens) > max_tokens:
+            raise ValueError(
+                f"client {core.name}: datum {index} has {len(datum.tokens)} tokens, more than "
+                f"a learner pass holds (learner.max_tokens_per_pass={max_tokens}); send "
+                "shorter datums or start the server with a larger learner.max_tokens_per_pass")
+
+
+def client_passes(calls: list, max_tokens: int | None) -> list[list[tuple[int, slice]]]:
+    """The datums of `calls` as passes of at most `max_tokens` tokens (padded rows x the
+    longest), each pass a list of (call index, slice of its datums), in order: a call that
+    does not fit one pass is cut into consecutive slices (its loss is a sum over tokens, so
+    its gradient is the same); None: every call in one pass."""
+    if max_tokens is None:
+        return [[(i, slice(0, len(datums))) for i, (_, datums, _, _) in enumerate(calls)]]
+    passes: list[list[tuple[int, slice]]] = [[]]
+    rows, width = 0, 0  # the current pass's
+    for i, (_, datums, _, _) in enumerate(calls):
+        start = 0
+        for end, datum in enumerate(datums):
+            wider = max(width, len(datum.tokens))
+            if (rows + 1) * wider > max_tokens:  # the pass so far is full
+                if end > start:
+                    passes[-1].append((i, slice(start, end)))
+                passes.append([])
+                start, rows, wider = end, 0, len(datum.tokens)
+            rows, width = rows + 1, wider
+        passes[-1].append((i, slice(start, len(datums))))
+    return [p for p in passes if p]
+
+
+def run_calls(calls: list, indices: list[int], results: list, max_tokens: int | None) -> None:
+    """`calls` (all training or all forward-only) in `client_passes`; their results at
+    `indices` of `results`; each pass's summed training losses back-propagated once. A call
+    whose loss is not finite in any of its passes has its gradient put back as it was."""
+    logprobs: dict[int, list] = {i: [] for i in range(len(calls))}
+    losses = dict.fromkeys(range(len(calls)), 0.0)
+    failed: dict[int, UpdateDiverged] = {}
+    before = {i: [None if p.grad is None else p.grad.clone() for p in core.policy_params]
+              for i, (core, _, _, forward_only) in enumerate(calls) if not forward_only}
+    for here in client_passes(calls, max_tokens):
+        backward = []
+        for i, part, (logp,) in zip([i for i, _ in here], [s for _, s in here],
+                                    one_pass([(calls[i], s) for i, s in here]), strict=True):
+            core, datums, loss, forward_only = calls[i]
+            per_token, config = loss_spec(loss).per_token, loss_config(loss)
+            net = core.net
+            total = sum(per_token(row[: len(datum.tokens)], on_device(datum.inputs, net.device),
+                                  config).sum()
+                        for row, datum in zip(logp, datums[part], strict=True))
+            logprobs[i] += [row[: len(d.tokens)].detach().cpu()
+                            for row, d in zip(logp, datums[part], strict=True)]
+            losses[i] += float(total.detach())
+            if forward_only or i in failed:
+                continue
+            try:
+                core.check_finite("loss", total.detach())
+                backward.append(total)
+            except UpdateDiverged as exc:
+                failed[i] = exc
+        if backward:
+            sum(backward).backward()
+    for i in range(len(calls)):
+        results[indices[i]] = failed.get(i) or ForwardBackwardResult(
+            logprobs=logprobs[i], metrics={"loss:sum": losses[i]})
+    for i in failed:  # the shared backward may have reached its adapter: put it back
+        for param, grad in zip(calls[i][0].policy_params, before[i], strict=True):
+            param.grad = grad
+
+
+def one_pass(parts: list[tuple[tuple, slice]]) -> list[tuple]:
+    """One routed pass over each (call, slice of its datums): the log-probs of each part."""
+    first = parts[0][0][0]
     net = first.net
-    batches = [datum_batch(datums, first.pad_id, net.device) for _, datums, _, _ in calls]
+    batches = [(datum_batch(datums[part], first.pad_id, net.device), core.adapter)
+               for (core, datums, _, _), part in parts]
     with first.autocast():
-        outputs = joint_forward(net, [(batch, core.adapter) for batch, (core, *_)
-                                      in zip(batches, calls, strict=True)], LM, first.pad_id)
-    backward, diverged = [], []
-    for index, (core, datums, loss, forward_only), (logp,) in zip(indices, calls, outputs,
-                                                                   strict=True):
-        per_token, config = loss_spec(loss).per_token, loss_config(loss)
-        total = sum(per_token(row[: len(datum.tokens)], on_device(datum.inputs, net.device),
-                              config).sum()
-                    for row, datum in zip(logp, datums, strict=True))
-        results[index] = ForwardBackwardResult(
-            logprobs=[row[: len(d.tokens)].detach().cpu()
-                      for row, d in zip(logp, datums, strict=True)],
-            metrics={"loss:sum": float(total.detach())})
-        if forward_only:
-            continue
-        try:
-            core.check_finite("loss", total.detach())
-            backward.append(total)
-        except UpdateDiverged as exc:
-            results[index] = exc
-            # the shared backward reaches its adapter with zeros: where it had no gradient,
-            # it must still have none (an optim_step without one leaves the adapter as it is)
-            diverged += [p for p in core.policy_params if p.grad is None]
-    if backward:
-        sum(backward).backward()
-    for param in diverged:
-        param.grad = None
+        return joint_forward(net, batches, LM, first.pad_id)
 
 
 def on_device(inputs: dict, device: torch.device) -> dict:

@@ -258,3 +258,42 @@ def test_clients_calls_in_one_pass_equal_their_calls_alone(tiny_model_path, toke
         assert all(p.grad is None for p in joint.get_policy(name).core.policy_params)
     steps = joint.optim_step([(A, STEP), ("gone", STEP)])
     assert steps[0]["grad_norm"] > 0 and isinstance(steps[1], ValueError)
+
+
+def test_calls_cut_into_passes_by_tokens_equal_one_pass(tiny_model_path, tokenizer):
+    """learner.max_tokens_per_pass on client calls: with room for two datums a pass, A's three
+    datums and B's two go through three passes (A's call cut in two), each call's loss,
+    log-probs and gradient as in one pass (to float32 rounding: passes of other row counts); a datum longer than a pass is refused
+    naming the client and the limit; a call that diverges in its second pass gets back the
+    gradient it had before (none), its first pass's share taken out."""
+    from lorafleet.learner.client_training import client_passes
+    from lorafleet.learner.client_training import forward_backward as calls_forward_backward
+
+    cut, whole = (client_learner(tiny_model_path, tokenizer, (A, 0), (B, 1)) for _ in range(2))
+    a_data, b_data = sums(tokenizer), sums(tokenizer)[:2]
+    width = len(a_data[0].tokens)
+    cores = {name: cut.get_policy(name).core for name in (A, B)}
+    calls = [(cores[A], a_data, CE, False), (cores[B], b_data, CE, False)]
+    assert client_passes(calls, 2 * width) == [[(0, slice(0, 2))], [(0, slice(2, 3)),
+                                                                    (1, slice(0, 1))],
+                                               [(1, slice(1, 2))]]
+    ours = calls_forward_backward(calls, 2 * width)
+    theirs = whole.forward_backward([(A, a_data, CE, False), (B, b_data, CE, False)])
+    for mine, one, name in zip(ours, theirs, (A, B), strict=True):
+        assert mine.metrics == pytest.approx(one.metrics, rel=1e-6)
+        assert all(torch.allclose(x, y, atol=1e-6)
+                   for x, y in zip(mine.logprobs, one.logprobs, strict=True))
+        # measured: at most 6.7e-6 apart (B's, summed over two backward passes; entries ~0.2)
+        assert close(grads(cut, name), grads(whole, name), 5e-5)
+
+    [long] = calls_forward_backward([(cores[A], a_data, CE, False)], width - 1)
+    assert isinstance(long, ValueError) and str(long) == (
+        f"client {A}: datum 0 has {width} tokens, more than a learner pass holds "
+        f"(learner.max_tokens_per_pass={width - 1}); send shorter datums or start the server "
+        "with a larger learner.max_tokens_per_pass")
+    nan = datum(tokenizer, "12+7=19", weights=[math.nan] * width)
+    fresh = client_learner(tiny_model_path, tokenizer, (A, 0))
+    core = fresh.get_policy(A).core
+    [diverged] = calls_forward_backward([(core, a_data[:2] + [nan], CE, False)], 2 * width)
+    assert isinstance(diverged, UpdateDiverged)
+    assert all(p.grad is None for p in core.policy_params)
