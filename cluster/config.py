@@ -69,6 +69,10 @@ class TrainConfig:
     # e.g. [{name: a, seed: 1}, {name: b, seed: 2, algo: {policy_lr: 3e-4}}]; each writes
     # RUN_DIR/<name>/. Empty: one policy, RUN_DIR itself.
     policies: list[dict[str, Any]] = field(default_factory=list)
+    # With several policies: how long the policies whose batch is ready wait for a late one
+    # (e.g. a slower reward) before they train without it; it trains in a later round.
+    # null: every round waits for every policy (the policies step in lock-step).
+    late_policy_wait_s: float | None = None
 
     def validate(self) -> None:
         if self.iterations < 1 or self.prompts_per_iteration < 1:
@@ -99,6 +103,13 @@ class TrainConfig:
         if "meet" in self.stages:
             self.check_meet()
         expand_policies(self)  # each policy's own config is checked here, at load
+        if self.late_policy_wait_s is not None:
+            if len(self.policies) < 2:
+                raise ConfigError("late_policy_wait_s applies to runs of several policies; this "
+                                  f"run has {len(self.policies) or 'one'} (drop the key)")
+            if self.late_policy_wait_s < 0:
+                raise ConfigError(f"late_policy_wait_s must be >= 0, got "
+                                  f"{self.late_policy_wait_s}")
 
     def check_colocate(self) -> None:
         if all(stage == "rm" for stage in self.stages):

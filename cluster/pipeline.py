@@ -11,6 +11,7 @@ from ..common.config import RolloutConfig
 from ..common.data import PromptStream
 from ..common.metrics import response_lengths
 from ..common.records import POLICY, GenerationRequest, Prompt, ScoredRollout
+from ..reward.pool import ScoreJob
 from ..reward.scoring import Scorer
 from .fleet import Fleet, Generation, generation_request
 
@@ -30,11 +31,15 @@ class ScoredBatch:
 
 @dataclass
 class InFlightBatch:
-    """A batch the workers are generating: request `index` of `generation`."""
+    """A batch on its way: request `index` of `generation` while the workers generate it,
+    then its rollouts while the reward pool scores them."""
 
     generation: Generation
     index: int
     sent: float  # perf_counter when queued
+    rollouts: list | None = None  # once generated
+    gen_seconds: float = 0.0  # queued -> last worker done
+    scoring: ScoreJob | None = None
 
     @property
     def prompts(self) -> list[Prompt]:
@@ -66,11 +71,11 @@ class FinishTimes:
         self.pending += [r for r in refs if r not in self.finished and r not in self.pending]
         deadline = None if timeout_s is None else time.perf_counter() + timeout_s
         while any(r not in self.finished for r in refs):
-            left = None if deadline is None else deadline - time.perf_counter()
-            if left is not None and left <= 0:
-                return False
+            left = None if deadline is None else max(0.0, deadline - time.perf_counter())
             done, self.pending = ray.wait(self.pending, num_returns=1, timeout=left)
             self.finished |= dict.fromkeys(done, time.perf_counter())
+            if not done and left is not None and deadline <= time.perf_counter():
+                return False
         return True
 
     def idle_seconds(self, last_calls: list, now: float) -> float:
@@ -84,6 +89,19 @@ class FinishTimes:
         idle = sum(now - max(self.finished.get(r, now), self.since) for r in last_calls)
         self.since = now
         return idle / len(last_calls)
+
+
+POLL_S = 1.0  # the longest wait between polls: a reward call's answer may come due meanwhile
+
+
+def wait_any(refs: list, timeout_s: float) -> None:
+    """Until one of `refs` is done, or `timeout_s`."""
+    import ray
+
+    if refs:  # the policies of one generation share its calls
+        ray.wait(list(dict.fromkeys(refs)), num_returns=1, timeout=timeout_s)
+    else:  # a job waits for an actor another job's batch holds
+        time.sleep(min(timeout_s, 0.05))
 
 
 def rollout_seed(seed: int, iteration: int) -> int:
@@ -137,21 +155,44 @@ class RolloutPipeline:
         return prompts * self.rollout.samples_per_prompt
 
     def collect(self, j: int) -> ScoredBatch:
-        pending = self.in_flight.pop(j)
-        rollouts = self.fleet.collect_requests(pending.generation, self.watch.wait)[
-            pending.index]
-        # The calls that answered (one sent again replaced the one that failed); stamped here
-        # if another policy's pipeline collected the generation they share.
-        self.watch.wait(pending.refs)
-        gen_seconds = max(self.watch.finished[ref] for ref in pending.refs) - pending.sent
+        """Batch j, waited for and scored."""
+        while (batch := self.ready(j)) is None:
+            wait_any(self.waiting_on(j), POLL_S)
+        return batch
+
+    def ready(self, j: int) -> ScoredBatch | None:
+        """Batch j scored, or None while it is not: advances it without waiting (every
+        prompt's rollouts checked once the workers answered, then scored in the reward pool)."""
+        pending = self.in_flight[j]
+        if pending.scoring is None:
+            if not self.watch.wait(pending.refs, timeout_s=0):
+                return None
+            pending.rollouts = self.fleet.collect_requests(pending.generation, self.watch.wait)[
+                pending.index]
+            # The calls that answered (one sent again replaced the one that failed); stamped
+            # here if another policy's pipeline collected the generation they share.
+            self.watch.wait(pending.refs)
+            pending.gen_seconds = max(self.watch.finished[ref] for ref in pending.refs
+                                      ) - pending.sent
+            pending.scoring = self.scorer.start(pending.rollouts)
+        if not pending.scoring.poll(0):
+            return None
+        del self.in_flight[j]
         errors_before = self.scorer.errors
-        scored = self.scorer.score(rollouts)
+        scored = self.scorer.finish(pending.scoring)
         train, normalize_stats = self.scorer.normalize(scored)
         return ScoredBatch(
             scored, train, {**normalize_stats, **self.scorer.parts_stats(scored)},
-            response_lengths(rollouts), gen_seconds, self.scorer.errors - errors_before,
-            pending.prompts[-1].index + 1,
+            response_lengths(pending.rollouts), pending.gen_seconds,
+            self.scorer.errors - errors_before, pending.prompts[-1].index + 1,
         )
+
+    def waiting_on(self, j: int) -> list:
+        """The calls batch j waits on: its generation's, then its reward pool's."""
+        pending = self.in_flight[j]
+        if pending.scoring is None:
+            return [r for r in pending.refs if r not in self.watch.finished]
+        return pending.scoring.refs
 
     def wait(self, ref) -> None:
         """Waits for a learner call, stamping the workers' calls that finish meanwhile."""

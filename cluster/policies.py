@@ -94,7 +94,8 @@ def policy_config(cfg: Config, base: dict[str, Any], name: str, entry: Mapping[s
 
 def merged_config(cfg: Config, base: dict[str, Any], name: str, overrides: dict[str, Any]
                   ) -> Config:
-    data = {**copy.deepcopy(base), "policies": [], "run_dir": str(Path(cfg.run_dir, name))}
+    data = {**copy.deepcopy(base), "policies": [], "late_policy_wait_s": None,
+            "run_dir": str(Path(cfg.run_dir, name))}
     # A policy that picks another algorithm or task keeps the top level's settings of that
     # section that the new one reads, not the old one's defaults.
     algo, task = overrides.get("algo.name"), overrides.get("task.name")

@@ -48,9 +48,10 @@ class StartupClock:
 def iteration_row(
     it: int, batch: ScoredBatch, evals: dict, stats: TrainStats, sync: SyncFigures, task: Task,
     *, step_seconds: float, workers_wait_seconds: float, worker_restarts: int,
-    staleness_bound: int,
+    staleness_bound: int, policies_in_step: int,
 ) -> dict:
-    """The iteration's metrics.jsonl row."""
+    """The iteration's metrics.jsonl row; `policies_in_step`: how many policies' batches the
+    learner call that trained it held."""
     scored = batch.scored
     lags = [stats.adapter_version - s.rollout.adapter_version for s in scored]
     return {
@@ -78,6 +79,7 @@ def iteration_row(
         "samples_per_s": len(scored) / step_seconds,
         "learner_wait_seconds": step_seconds - stats.train_seconds,
         "workers_wait_seconds": workers_wait_seconds,
+        "policies_in_step": policies_in_step,
     }
 
 

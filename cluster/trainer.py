@@ -111,6 +111,7 @@ class Trainer:
                 self.dashboard = DashboardMetrics(self.run_dir.path.name)
                 self.fleet.rollout.on_restart = self.dashboard.restarted
                 self.fleet.reward.on_restart = self.dashboard.restarted
+            self.reward_pool: RewardPool | None = None  # made with the first scorer
             for policy in policies:
                 if self.fleet.reward.actors:
                     policy.scorer = self.make_scorer(policy)
@@ -141,9 +142,12 @@ class Trainer:
         import ray
 
         reward, learner = policy.cfg.reward, self.fleet.learner
-        pool = RewardPool(self.fleet.reward.actors, reward.batch_size, reward.timeout_s,
-                          on_pending=self.dashboard.reward_queue.set if self.dashboard else None,
-                          recover=self.fleet.reward.recover)
+        if self.reward_pool is None:  # one for every policy: they share its idle actors
+            self.reward_pool = RewardPool(
+                self.fleet.reward.actors, reward.batch_size, reward.timeout_s,
+                on_pending=self.dashboard.reward_queue.set if self.dashboard else None,
+                recover=self.fleet.reward.recover)
+        pool = self.reward_pool
         model = None if reward.model_on_learner else reward_model_dir(policy.cfg, self.run_dir)
         return Scorer(
             pool, reward_spec(policy.cfg, model), normalize=reward.normalize, clip=reward.clip,

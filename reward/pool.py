@@ -239,7 +239,9 @@ class RewardPool:
     own timeout did not fire: the process is stopped, or stuck in C code) gets its actor
     killed for Ray to restart; an actor that died is brought back by `recover(i, error)` (the
     driver's: it waits for Ray's restart, and raises naming the actor once its restarts are
-    used up; None: the death is an error) and its batch is sent again (counted: `resent`)."""
+    used up; None: the death is an error) and its batch is sent again (counted: `resent`).
+    Several batches' scoring may run at once (`start`): they share the idle actors, so an
+    actor only ever has one batch and its answer time is that batch's own."""
 
     def __init__(self, actors: list, batch_size: int, timeout_s: float, *,
                  on_pending: Callable[[int], None] | None = None,
@@ -252,49 +254,105 @@ class RewardPool:
         self.on_pending = on_pending  # callback(batches not yet scored), e.g. a gauge
         self.recover = recover
         self.resent = 0  # batches sent again after their actor died or was stuck
+        self.idle = list(range(len(actors)))  # actors without a batch of any job
 
     def score(self, rollouts: list[Rollout], spec: RewardSpec | None = None
               ) -> list[ScoredRollout]:
-        """The rewards by `spec` (None: each actor's own)."""
+        """The rewards by `spec` (None: each actor's own), waited for."""
+        job = self.start(rollouts, spec)
+        while not job.poll(None):
+            pass
+        return job.result()
+
+    def start(self, rollouts: list[Rollout], spec: RewardSpec | None = None) -> ScoreJob:
+        """The scoring of `rollouts` by `spec`, begun; `poll` it until it is done."""
+        return ScoreJob(self, rollouts, spec)
+
+
+class ScoreJob:
+    """One call's batches on the pool's actors: each sent when an actor is idle, answered or
+    sent again as `poll` finds them."""
+
+    def __init__(self, pool: RewardPool, rollouts: list[Rollout], spec: RewardSpec | None):
+        self.pool, self.spec = pool, spec
+        size = pool.batch_size
+        self.batches = [rollouts[i : i + size] for i in range(0, len(rollouts), size)]
+        self.results: list[list[ScoredRollout] | None] = [None] * len(self.batches)
+        self.waiting = list(range(len(self.batches)))
+        self.running: dict = {}  # ObjectRef -> (actor, batch, time.monotonic() when sent)
+        self.stuck: set[int] = set()  # actors killed as stuck, their death not yet seen
+
+    @property
+    def done(self) -> bool:
+        return not self.waiting and not self.running
+
+    @property
+    def refs(self) -> list:
+        """The calls it waits on."""
+        return list(self.running)
+
+    def poll(self, timeout_s: float | None) -> bool:
+        """Sends waiting batches to idle actors, takes the answers that come within
+        `timeout_s` (None: until one does or one is due), kills an actor whose answer is
+        overdue; whether every batch is scored."""
         import ray
 
-        batches = [
-            rollouts[i : i + self.batch_size] for i in range(0, len(rollouts), self.batch_size)
-        ]
-        results: list[list[ScoredRollout] | None] = [None] * len(batches)
-        waiting, idle = list(range(len(batches))), list(range(len(self.actors)))
-        running: dict = {}  # ObjectRef -> (actor, batch, time.monotonic() when sent)
-        stuck: set[int] = set()  # actors killed as stuck, their death not yet seen
-        while waiting or running:
-            if self.on_pending is not None:
-                self.on_pending(results.count(None))
-            while waiting and idle:
-                i, b = idle.pop(0), waiting.pop(0)
-                ref = self.actors[i].score.remote(batches[b], spec)
-                running[ref] = (i, b, time.monotonic())
-            due = [sent + self.answer_timeout_s for i, _, sent in running.values()
-                   if i not in stuck]
-            done, _ = ray.wait(list(running), num_returns=1, timeout=max(
-                0.0, min(due) - time.monotonic()) if due else None)
+        pool = self.pool
+        if pool.on_pending is not None:
+            pool.on_pending(self.results.count(None))
+        self.send()
+        if not self.running:  # every actor has another job's batch
+            time.sleep(0.05 if timeout_s is None else min(timeout_s, 0.05))
+            return self.done
+        due = [sent + pool.answer_timeout_s - time.monotonic()
+               for i, _, sent in self.running.values() if i not in self.stuck]
+        wait_s = min([max(0.0, d) for d in due] + ([] if timeout_s is None else [timeout_s]),
+                     default=None)
+        done, _ = ray.wait(list(self.running), num_returns=1, timeout=wait_s)
+        try:
             for ref in done:
-                i, b, _ = running.pop(ref)
-                try:
-                    results[b] = ray.get(ref)
-                except ray.exceptions.RayActorError as exc:
-                    if self.recover is None:
-                        raise
-                    stuck.discard(i)
-                    self.recover(i, exc)
-                    self.resent += 1
-                    waiting.insert(0, b)
-                idle.append(i)
-            for i, b, sent in running.values():
-                if i not in stuck and time.monotonic() - sent > self.answer_timeout_s:
-                    print(f"reward actor {i} did not answer batch {b} ({batches[b][0].sample_id}"
-                          f" ...) within {self.answer_timeout_s:g} s (2 x reward.timeout_s); "
-                          "killing it for Ray to restart", flush=True)
-                    ray.kill(self.actors[i], no_restart=False)
-                    stuck.add(i)
-        if self.on_pending is not None:
-            self.on_pending(0)
-        return [s for batch in results for s in batch]
+                self.answered(ref)
+        except BaseException:  # the job ends here: its other actors serve the next jobs
+            pool.idle += [i for i, _, _ in self.running.values()]
+            self.running.clear()
+            raise
+        self.send()  # to the actors that just answered
+        for i, b, sent in self.running.values():
+            if i not in self.stuck and time.monotonic() - sent > pool.answer_timeout_s:
+                print(f"reward actor {i} did not answer batch {b} "
+                      f"({self.batches[b][0].sample_id} ...) within {pool.answer_timeout_s:g} s"
+                      " (2 x reward.timeout_s); killing it for Ray to restart", flush=True)
+                ray.kill(pool.actors[i], no_restart=False)
+                self.stuck.add(i)
+        if self.done and pool.on_pending is not None:
+            pool.on_pending(0)
+        return self.done
+
+    def send(self) -> None:
+        """Waiting batches to the pool's idle actors."""
+        pool = self.pool
+        while self.waiting and pool.idle:
+            i, b = pool.idle.pop(0), self.waiting.pop(0)
+            ref = pool.actors[i].score.remote(self.batches[b], self.spec)
+            self.running[ref] = (i, b, time.monotonic())
+
+    def answered(self, ref) -> None:
+        """A batch's answer taken, or its batch queued again once its dead actor is back."""
+        import ray
+
+        i, b, _ = self.running.pop(ref)
+        try:
+            self.results[b] = ray.get(ref)
+        except ray.exceptions.RayActorError as exc:
+            if self.pool.recover is None:
+                raise
+            self.stuck.discard(i)
+            self.pool.recover(i, exc)
+            self.pool.resent += 1
+            self.waiting.insert(0, b)
+        finally:
+            self.pool.idle.append(i)
+
+    def result(self) -> list[ScoredRollout]:
+        """Every rollout's score, in input order (once `done`)."""
+        return [s for batch in self.results for s in batch]

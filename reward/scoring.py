@@ -12,7 +12,7 @@ from typing import Literal
 from ..common.metrics import mean
 from ..common.records import Rollout, ScoredRollout
 from .normalize import RunningMoments, normalize_rewards
-from .pool import RewardError, RewardPool, RewardSpec, drop_failed_groups
+from .pool import RewardError, RewardPool, RewardSpec, ScoreJob, drop_failed_groups
 
 
 class Scorer:
@@ -34,9 +34,20 @@ class Scorer:
         self.errors = 0  # failed rewards dropped so far (reward.on_error=skip)
 
     def score(self, rollouts: list[Rollout]) -> list[ScoredRollout]:
-        """The combined rewards; with reward.on_error=skip, prompts with a failed sample are
-        dropped from the batch and counted (`errors`), never silently."""
-        scored = self.pool.score(rollouts, self.spec)
+        """The combined rewards (`start`, then `finish`), waited for."""
+        job = self.start(rollouts)
+        while not job.poll(None):
+            pass
+        return self.finish(job)
+
+    def start(self, rollouts: list[Rollout]) -> ScoreJob:
+        """The reward pool's scoring of `rollouts`, begun; poll it, then `finish` it."""
+        return self.pool.start(rollouts, self.spec)
+
+    def finish(self, job: ScoreJob) -> list[ScoredRollout]:
+        """A done job's combined rewards; with reward.on_error=skip, prompts with a failed
+        sample are dropped from the batch and counted (`errors`), never silently."""
+        scored = job.result()
         if self.learner_scores is not None:
             ok = [s for s in scored if s.error is None]
             model = iter(self.learner_scores([s.rollout for s in ok]))

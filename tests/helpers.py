@@ -234,3 +234,13 @@ def hf_greedy_answers(model, cfg, model_path: str) -> list[str]:
             answers += [t.strip() for t in tokenizer.batch_decode(new_tokens,
                                                                   skip_special_tokens=True)]
     return answers
+
+
+def exact_match_slow_on_training_prompts(prompts: list[str], completions: list[str],
+                                         reference: list[str], **kwargs) -> list[float]:
+    """exact_match, 2 s late on any batch of training prompts: its policy's batches are late
+    for the policies scored at once (late_policy_wait_s)."""
+    held_out = {e.prompt for e in AdditionTask().examples("eval")}
+    if any(p not in held_out for p in prompts):
+        time.sleep(2.0)
+    return exact_match(completions, reference)

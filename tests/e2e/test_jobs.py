@@ -1,11 +1,12 @@
 """End to end through the real actors (Ray cluster, vLLM rollout workers with in-memory LoRA
 swaps, reward pool, PEFT learner). The default job runs once, the way a Ray user runs it:
-`ray start --head` on loopback and `ray job submit` with the shipped runtime_env, as two
-policies on one fleet: `exact` (the default job itself) and `broken` (its reward raises on its
-first training batch). The run answers the job questions (SUCCEEDED, run directory, metrics on
-the head's Prometheus endpoint), the learning ones (held-out gains, verified syncs,
-checkpoints, a plain-PEFT adapter) and isolation (the broken one is stopped and reported while
-the other finishes). SPR runs in-process on the session cluster. The long tier adds two
+`ray start --head` on loopback and `ray job submit` with the shipped runtime_env, as three
+policies on one fleet: `exact` (the default job itself), `broken` (its reward raises on its
+first training batch) and `late` (its reward is slow: the others do not wait for it). The run
+answers the job questions (SUCCEEDED, run directory, metrics on the head's Prometheus
+endpoint), the learning ones (held-out gains, verified syncs, checkpoints, a plain-PEFT
+adapter), isolation (the broken one is stopped and reported while the others finish) and the
+wait limit for a late policy. SPR runs in-process on the session cluster. The long tier adds two
 policies learning opposite targets on one fleet (tests/long/test_opposite_targets.py) and the
 SFT -> SPR chain."""
 
@@ -100,9 +101,13 @@ METRICS = {"ray_lorafleet_reward_mean", "ray_lorafleet_rollout_tokens_per_s",
            "ray_lorafleet_adapter_version", "ray_lorafleet_learner_step_seconds_bucket"}
 
 
-# The job's policies: the default job, and one whose reward fails.
+# The job's policies: the default job, one whose reward fails, and a small one whose reward
+# is 2 s late on every training batch (`exact` waits for it at most LATE_WAIT_S).
 POLICIES = ("policies=[{name: exact}, "
-            "{name: broken, reward.fns: ['tests.helpers:reward_raises_on_training_prompts']}]")
+            "{name: broken, reward.fns: ['tests.helpers:reward_raises_on_training_prompts']}, "
+            "{name: late, prompts_per_iteration: 8, "
+            "reward.fns: ['tests.helpers:exact_match_slow_on_training_prompts']}]")
+LATE_WAIT_S = 0.5
 
 
 @pytest.fixture(scope="module")
@@ -115,6 +120,7 @@ def default_job(ray_head, tmp_path_factory):
         "env", f"LORAFLEET_CACHE={cache}", sys.executable, "-m", "lorafleet.cluster.cli",
         "train", "deploy/configs/default.yaml", f"iterations={ITERATIONS}", "eval_every=0",
         "checkpoint_every=10", f"run_dir={run_dir}", POLICIES,
+        f"late_policy_wait_s={LATE_WAIT_S}",
     ]
     out = ray_job("submit", "--address", ray_head["dashboard"], "--no-wait",
                   "--working-dir", ".", "--runtime-env", "deploy/runtime_env.yaml",
@@ -139,7 +145,7 @@ def test_submitted_job_succeeds_and_exports_metrics(default_job):
     root, seen = default_job
     summary = root.read_summary()
     assert summary["iterations"] == ITERATIONS and list(summary["policies"]) == [
-        "exact", "broken"]
+        "exact", "broken", "late"]
     assert all(root.policy(name).adapter.is_dir() for name in summary["policies"])
     assert "| broken |" in root.comparison.read_text()
     assert seen == METRICS, f"missing on the metrics endpoint: {METRICS - seen}"
@@ -154,6 +160,20 @@ def test_a_failing_policy_is_stopped_and_reported_alone(default_job):
     assert len(broken["stage_evals"]) == 1  # its start evaluation ran
     assert root.read_summary()["policies"]["broken"]["stopped"] == broken["stopped"]
     assert root.policy("exact").read_summary()["stopped"] is None
+
+
+def test_a_late_policy_holds_the_others_back_at_most_the_wait_limit(default_job):
+    """`late`'s batches are scored 2 s after `exact`'s, more than late_policy_wait_s: `exact`
+    trains without it (alone in a learner call) and `late` catches up in later rounds; both
+    train every iteration once, in order, every sync verified."""
+    root, _ = default_job
+    rows = {name: read_metrics(root.policy(name)) for name in ("exact", "late")}
+    for name, policy_rows in rows.items():
+        assert [r["adapter_version"] for r in policy_rows] == list(range(ITERATIONS)), name
+        assert all(r["reward_errors"] == 0 for r in policy_rows), name
+    alone = [r["iteration"] for r in rows["exact"] if r["policies_in_step"] == 1]
+    assert alone, "exact always waited for late"
+    assert root.policy("late").read_summary()["stopped"] is None
 
 
 def test_default_job_learns_and_saves_a_plain_peft_adapter(default_job, tiny_model_path):

@@ -263,9 +263,10 @@ def test_clients_calls_in_one_pass_equal_their_calls_alone(tiny_model_path, toke
 def test_calls_cut_into_passes_by_tokens_equal_one_pass(tiny_model_path, tokenizer):
     """learner.max_tokens_per_pass on client calls: with room for two datums a pass, A's three
     datums and B's two go through three passes (A's call cut in two), each call's loss,
-    log-probs and gradient as in one pass (to float32 rounding: passes of other row counts); a datum longer than a pass is refused
-    naming the client and the limit; a call that diverges in its second pass gets back the
-    gradient it had before (none), its first pass's share taken out."""
+    log-probs and gradient as in one pass (to float32 rounding: passes of other row counts); a
+    datum longer than a pass is refused naming the client and the limit; a call that diverges
+    in its second pass gets back the gradient it had before (none), its first pass's share
+    taken out."""
     from lorafleet.learner.client_training import client_passes
     from lorafleet.learner.client_training import forward_backward as calls_forward_backward
 

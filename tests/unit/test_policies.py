@@ -177,3 +177,16 @@ def test_swept_policies_load_with_names_made_valid():
     expanded = expand_policies(cfg)
     assert [(p.rollout.temperature, p.task.reward_fn) for _, p in expanded] == [
         (0.5, "a/b"), (0.5, "c"), (1.0, "a/b"), (1.0, "c")]
+
+
+def test_late_policy_wait_is_for_runs_of_several_policies():
+    two = ["policies=[{name: a}, {name: b}]"]
+    assert load_train_config(None, [*two, "late_policy_wait_s=2.5"]).late_policy_wait_s == 2.5
+    assert all(cfg.late_policy_wait_s is None
+               for _, cfg in expand_policies(load_train_config(None, [*two,
+                                                                      "late_policy_wait_s=1"])))
+    with pytest.raises(ConfigError, match="late_policy_wait_s applies to runs of several "
+                                          "policies; this run has one"):
+        load_train_config(None, ["late_policy_wait_s=1"])
+    with pytest.raises(ConfigError, match="late_policy_wait_s must be >= 0, got -1"):
+        load_train_config(None, [*two, "late_policy_wait_s=-1"])
