@@ -236,11 +236,15 @@ def hf_greedy_answers(model, cfg, model_path: str) -> list[str]:
     return answers
 
 
+SLOW_BATCHES_LEFT = [1]  # per process: each reward actor is slow on its first training batch
+
+
 def exact_match_slow_on_training_prompts(prompts: list[str], completions: list[str],
                                          reference: list[str], **kwargs) -> list[float]:
-    """exact_match, 2 s late on any batch of training prompts: its policy's batches are late
-    for the policies scored at once (late_policy_wait_s)."""
+    """exact_match, 1 s late on the first batch of training prompts each reward actor scores:
+    its policy's first batch is late for the policies scored at once (late_policy_wait_s)."""
     held_out = {e.prompt for e in AdditionTask().examples("eval")}
-    if any(p not in held_out for p in prompts):
-        time.sleep(2.0)
+    if SLOW_BATCHES_LEFT[0] and any(p not in held_out for p in prompts):
+        SLOW_BATCHES_LEFT[0] -= 1
+        time.sleep(1.0)
     return exact_match(completions, reference)
