@@ -129,7 +129,8 @@ def generate_seconds(row: dict) -> float:
 def sweep_rounds(policies: dict[str, dict]) -> list[dict]:
     """The sweep's rounds (every policy advances one iteration per round), each with its
     samples (all policies'), its time (the longest policy row's step_seconds), the learner's
-    seconds (the updates are one after the other on one learner: summed) and generation's (the
+    seconds (one joint update trains every policy of the round, and each row carries that
+    call's time: the longest) and generation's (the
     round's slowest batch from queued to returned: the policies' batches overlap each other
     and the updates, and each waits behind the work queued on the workers before it, so this
     bounds the engines' busy time from above)."""
@@ -139,7 +140,7 @@ def sweep_rounds(policies: dict[str, dict]) -> list[dict]:
             by_iteration[row["iteration"]].append(row)
     return [{"samples": sum(r["samples"] for r in rows),
              "step_seconds": max(r["step_seconds"] for r in rows),
-             "train_seconds": sum(r["train_seconds"] for r in rows),
+             "train_seconds": max(r["train_seconds"] for r in rows),
              "generate_seconds": max(generate_seconds(r) for r in rows)}
             for _, rows in sorted(by_iteration.items())]
 
