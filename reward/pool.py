@@ -259,10 +259,7 @@ class RewardPool:
     def score(self, rollouts: list[Rollout], spec: RewardSpec | None = None
               ) -> list[ScoredRollout]:
         """The rewards by `spec` (None: each actor's own), waited for."""
-        job = self.start(rollouts, spec)
-        while not job.poll(None):
-            pass
-        return job.result()
+        return self.start(rollouts, spec).wait().result()
 
     def start(self, rollouts: list[Rollout], spec: RewardSpec | None = None) -> ScoreJob:
         """The scoring of `rollouts` by `spec`, begun; `poll` it until it is done."""
@@ -335,6 +332,12 @@ class ScoreJob:
             i, b = pool.idle.pop(0), self.waiting.pop(0)
             ref = pool.actors[i].score.remote(self.batches[b], self.spec)
             self.running[ref] = (i, b, time.monotonic())
+
+    def wait(self) -> ScoreJob:
+        """Polls until every batch is scored; the job itself."""
+        while not self.poll(None):
+            pass
+        return self
 
     def answered(self, ref) -> None:
         """A batch's answer taken, or its batch queued again once its dead actor is back."""

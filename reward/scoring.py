@@ -35,10 +35,7 @@ class Scorer:
 
     def score(self, rollouts: list[Rollout]) -> list[ScoredRollout]:
         """The combined rewards (`start`, then `finish`), waited for."""
-        job = self.start(rollouts)
-        while not job.poll(None):
-            pass
-        return self.finish(job)
+        return self.finish(self.start(rollouts).wait())
 
     def start(self, rollouts: list[Rollout]) -> ScoreJob:
         """The reward pool's scoring of `rollouts`, begun; poll it, then `finish` it."""
