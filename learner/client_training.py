@@ -12,6 +12,7 @@ as a version: one optim_step, one version, so the client's step count and the po
 from __future__ import annotations
 
 import math
+from collections import Counter
 
 import torch
 
@@ -129,9 +130,14 @@ def run_calls(calls: list, indices: list[int], results: list, max_tokens: int | 
     logprobs: dict[int, list] = {i: [] for i in range(len(calls))}
     losses = dict.fromkeys(range(len(calls)), 0.0)
     failed: dict[int, UpdateDiverged] = {}
-    before = {i: [None if p.grad is None else p.grad.clone() for p in core.policy_params]
+    passes = client_passes(calls, max_tokens)
+    spans = Counter(i for here in passes for i, _ in here)
+    # A call in one pass gets only zeros from another's backward: its gradient tensors as
+    # they are suffice; one cut into several passes needs a copy of its earlier sum.
+    before = {i: [p.grad if p.grad is None or spans[i] == 1 else p.grad.clone()
+                  for p in core.policy_params]
               for i, (core, _, _, forward_only) in enumerate(calls) if not forward_only}
-    for here in client_passes(calls, max_tokens):
+    for here in passes:
         backward = []
         for i, part, (logp,) in zip([i for i, _ in here], [s for _, s in here],
                                     one_pass([(calls[i], s) for i, s in here]), strict=True):
