@@ -16,10 +16,9 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from ..common.records import POLICY, AdapterSnapshot, ScoredRollout, TrainStats
+from ..common.records import POLICY, AdapterSnapshot, ScoredRollout, TrainStats, UpdateDiverged
 from ..common.specs import EngineSpec, LearnerSpec
 from ..learner.actor import Learner
-from ..learner.core import UpdateDiverged
 from ..rollout.worker import RolloutWorker
 
 

@@ -167,9 +167,9 @@ def check_hub_model(name: str, what: str) -> None:
 def driver_tokenizer(cfg: TrainConfig, model_path: str):
     """The tokenizer that renders and tokenises the prompts (vLLM and the learner get its token
     ids), with model.chat_template in place of the model's own when set."""
-    from transformers import AutoTokenizer
+    from ..common.tiny_model import load_tokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    tokenizer = load_tokenizer(model_path)
     if cfg.model.chat_template is not None:
         tokenizer.chat_template = cfg.model.chat_template
     return tokenizer

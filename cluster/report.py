@@ -4,7 +4,6 @@ report, summary.json, and the summary printed at the end."""
 from __future__ import annotations
 
 import json
-import time
 
 from ..common.corpora import LoadedDataset
 from ..common.metrics import mean, read_metrics, summarize
@@ -17,32 +16,6 @@ from .pipeline import ScoredBatch
 from .policy_state import PolicyState
 
 EVAL_KEYS = ("eval_reward", "eval_greedy")
-
-
-class StartupClock:
-    """Where a run's start-up goes, phase by phase, from the process's own start: the
-    interpreter and the imports, then each phase `lap` names. A later run in the same process
-    (a bench over seeds, the tests) starts at its own clock, without the first phase."""
-
-    process_start_counted = False
-
-    def __init__(self) -> None:
-        import psutil
-
-        self.last = time.time()
-        self.phases: dict[str, float] = {}
-        if not StartupClock.process_start_counted:
-            StartupClock.process_start_counted = True
-            self.phases["python and imports"] = self.last - psutil.Process().create_time()
-
-    def lap(self, phase: str) -> None:
-        now = time.time()
-        self.phases[phase] = now - self.last
-        self.last = now
-
-    def line(self) -> str:
-        return (f"start-up {sum(self.phases.values()):.1f} s: " +
-                ", ".join(f"{phase} {seconds:.1f}" for phase, seconds in self.phases.items()))
 
 
 def iteration_row(

@@ -12,9 +12,9 @@ from functools import partial
 
 from ..common.configio import save_config
 from ..common.metrics import plot_reward_curve, read_metrics
-from ..common.records import Prompt
+from ..common.records import Prompt, UpdateDiverged
 from ..common.run_dir import RunDir
-from ..learner.core import UpdateDiverged
+from ..common.startup import StartupClock
 from ..reward.pool import RewardError, RewardPool
 from ..reward.scoring import Scorer
 from .actor_group import is_actor
@@ -24,7 +24,6 @@ from .evaluation import evaluate_prompts
 from .fleet import connect_ray, start_fleet
 from .policy_state import PolicyState, load_policies, place_policies, resume_policies
 from .report import (
-    StartupClock,
     policies_summary,
     policy_summary,
     print_summary,
@@ -116,6 +115,7 @@ class Trainer:
                 if self.fleet.reward.actors:
                     policy.scorer = self.make_scorer(policy)
             self.load_learner_state()
+            clock.lap("scorers, learner state")
             for policy in self.live():
                 self.fleet.sync_adapter(policy.name)
             self.running = stack.pop_all()
@@ -371,6 +371,7 @@ class Trainer:
             # a resumed run does not repeat it)
             "startup_seconds": self.startup_seconds,
             "startup_phases": self.clock.phases,  # from the process's start
+            "actor_startup": self.fleet.startup,
             "start_eval_seconds": self.start_eval_seconds,
             "placement": placement_label(self.cfg),
             "learner_peak_mib": ray.get(self.fleet.learner.peak_memory_mib.remote()),

@@ -181,6 +181,11 @@ def tensors_checksum(tensors: dict[str, Tensor]) -> str:
     return digest.hexdigest()[:16]
 
 
+class UpdateDiverged(RuntimeError):
+    """An update's loss or gradient norm is not finite; it was not applied (the learner raises
+    it, or returns it in a joint step's place for the policy it names)."""
+
+
 @dataclass(frozen=True)
 class TrainStats:
     """What one learner update reports; the driver adds rollout/reward figures around it."""

@@ -28,6 +28,7 @@ from .tasks.base import ModelRecipe
 
 RECIPE_VERSION = 1  # bump when the build code changes what it produces
 SHIPPED_MODELS = Path(__file__).parent / "models"
+RECIPE_FILE = "lorafleet_recipe.json"  # what a built model was built from
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,25 @@ class TinyModelSpec:
         if spec["architecture"] == "llama":
             del spec["architecture"]
         return spec
+
+
+# The tokenizer class AutoTokenizer gives a built model of each architecture (its model-type
+# rules; tests/unit/test_data.py holds every shipped model to it).
+TOKENIZER_CLASSES = {"llama": "TokenizersBackend", "qwen2": "Qwen2Tokenizer"}
+
+
+def load_tokenizer(model_path: str):
+    """The model's tokenizer, as AutoTokenizer gives it. A model lorafleet built is loaded by
+    its architecture's class directly: AutoTokenizer's model-type lookup imports torch and
+    much of transformers, 5 s of a driver's start on 2 cores."""
+    import transformers
+
+    path = Path(model_path)
+    if (path / RECIPE_FILE).exists():
+        model_type = json.loads((path / "config.json").read_text()).get("model_type")
+        if model_type in TOKENIZER_CLASSES:
+            return getattr(transformers, TOKENIZER_CLASSES[model_type]).from_pretrained(path)
+    return transformers.AutoTokenizer.from_pretrained(model_path)
 
 
 def build_tokenizer(corpus: list[str], recipe: ModelRecipe):
@@ -193,7 +213,7 @@ def build_tiny_model(recipe: ModelRecipe, spec: TinyModelSpec, root: Path | None
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         record = {"task": recipe.recipe(), "spec": asdict(spec), "sft_final_loss": final_loss}
-        (staging / "lorafleet_recipe.json").write_text(json.dumps(record, indent=2))
+        (staging / RECIPE_FILE).write_text(json.dumps(record, indent=2))
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(target, ignore_errors=True)
         staging.rename(target)

@@ -35,8 +35,10 @@ from ..common.records import (
     ScoredRollout,
     SFTExample,
     TrainStats,
+    UpdateDiverged,
 )
 from ..common.specs import LearnerSpec, PolicySpec
+from ..common.startup import TimedStart, clock
 from . import client_training
 from .checkpoint import (
     load_checkpoint,
@@ -45,7 +47,7 @@ from .checkpoint import (
     save_checkpoint,
     save_client_state,
 )
-from .core import LearnerCore, UpdateDiverged
+from .core import LearnerCore
 from .meet import SHARED, MeetUpdater
 from .model import DTYPES, PolicyValueModel
 from .offline import OfflineUpdater
@@ -54,8 +56,9 @@ from .reward_adapter import RewardAdapter
 from .rl import RLUpdater, train_together
 
 
-class Learner:
+class Learner(TimedStart):
     def __init__(self, spec: LearnerSpec) -> None:
+        startup = clock(self)
         torch.set_num_threads(spec.threads)
         self.spec = spec
         device, dtype = spec.device, spec.dtype
@@ -78,6 +81,7 @@ class Learner:
             add_policy_adapters(net, adapter, policy, rl)
         if spec.compile:
             net.compile()
+        startup.lap("learner model (base and adapters)")
         self.autocast = autocast_dtype(spec.autocast, device, self.dtype)
         self.policies = {p.name: Policy(p, adapter, net, spec.pad_token_id, self.autocast, rl)
                          for adapter, p in zip(adapters, spec.policies, strict=True)}
@@ -85,6 +89,7 @@ class Learner:
         self.offline = OfflineUpdater(self.core)
         self.reward: RewardAdapter | None = None  # start_reward_model, load_reward_model
         self.meet: MeetUpdater | None = None  # start_meet
+        startup.lap("policies (optimisers, updaters)")
 
     def get_policy(self, name: str) -> Policy:
         if name not in self.policies:

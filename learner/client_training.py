@@ -17,8 +17,9 @@ from collections import Counter
 import torch
 
 from ..common.client_records import AdamStep, ClientLoss, ForwardBackwardResult, TokenDatum
+from ..common.records import UpdateDiverged
 from .client_losses import TARGETS, check_inputs, loss_config, loss_spec
-from .core import LearnerCore, UpdateDiverged
+from .core import LearnerCore
 from .joint import LM, joint_forward
 from .model import TokenBatch
 

@@ -11,7 +11,7 @@ from contextlib import AbstractContextManager
 import torch
 from torch import Tensor
 
-from ..common.records import OfflineStats, ProbeResult
+from ..common.records import OfflineStats, ProbeResult, UpdateDiverged
 from .algorithms.ppo import masked_mean
 from .model import DTYPES, POLICY, PolicyValueModel, TokenBatch, collate, value_adapter
 
@@ -19,10 +19,6 @@ from .model import DTYPES, POLICY, PolicyValueModel, TokenBatch, collate, value_
 class SyncError(RuntimeError):
     """A rollout worker serves something other than the learner's published adapter, or a
     batch holds rollouts the policy must not train on (stale, or another policy's)."""
-
-
-class UpdateDiverged(RuntimeError):
-    """An update's loss or gradient norm is not finite; it was not applied."""
 
 
 class LearnerCore:

@@ -24,7 +24,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from .core import LearnerCore, UpdateDiverged
+from ..common.records import UpdateDiverged
+from .core import LearnerCore
 from .model import PolicyValueModel, TokenBatch
 from .routing import Route
 

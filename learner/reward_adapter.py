@@ -62,8 +62,8 @@ class RewardAdapter:
     def score(self, rollouts: list) -> list[float]:
         """The reward adapter's scores of finished rollouts (re-tokenised as in training)."""
         if self.tokenizer is None:
-            from transformers import AutoTokenizer
+            from ..common.tiny_model import load_tokenizer
 
-            self.tokenizer = AutoTokenizer.from_pretrained(self.spec.model_path)
+            self.tokenizer = load_tokenizer(self.spec.model_path)
         return score_rows(self.core.net, rollout_rows(self.tokenizer, rollouts),
                           self.core.pad_id)

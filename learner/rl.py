@@ -15,12 +15,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..common.records import ScoredRollout, TrainStats
+from ..common.records import ScoredRollout, TrainStats, UpdateDiverged
 from ..common.specs import PolicySpec
 from .algorithms.off_policy import behaviour_weights, weighted_token_mean
 from .algorithms.ppo import kl_penalty, masked_mean
 from .algorithms.registry import AlgoConfig, objective_function
-from .core import LearnerCore, SyncError, UpdateDiverged, padded
+from .core import LearnerCore, SyncError, padded
 from .joint import HEAD, LM, AdapterStep, joint_forward, joint_step
 from .model import TokenBatch, collate_scored
 

@@ -16,9 +16,9 @@ class LearnedReward:
 
     def __init__(self, directory: str, threads: int = 1, batch_size: int = 64) -> None:
         import torch
-        from transformers import AutoTokenizer
 
         from ..common.config import LoRAConfig
+        from ..common.tiny_model import load_tokenizer
         from ..learner.model import DTYPES, REWARD, PolicyValueModel, load_adapter
         from ..learner.reward_model import read_reward_model_meta
 
@@ -26,7 +26,7 @@ class LearnedReward:
         self.directory = Path(directory)
         self.meta = read_reward_model_meta(self.directory)
         base = self.meta["base_model"]
-        self.tokenizer = AutoTokenizer.from_pretrained(base)
+        self.tokenizer = load_tokenizer(base)
         # on the GPU Ray assigned this actor (reward.num_gpus_per_actor), else the CPU; in
         # the dtype it was trained in, so it scores as it did in training
         device, _ = actor_device(self.meta["dtype"])

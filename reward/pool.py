@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from ..common.config import RewardConfig
 from ..common.records import Rollout, ScoredRollout
+from ..common.startup import TimedStart, clock
 from .normalize import combine_rewards
 from .registry import RewardFn, get_reward_fn
 
@@ -101,7 +102,7 @@ def reward_fns(spec: RewardSpec) -> dict[str, RewardFn]:
     return {name: get_reward_fn(name, settings=settings) for name in spec.rules}
 
 
-class RewardWorker:
+class RewardWorker(TimedStart):
     """Scores batches of rollouts (run as a Ray actor): each rule on the whole batch, the
     learned reward model on the whole batch, combined by weight. A failing reward raises
     RewardError naming the sample, or with `skip_errors` comes back as a NaN reward carrying
@@ -109,11 +110,13 @@ class RewardWorker:
     batch comes with (each policy's own rewards, from one pool of actors)."""
 
     def __init__(self, spec: RewardSpec) -> None:
+        startup = clock(self)
         self.spec = spec
         # each spec's functions, built on its first batch (the actor's own now: a bad one
         # fails the actor's start)
         self.fns: dict[RewardSpec, dict[str, RewardFn]] = {spec: reward_fns(spec)}
         self.models: dict[str, LearnedReward] = {}  # by directory
+        startup.lap("reward functions")
 
     def score(self, rollouts: list[Rollout], spec: RewardSpec | None = None
               ) -> list[ScoredRollout]:

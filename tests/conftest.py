@@ -74,12 +74,10 @@ def ray_cluster():
     here runs CUDA); tests/ is on the workers' path for test-only rewards."""
     import ray
 
-    from lorafleet.cluster.fleet import RUNTIME_ENV
+    from lorafleet.cluster.fleet import RUNTIME_ENV, start_local_ray
 
     path = f"{TESTS_DIR}:{os.environ.get('PYTHONPATH', '')}"
-    env = {**RUNTIME_ENV["env_vars"], "PYTHONPATH": path}
-    ray.init(address="local", num_cpus=2, num_gpus=2, include_dashboard=False,
-             runtime_env={"env_vars": env})
+    start_local_ray({**RUNTIME_ENV["env_vars"], "PYTHONPATH": path}, num_cpus=2, num_gpus=2)
     yield ray
     ray.shutdown()
 

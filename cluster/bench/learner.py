@@ -64,16 +64,14 @@ def synthetic_batch(tokenizer, shape: Shape, version: int, policy: str, seed: in
 def build_learner(shape: Shape, adapters: int, threads: int, device: str):
     """A learner of `adapters` policies (seeds 0.., LoRA rank 8) of the shape's algorithm on
     its model."""
-    from transformers import AutoTokenizer
-
     from ...common.specs import LearnerSpec, PolicySpec
     from ...common.tasks.addition import AdditionTask
-    from ...common.tiny_model import TinyModelSpec, build_tiny_model
+    from ...common.tiny_model import TinyModelSpec, build_tiny_model, load_tokenizer
     from ...learner.actor import Learner
     from ...learner.algorithms.registry import algorithm
 
     path = str(build_tiny_model(AdditionTask(), TinyModelSpec(**shape.model)))
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer = load_tokenizer(path)
     algo = algorithm(shape.algo["name"]).config(**shape.algo)
     policies = tuple(PolicySpec(f"p{i}", algo, LoRAConfig(), seed=i) for i in range(adapters))
     learner = Learner(LearnerSpec(path, tokenizer.pad_token_id, policies, dtype="float32",

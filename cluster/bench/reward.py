@@ -39,15 +39,15 @@ def answer_rollouts(task: Task, tokenizer, count: int) -> list[Rollout]:
 
 def bench_reward(path: str | None, overrides: list[str], command: str, repeats: int = 3) -> None:
     import ray
-    from transformers import AutoTokenizer
 
+    from ...common.tiny_model import load_tokenizer
     from ...learner.model import DTYPES, REWARD, PolicyValueModel
     from ...learner.reward_model import save_reward_model
     from ...reward.pool import RewardPool, RewardWorker
 
     cfg = load_train_config(path, overrides)
     model_path = resolve_model(cfg, build_task(cfg.task))
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    tokenizer = load_tokenizer(model_path)
     count = cfg.prompts_per_iteration * cfg.rollout.samples_per_prompt * 4
     rollouts = answer_rollouts(build_task(cfg.task), tokenizer, count)
     with tempfile.TemporaryDirectory(prefix="lorafleet-bench-rm-") as tmp:

@@ -28,13 +28,12 @@ WARMUP_ITERATIONS = 2  # engine warm-up (first compiles, allocator growth) is no
 
 def raw_vllm_tokens_per_s(cfg, model_path: str, repeats: int = 3) -> tuple[float, float]:
     """(base model tok/s, LoRA tok/s) of one engine given all the fleet's threads."""
-    from transformers import AutoTokenizer
-
     from ...common.specs import LearnerSpec, PolicySpec
+    from ...common.tiny_model import load_tokenizer
     from ...learner.actor import Learner
     from ...rollout.worker import RolloutWorker
 
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    tokenizer = load_tokenizer(model_path)
     limit = cfg.model.max_model_len - cfg.rollout.max_new_tokens
     examples = build_task(cfg.task).examples("train")
     stream = PromptStream(encode_prompts(examples, tokenizer, limit), cfg.seed)

@@ -226,7 +226,7 @@ def bench_soak(path: str | None, overrides: list[str], iterations: int, kill_eve
 def soak_report(cfg, run_dir: RunDir, soak: SoakLog, log: Path, seconds: float, faults: bool,
                 command: str, out_dir: Path) -> dict:
     """The checks and counts of a finished soak, printed and written."""
-    from transformers import AutoTokenizer
+    from ...common.tiny_model import load_tokenizer
 
     # the Trainer's "resuming RUN from CHECKPOINT: ..." (after a progress bar's \r, maybe)
     resumed = re.findall(r"resuming \S+ from (\S+):", log.read_text())
@@ -235,7 +235,7 @@ def soak_report(cfg, run_dir: RunDir, soak: SoakLog, log: Path, seconds: float, 
     problems = {"driver exit": [] if soak.driver_exits[-1] == 0 else
                 [f"the last driver exited {soak.driver_exits[-1]}: see {log}"]}
     if summary:
-        tokenizer = AutoTokenizer.from_pretrained(summary["model_path"])
+        tokenizer = load_tokenizer(summary["model_path"])
         problems |= {
             "every prompt trained on exactly once": prompts_not_once(run_dir, cfg, tokenizer),
             "adapter versions continuous": versions_not_continuous(run_dir, cfg.iterations),

@@ -228,14 +228,14 @@ def learner_gflops(cfg, model_path: str, response_tokens: int, attention: str, a
     after two warm-up updates (compiling)."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
-    from transformers import AutoTokenizer
 
     from ...common.data import pad_token_id
     from ...common.specs import LearnerSpec, PolicySpec
+    from ...common.tiny_model import load_tokenizer
     from ...learner.actor import Learner, train_one
     from .memory import BenchSetup, random_scored_batch
 
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    tokenizer = load_tokenizer(model_path)
     learner = Learner(LearnerSpec(
         model_path, pad_token_id(tokenizer), (PolicySpec(algo=cfg.algo, lora=cfg.lora),),
         dtype=cfg.model.dtype, threads=cfg.learner.threads, autocast=autocast,

@@ -1,5 +1,6 @@
 """The grouped LoRA kernels give vLLM's own CPU kernels' results (rollout/lora_kernels.py):
-one adapter for the whole batch, several mixed, and the "no adapter" index -1. The checks run
+one adapter for the whole batch, several mixed, and the "no adapter" index -1; the sampler's
+rank count run eagerly gives the compiled one's (rollout/eager_ranks.py). The checks run
 in a Ray worker, where the engines run: vLLM is imported and patched there, not in the test
 process."""
 
@@ -62,6 +63,25 @@ def installed_once() -> bool:
                for name in KERNELS)
 
 
+def eager_ranks_equal_compiled() -> bool:
+    """rollout/eager_ranks.py: after `install`, the sampler counts ranks eagerly (not the
+    compiled function) and gets the compiled one's counts, ties included."""
+    import torch
+    from vllm.v1.sample import sampler
+
+    from lorafleet.rollout.eager_ranks import install
+
+    compiled = sampler.batched_count_greater_than
+    install()
+    eager = sampler.batched_count_greater_than
+    torch.manual_seed(0)
+    logprobs = torch.randn(5, 50).log_softmax(-1)
+    values = logprobs.gather(-1, torch.tensor([[0], [3], [7], [49], [11]]))
+    logprobs[2, 8] = values[2, 0]  # a tie counts
+    return (eager is not compiled and not hasattr(eager, "_torchdynamo_orig_callable")
+            and torch.equal(eager(logprobs, values), compiled(logprobs, values)))
+
+
 def test_grouped_kernels_equal_vllms_and_install_once(ray_cluster):
     import sys
 
@@ -73,6 +93,8 @@ def test_grouped_kernels_equal_vllms_and_install_once(ray_cluster):
         num_cpus=0.1).remote())
     assert len(checked) == 15
     assert ray_cluster.get(ray_cluster.remote(installed_once).options(num_cpus=0.1).remote())
+    assert ray_cluster.get(ray_cluster.remote(eager_ranks_equal_compiled).options(
+        num_cpus=0.1).remote())
 
 
 def test_products_by_hand():

@@ -14,8 +14,7 @@ import torch
 from helpers import new_learner
 from lorafleet.common.client_records import AdamStep, ClientLoss, TokenDatum
 from lorafleet.common.config import LoRAConfig
-from lorafleet.common.records import POLICY
-from lorafleet.learner.core import UpdateDiverged
+from lorafleet.common.records import POLICY, UpdateDiverged
 
 A, B = "client-a", "client-b"
 CE = ClientLoss("cross_entropy")

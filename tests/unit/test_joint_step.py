@@ -14,10 +14,9 @@ import torch
 
 from helpers import contrast_batch, new_learner
 from lorafleet.common.config import LoRAConfig
-from lorafleet.common.records import TrainStats
+from lorafleet.common.records import TrainStats, UpdateDiverged
 from lorafleet.common.specs import PolicySpec
 from lorafleet.learner.algorithms.registry import algorithm
-from lorafleet.learner.core import UpdateDiverged
 from lorafleet.learner.joint import concat_batches
 from lorafleet.learner.model import collate
 

@@ -31,7 +31,7 @@ def test_summary_without_a_reference_has_no_kl():
 def test_the_startup_clock_counts_the_process_start_once(monkeypatch):
     import time
 
-    from lorafleet.cluster.report import StartupClock
+    from lorafleet.common.startup import StartupClock
 
     monkeypatch.setattr(StartupClock, "process_start_counted", False)
     first = StartupClock()

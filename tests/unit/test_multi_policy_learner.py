@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from helpers import contrast_batch, new_learner
-from lorafleet.common.records import ProbeResult
+from lorafleet.common.records import ProbeResult, UpdateDiverged
 from lorafleet.common.specs import LearnerSpec, PolicySpec
 from lorafleet.learner.actor import train_one
 from lorafleet.learner.algorithms.registry import algorithm
-from lorafleet.learner.core import SyncError, UpdateDiverged
+from lorafleet.learner.core import SyncError
 from lorafleet.learner.model import VALUE, collate, value_adapter
 
 A, B = "policy_lr=1e-4", "seed=1"  # names as a sweep writes them
