@@ -25,17 +25,19 @@ def add_bench_parser(sub) -> argparse.ArgumentParser:
         "seconds, peak memory per actor, update time); `bench soak`: the default job in async "
         "mode while rollout and reward actors and once the driver are SIGKILLed, then "
         "resumed and its records checked; `bench learner`: one joint update over N adapters "
-        "vs N one-adapter updates vs one adapter alone",
+        "vs N one-adapter updates vs one adapter alone; `bench startup`: the default job's "
+        "start-up on its first run (empty cache) and the next, vs a bare vLLM engine",
     )
     bench.add_argument("what", choices=["rollout", "memory", "reward", "demo", "async", "vs-trl",
-                                        "sweep", "tinker", "shape", "soak", "learner"])
+                                        "sweep", "tinker", "shape", "soak", "learner",
+                                        "startup"])
     bench.add_argument("items", nargs="*", metavar="CONFIG.yaml | key=value")
     bench.add_argument("--seeds", help="demo, async, vs-trl, sweep: comma-separated seeds "
                        "(0,1,2; vs-trl 0; sweep 0,1,2,3)")
-    bench.add_argument("--out", help="demo, vs-trl, sweep, tinker, shape, soak, learner: "
-                       "output directory (runs/demo, runs/vs-trl, runs/bench-sweep, "
+    bench.add_argument("--out", help="demo, vs-trl, sweep, tinker, shape, soak, learner, "
+                       "startup: output directory (runs/demo, runs/vs-trl, runs/bench-sweep, "
                        "runs/bench-tinker, runs/bench-shape, runs/bench-soak, "
-                       "runs/bench-learner)")
+                       "runs/bench-learner, runs/bench-startup)")
     bench.add_argument("--shape", default="qwen2.5-0.5b", choices=list(QWEN2_SHAPES),
                        help="shape: the published model shape, built random-init "
                        "(qwen2.5-0.5b)")
@@ -129,6 +131,11 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
         bench_shape(path, overrides, args.shape, args.out or "runs/bench-shape",
                     args.command_line)
+        return
+    if args.what == "startup":
+        from .startup import bench_startup
+
+        bench_startup(path, overrides, args.out or "runs/bench-startup", args.command_line)
         return
     if args.what == "reward":
         from .reward import bench_reward
