@@ -18,9 +18,15 @@ from lorafleet.common.records import POLICY, Prompt, Rollout, ScoredRollout
 from lorafleet.common.specs import LearnerSpec, PolicySpec
 from lorafleet.common.tasks.addition import AdditionTask
 from lorafleet.common.tasks.registry import build_task
+from lorafleet.common.tiny_model import TinyModelSpec
 from lorafleet.learner.actor import Learner
 from lorafleet.learner.algorithms.registry import PPOConfig
 from lorafleet.reward.rules import exact_match
+
+# The Qwen2-architecture addition model the hot-swap tests serve beside the Llama one (q/k/v
+# bias, packed projections): a short warm start, enough for the sums' first tokens to be
+# sharp; shipped (common/models/) like the configs' models.
+QWEN2_ADDITION = TinyModelSpec(architecture="qwen2", sft_steps=200)
 
 
 def new_learner(model_path: str, pad_id: int, algo=None, policies=None, **keys) -> Learner:

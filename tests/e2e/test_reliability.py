@@ -72,7 +72,7 @@ def test_killed_rollout_and_reward_actors_are_replaced(ray_cluster, tmp_path, to
     # Timeouts far below the defaults, and far above any call of this job (a generate call
     # takes under a second here), so that a stopped actor is found in seconds.
     cfg = load_train_config(None, [*SHORT_RUN, f"run_dir={tmp_path / 'run'}",
-                                   "rollout.call_timeout_s=20", "reward.timeout_s=3"])
+                                   "rollout.call_timeout_s=10", "reward.timeout_s=3"])
     # Rollout worker 1 is stopped (SIGSTOP) right after batch 4 is queued on it, behind the
     # swap to the new version and its probe: the swap is not answered within
     # rollout.call_timeout_s, the worker is killed, its queued calls fail, and the fleet

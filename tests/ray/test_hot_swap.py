@@ -26,11 +26,10 @@ from lorafleet.rollout.worker import POLICY, AdapterMissing
 def model_path(request, tiny_model_path) -> str:
     if request.param == "llama":
         return tiny_model_path
-    from lorafleet.common.tiny_model import TinyModelSpec, build_tiny_model
+    from helpers import QWEN2_ADDITION
+    from lorafleet.common.tiny_model import build_tiny_model
 
-    # a short warm start (14 s, cached): enough for the sums' first tokens to be sharp
-    return str(build_tiny_model(AdditionTask(), TinyModelSpec(architecture="qwen2",
-                                                              sft_steps=200)))
+    return str(build_tiny_model(AdditionTask(), QWEN2_ADDITION))
 
 
 @pytest.fixture(scope="module")
