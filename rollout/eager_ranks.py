@@ -5,7 +5,7 @@ as high (`batched_count_greater_than`, under `torch.compile` so that a GPU does 
 logits). Dynamo traces it on the first generate call of every engine: 2.7 s of each engine's
 start on 2 cores (a profile of the default job's first sync), compiled again in each new
 process. On CPU the same function runs eagerly, with the same results; `install` puts it where
-the sampler looks it up. tests/ray/test_lora_kernels.py checks it equals the compiled one."""
+the sampler looks it up; tests/ray/test_lora_kernels.py checks its counts by hand."""
 
 from __future__ import annotations
 

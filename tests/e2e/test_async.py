@@ -18,9 +18,10 @@ from lorafleet.common.metrics import read_metrics
 ITERATIONS = 10
 MAX_STALENESS = 2
 WINDOW = 3
-# train reward, mean of the last 3 iterations - the first 3, this run's config (seed 0):
-# measured 0.280 -> 0.750, +0.470 (`pytest tests/e2e/test_async.py`, 2 cores, AMD EPYC, 50 s);
-# asserted at about a quarter of that.
+# train reward, mean of the last 3 iterations - the first 3, this run's config without the
+# kill (`lorafleet train iterations=10 eval_every=0 checkpoint_every=4 rollout.mode=async
+# rollout.max_staleness=2 placement.colocate=off prompts_per_iteration=32 seed=S`, seeds 0-2,
+# 2 cores, AMD EPYC, 30-32 s each): +0.344, +0.318, +0.404; asserted at well under half.
 MIN_REWARD_GAIN = 0.12
 # rollout worker 0 is killed right after batch KILL_AT is queued on it (at the end of iteration
 # KILL_AT - MAX_STALENESS - 1): that request and the adapter swap queued before it are
@@ -40,6 +41,7 @@ def test_async_run_bounds_staleness_and_learns(ray_cluster, tmp_path, tokenizer)
         f"run_dir={tmp_path / 'run'}", f"iterations={ITERATIONS}", "eval_every=0",
         "checkpoint_every=4", "logging.rollouts_parquet=true", "rollout.mode=async",
         f"rollout.max_staleness={MAX_STALENESS}", "placement.colocate=off",
+        "prompts_per_iteration=32",
     ])
     with Trainer(cfg) as trainer:
         worker = actor_pid("lorafleet-rollout-0")  # asked while the worker is idle

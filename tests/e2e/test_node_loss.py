@@ -1,8 +1,8 @@
 """A run on a simulated multi-node Ray cluster (`ray.cluster_utils.Cluster`: a head and worker
 nodes, each its own raylet with its own logical CPUs and custom resources) that loses nodes, as
-`lorafleet train ray.address=...` meets it: the node of the rollout workers and reward actors
+`lorafleet train ray.address=...` meets it: the node of the rollout worker and the reward actors
 first (the run waits for a node to hold their bundles, naming them, then re-places, re-syncs and
-verifies the workers), then the learner's (the run stops with the resume hint), and `--resume`
+verifies the worker), then the learner's (the run stops with the resume hint), and `--resume`
 on what remains continues from the last checkpoint; every prompt is trained on exactly once."""
 
 from __future__ import annotations
@@ -22,11 +22,12 @@ from lorafleet.common.metrics import read_metrics
 from lorafleet.common.run_dir import RunDir
 
 ITERATIONS = 6
-# The learner on node A; both rollout workers and both reward actors on node B (worker_slot),
-# and node C, added after B is lost, can hold them all and the learner.
+# The learner on node A; the rollout worker (one: a second would only repeat its recovery) and
+# both reward actors on node B (worker_slot), and node C, added after B is lost, can hold them
+# all and the learner.
 RUN = [
     f"iterations={ITERATIONS}", "checkpoint_every=2", "eval_every=0",
-    "logging.rollouts_parquet=true", "prompts_per_iteration=16",
+    "logging.rollouts_parquet=true", "prompts_per_iteration=16", "rollout.num_workers=1",
     "learner.resources={learner_slot: 1}", "rollout.resources_per_worker={worker_slot: 1}",
     "reward.resources_per_actor={worker_slot: 1}", "placement.timeout_s=120",
 ]
@@ -78,9 +79,9 @@ def test_lost_nodes_are_replaced_and_the_learners_resumed(cluster, tmp_path, tok
     with open(log, "w") as out:
         first = lorafleet("train", *RUN, address, f"run_dir={run_dir}", stdout=out)
     try:
-        # Right after iteration 1's row the workers hold the swap to version 2, its probe and
+        # Right after iteration 1's row the worker holds the swap to version 2, its probe and
         # batch 2: those calls fail with the node, and the fleet waits for a node to hold
-        # their bundles.
+        # its bundle.
         wait_for("iteration 1", lambda: len(read_metrics(run_dir)) >= 2, first, log)
         lose(cluster, worker_node)
         waiting = re.compile(
@@ -99,7 +100,7 @@ def test_lost_nodes_are_replaced_and_the_learners_resumed(cluster, tmp_path, tok
             os.killpg(first.pid, signal.SIGKILL)
             first.wait()
     out = log.read_text()
-    assert "rollout actor 0 is back" in out and "rollout actor 1 is back" in out, out[-3000:]
+    assert "rollout actor 0 is back" in out, out[-3000:]
     assert "the learner actor died" in out and "(iter_00004)" in out, out[-3000:]
     assert f"lorafleet train --resume {run_dir}" in out
     killed_rows = read_metrics(run_dir)
@@ -115,11 +116,11 @@ def test_lost_nodes_are_replaced_and_the_learners_resumed(cluster, tmp_path, tok
     assert [r["iteration"] for r in rows] == list(range(ITERATIONS))  # once each, no gaps
     assert [r["adapter_version"] for r in rows] == list(range(ITERATIONS))
     assert rows[:4] == killed_rows[:4]  # the rows before the checkpoint kept as they were
-    # both workers re-placed, re-synced and verified in iteration 2; the resumed run's own
+    # the worker re-placed, re-synced and verified in iteration 2; the resumed run's own
     # count starts at 0
-    assert [r["worker_restarts"] for r in rows] == [0, 0, 2, 2, 0, 0]
-    # Every iteration's probe shows every worker on the learner's current adapter.
-    assert all(r["worker_versions"] == [r["adapter_version"]] * 2 for r in rows)
+    assert [r["worker_restarts"] for r in rows] == [0, 0, 1, 1, 0, 0]
+    # Every iteration's probe shows the worker on the learner's current adapter.
+    assert all(r["worker_versions"] == [r["adapter_version"]] for r in rows)
     cfg = load_train_config(run_dir.config)
     assert [r["prompt_cursor"] for r in rows] == [
         (it + 1) * cfg.prompts_per_iteration for it in range(ITERATIONS)]

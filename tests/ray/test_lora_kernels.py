@@ -1,6 +1,6 @@
 """The grouped LoRA kernels give vLLM's own CPU kernels' results (rollout/lora_kernels.py):
 one adapter for the whole batch, several mixed, and the "no adapter" index -1; the sampler's
-rank count run eagerly gives the compiled one's (rollout/eager_ranks.py). The checks run
+rank count run eagerly counts as by hand (rollout/eager_ranks.py). The checks run
 in a Ray worker, where the engines run: vLLM is imported and patched there, not in the test
 process."""
 
@@ -63,9 +63,10 @@ def installed_once() -> bool:
                for name in KERNELS)
 
 
-def eager_ranks_equal_compiled() -> bool:
+def eager_ranks_by_hand() -> bool:
     """rollout/eager_ranks.py: after `install`, the sampler counts ranks eagerly (not the
-    compiled function) and gets the compiled one's counts, ties included."""
+    compiled function, which Dynamo would trace for seconds) and each count is the number of
+    vocabulary entries at least as likely as the token's, ties included, counted by hand."""
     import torch
     from vllm.v1.sample import sampler
 
@@ -78,8 +79,10 @@ def eager_ranks_equal_compiled() -> bool:
     logprobs = torch.randn(5, 50).log_softmax(-1)
     values = logprobs.gather(-1, torch.tensor([[0], [3], [7], [49], [11]]))
     logprobs[2, 8] = values[2, 0]  # a tie counts
+    by_hand = [sum(float(x) >= float(v) for x in row)
+               for row, v in zip(logprobs, values[:, 0], strict=True)]
     return (eager is not compiled and not hasattr(eager, "_torchdynamo_orig_callable")
-            and torch.equal(eager(logprobs, values), compiled(logprobs, values)))
+            and eager(logprobs, values).tolist() == by_hand)
 
 
 def test_grouped_kernels_equal_vllms_and_install_once(ray_cluster):
@@ -93,7 +96,7 @@ def test_grouped_kernels_equal_vllms_and_install_once(ray_cluster):
         num_cpus=0.1).remote())
     assert len(checked) == 15
     assert ray_cluster.get(ray_cluster.remote(installed_once).options(num_cpus=0.1).remote())
-    assert ray_cluster.get(ray_cluster.remote(eager_ranks_equal_compiled).options(
+    assert ray_cluster.get(ray_cluster.remote(eager_ranks_by_hand).options(
         num_cpus=0.1).remote())
 
 
