@@ -86,14 +86,16 @@ def assert_same_state(joint, alone, name: str, exact: bool) -> None:
     """Policy `name`'s weights, gradients and Adam moments: bitwise the same when its batch
     has the same padded width in the joint pass as alone, else within float32 reduction
     order: measured at most 9.4e-5 relative on gradients and moments, weights at most 0.8%
-    of one Adam step (the learning rate), asserted at 1e-3 and 2%."""
+    of one Adam step (the learning rate) on AVX-512 and 2.2% with ATEN_CPU_CAPABILITY=avx2
+    (an element whose gradient is near zero takes a step of either sign: Adam divides it by
+    its own size), asserted at 1e-3 and 10%."""
     ours, theirs = state(joint, name), state(alone, name)
     if exact:
         assert ours.keys() == theirs.keys()
         assert all(torch.equal(ours[k], theirs[k]) for k in ours), name
         return
     lr = joint.get_policy(name).spec.algo.policy_lr
-    assert gap(ours, theirs, "w") < 0.02 * lr, name
+    assert gap(ours, theirs, "w") < 0.1 * lr, name
     for kind in (".grad", "exp_avg", "exp_avg_sq"):
         assert gap(ours, theirs, kind) < 1e-3, (name, kind)
 
