@@ -31,8 +31,12 @@ class StartupClock:
         self.last = now
 
     def line(self) -> str:
-        return (f"start-up {sum(self.phases.values()):.1f} s: " +
-                ", ".join(f"{phase} {seconds:.1f}" for phase, seconds in self.phases.items()))
+        return f"start-up {sum(self.phases.values()):.1f} s: {phases_text(self.phases)}"
+
+
+def phases_text(phases: dict[str, float]) -> str:
+    """`phase seconds, ...` as the start-up line and the benches print phases."""
+    return ", ".join(f"{phase} {seconds:.1f}" for phase, seconds in phases.items())
 
 
 class TimedStart:

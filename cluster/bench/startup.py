@@ -22,6 +22,7 @@ from pathlib import Path
 
 from ...common.run_dir import RunDir
 from ...common.specs import EngineSpec
+from ...common.startup import phases_text
 from .harness import markdown_table, publish, ratio, report
 
 # the targets of a start-up, first run after install and later runs (AVX-512 machine)
@@ -82,10 +83,6 @@ def slowest_actor(summary: dict) -> tuple[str, dict[str, float]]:
     return name, summary["actor_startup"][name]
 
 
-def phases_line(phases: dict[str, float]) -> str:
-    return ", ".join(f"{phase} {seconds:.1f}" for phase, seconds in phases.items())
-
-
 def bench_startup(config: str | None, overrides: list[str], out: str, command: str) -> None:
     from ..config import load_train_config
     from ..specs import engine_spec
@@ -110,8 +107,8 @@ def bench_startup(config: str | None, overrides: list[str], out: str, command: s
         rows.append([f"{name} run", f"{seconds:.1f}", f"{TARGETS[name]:.0f} ({met})",
                      ratio(seconds, bare), f"{summary['command_seconds']:.1f}"])
         actor, phases = slowest_actor(summary)
-        details.append(f"- {name} run: {phases_line(summary['startup_phases'])}; slowest "
-                       f"actor {actor}: {phases_line(phases)}")
+        details.append(f"- {name} run: {phases_text(summary['startup_phases'])}; slowest "
+                       f"actor {actor}: {phases_text(phases)}")
     rows.append(["bare vLLM engine (baseline)", f"{bare:.1f}", "—", "1.00x", "—"])
     table = markdown_table(
         ["start-up of", "seconds (process start to first verified sync)", "target",

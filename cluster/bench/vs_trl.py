@@ -31,6 +31,7 @@ from pathlib import Path
 from ...common.cache import cache_root
 from ...common.devices import attention_kernel, native_bf16
 from ...common.run_dir import RunDir
+from ...common.startup import phases_text
 
 TRL_VERSION = "1.16.0"
 PROMPTS, SAMPLES = 64, 4
@@ -342,9 +343,8 @@ def print_scale(name: str, scale: Scale, runs: list[dict], learner: dict, result
     print(f"  lorafleet placement: {runs[0]['lorafleet']['placement']}")
     for run in runs:
         side = run["lorafleet"]
-        phases = ", ".join(f"{name} {s:.1f}" for name, s in side["startup_phases"].items())
-        print(f"  lorafleet seed {run['seed']} start-up: {phases}; then the start evaluation "
-              f"{side['start_eval_seconds']:.1f} s")
+        print(f"  lorafleet seed {run['seed']} start-up: {phases_text(side['startup_phases'])};"
+              f" then the start evaluation {side['start_eval_seconds']:.1f} s")
     for run in runs:
         for side in ("trl", "lorafleet"):
             curve = " ".join(f"{r:.2f}" for r in run[side]["reward"])
