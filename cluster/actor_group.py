@@ -121,10 +121,11 @@ def shortfalls(specs: list[GroupSpec], nodes: list[dict[str, float]], strategy: 
 
 
 def place(specs: list[GroupSpec], strategy: str = "PACK", timeout_s: float = 60.0,
-          fixed_cluster: bool = True) -> Placement:
+          fixed_cluster: bool = True, lifetime: str | None = None) -> Placement:
     """One bundle per actor, the groups in order; waits until the cluster holds them all.
     A fixed cluster (one we started; no autoscaler to add nodes) that cannot hold them fails
-    at once; any cluster fails after `timeout_s` rather than Ray's endless wait."""
+    at once; any cluster fails after `timeout_s` rather than Ray's endless wait. `lifetime`
+    "detached": the group outlives the driver (a warm fleet's)."""
     import ray
     from ray.util.placement_group import placement_group
 
@@ -137,7 +138,7 @@ def place(specs: list[GroupSpec], strategy: str = "PACK", timeout_s: float = 60.
     for spec in specs:
         first_bundle[spec.role] = len(bundles)
         bundles += [spec.resources.bundle()] * spec.size
-    group = placement_group(bundles, strategy=strategy, name="lorafleet")
+    group = placement_group(bundles, strategy=strategy, name="lorafleet", lifetime=lifetime)
     try:
         ray.get(group.ready(), timeout=timeout_s)
     except ray.exceptions.GetTimeoutError:
@@ -201,13 +202,16 @@ class ActorGroup:
         self.restarts = 0
         self.pids: dict[int, int] = {}  # actor index -> its process after its last recovery
         self.revive: Callable[[int], None] | None = None
+        # a warm fleet's actors, lent to this job: left running when it ends (cluster/warm.py)
+        self.lent = False
         self.on_restart: Callable[[str], None] | None = None  # callback(role), e.g. a metric
 
     @classmethod
     def start(cls, spec: GroupSpec, placement: Placement, *args, shared: tuple = (),
-              **kwargs) -> ActorGroup:
+              lifetime: str | None = None, **kwargs) -> ActorGroup:
         """Starts the actors in their bundles (without waiting: see `ready`), after the
-        `shared` actors of another group (indices 0..len(shared)-1)."""
+        `shared` actors of another group (indices 0..len(shared)-1); `lifetime` "detached":
+        they outlive the driver (a warm fleet's)."""
         import ray
 
         remote = ray.remote(spec.actor_class)
@@ -218,7 +222,7 @@ class ActorGroup:
             actors.append(remote.options(
                 **spec.resources.actor_options(), scheduling_strategy=placement.strategy(
                     spec.role, bundle), name=spec.name.format(i=i),
-                max_restarts=spec.max_restarts,
+                max_restarts=spec.max_restarts, lifetime=lifetime,
             ).remote(*args, **kwargs, **index))
         return cls(spec, actors, placement, len(shared))
 
@@ -389,7 +393,10 @@ class ActorGroup:
                 f"(free in the cluster: { {name: free.get(name, 0.0) for name in bundle} })")
 
     def kill(self) -> None:
+        """The actors it started stopped; a lent group's are left to their warm fleet."""
         import ray
 
+        if self.lent:
+            return
         for actor in self.own:
             ray.kill(actor, no_restart=True)

@@ -1,5 +1,5 @@
-"""`lorafleet` command line: train, sweep, serve, train-rm, compare, bench, build-model, make-data,
-validate, tasks, eval, nlu-table, meet-table, config-reference."""
+"""`lorafleet` command line: train, sweep, serve, up, down, train-rm, compare, bench,
+build-model, make-data, validate, tasks, eval, nlu-table, meet-table, config-reference."""
 
 from __future__ import annotations
 
@@ -62,6 +62,30 @@ def cmd_sweep(args: argparse.Namespace) -> None:
           f"{', '.join(p['name'] for p in policies)}")
     with Trainer(cfg) as trainer:
         trainer.run()
+
+
+def cmd_up(args: argparse.Namespace) -> None:
+    from ..common.startup import StartupClock
+    from . import warm
+    from .config import load_train_config
+
+    clock = StartupClock()
+    path, overrides = split_config_and_overrides(args.items)
+    state = warm.start(load_train_config(path, overrides), args.adapters, args.command_line)
+    clock.lap("warm fleet")
+    print(f"warm fleet up at {state.address} in {sum(clock.phases.values()):.0f} s (dashboard "
+          f"{state.dashboard}): learner and {len(state.actors['rollout'])} more rollout "
+          f"worker(s) for {state.engine['model_path']}. `lorafleet train`, `sweep` (up to "
+          f"{state.engine['max_loras']} policies) and jobs of the same model and shape run on "
+          "it; `lorafleet down` stops it", flush=True)
+
+
+def cmd_down(args: argparse.Namespace) -> None:
+    from . import warm
+
+    state = warm.stop()
+    print("no warm fleet is up" if state is None
+          else f"warm fleet at {state.address} stopped", flush=True)
 
 
 def cmd_train_rm(args: argparse.Namespace) -> None:
@@ -201,6 +225,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     srv.add_argument("items", nargs="*", metavar="CONFIG.yaml | key=value")
     srv.set_defaults(func=cmd_serve)
+    up = sub.add_parser(
+        "up", help="start a warm fleet (Ray, the learner with its base model, the engines) "
+        "that later train and sweep jobs of the same model run on, without their start-up")
+    up.add_argument("items", nargs="*", help="a job's config.yaml and/or key=value overrides: "
+                    "the fleet is the one that job would start")
+    up.add_argument("--adapters", type=int, default=4,
+                    help="adapters each engine serves at once (a sweep's policies; default 4)")
+    up.set_defaults(func=cmd_up)
+    down = sub.add_parser("down", help="stop the warm fleet `lorafleet up` started")
+    down.set_defaults(func=cmd_down)
     train_rm = sub.add_parser(
         "train-rm", help="train a LoRA reward model (Bradley-Terry on preference pairs, section "
         "rm) and save it for reward.model=DIR",
@@ -284,7 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     ref.add_argument("--check", action="store_true",
                      help="write nothing; exit 1 if --out differs from what would be written")
     ref.set_defaults(func=cmd_config_reference)
-    for command in (train, sweep, train_rm, bench, comp, ev, table):  # those that load models
+    for command in (train, sweep, up, train_rm, bench, comp, ev, table):  # those that load models
         command.add_argument(
             "--verbose", action="store_true", help="show the warnings of vLLM, Ray, transformers "
             "(LORAFLEET_LOG_LEVEL=WARNING; default ERROR: their errors only; INFO, DEBUG: more)",
@@ -313,10 +347,12 @@ def one_line_error(exc: Exception) -> tuple[str, int] | None:
     None: a bug, shown with its traceback."""
     from ..reward.pool import RewardError
     from .trainer import LearnerDied
+    from .warm import WarmFleetError
 
     kinds = ((ConfigError, "config error", 2), (ResumeError, "cannot resume", 2),
              (DatasetError, "dataset error", 2), (PlacementError, "resources", 2),
-             (RewardError, "reward error", 1), (LearnerDied, "run stopped", 1))
+             (RewardError, "reward error", 1), (LearnerDied, "run stopped", 1),
+             (WarmFleetError, "warm fleet", 1))
     for kind, label, status in kinds:
         if isinstance(exc, kind):
             # an error raised in an actor arrives wrapped, its remote traceback in the text

@@ -18,6 +18,7 @@ from contextlib import contextmanager
 
 from ..common.records import POLICY, AdapterSnapshot, ScoredRollout, TrainStats, UpdateDiverged
 from ..common.specs import EngineSpec, LearnerSpec
+from ..common.startup import fresh_clock
 from ..learner.actor import Learner
 from ..rollout.worker import RolloutWorker
 
@@ -30,6 +31,17 @@ class ColocatedLearner(Learner, RolloutWorker):
         # the engine first: it sets the process's OpenMP threads before vLLM is imported
         RolloutWorker.__init__(self, engine, worker_id)
         Learner.__init__(self, spec)
+
+    def attach(self, spec: LearnerSpec, engine: EngineSpec) -> None:
+        """A warm fleet's actor lent to a new job: both halves attached (their `attach`)."""
+        startup = fresh_clock(self)
+        self.attach_engine(engine)
+        startup.lap("engine attached")
+        self.build(spec, startup, self.reusable_base(spec))
+
+    def detach(self) -> None:
+        RolloutWorker.detach(self)
+        Learner.detach(self)
 
     def load_snapshot(self, snapshot: AdapterSnapshot | None, slot: str = POLICY) -> float:
         """RolloutWorker's swap; `snapshot` None: policy `slot`'s adapter as this learner

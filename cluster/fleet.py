@@ -18,7 +18,7 @@ from ..reward.pool import RewardSpec
 from ..rollout.worker import level_slot
 from .actor_group import ActorGroup, Calls, Placement, place, ray_wait
 from .config import TrainConfig
-from .specs import colocated, fixed_cluster, group_specs, sync_tolerance
+from .specs import fixed_cluster, group_specs, learner_engine, sync_tolerance
 
 # Zero-copy tensors through the object store: the adapter reaches every worker without copies.
 RUNTIME_ENV = {"env_vars": {"RAY_ENABLE_ZERO_COPY_TORCH_TENSORS": "1"}}
@@ -310,27 +310,30 @@ class Fleet:
 
 def start_fleet(
     cfg: TrainConfig, learner: LearnerSpec, engine: EngineSpec, reward: RewardSpec,
-    probe_ids: dict[str, list[list[int]]],
+    probe_ids: dict[str, list[list[int]]], lend: Callable | None = None,
 ) -> Fleet:
     """Places and starts the groups of `group_specs`, each actor built from its spec; returns
     once every actor is up (a construction error, e.g. a vLLM start failure, raises here, the
-    actors stopped)."""
+    actors stopped). `lend`: a warm fleet's (cluster/warm.py WarmLease.lend), which gives the
+    learner and rollout groups from its running actors; the reward actors start here."""
     import ray
 
     learner_group, rollout_group, reward_group = group_specs(cfg)
     submitted = time.time()
-    placement = place([learner_group, rollout_group, reward_group], cfg.placement.strategy,
-                      cfg.placement.timeout_s, fixed_cluster(cfg))
-    together = colocated(cfg)
-    learners = ActorGroup.start(learner_group, placement, learner, *(
-        [replace(engine, threads_per_worker=cfg.learner.threads, colocated=True)]
-        if together else []))
-    fleet = Fleet(
-        cfg, placement, learners,
-        ActorGroup.start(rollout_group, placement, engine,
-                         shared=tuple(learners.actors) if together else ()),
-        ActorGroup.start(reward_group, placement, reward), probe_ids,
-    )
+    own_engine = learner_engine(cfg, engine)
+    if lend is None:
+        placement = place([learner_group, rollout_group, reward_group], cfg.placement.strategy,
+                          cfg.placement.timeout_s, fixed_cluster(cfg))
+        learners = ActorGroup.start(learner_group, placement, learner,
+                                    *([own_engine] if own_engine else []))
+        rollout = ActorGroup.start(rollout_group, placement, engine,
+                                   shared=tuple(learners.actors) if own_engine else ())
+    else:
+        learners, rollout = lend([learner_group, rollout_group], learner, engine, own_engine)
+        placement = place([reward_group], cfg.placement.strategy, cfg.placement.timeout_s,
+                          fixed_cluster(cfg))
+    fleet = Fleet(cfg, placement, learners, rollout,
+                  ActorGroup.start(reward_group, placement, reward), probe_ids)
     try:
         ray.get([ref for group in fleet.groups for ref in group.ready()])
         fleet.startup = actor_startup(fleet.groups, submitted)
@@ -340,13 +343,17 @@ def start_fleet(
     return fleet
 
 
+# an actor's wait before its phases: for its process, or for the warm fleet's to be checked
+WAIT = {False: "process (placement, worker start, imports)", True: "warm actor reached"}
+
+
 def actor_startup(groups: list[ActorGroup], submitted: float) -> dict[str, dict[str, float]]:
     """Each actor's start, by name: the wait for its process (placement, Ray starting the
     worker, the imports of its class's module), then the phases its construction timed."""
     import ray
 
-    own = [(group.spec.name.format(i=group.shared + i), actor)
+    own = [(group.spec.name.format(i=group.shared + i), actor, group.lent)
            for group in groups for i, actor in enumerate(group.own)]
-    reports = ray.get([actor.startup_phases.remote() for _, actor in own])
-    return {name: {"process (placement, worker start, imports)": started - submitted, **phases}
-            for (name, _), (started, phases) in zip(own, reports, strict=True)}
+    reports = ray.get([actor.startup_phases.remote() for _, actor, _ in own])
+    return {name: {WAIT[lent]: started - submitted, **phases}
+            for (name, _, lent), (started, phases) in zip(own, reports, strict=True)}

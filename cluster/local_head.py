@@ -52,12 +52,14 @@ class Head:
         return f"http://127.0.0.1:{self.ports['metrics']}/metrics"
 
 
-@contextmanager
-def local_head(temp_dir: Path, num_cpus: int = 2, env: dict[str, str] | None = None
-               ) -> Iterator[Head]:
-    """The head, up (its dashboard answers) until the block ends; `env`: its environment
-    (default: this process's), which its workers inherit, with AUTH_ENV."""
+def start_head(temp_dir: Path, num_cpus: int = 2, env: dict[str, str] | None = None,
+               log: Path | None = None) -> tuple[subprocess.Popen, Head]:
+    """`ray start --head --block` in a session of its own (so killing its process group stops
+    every process of the cluster), up once its dashboard answers; `env`: its environment
+    (default: this process's), which its workers inherit, with AUTH_ENV; `log`: where its
+    output goes (default: nowhere)."""
     ports = {name: free_port() for name in PORTS}
+    output = open(log, "ab") if log is not None else subprocess.DEVNULL  # noqa: SIM115
     process = subprocess.Popen(
         [RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.1",
          f"--port={ports['gcs']}", "--dashboard-host=127.0.0.1",
@@ -67,27 +69,54 @@ def local_head(temp_dir: Path, num_cpus: int = 2, env: dict[str, str] | None = N
          f"--ray-client-server-port={ports['client']}",
          f"--runtime-env-agent-port={ports['runtime-env']}",
          f"--num-cpus={num_cpus}", "--disable-usage-stats", f"--temp-dir={temp_dir}"],
-        env={**(os.environ if env is None else env), **AUTH_ENV}, stdout=subprocess.DEVNULL,
+        env={**(os.environ if env is None else env), **AUTH_ENV}, stdout=output,
         stderr=subprocess.STDOUT, start_new_session=True,
     )
+    if log is not None:
+        output.close()  # the child holds its own copy
     head = Head(ports)
     try:
-        deadline = time.time() + START_TIMEOUT_S
-        while True:
-            try:
-                urllib.request.urlopen(f"{head.dashboard}/api/version", timeout=2)
-                break
-            except urllib.error.HTTPError:  # it answers (401 with Ray's token auth): it is up
-                break
-            except OSError:
-                if process.poll() is not None:
-                    raise RuntimeError(
-                        f"`ray start --head` exited ({process.returncode})") from None
-                if time.time() > deadline:
-                    raise RuntimeError(f"the Ray head's dashboard did not answer within "
-                                       f"{START_TIMEOUT_S} s") from None
-                time.sleep(1)
+        wait_up(process, head)
+    except BaseException:
+        stop_head(process.pid)
+        process.wait()
+        raise
+    return process, head
+
+
+def wait_up(process: subprocess.Popen, head: Head) -> None:
+    deadline = time.time() + START_TIMEOUT_S
+    while True:
+        try:
+            urllib.request.urlopen(f"{head.dashboard}/api/version", timeout=2)
+            return
+        except urllib.error.HTTPError:  # it answers (401 with Ray's token auth): it is up
+            return
+        except OSError:
+            if process.poll() is not None:
+                raise RuntimeError(
+                    f"`ray start --head` exited ({process.returncode})") from None
+            if time.time() > deadline:
+                raise RuntimeError(f"the Ray head's dashboard did not answer within "
+                                   f"{START_TIMEOUT_S} s") from None
+            time.sleep(1)
+
+
+def stop_head(pid: int) -> None:
+    """Every process of the head started as `pid` (its process group), killed."""
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+@contextmanager
+def local_head(temp_dir: Path, num_cpus: int = 2, env: dict[str, str] | None = None
+               ) -> Iterator[Head]:
+    """The head (`start_head`), up until the block ends."""
+    process, head = start_head(temp_dir, num_cpus, env)
+    try:
         yield head
     finally:
-        os.killpg(process.pid, signal.SIGKILL)
+        stop_head(process.pid)
         process.wait()

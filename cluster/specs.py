@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Collection
+from dataclasses import replace
 
 from ..common.devices import model_dtype
 from ..common.run_dir import RunDir
@@ -103,6 +104,14 @@ def engine_spec(
         max_loras=max(1 + served_levels, len(policies)),
         prompt_embeds=cfg.serves_soft_prompts,
     )
+
+
+def learner_engine(cfg: TrainConfig, engine: EngineSpec) -> EngineSpec | None:
+    """The engine in the learner's own actor when it is colocated (the rollout workers' with
+    the learner's threads), else None."""
+    if not colocated(cfg):
+        return None
+    return replace(engine, threads_per_worker=cfg.learner.threads, colocated=True)
 
 
 def fixed_cluster(cfg: TrainConfig) -> bool:

@@ -17,6 +17,7 @@ from ..common.run_dir import RunDir
 from ..common.startup import StartupClock
 from ..reward.pool import RewardError, RewardPool
 from ..reward.scoring import Scorer
+from . import warm
 from .actor_group import is_actor
 from .checkpoint import ResumeError, TrainerState, latest_checkpoint
 from .config import TrainConfig
@@ -92,7 +93,10 @@ class Trainer:
             self.wandb = WandbLogger(recorded, self.run_dir) if cfg.logging.wandb else None
             if self.wandb is not None:
                 stack.callback(self.wandb.close)
-            if connect_ray(cfg):
+            self.warm = warm.join(cfg)  # a warm fleet `lorafleet up` keeps, if one is up
+            if self.warm is not None:
+                stack.callback(self.warm.release)
+            elif connect_ray(cfg):
                 stack.callback(ray.shutdown)
             clock.lap("Ray")
             print(f"placement: {placement_label(cfg)}", flush=True)
@@ -102,6 +106,7 @@ class Trainer:
                 engine_spec(cfg, inputs.model_path, inputs.served_levels,
                             [p.cfg for p in policies]), spec,
                 {p.name: p.inputs.probe_ids(p.cfg.rollout.probe_prompts) for p in policies},
+                self.warm.lend if self.warm is not None else None,
             )
             stack.callback(self.fleet.kill)
             clock.lap("actors (their imports, engines, models)")
@@ -372,6 +377,7 @@ class Trainer:
             "startup_seconds": self.startup_seconds,
             "startup_phases": self.clock.phases,  # from the process's start
             "actor_startup": self.fleet.startup,
+            "warm_fleet": self.warm.state.address if self.warm is not None else None,
             "start_eval_seconds": self.start_eval_seconds,
             "placement": placement_label(self.cfg),
             "learner_peak_mib": ray.get(self.fleet.learner.peak_memory_mib.remote()),

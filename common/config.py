@@ -405,6 +405,9 @@ class RayConfig:
     # Rollout and reward actors that die (preempted node, OOM) are restarted up to this many
     # times each; lost work is re-sent (rollout workers get the current adapter first).
     max_actor_restarts: int = 3
+    # auto: a job without ray.address runs on the warm fleet `lorafleet up` keeps, when one is
+    # up (docs/warm-fleet.md); off: it always starts its own cluster and actors.
+    warm_fleet: Literal["auto", "off"] = "auto"
 
 
 @dataclass

@@ -49,6 +49,13 @@ class TimedStart:
         return startup.started, dict(startup.phases)
 
 
+def fresh_clock(actor: object) -> StartupClock:
+    """A new start-up clock for the actor, from now: its work for the next job (a warm
+    fleet's actor attached to it) timed apart from its construction."""
+    actor._startup_clock = StartupClock(from_process_start=False)
+    return actor._startup_clock
+
+
 def clock(actor: object) -> StartupClock:
     """The actor's start-up clock, made by the first `__init__` that asks (a colocated actor
     runs two); its `started` is that moment."""

@@ -20,6 +20,7 @@ the same way).
 from __future__ import annotations
 
 import itertools
+from dataclasses import replace
 
 import torch
 
@@ -38,7 +39,7 @@ from ..common.records import (
     UpdateDiverged,
 )
 from ..common.specs import LearnerSpec, PolicySpec
-from ..common.startup import TimedStart, clock
+from ..common.startup import TimedStart, clock, fresh_clock
 from . import client_training
 from .checkpoint import (
     load_checkpoint,
@@ -58,7 +59,11 @@ from .rl import RLUpdater, train_together
 
 class Learner(TimedStart):
     def __init__(self, spec: LearnerSpec) -> None:
-        startup = clock(self)
+        self.build(spec, clock(self))
+
+    def build(self, spec: LearnerSpec, startup, base: torch.nn.Module | None = None) -> None:
+        """The model and the policies of `spec`; `base`: its base model already loaded (a
+        warm fleet's, `attach`), else loaded here."""
         torch.set_num_threads(spec.threads)
         self.spec = spec
         device, dtype = spec.device, spec.dtype
@@ -75,7 +80,7 @@ class Learner(TimedStart):
         net = PolicyValueModel(
             spec.model_path, first.lora, DTYPES[self.dtype], first.seed,
             policy_adapters(adapters[0], first, rl), device, spec.attn_implementation,
-            spec.gradient_checkpointing,
+            spec.gradient_checkpointing, base,
         )
         for adapter, policy in zip(adapters[1:], others, strict=True):
             add_policy_adapters(net, adapter, policy, rl)
@@ -90,6 +95,23 @@ class Learner(TimedStart):
         self.reward: RewardAdapter | None = None  # start_reward_model, load_reward_model
         self.meet: MeetUpdater | None = None  # start_meet
         startup.lap("policies (optimisers, updaters)")
+
+    # -- a warm fleet's learner, lent to one job after another (cluster/warm.py) -------------
+    def attach(self, spec: LearnerSpec) -> None:
+        """Trains a new job's policies from `spec`, as a learner built from it would: the
+        base model kept when the job's is the same (`same_base`), every adapter, optimiser
+        and updater of the job before gone."""
+        self.build(spec, fresh_clock(self), self.reusable_base(spec))
+
+    def reusable_base(self, spec: LearnerSpec) -> torch.nn.Module | None:
+        """The base model, released from its adapters, when `spec` loads the same one; else
+        None (the next build loads its own)."""
+        return self.net.release_base() if same_base(self.spec, spec) else None
+
+    def detach(self) -> None:
+        """The job's adapters and optimisers freed; the base model stays for the next job."""
+        self.build(replace(self.spec, stages=(), policies=self.spec.policies[:1]),
+                   fresh_clock(self), self.net.release_base())
 
     def get_policy(self, name: str) -> Policy:
         if name not in self.policies:
@@ -305,6 +327,13 @@ class Learner(TimedStart):
         trained = self.get_policy(policy)
         trained.core.version = load_checkpoint(self, trained, directory)
         return trained.version
+
+
+def same_base(built: LearnerSpec, asked: LearnerSpec) -> bool:
+    """Whether a learner built from `built` holds the base model `asked` loads: same weights,
+    precision, device, attention kernel and checkpointing."""
+    keys = ("model_path", "dtype", "device", "attn_implementation", "gradient_checkpointing")
+    return all(getattr(built, key) == getattr(asked, key) for key in keys)
 
 
 def train_one(learner: Learner, scored: list[ScoredRollout], policy: str = POLICY

@@ -126,15 +126,19 @@ class PolicyValueModel:
         self, model_path: str, lora: object, dtype: torch.dtype, seed: int,
         adapters: tuple[str, ...] = (POLICY,), device: torch.device | str = "cpu",
         attn_implementation: str | None = None, gradient_checkpointing: bool = False,
+        base: torch.nn.Module | None = None,
     ) -> None:
+        """`base`: the base model as `release_base` gave it back, in place of loading it
+        (loading draws nothing from torch's generator: the adapters are drawn the same)."""
         from peft import get_peft_model
         from transformers import AutoModelForCausalLM
 
         torch.manual_seed(seed)
-        kernel = attention_kernel(attn_implementation, torch.device(device).type)
-        attention = {"attn_implementation": kernel} if kernel else {}
-        base = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, **attention)
-        base.config.use_cache = False
+        if base is None:
+            kernel = attention_kernel(attn_implementation, torch.device(device).type)
+            attention = {"attn_implementation": kernel} if kernel else {}
+            base = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, **attention)
+            base.config.use_cache = False
         self.router = Router()
         if gradient_checkpointing:
             # non-reentrant: the frozen base's inputs need no grad for the LoRA grads to flow;
@@ -156,6 +160,13 @@ class PolicyValueModel:
         for name in adapters[1:]:  # critic-free algorithms carry no value adapter (memory)
             self.add_adapter(name, lora)
         self.eval()
+
+    def release_base(self) -> torch.nn.Module:
+        """The base model without its adapters (PEFT's LoRA layers replaced by the linears
+        they wrap, unmerged: the base weights as loaded); this model is unusable after."""
+        base = self.model.unload()
+        self.heads.clear()
+        return base
 
     def compile(self) -> None:
         """The model's forward passes compiled (torch.compile, shapes dynamic: batches differ

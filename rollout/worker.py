@@ -29,7 +29,7 @@ from ..common.records import (
     Rollout,
 )
 from ..common.specs import EngineSpec
-from ..common.startup import TimedStart, clock
+from ..common.startup import TimedStart, clock, fresh_clock
 from .eager_ranks import install as install_eager_ranks
 from .lora_kernels import install as install_lora_kernels
 
@@ -147,6 +147,27 @@ def engine_args(spec: EngineSpec, dtype: str, gpu: bool) -> dict:
     return args
 
 
+# What a job may ask of an engine built for another as at most what it was built with: an
+# adapter of lower rank, fewer adapters at once, shorter sequences give the same outputs.
+AT_MOST = ("max_model_len", "max_lora_rank", "max_loras")
+# The engine's own seed draws nothing here (every request carries its seed): any will do.
+ANY = ("seed",)
+
+
+def engine_fits(built: EngineSpec, asked: EngineSpec) -> list[str]:
+    """What an engine built from `built` lacks to serve a job that asks for `asked`; [] when
+    it serves that job exactly as an engine built for it would."""
+    problems = []
+    for name in EngineSpec.__dataclass_fields__:
+        have, want = getattr(built, name), getattr(asked, name)
+        if name in ANY or have == want or (name in AT_MOST and want <= have):
+            continue
+        relation = "at most" if name in AT_MOST else ""
+        problems.append(f"{name}: the engine has {have!r}, the job asks {want!r}"
+                        + (f" (needs {relation} {have!r})" if relation else ""))
+    return problems
+
+
 def sampling_params(request: GenerationRequest) -> list[SamplingParams]:
     """vLLM's sampling parameters of each of the request's prompts, seeded by prompt."""
     from vllm import SamplingParams
@@ -195,6 +216,7 @@ class RolloutWorker(TimedStart):
         gc.freeze()
 
         torch.set_num_threads(spec.threads_per_worker)
+        self.engine_spec = spec  # what the engine was built from (a learner's spec is .spec)
         self.worker_id = worker_id
         device, dtype = actor_device(spec.dtype)
         if device == "cpu":
@@ -212,6 +234,28 @@ class RolloutWorker(TimedStart):
         self.slot_ids: dict[str, int] = {}
         self.lora_ids = itertools.count(1)
         self.soft_prompts: dict[str, object] = {}  # slot -> [prompt_tokens, hidden] tensor
+
+    # -- a warm fleet's engine, lent to one job after another (cluster/warm.py) --------------
+    def attach(self, spec: EngineSpec) -> None:
+        """Serves a new job whose engine is `spec`: this engine must fit it
+        (`engine_fits`); every adapter of the job before is dropped."""
+        startup = fresh_clock(self)
+        self.attach_engine(spec)
+        startup.lap("engine attached")
+
+    def attach_engine(self, spec: EngineSpec) -> None:
+        problems = engine_fits(self.engine_spec, spec)
+        if problems:
+            raise ValueError(f"rollout worker {self.worker_id}'s engine does not fit the job: "
+                             + "; ".join(problems))
+        RolloutWorker.detach(self)  # its own slots only: a colocated learner stays
+        self.max_loras = spec.max_loras
+
+    def detach(self) -> None:
+        """Every slot dropped and the prefix cache emptied: nothing of the job stays served."""
+        for slot in list(self.slot_ids):
+            self.drop_slot(slot)
+        self.llm.reset_prefix_cache()
 
     @property
     def adapter_version(self) -> int:
