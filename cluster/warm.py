@@ -197,7 +197,8 @@ def join(cfg: TrainConfig) -> WarmLease | None:
     stale state file, its head gone, is removed). None: the job starts its own fleet."""
     import ray
 
-    if cfg.ray.address or os.environ.get("RAY_ADDRESS") or cfg.ray.warm_fleet == "off":
+    if (cfg.ray.address or os.environ.get("RAY_ADDRESS") or cfg.ray.warm_fleet == "off"
+            or ray.is_initialized()):  # a process on a cluster already (a bench, the tests)
         return None
     directory = warm_dir()
     state = WarmState.read(directory)
