@@ -1,7 +1,7 @@
 """The warm fleet's pieces without Ray: a learner attached to a new job trains exactly as one
 built for it (its base model kept, the job before gone), and which jobs an engine built for
 another may serve. The whole fleet (`lorafleet up`, two jobs, `down`) runs in the long tier,
-tests/long/test_warm_fleet.py."""
+tests/long/test_warm_fleet_jobs.py."""
 
 from __future__ import annotations
 
