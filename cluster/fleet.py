@@ -16,7 +16,7 @@ from ..common.records import POLICY, GenerationRequest, ProbeResult, Prompt, Rol
 from ..common.specs import EngineSpec, LearnerSpec
 from ..reward.pool import RewardSpec
 from ..rollout.worker import level_slot
-from .actor_group import ActorGroup, Calls, Placement, place, ray_wait
+from .actor_group import ActorGroup, Calls, GroupSpec, Placement, place, ray_wait
 from .config import TrainConfig
 from .specs import fixed_cluster, group_specs, learner_engine, sync_tolerance
 
@@ -324,10 +324,8 @@ def start_fleet(
     if lend is None:
         placement = place([learner_group, rollout_group, reward_group], cfg.placement.strategy,
                           cfg.placement.timeout_s, fixed_cluster(cfg))
-        learners = ActorGroup.start(learner_group, placement, learner,
-                                    *([own_engine] if own_engine else []))
-        rollout = ActorGroup.start(rollout_group, placement, engine,
-                                   shared=tuple(learners.actors) if own_engine else ())
+        learners, rollout = start_engines_and_learner(
+            [learner_group, rollout_group], placement, learner, engine, own_engine)
     else:
         learners, rollout = lend([learner_group, rollout_group], learner, engine, own_engine)
         placement = place([reward_group], cfg.placement.strategy, cfg.placement.timeout_s,
@@ -341,6 +339,21 @@ def start_fleet(
         fleet.kill()
         raise
     return fleet
+
+
+def start_engines_and_learner(
+    groups: list[GroupSpec], placement: Placement, learner: LearnerSpec, engine: EngineSpec,
+    own_engine: EngineSpec | None, lifetime: str | None = None,
+) -> tuple[ActorGroup, ActorGroup]:
+    """The learner and rollout groups (`groups`) started in `placement`, without waiting;
+    `own_engine`: the learner's colocated engine (it is then rollout worker 0), if any;
+    `lifetime` as ActorGroup.start's."""
+    learner_group, rollout_group = groups
+    learners = ActorGroup.start(learner_group, placement, learner,
+                                *([own_engine] if own_engine else []), lifetime=lifetime)
+    rollout = ActorGroup.start(rollout_group, placement, engine, lifetime=lifetime,
+                               shared=tuple(learners.actors) if own_engine else ())
+    return learners, rollout
 
 
 # an actor's wait before its phases: for its process, or for the warm fleet's to be checked

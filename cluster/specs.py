@@ -106,6 +106,15 @@ def engine_spec(
     )
 
 
+def run_specs(cfg: TrainConfig, policies: list) -> tuple[LearnerSpec, EngineSpec]:
+    """The learner's and the rollout engines' specs of a run of `policies` (policy_state's
+    PolicyStates; the first's inputs name the model): what its fleet is built from."""
+    inputs = policies[0].inputs
+    return (learner_spec(cfg, inputs.model_path, inputs.pad_token_id,
+                         [(p.name, p.cfg) for p in policies]),
+            engine_spec(cfg, inputs.model_path, inputs.served_levels, [p.cfg for p in policies]))
+
+
 def learner_engine(cfg: TrainConfig, engine: EngineSpec) -> EngineSpec | None:
     """The engine in the learner's own actor when it is colocated (the rollout workers' with
     the learner's threads), else None."""

@@ -31,7 +31,7 @@ from .report import (
     write_comparison,
 )
 from .rl_loop import RLStage
-from .specs import engine_spec, learner_spec, placement_label, reward_model_dir, reward_spec
+from .specs import placement_label, reward_model_dir, reward_spec, run_specs
 from .stages import run_meet_stage, run_offline_stage, run_rm_stage
 from .telemetry import DashboardMetrics, WandbLogger
 
@@ -71,7 +71,7 @@ class Trainer:
         self.policies = policies = load_policies(cfg)
         clock.lap("inputs (data, tokenizer, model files)")
         self.policy = policies[0]  # the one the rm, sft, dpo and meet stages train
-        self.inputs = inputs = self.policy.inputs
+        self.inputs = self.policy.inputs
         # -- the run directory, created only once the inputs are known good (a failed start
         # leaves no half run), and where the run stands
         self.rm_eval: dict | None = None  # the rm stage's held-out accuracy / margin
@@ -101,10 +101,7 @@ class Trainer:
             clock.lap("Ray")
             print(f"placement: {placement_label(cfg)}", flush=True)
             self.fleet = start_fleet(
-                cfg, learner_spec(cfg, inputs.model_path, inputs.pad_token_id,
-                             [(p.name, p.cfg) for p in policies]),
-                engine_spec(cfg, inputs.model_path, inputs.served_levels,
-                            [p.cfg for p in policies]), spec,
+                cfg, *run_specs(cfg, policies), spec,
                 {p.name: p.inputs.probe_ids(p.cfg.rollout.probe_prompts) for p in policies},
                 self.warm.lend if self.warm is not None else None,
             )

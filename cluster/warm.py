@@ -27,9 +27,9 @@ from ..common.specs import EngineSpec, LearnerSpec
 from ..rollout.worker import engine_fits
 from .actor_group import ActorGroup, GroupSpec, Placement, place
 from .config import TrainConfig
-from .fleet import LOOPBACK_ONLY, RUNTIME_ENV, loopback_only
+from .fleet import LOOPBACK_ONLY, RUNTIME_ENV, loopback_only, start_engines_and_learner
 from .local_head import AUTH_ENV, start_head, stop_head
-from .specs import engine_spec, group_specs, learner_engine, learner_spec
+from .specs import group_specs, learner_engine, run_specs
 
 NAMESPACE = "lorafleet-warm"  # the warm actors' Ray namespace (a job's own are anonymous)
 ATTACH_TIMEOUT_S = 120.0  # a warm actor Ray is restarting may take this long to answer
@@ -117,8 +117,8 @@ def shape_problems(state: WarmState, groups: list[GroupSpec], engine: EngineSpec
 class WarmLease:
     """The warm fleet held by this job: Ray joined, the lock taken, until `release`."""
 
-    def __init__(self, directory: Path, state: WarmState, lock) -> None:
-        self.directory, self.state, self.lock = directory, state, lock
+    def __init__(self, state: WarmState, lock) -> None:
+        self.state, self.lock = state, lock
         self.lent: list[ActorGroup] = []
 
     def lend(self, groups: list[GroupSpec], learner: LearnerSpec, engine: EngineSpec | None,
@@ -226,21 +226,24 @@ def join(cfg: TrainConfig) -> WarmLease | None:
     lock.truncate(0)
     lock.write(f"pid {os.getpid()}\n")
     lock.flush()
-    use_token_auth()
-    loopback_only()  # else Ray swaps 127.0.0.1 for the machine's address, where none listens
-    ray.init(address=state.address, _node_ip_address="127.0.0.1", logging_level="WARNING")
+    join_head(state.address)
     print(f"warm fleet: joined {state.address} (dashboard {state.dashboard})", flush=True)
-    return WarmLease(directory, state, lock)
+    return WarmLease(state, lock)
 
 
-def use_token_auth() -> None:
-    """This process joins with the head's token (its auth mode is read when Ray's config is
-    first loaded, at import: loaded again)."""
+def join_head(address: str, **init_kwargs) -> None:
+    """This process on the warm fleet's head, with its token (Ray reads its auth mode when
+    its config is first loaded, at import: loaded again) and on loopback (else Ray swaps
+    127.0.0.1 for the machine's address, where nothing listens)."""
+    import ray
     from ray._raylet import AuthenticationTokenLoader, Config
 
     os.environ.update(AUTH_ENV)
     Config.initialize("")
     AuthenticationTokenLoader.instance().reset_cache()
+    loopback_only()
+    ray.init(address=address, _node_ip_address="127.0.0.1", logging_level="WARNING",
+             **init_kwargs)
 
 
 def short_temp_dir() -> Path:
@@ -278,28 +281,19 @@ def start(cfg: TrainConfig, adapters: int, command: str) -> WarmState:
     if state is not None and state.alive():
         raise WarmFleetError(f"a warm fleet is up already at {state.address} (`{state.command}`"
                              "): `lorafleet down` first")
-    policies = load_policies(cfg)
-    inputs = policies[0].inputs
-    learner = learner_spec(cfg, inputs.model_path, inputs.pad_token_id,
-                           [(p.name, p.cfg) for p in policies])
-    engine = engine_spec(cfg, inputs.model_path, inputs.served_levels, [p.cfg for p in policies])
+    learner, engine = run_specs(cfg, load_policies(cfg))
     engine = replace(engine, max_loras=max(engine.max_loras, adapters))
     own_engine = learner_engine(cfg, engine)
     temp = short_temp_dir()
     env = {**os.environ, **RUNTIME_ENV["env_vars"], **library_env(), LOOPBACK_ONLY: "0"}
     process, head = start_head(temp, cfg.ray.num_cpus or os.cpu_count(), env, directory / LOG)
     try:
-        use_token_auth()
-        loopback_only()
-        ray.init(address=head.address, namespace=NAMESPACE, _node_ip_address="127.0.0.1",
-                 logging_level="WARNING")
+        join_head(head.address, namespace=NAMESPACE)
         learner_group, rollout_group, _ = group_specs(cfg)
         placement = place([learner_group, rollout_group], cfg.placement.strategy,
                           cfg.placement.timeout_s, lifetime="detached")
-        learners = ActorGroup.start(learner_group, placement, learner, *(
-            [own_engine] if own_engine else []), lifetime="detached")
-        rollout = ActorGroup.start(rollout_group, placement, engine, lifetime="detached",
-                                   shared=tuple(learners.actors) if own_engine else ())
+        learners, rollout = start_engines_and_learner(
+            [learner_group, rollout_group], placement, learner, engine, own_engine, "detached")
         ray.get(learners.ready() + rollout.ready())
         state = WarmState(
             head.address, head.dashboard, process.pid, str(temp), placement.group.id.hex(),

@@ -162,9 +162,8 @@ def engine_fits(built: EngineSpec, asked: EngineSpec) -> list[str]:
         have, want = getattr(built, name), getattr(asked, name)
         if name in ANY or have == want or (name in AT_MOST and want <= have):
             continue
-        relation = "at most" if name in AT_MOST else ""
-        problems.append(f"{name}: the engine has {have!r}, the job asks {want!r}"
-                        + (f" (needs {relation} {have!r})" if relation else ""))
+        bound = f" (needs at most {have!r})" if name in AT_MOST else ""
+        problems.append(f"{name}: the engine has {have!r}, the job asks {want!r}{bound}")
     return problems
 
 
