@@ -126,5 +126,5 @@ def no_leftover_processes():
     yield
     deadline = time.monotonic() + LEFTOVER_WAIT_S
     while (left := leftover_processes(before)) and time.monotonic() < deadline:
-        time.sleep(1)
+        time.sleep(0.1)
     assert not left, "still running after the module's tests:\n" + "\n".join(left)
