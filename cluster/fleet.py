@@ -18,6 +18,7 @@ from ..reward.pool import RewardSpec
 from ..rollout.worker import level_slot
 from .actor_group import ActorGroup, Calls, GroupSpec, Placement, place, ray_wait
 from .config import TrainConfig
+from .local_head import KILL_GRACE_ENV
 from .specs import fixed_cluster, group_specs, learner_engine, sync_tolerance
 
 # Zero-copy tensors through the object store: the adapter reaches every worker without copies.
@@ -62,26 +63,20 @@ def connect_ray(cfg: TrainConfig) -> bool:
     return True
 
 
-KILL_GRACE_MS = 1000
-
-
 def start_local_ray(env: dict[str, str], **init_kwargs) -> None:
     """A new local cluster (address="local": never one Ray would otherwise find running on
     this machine, another user's `ray start` or another run's cluster) whose processes have
     `env`. Given to its raylet at its start rather than as the job's runtime_env: the workers
     Ray starts ahead of time then match the job, so an actor starts in one of them (0.2 s)
-    instead of a new process (0.8 s). This process's own environment is left as it was.
-    An actor the run kills because it stopped answering is SIGKILLed after
-    KILL_GRACE_MS rather than Ray's 5 s: it cannot exit on its own, and the run waits for
-    its replacement."""
+    instead of a new process (0.8 s); with KILL_GRACE_ENV. This process's own environment is
+    left as it was."""
     import ray
 
+    env = {**env, **KILL_GRACE_ENV}
     saved = {key: os.environ.get(key) for key in env}
     os.environ.update(env)
     try:
-        ray.init(address="local", include_dashboard=False,
-                 _system_config={"kill_worker_timeout_milliseconds": KILL_GRACE_MS},
-                 **init_kwargs)
+        ray.init(address="local", include_dashboard=False, **init_kwargs)
     finally:
         for key, value in saved.items():
             if value is None:

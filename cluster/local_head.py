@@ -26,6 +26,10 @@ START_TIMEOUT_S = 120
 # Ray's token authentication: the head generates ~/.ray/auth_token; its clients (a driver, a
 # process that joins to watch) need the same variable to send it.
 AUTH_ENV = {"RAY_AUTH_MODE": "token"}
+# A worker Ray is asked to kill that cannot exit (stopped, stuck in C code) is SIGKILLed by its
+# raylet after this long instead of Ray's 5 s: the run waits for its replacement. Read by every
+# Ray process of a cluster started with it in its environment.
+KILL_GRACE_ENV = {"RAY_kill_worker_timeout_milliseconds": "1000"}
 
 
 def free_port() -> int:
@@ -69,7 +73,7 @@ def start_head(temp_dir: Path, num_cpus: int = 2, env: dict[str, str] | None = N
          f"--ray-client-server-port={ports['client']}",
          f"--runtime-env-agent-port={ports['runtime-env']}",
          f"--num-cpus={num_cpus}", "--disable-usage-stats", f"--temp-dir={temp_dir}"],
-        env={**(os.environ if env is None else env), **AUTH_ENV}, stdout=output,
+        env={**(os.environ if env is None else env), **AUTH_ENV, **KILL_GRACE_ENV}, stdout=output,
         stderr=subprocess.STDOUT, start_new_session=True,
     )
     if log is not None:

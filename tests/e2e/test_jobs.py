@@ -87,13 +87,16 @@ def ray_job(*args: str, timeout: float = 60) -> str:
 DONE = {"SUCCEEDED", "FAILED", "STOPPED"}
 
 
-def job_status(dashboard: str, job_id: str) -> str:
+def job_status_request(dashboard: str, job_id: str) -> urllib.request.Request:
     """The job's status from the dashboard's REST API, with the head's token: polled in this
     process, since each `ray job status` is a new Python process (about 2 s of CPU taken
     from the job)."""
     token = (Path.home() / ".ray" / "auth_token").read_text().strip()
-    request = urllib.request.Request(f"{dashboard}/api/jobs/{job_id}",
-                                     headers={"authorization": f"Bearer {token}"})
+    return urllib.request.Request(f"{dashboard}/api/jobs/{job_id}",
+                                  headers={"authorization": f"Bearer {token}"})
+
+
+def job_status(request: urllib.request.Request) -> str:
     with urllib.request.urlopen(request, timeout=10) as answer:
         return json.loads(answer.read())["status"]
 
@@ -136,7 +139,8 @@ def default_job(ray_head, tmp_path_factory):
     assert "lorafleet-test" in out
     seen: set[str] = set()
     deadline = time.time() + 900
-    while (status := job_status(ray_head["dashboard"], "lorafleet-test")) not in DONE:
+    status_request = job_status_request(ray_head["dashboard"], "lorafleet-test")
+    while job_status(status_request) not in DONE:
         text = scrape(ray_head["metrics"])
         seen |= {name for name in METRICS if f"\n{name}{{" in text}
         assert time.time() < deadline, "job still running after 15 minutes"
