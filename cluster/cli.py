@@ -71,13 +71,26 @@ def cmd_up(args: argparse.Namespace) -> None:
 
     clock = StartupClock()
     path, overrides = split_config_and_overrides(args.items)
-    state = warm.start(load_train_config(path, overrides), args.adapters, args.command_line)
+    if args.serve:
+        from .tinker.config import load_serve_config
+        from .tinker.server import serve_specs
+
+        if args.adapters is not None:
+            raise ConfigError("--adapters: a server's engines hold rollout.max_loras adapters "
+                              "each; give rollout.max_loras=N instead")
+        cfg, _, learner, engine = serve_specs(load_serve_config(path, overrides))
+        own_engine, jobs = None, "`lorafleet serve` with the same fleet keys runs"
+    else:
+        cfg = load_train_config(path, overrides)
+        learner, engine, own_engine = warm.job_specs(cfg, args.adapters or 4)
+        jobs = (f"`lorafleet train`, `sweep` (up to {engine.max_loras} policies) and jobs of "
+                "the same model and shape run")
+    state = warm.start(cfg, learner, engine, own_engine, args.command_line)
     clock.lap("warm fleet")
     print(f"warm fleet up at {state.address} in {sum(clock.phases.values()):.0f} s (dashboard "
           f"{state.dashboard}): learner and {len(state.actors['rollout'])} more rollout "
-          f"worker(s) for {state.engine['model_path']}. `lorafleet train`, `sweep` (up to "
-          f"{state.engine['max_loras']} policies) and jobs of the same model and shape run on "
-          "it; `lorafleet down` stops it", flush=True)
+          f"worker(s) for {state.engine['model_path']}. {jobs} on it; `lorafleet down` stops "
+          "it", flush=True)
 
 
 def cmd_down(args: argparse.Namespace) -> None:
@@ -227,11 +240,14 @@ def build_parser() -> argparse.ArgumentParser:
     srv.set_defaults(func=cmd_serve)
     up = sub.add_parser(
         "up", help="start a warm fleet (Ray, the learner with its base model, the engines) "
-        "that later train and sweep jobs of the same model run on, without their start-up")
+        "that later train and sweep jobs of the same model run on, without their start-up "
+        "(with --serve: the fleet for `lorafleet serve`)")
     up.add_argument("items", nargs="*", help="a job's config.yaml and/or key=value overrides: "
                     "the fleet is the one that job would start")
-    up.add_argument("--adapters", type=int, default=4,
+    up.add_argument("--adapters", type=int, default=None,
                     help="adapters each engine serves at once (a sweep's policies; default 4)")
+    up.add_argument("--serve", action="store_true",
+                    help="the fleet `lorafleet serve` with these items would start, for it")
     up.set_defaults(func=cmd_up)
     down = sub.add_parser("down", help="stop the warm fleet `lorafleet up` started")
     down.set_defaults(func=cmd_down)

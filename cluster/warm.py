@@ -267,13 +267,24 @@ def stop(directory: Path | None = None) -> WarmState | None:
     return state
 
 
-def start(cfg: TrainConfig, adapters: int, command: str) -> WarmState:
-    """`lorafleet up`: a Ray head of its own on 127.0.0.1, and the learner and rollout
-    engines a job of `cfg` would start, detached (they outlive this process); each engine with
-    room for `adapters` adapters at once (a sweep's policies). Returns once all are up."""
-    import ray
-
+def job_specs(cfg: TrainConfig, adapters: int
+              ) -> tuple[LearnerSpec, EngineSpec, EngineSpec | None]:
+    """The learner's, the rollout engines' and the learner's own engine's (colocated, else
+    None) specs of the fleet a training job of `cfg` starts, each engine with room for
+    `adapters` adapters at once (a sweep's policies)."""
     from .policy_state import load_policies
+
+    learner, engine = run_specs(cfg, load_policies(cfg))
+    engine = replace(engine, max_loras=max(engine.max_loras, adapters))
+    return learner, engine, learner_engine(cfg, engine)
+
+
+def start(cfg: TrainConfig, learner: LearnerSpec, engine: EngineSpec,
+          own_engine: EngineSpec | None, command: str) -> WarmState:
+    """`lorafleet up`: a Ray head of its own on 127.0.0.1, and the learner and rollout
+    engines of `cfg`'s groups built from these specs (`job_specs`, or a server's), detached
+    (they outlive this process). Returns once all are up."""
+    import ray
 
     directory = warm_dir()
     directory.mkdir(parents=True, exist_ok=True)
@@ -281,9 +292,6 @@ def start(cfg: TrainConfig, adapters: int, command: str) -> WarmState:
     if state is not None and state.alive():
         raise WarmFleetError(f"a warm fleet is up already at {state.address} (`{state.command}`"
                              "): `lorafleet down` first")
-    learner, engine = run_specs(cfg, load_policies(cfg))
-    engine = replace(engine, max_loras=max(engine.max_loras, adapters))
-    own_engine = learner_engine(cfg, engine)
     temp = short_temp_dir()
     env = {**os.environ, **RUNTIME_ENV["env_vars"], **library_env(), LOOPBACK_ONLY: "0"}
     process, head = start_head(temp, cfg.ray.num_cpus or os.cpu_count(), env, directory / LOG)

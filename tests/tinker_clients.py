@@ -1,12 +1,21 @@
 """Client-side loops for the Tinker service tests, written against the `tinker` SDK only (as
 a user's script is): supervised learning and an RL loop in tinker-cookbook's style on the
-addition task, and greedy evaluation through a sampler."""
+addition task, and greedy evaluation through a sampler; and `lorafleet serve` run as a user runs
+it, for them to talk to."""
 
 from __future__ import annotations
 
+import json
 import random
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 import numpy as np
+import pytest
 import tinker
 from tinker import types
 
@@ -105,3 +114,26 @@ def train_rl(client: tinker.TrainingClient, tokenizer, steps: int, seed: int,
             client.optim_step(types.AdamParams(learning_rate=lr)).result()
             backward.result()
     return rewards, gap
+
+
+@contextmanager
+def running_server(run_dir: Path, keys: list[str], env: dict[str, str]) -> Iterator[str]:
+    """`lorafleet serve run_dir=RUN_DIR KEYS` as a process, until the block ends (then
+    interrupted, as Ctrl-C stops it); yields its base URL. Its output goes to
+    RUN_DIR/server.log."""
+    with (run_dir / "server.log").open("w") as log:
+        proc = subprocess.Popen(["lorafleet", "serve", f"run_dir={run_dir}", *keys], env=env,
+                                stdout=log, stderr=subprocess.STDOUT)
+        address = run_dir / "server.json"
+        deadline = time.monotonic() + 300
+        while not address.exists():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                pytest.fail("lorafleet serve did not start:\n"
+                            + (run_dir / "server.log").read_text()[-3000:])
+            time.sleep(0.2)
+        try:
+            yield json.loads(address.read_text())["base_url"]
+        finally:
+            proc.send_signal(signal.SIGINT)
+            proc.wait(timeout=60)

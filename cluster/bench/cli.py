@@ -56,8 +56,12 @@ def add_bench_parser(sub) -> argparse.ArgumentParser:
     bench.add_argument("--calls", type=int,
                        help="tinker: timed calls of each kind, after 5 warm-up ones (30)")
     bench.add_argument("--scales", default="small,large",
-                       help="vs-trl, learner: small (the embedded model), large (~27M "
-                       "random-init)")
+                       help="vs-trl: small, default, few (the embedded model; 20 or 40 "
+                       "steps of 64 prompts, 30 of 16), large (~27M random-init); learner: "
+                       "small, large")
+    bench.add_argument("--warm", action="store_true",
+                       help="vs-trl: lorafleet's jobs again on a warm fleet (`lorafleet up` "
+                       "once per scale, timed apart)")
     bench.add_argument("--autocast", choices=["auto", "bf16", "off"], default="auto",
                        help="vs-trl: both learners' bfloat16 autocast (auto: where native)")
     bench.add_argument("--reprint", action="store_true",
@@ -98,7 +102,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
         bench_vs_trl(path, overrides, args.scales.split(","),
                      int_list(args.seeds or "0", "--seeds"), args.autocast,
-                     args.out or "runs/vs-trl", args.command_line, args.reprint)
+                     args.out or "runs/vs-trl", args.command_line, args.reprint, args.warm)
         return
     if args.what == "sweep":
         from .sweep import bench_sweep

@@ -1,7 +1,7 @@
-"""`lorafleet serve`: join Ray (or start a local cluster), place and start the learner and the
-rollout workers, then answer the Tinker API over HTTP until interrupted. The address it
-listens on is printed and written to RUN/server.json (with serve.port=0 the OS picks a
-port)."""
+"""`lorafleet serve`: on the warm fleet `lorafleet up --serve` keeps, or on a fleet of its own
+(Ray joined or a local cluster started, the learner and the rollout workers placed and
+started), answer the Tinker API over HTTP until interrupted. The address it listens on is
+printed and written to RUN/server.json (with serve.port=0 the OS picks a port)."""
 
 from __future__ import annotations
 
@@ -15,9 +15,12 @@ from pathlib import Path
 from ...common.configio import save_config
 from ...common.data import pad_token_id
 from ...common.records import POLICY
+from ...common.specs import EngineSpec, LearnerSpec
 from ...common.tasks.registry import build_task
-from ..actor_group import ActorGroup, place
-from ..fleet import connect_ray, fixed_cluster
+from .. import warm
+from ..actor_group import place
+from ..config import TrainConfig
+from ..fleet import connect_ray, fixed_cluster, start_engines_and_learner
 from ..inputs import driver_tokenizer, resolve_model
 from ..specs import engine_spec, group_specs, learner_spec, sync_tolerance
 from ..telemetry import ServeMetrics
@@ -40,32 +43,47 @@ def api_keys(cfg: ServeConfig) -> frozenset[str]:
     return keys
 
 
-def start_fleet(cfg: ServeConfig, stack: ExitStack) -> TinkerService:
-    """The learner (one base model, the clients' adapters added at runtime) and the rollout
-    workers (rollout.max_loras adapters each), placed together; returns once all are up."""
-    import ray
-
+def serve_specs(cfg: ServeConfig) -> tuple[TrainConfig, object, LearnerSpec, EngineSpec]:
+    """The run config, the tokenizer, and the learner's and rollout engines' specs of the
+    fleet a server of `cfg` runs on (its own, or the one `lorafleet up --serve` keeps warm):
+    one base model on the learner, the clients' adapters added at runtime; rollout.max_loras
+    adapters per engine, on every module a client may train."""
     run = cfg.train_config()
     model_path = resolve_model(run, build_task(cfg.task))
     tokenizer = driver_tokenizer(run, model_path)
-    if connect_ray(run):
-        stack.callback(ray.shutdown)
-    learner_group, rollout_group, _ = group_specs(run)
-    placement = place([learner_group, rollout_group], cfg.placement.strategy,
-                      cfg.placement.timeout_s, fixed_cluster(run))
-    stack.callback(placement.remove)
     # the learner's own policy anchors the adapters on the base model; it is never served
-    learner = ActorGroup.start(learner_group, placement, replace(
-        learner_spec(run, model_path, pad_token_id(tokenizer), [(POLICY, run)]), stages=()))
-    stack.callback(learner.kill)
-    rollout = ActorGroup.start(rollout_group, placement, replace(
-        engine_spec(run, model_path), max_loras=cfg.rollout.max_loras,
-        lora_target_modules=ATTENTION_MODULES + MLP_MODULES))
+    learner = replace(learner_spec(run, model_path, pad_token_id(tokenizer), [(POLICY, run)]),
+                      stages=())
+    engine = replace(engine_spec(run, model_path), max_loras=cfg.rollout.max_loras,
+                     lora_target_modules=ATTENTION_MODULES + MLP_MODULES)
+    return run, tokenizer, learner, engine
+
+
+def start_fleet(cfg: ServeConfig, stack: ExitStack) -> TinkerService:
+    """The learner and the rollout workers: the warm fleet's if one is up for this server
+    (cluster/warm.py), else placed together and started here; returns once all are up."""
+    import ray
+
+    run, tokenizer, learner_args, engine = serve_specs(cfg)
+    groups = group_specs(run)[:2]  # the learner's and the rollout workers'
+    lease = warm.join(run)
+    if lease is not None:
+        stack.callback(lease.release)
+        learner, rollout = lease.lend(groups, learner_args, engine, None)
+    else:
+        if connect_ray(run):
+            stack.callback(ray.shutdown)
+        placement = place(groups, cfg.placement.strategy, cfg.placement.timeout_s,
+                          fixed_cluster(run))
+        stack.callback(placement.remove)
+        learner, rollout = start_engines_and_learner(groups, placement, learner_args, engine,
+                                                     None)
+    stack.callback(learner.kill)  # a lent group's actors stay up for their warm fleet
     stack.callback(rollout.kill)
     ray.get(learner.ready() + rollout.ready())
     probe_ids = [tokenizer(text)["input_ids"] for text in PROBE_TEXTS]
-    return TinkerService(cfg, model_path, model_path, learner.actors[0], rollout, probe_ids,
-                         sync_tolerance(run))
+    return TinkerService(cfg, engine.model_path, engine.model_path, learner.actors[0], rollout,
+                         probe_ids, sync_tolerance(run))
 
 
 async def report(service: TinkerService, every_s: float = 5.0) -> None:
@@ -84,6 +102,8 @@ async def serve_http(service: TinkerService, keys: frozenset[str], address_file:
         build_app(service, keys), host=service.serve.host, port=service.serve.port,
         log_level="warning", timeout_keep_alive=75))
     loops = asyncio.ensure_future(asyncio.gather(service.run(), report(service)))
+    # an interrupt cancels the loops: their CancelledError is the expected end, not news
+    loops.add_done_callback(lambda done: done.cancelled() or done.exception())
     serving = asyncio.ensure_future(server.serve())
     while not server.started:
         if serving.done() or loops.done():

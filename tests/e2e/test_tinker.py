@@ -17,10 +17,7 @@ Margins, measured over client seeds 0, 1, 2 with this module's server (2-core AM
 
 from __future__ import annotations
 
-import json
 import os
-import signal
-import subprocess
 import threading
 import time
 
@@ -29,7 +26,7 @@ import numpy as np
 import pytest
 import tinker
 from tinker import types
-from tinker_clients import TASK, fraction, greedy_answers, train_rl, train_sl
+from tinker_clients import TASK, fraction, greedy_answers, running_server, train_rl, train_sl
 
 from helpers import assert_margin
 
@@ -46,22 +43,9 @@ PLUS_ONE = [str(int(s) + 1) for s in SUMS]
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("serve")
-    log = (run_dir / "server.log").open("w")
     env = {**os.environ, "LORAFLEET_API_KEYS": f"{KEY},{OTHER_KEY}"}
-    proc = subprocess.Popen(["lorafleet", "serve", f"run_dir={run_dir}", *SERVER], env=env,
-                            stdout=log, stderr=subprocess.STDOUT)
-    address = run_dir / "server.json"
-    deadline = time.monotonic() + 300
-    while not address.exists():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail("lorafleet serve did not start:\n"
-                        + (run_dir / "server.log").read_text()[-3000:])
-        time.sleep(0.5)
-    yield json.loads(address.read_text())["base_url"], run_dir
-    proc.send_signal(signal.SIGINT)
-    proc.wait(timeout=60)
-    log.close()
+    with running_server(run_dir, SERVER, env) as base_url:
+        yield base_url, run_dir
 
 
 @pytest.fixture(scope="module")
