@@ -20,7 +20,8 @@ def test_each_scale_is_a_one_step_grpo_run(name, tmp_path):
     scale = SCALES[name]
     cfg = load_train_config(None, lorafleet_overrides(scale, 3, "bf16", tmp_path / "run"))
     algo = cfg.algo
-    assert (algo.name, algo.epochs, algo.minibatch_size) == ("grpo", 1, scale.prompts * scale.samples)
+    batch = scale.prompts * scale.samples
+    assert (algo.name, algo.epochs, algo.minibatch_size) == ("grpo", 1, batch)
     assert (algo.kl_mode, algo.kl_coef, cfg.learner.autocast) == ("loss", KL_COEF, "bf16")
     # the one-step update takes its old log-probs from its own pass (what TRL does)
     assert not algo.needs_old_logp_first and algo.uses_reference
