@@ -22,7 +22,7 @@ from .actor_group import is_actor
 from .checkpoint import ResumeError, TrainerState, latest_checkpoint
 from .config import TrainConfig
 from .evaluation import evaluate_prompts
-from .fleet import connect_ray, start_fleet
+from .fleet import start_fleet
 from .policy_state import PolicyState, load_policies, place_policies, resume_policies
 from .report import (
     policies_summary,
@@ -62,7 +62,6 @@ class Trainer:
     """
 
     def __init__(self, cfg: TrainConfig, resume: bool = False) -> None:
-        import ray
 
         self.cfg = cfg
         self.start_time = time.perf_counter()
@@ -93,11 +92,7 @@ class Trainer:
             self.wandb = WandbLogger(recorded, self.run_dir) if cfg.logging.wandb else None
             if self.wandb is not None:
                 stack.callback(self.wandb.close)
-            self.warm = warm.join(cfg)  # a warm fleet `lorafleet up` keeps, if one is up
-            if self.warm is not None:
-                stack.callback(self.warm.release)
-            elif connect_ray(cfg):
-                stack.callback(ray.shutdown)
+            self.warm = warm.join_or_connect(cfg, stack)  # `lorafleet up`'s fleet, if up
             clock.lap("Ray")
             print(f"placement: {placement_label(cfg)}", flush=True)
             self.fleet = start_fleet(

@@ -18,6 +18,7 @@ import os
 import shutil
 import tempfile
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -27,7 +28,13 @@ from ..common.specs import EngineSpec, LearnerSpec
 from ..rollout.worker import engine_fits
 from .actor_group import ActorGroup, GroupSpec, Placement, place
 from .config import TrainConfig
-from .fleet import LOOPBACK_ONLY, RUNTIME_ENV, loopback_only, start_engines_and_learner
+from .fleet import (
+    LOOPBACK_ONLY,
+    RUNTIME_ENV,
+    connect_ray,
+    loopback_only,
+    start_engines_and_learner,
+)
 from .local_head import AUTH_ENV, start_head, stop_head
 from .specs import group_specs, learner_engine, run_specs
 
@@ -229,6 +236,20 @@ def join(cfg: TrainConfig) -> WarmLease | None:
     join_head(state.address)
     print(f"warm fleet: joined {state.address} (dashboard {state.dashboard})", flush=True)
     return WarmLease(state, lock)
+
+
+def join_or_connect(cfg: TrainConfig, stack: ExitStack) -> WarmLease | None:
+    """This process on a cluster for the job of `cfg`: the warm fleet (`join`), held until
+    `stack` closes, if one is up for it; else None, Ray joined or a local cluster started
+    (`fleet.connect_ray`; one started here shut down when `stack` closes)."""
+    import ray
+
+    lease = join(cfg)
+    if lease is not None:
+        stack.callback(lease.release)
+    elif connect_ray(cfg):
+        stack.callback(ray.shutdown)
+    return lease
 
 
 def join_head(address: str, **init_kwargs) -> None:

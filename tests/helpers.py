@@ -143,7 +143,7 @@ def train_config_error(overrides: list[str], tmp_path, capsys, monkeypatch) -> s
     import huggingface_hub.constants
     import pytest
 
-    import lorafleet.cluster.trainer
+    import lorafleet.cluster.warm
     from lorafleet.cluster.cli import main
     from lorafleet.common.logs import library_env
 
@@ -153,7 +153,7 @@ def train_config_error(overrides: list[str], tmp_path, capsys, monkeypatch) -> s
     def no_ray(cfg):
         raise AssertionError("connect_ray was called")
 
-    monkeypatch.setattr(lorafleet.cluster.trainer, "connect_ray", no_ray)
+    monkeypatch.setattr(lorafleet.cluster.warm, "connect_ray", no_ray)  # join_or_connect's
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # no network call
     with pytest.raises(SystemExit) as exit_info:
         main(["train", *overrides, f"run_dir={tmp_path / 'run'}"])

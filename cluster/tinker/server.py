@@ -20,7 +20,7 @@ from ...common.tasks.registry import build_task
 from .. import warm
 from ..actor_group import place
 from ..config import TrainConfig
-from ..fleet import connect_ray, fixed_cluster, start_engines_and_learner
+from ..fleet import fixed_cluster, start_engines_and_learner
 from ..inputs import driver_tokenizer, resolve_model
 from ..specs import engine_spec, group_specs, learner_spec, sync_tolerance
 from ..telemetry import ServeMetrics
@@ -66,13 +66,10 @@ def start_fleet(cfg: ServeConfig, stack: ExitStack) -> TinkerService:
 
     run, tokenizer, learner_args, engine = serve_specs(cfg)
     groups = group_specs(run)[:2]  # the learner's and the rollout workers'
-    lease = warm.join(run)
+    lease = warm.join_or_connect(run, stack)
     if lease is not None:
-        stack.callback(lease.release)
         learner, rollout = lease.lend(groups, learner_args, engine, None)
     else:
-        if connect_ray(run):
-            stack.callback(ray.shutdown)
         placement = place(groups, cfg.placement.strategy, cfg.placement.timeout_s,
                           fixed_cluster(run))
         stack.callback(placement.remove)
